@@ -1,0 +1,513 @@
+"""WebDataset shards of multi-view samples: writing, decoding, listing and rank/worker-aware streaming.
+
+Layout (img2dataset-compatible, one sample = three tar members sharing a key):
+
+- ``KEY.jpg`` / ``KEY.png`` / ``KEY.webp``: the encoded image bytes, as given;
+- ``KEY.txt``: the first caption, UTF-8;
+- ``KEY.json``: ``{"key", "captions": [...], "language", "objects": [...] (absent when the sample
+  has no object tags), **meta}``.
+
+A ``sizes.json`` beside the shards maps each shard file name to its number of samples.
+
+Streaming under paddle (see SPEC §8): ``wds.WebDataset``'s node/worker splitters read
+``RANK``/``WORLD_SIZE`` and torch's worker info, neither of which paddle sets, so
+:class:`ShardStream` does the split itself from ``PADDLE_TRAINER_ID``/``PADDLE_TRAINERS_NUM`` and
+``paddle.io.get_worker_info()`` and only uses webdataset's low-level tar iterators.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import braceexpand
+import numpy as np
+import paddle
+from webdataset import tariterators
+
+from .sample import RawSample
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+"""Image member suffixes recognised when reading, in order of preference."""
+
+_RESERVED_JSON_KEYS = frozenset({"key", "captions", "language", "objects"})
+_TAR_BLOCK = 512
+_MAX_LOGGED_SKIPS = 5
+
+PathLike = Union[str, os.PathLike]
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _validate_key(key: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"sample key must be a non-empty string, got {key!r}")
+    if "." in key:
+        raise ValueError(f"sample key {key!r} contains '.', which WebDataset uses to split key from extension")
+    if "/" in key or "\\" in key:
+        raise ValueError(f"sample key {key!r} contains a path separator")
+    if key.startswith("__") and key.endswith("__"):
+        raise ValueError(f"sample key {key!r} looks like WebDataset metadata (__...__) and would be skipped")
+
+
+def _member_size(n_bytes: int) -> int:
+    """Bytes one regular member takes in a tar: a header block plus data padded to 512."""
+    return _TAR_BLOCK + -(-n_bytes // _TAR_BLOCK) * _TAR_BLOCK
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sample_to_members(sample: RawSample, image_ext: str = "jpg") -> list[tuple[str, bytes]]:
+    """The ``(member name, bytes)`` triple one sample is stored as, in write order."""
+    _validate_key(sample.key)
+    ext = image_ext.lower().lstrip(".")
+    if ext not in IMAGE_EXTS:
+        raise ValueError(f"image_ext must be one of {IMAGE_EXTS}, got {image_ext!r} (key {sample.key!r})")
+    if not isinstance(sample.image, (bytes, bytearray, memoryview)) or len(sample.image) == 0:
+        raise ValueError(f"sample {sample.key!r} has no image bytes")
+    captions = [str(c) for c in sample.captions]
+    if not captions or not captions[0].strip():
+        raise ValueError(f"sample {sample.key!r} has no caption")
+    clash = _RESERVED_JSON_KEYS.intersection(sample.meta or {})
+    if clash:
+        raise ValueError(f"sample {sample.key!r}: meta uses reserved json field(s) {sorted(clash)}")
+    record: dict[str, Any] = {"key": sample.key, "captions": captions, "language": sample.lang}
+    if sample.objects is not None:
+        record["objects"] = [str(o) for o in sample.objects]
+    record.update(sample.meta or {})
+    payload = json.dumps(record, ensure_ascii=False, sort_keys=False).encode("utf-8")
+    return [
+        (f"{sample.key}.{ext}", bytes(sample.image)),
+        (f"{sample.key}.txt", captions[0].encode("utf-8")),
+        (f"{sample.key}.json", payload),
+    ]
+
+
+class ShardWriter:
+    """Write :class:`RawSample` objects into numbered WebDataset tar shards.
+
+    Shards are named ``{prefix}-{index:06d}.tar``. Each is written as ``<name>.tar.tmp`` and renamed
+    to its final name only once it is closed, so a ``*.tar`` in ``out_dir`` is always complete. On a
+    normal close ``sizes.json`` (``{shard file name: n_samples}`` for this writer's shards) is written
+    atomically. If the ``with`` block raises, the unfinished ``.tmp`` shard is deleted, the shards
+    already finished stay (each is complete) and ``sizes.json`` is *not* written: its presence marks
+    a finished write. One writer per directory: ``sizes.json`` only lists this writer's shards.
+
+    Output is byte-deterministic: members have mtime 0, uid/gid 0, mode 0644 and no owner names.
+    """
+
+    def __init__(
+        self,
+        out_dir: PathLike,
+        prefix: str = "shard",
+        max_samples: int = 1000,
+        max_bytes: Optional[int] = None,
+    ) -> None:
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1 or None, got {max_bytes}")
+        if not prefix or "/" in prefix:
+            raise ValueError(f"prefix must be a non-empty file-name prefix, got {prefix!r}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.max_samples = int(max_samples)
+        self.max_bytes = max_bytes
+        self.sizes: dict[str, int] = {}
+        self.shards: list[str] = []
+        self.n_written = 0
+        self._index = 0
+        self._tar: Optional[tarfile.TarFile] = None
+        self._tmp_path: Optional[Path] = None
+        self._final_path: Optional[Path] = None
+        self._count = 0
+        self._bytes = 0
+        self._closed = False
+
+    # -- context manager --------------------------------------------------------------------
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # -- internals --------------------------------------------------------------------------
+    def _open_next(self) -> None:
+        name = f"{self.prefix}-{self._index:06d}.tar"
+        self._index += 1
+        self._final_path = self.out_dir / name
+        self._tmp_path = self.out_dir / (name + ".tmp")
+        self._tar = tarfile.open(self._tmp_path, mode="w", format=tarfile.PAX_FORMAT)
+        self._count = 0
+        self._bytes = 0
+
+    def _finish_current(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        assert self._tmp_path is not None and self._final_path is not None
+        with open(self._tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self._tmp_path, self._final_path)
+        self.sizes[self._final_path.name] = self._count
+        self.shards.append(str(self._final_path))
+        self._tar = None
+        self._tmp_path = None
+        self._final_path = None
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        assert self._tar is not None
+        self._tar.addfile(info, io.BytesIO(data))
+
+    # -- public -----------------------------------------------------------------------------
+    def write(self, sample: RawSample, image_ext: str = "jpg") -> None:
+        """Append one sample (image as ``KEY.<image_ext>``, first caption as ``KEY.txt``, ``KEY.json``)."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        members = sample_to_members(sample, image_ext)
+        size = sum(_member_size(len(d)) for _, d in members)
+        if self._tar is not None:
+            full = self._count >= self.max_samples
+            too_big = self.max_bytes is not None and self._count > 0 and self._bytes + size > self.max_bytes
+            if full or too_big:
+                self._finish_current()
+        if self._tar is None:
+            self._open_next()
+        for name, data in members:
+            self._add(name, data)
+        self._count += 1
+        self._bytes += size
+        self.n_written += 1
+
+    def close(self) -> None:
+        """Finish the current shard and write ``sizes.json`` atomically. Idempotent."""
+        if self._closed:
+            return
+        self._finish_current()
+        _atomic_write_text(self.out_dir / "sizes.json", json.dumps(self.sizes, indent=1, sort_keys=True) + "\n")
+        self._closed = True
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (its ``.tmp`` file); finished shards stay, no ``sizes.json``."""
+        if self._closed:
+            return
+        if self._tar is not None:
+            try:
+                self._tar.close()
+            except Exception:  # noqa: BLE001 - we are discarding this file anyway
+                pass
+            self._tar = None
+        if self._tmp_path is not None and self._tmp_path.exists():
+            self._tmp_path.unlink()
+        self._tmp_path = None
+        self._closed = True
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def _object_names(objects: Any, where: str) -> list[str]:
+    if not isinstance(objects, list):
+        raise ValueError(f"{where}: 'objects' must be a list, got {type(objects).__name__}")
+    names: list[str] = []
+    for obj in objects:
+        if isinstance(obj, str):
+            name = obj
+        elif isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            name = obj["name"]
+        else:
+            raise ValueError(f"{where}: object entry {obj!r} is neither a string nor a {{'name': ...}} dict")
+        name = name.strip()
+        if name:
+            names.append(name)
+    return names
+
+
+def decode_sample(raw: dict) -> RawSample:
+    """Turn a WebDataset-grouped dict (``__key__``, ``__url__``, image, ``txt``, ``json``) into a RawSample.
+
+    Captions come from ``json["captions"]`` when present and non-empty, else from ``txt`` (else
+    img2dataset's ``json["caption"]``). Object tags come from ``json["objects"]`` (strings or
+    ``{"name", "count"}`` dicts → names); absent → ``None``. Unrecognised json fields become ``meta``.
+    Raises ``ValueError`` naming shard and key when the image or every caption is missing or the
+    json/text does not parse.
+    """
+    key = str(raw.get("__key__", "?"))
+    url = str(raw.get("__url__", "?"))
+    where = f"shard {url}, key {key}"
+    image = None
+    for ext in IMAGE_EXTS:
+        if raw.get(ext):
+            image = raw[ext]
+            break
+    if image is None:
+        raise ValueError(f"{where}: no image (looked for {', '.join(IMAGE_EXTS)})")
+
+    record: dict[str, Any] = {}
+    if raw.get("json") is not None:
+        data = raw["json"]
+        try:
+            record = json.loads(data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data)
+        except ValueError as exn:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{where}: json does not parse ({exn})") from exn
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: json is a {type(record).__name__}, not an object")
+
+    captions: list[str] = []
+    if isinstance(record.get("captions"), list):
+        captions = [c.strip() for c in record["captions"] if isinstance(c, str) and c.strip()]
+    if not captions and raw.get("txt") is not None:
+        txt = raw["txt"]
+        try:
+            text = txt.decode("utf-8") if isinstance(txt, (bytes, bytearray)) else str(txt)
+        except UnicodeDecodeError as exn:
+            raise ValueError(f"{where}: txt is not UTF-8 ({exn})") from exn
+        if text.strip():
+            captions = [text.strip()]
+    if not captions and isinstance(record.get("caption"), str) and record["caption"].strip():
+        captions = [record["caption"].strip()]
+    if not captions:
+        raise ValueError(f"{where}: no caption")
+
+    objects = _object_names(record["objects"], where) if record.get("objects") is not None else None
+    lang = record.get("language") or record.get("lang") or "en"
+    meta = {k: v for k, v in record.items() if k not in _RESERVED_JSON_KEYS}
+    return RawSample(key=key, image=bytes(image), captions=captions, objects=objects, lang=str(lang), meta=meta)
+
+
+def list_shards(spec: Union[PathLike, Sequence[PathLike]]) -> list[str]:
+    """Resolve a shard specification to a list of shard paths/URLs.
+
+    Accepts a directory (its ``*.tar``, sorted), a brace pattern (``data-{000000..000009}.tar``,
+    expanded in order, not checked for existence so remote URLs work), a glob (sorted matches), a
+    single path/URL, or a list/tuple of any of these (concatenated in order). Raises ``ValueError``
+    naming ``spec`` when nothing results.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        s = os.fspath(spec)
+        if os.path.isdir(s):
+            out = sorted(glob.glob(os.path.join(glob.escape(s), "*.tar")))
+        elif "{" in s and "}" in s:
+            out = list(braceexpand.braceexpand(s))
+        elif any(ch in s for ch in "*?["):
+            out = sorted(glob.glob(s))
+        elif s:
+            out = [s]
+        else:
+            out = []
+    else:
+        out = []
+        for item in spec:
+            out.extend(list_shards(item))
+    if not out:
+        raise ValueError(f"no shards found for {spec!r}")
+    return out
+
+
+def read_sizes(shards: Sequence[str]) -> Optional[int]:
+    """Total sample count of ``shards`` from the ``sizes.json`` files beside them, or None if unknown."""
+    cache: dict[str, dict] = {}
+    total = 0
+    for shard in shards:
+        folder, name = os.path.split(shard)
+        if folder not in cache:
+            path = os.path.join(folder, "sizes.json")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    cache[folder] = json.load(f)
+            except (OSError, ValueError):
+                cache[folder] = {}
+        if name not in cache[folder]:
+            return None
+        total += int(cache[folder][name])
+    return total
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) from ``PADDLE_TRAINER_ID``/``PADDLE_TRAINERS_NUM``, else ``RANK``/``WORLD_SIZE``, else (0, 1)."""
+    for rank_var, world_var in (("PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM"), ("RANK", "WORLD_SIZE")):
+        if world_var in os.environ or rank_var in os.environ:
+            rank = int(os.environ.get(rank_var, "0"))
+            world = int(os.environ.get(world_var, "1"))
+            if world < 1 or not 0 <= rank < world:
+                raise ValueError(f"invalid {rank_var}={rank} / {world_var}={world}")
+            return rank, world
+    return 0, 1
+
+
+def loader_worker() -> tuple[int, int]:
+    """(worker id, number of workers) of the current paddle DataLoader worker; (0, 1) outside workers."""
+    info = paddle.io.get_worker_info()
+    if info is None:
+        return 0, 1
+    return int(info.id), int(info.num_workers)
+
+
+def _log_and_continue(exn: Exception) -> bool:
+    logger.warning("skipping unreadable shard data: %r", exn)
+    return True
+
+
+def _buffer_shuffle(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Reservoir-style shuffle: keep ``size`` items, emit a random one as each new item arrives."""
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(rng.integers(len(buf)))
+        out, buf[j] = buf[j], item
+        yield out
+    while buf:
+        j = int(rng.integers(len(buf)))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()
+
+
+class ShardStream(paddle.io.IterableDataset):
+    """Stream samples from WebDataset shards, split without overlap across ranks and loader workers.
+
+    Each ``__iter__`` (one per DataLoader worker) reads rank/world from the environment and the
+    worker from ``paddle.io.get_worker_info()``, shuffles the shard list with
+    ``np.random.default_rng([seed, epoch])`` (the same permutation everywhere) and takes
+    ``shards[g::world * num_workers]`` with ``g = rank * num_workers + worker_id``: every shard is
+    read by exactly one worker of one rank. Fewer shards than ``world * num_workers`` raises
+    ``ValueError``. Ranks may receive different sample counts when shard sizes/counts don't divide
+    evenly; the trainer must cope (e.g. a fixed number of steps).
+
+    Samples are decoded with :func:`decode_sample`, optionally shuffled in a buffer of
+    ``shuffle_buffer`` raw samples seeded by ``(seed, epoch, g)``, then passed to
+    ``transform(sample, epoch)``; ``transform=None`` yields the RawSample (direct iteration only).
+    A sample whose decoding or transform raises ``ValueError`` is skipped, counted in
+    ``self.skipped`` (per process: in a DataLoader each worker counts its own) and the first few are
+    logged with shard and key. Unreadable tar data (truncated shard) is logged and the stream moves
+    on to the next shard.
+
+    Call :meth:`set_epoch` before creating the DataLoader iterator of each epoch (the workers copy
+    the dataset when they start, so with ``persistent_workers=True`` the epoch does not propagate).
+    """
+
+    def __init__(
+        self,
+        shards: Union[str, Sequence[str]],
+        transform: Optional[Callable[[RawSample, int], dict]] = None,
+        shuffle_shards: bool = True,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        epoch: int = 0,
+    ) -> None:
+        super().__init__()
+        if seed < 0 or epoch < 0:
+            raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        self.shards = list_shards(shards)
+        self.transform = transform
+        self.shuffle_shards = shuffle_shards
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        # TypeError (not paddle's RuntimeError) so that list(stream) and length hints work.
+        raise TypeError("a ShardStream has no length; read_sizes(stream.shards) gives the total sample count")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch used for the shard permutation, the shuffle buffer and ``transform``."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    def shards_for(self, rank: int, world: int, worker_id: int, num_workers: int) -> list[str]:
+        """The shards one (rank, worker) reads this epoch, in reading order."""
+        consumers = world * num_workers
+        if len(self.shards) < consumers:
+            raise ValueError(
+                f"{len(self.shards)} shard(s) cannot feed {world} rank(s) x {num_workers} loader worker(s) "
+                f"= {consumers} readers without reading a shard twice: write at least {consumers} shards "
+                f"or use fewer workers"
+            )
+        order = list(self.shards)
+        if self.shuffle_shards:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(order))
+            order = [order[i] for i in perm]
+        return order[rank * num_workers + worker_id :: consumers]
+
+    def _skip(self, url: str, key: str, exn: Exception) -> None:
+        self.skipped += 1
+        if self.skipped <= _MAX_LOGGED_SKIPS:
+            logger.warning("skipping sample %s from shard %s: %s", key, url, exn)
+        elif self.skipped == _MAX_LOGGED_SKIPS + 1:
+            logger.warning("more samples skipped; further ones are only counted")
+
+    def _decoded(self, shards: list[str]) -> Iterator[tuple[str, RawSample]]:
+        raw_iter = tariterators.tarfile_samples(({"url": u} for u in shards), handler=_log_and_continue)
+        for raw in raw_iter:
+            url = str(raw.get("__url__", "?"))
+            try:
+                yield url, decode_sample(raw)
+            except ValueError as exn:
+                self._skip(url, str(raw.get("__key__", "?")), exn)
+
+    def __iter__(self) -> Iterator[Any]:
+        rank, world = rank_and_world()
+        worker_id, num_workers = loader_worker()
+        mine = self.shards_for(rank, world, worker_id, num_workers)
+        gid = rank * num_workers + worker_id
+        self.skipped = 0
+        samples: Iterator[tuple[str, RawSample]] = self._decoded(mine)
+        if self.shuffle_buffer > 1:
+            samples = _buffer_shuffle(samples, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, gid]))
+        for url, sample in samples:
+            if self.transform is None:
+                yield sample
+                continue
+            try:
+                out = self.transform(sample, self.epoch)
+            except ValueError as exn:
+                self._skip(url, sample.key, exn)
+                continue
+            yield out
+        if self.skipped:
+            logger.info("rank %d worker %d skipped %d sample(s) this epoch", rank, worker_id, self.skipped)
+
+
+def collate_arrays(batch: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack a list of ``{name: array}`` samples into ``{name: array[batch, ...]}``."""
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    keys = list(batch[0].keys())
+    for i, item in enumerate(batch):
+        if set(item.keys()) != set(keys):
+            raise ValueError(f"batch item {i} has keys {sorted(item)}, expected {sorted(keys)}")
+    return {k: np.stack([np.asarray(item[k]) for item in batch]) for k in keys}

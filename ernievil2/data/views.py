@@ -1,0 +1,472 @@
+"""ERNIE-ViL 2.0 multi-view sample transform (SPEC §4) and the deterministic eval transform.
+
+From one :class:`~ernievil2.data.sample.RawSample` :class:`MultiViewTransform` makes
+
+* ``image``: the caption-view image, RandomResizedCrop(scale 0.5–1, ratio 3/4–4/3) + flip p=0.5;
+* ``image_view1`` / ``image_view2``: two SimCLR views, RandomResizedCrop(scale 0.08–1) + flip,
+  ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, Gaussian blur p=0.5;
+* ``caption_ids``: one caption picked at random, tokenized (int64 ``[L]``);
+* ``text_view_ids``: another caption of the same image, or a token-level augmentation of the
+  caption when the sample has only one (see :func:`augment_text_ids`);
+* ``objects_ids`` / ``has_objects``: the object-tags text (see :func:`objects_text`), or all
+  padding and 0.0 when the sample carries no tags.
+
+Images are float32 CHW, scaled to [0, 1] and normalised with the ImageNet mean/std.
+Images are decoded with OpenCV and augmented with numpy/cv2 (crop + resize is one ``cv2.resize``
+of the crop; colour jitter runs in float32 at the output size).
+
+Determinism: all randomness for a sample derives from
+``np.random.SeedSequence([seed, epoch, stable_hash(key)])`` (the same entropy as
+``np.random.default_rng([seed, epoch, stable_hash(key)])``), split into one independent stream per
+view, so the same (seed, epoch, key) gives identical outputs in any worker or process, different
+epochs give different views, and computing fewer views never changes the ones that are computed.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from ernievil2.data.sample import RawSample
+from ernievil2.tokenizer import WordPieceTokenizer
+
+__all__ = [
+    "ALL_VIEWS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DEFAULT_OBJECTS_TEMPLATES",
+    "DEFAULT_OBJECTS_JOINERS",
+    "ViewConfig",
+    "MultiViewTransform",
+    "EvalTransform",
+    "augment_text_ids",
+    "decode_rgb",
+    "objects_text",
+    "random_resized_crop_box",
+    "stable_hash",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+DEFAULT_OBJECTS_TEMPLATES: dict[str, str] = {"en": "the picture contains {objects}", "zh": "图中有{objects}"}
+DEFAULT_OBJECTS_JOINERS: dict[str, str] = {"en": ", ", "zh": "、"}
+
+#: Every output key of :class:`MultiViewTransform`, in output order.
+ALL_VIEWS: tuple[str, ...] = (
+    "image",
+    "image_view1",
+    "image_view2",
+    "caption_ids",
+    "text_view_ids",
+    "objects_ids",
+    "has_objects",
+)
+# independent random streams, fixed order (changing it changes every sample's views)
+_STREAMS = ("image", "image_view1", "image_view2", "text")
+
+
+# --------------------------------------------------------------------------- helpers
+def stable_hash(key: str) -> int:
+    """Process-independent 32-bit hash of a sample key (CRC-32 of its UTF-8 bytes)."""
+    return zlib.crc32(key.encode("utf-8")) & 0xFFFFFFFF
+
+
+def decode_rgb(data: bytes, key: str = "?") -> np.ndarray:
+    """Decode image bytes into an RGB uint8 ``[H, W, 3]`` array with OpenCV.
+
+    Grayscale and alpha images become 3-channel (``IMREAD_COLOR``). Raises ``ValueError`` naming
+    ``key`` when the bytes are not a decodable image.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8) if data else np.empty(0, np.uint8)
+    img = None
+    if buf.size:
+        try:
+            img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        except cv2.error:
+            img = None
+    if img is None or img.ndim != 3 or img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f"cannot decode image of sample {key!r} ({len(data) if data else 0} bytes)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def random_resized_crop_box(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
+    """``(top, left, crop_h, crop_w)`` of a RandomResizedCrop (torchvision's sampling rule).
+
+    Tries ``attempts`` (area fraction in ``scale``, log-uniform aspect ratio in ``ratio``) pairs
+    and takes the first that fits; otherwise a centre crop with the ratio clamped into ``ratio``.
+    """
+    area = height * width
+    targets = area * rng.uniform(scale[0], scale[1], attempts)
+    aspects = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), attempts))
+    cws = np.rint(np.sqrt(targets * aspects)).astype(np.int64)
+    chs = np.rint(np.sqrt(targets / aspects)).astype(np.int64)
+    offsets = rng.random(2)
+    ok = (cws > 0) & (cws <= width) & (chs > 0) & (chs <= height)
+    if ok.any():
+        k = int(np.argmax(ok))
+        ch, cw = int(chs[k]), int(cws[k])
+        top = min(int(offsets[0] * (height - ch + 1)), height - ch)
+        left = min(int(offsets[1] * (width - cw + 1)), width - cw)
+        return top, left, ch, cw
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        cw, ch = width, max(1, int(round(width / ratio[0])))
+    elif in_ratio > ratio[1]:
+        ch, cw = height, max(1, int(round(height * ratio[1])))
+    else:
+        ch, cw = height, width
+    ch, cw = min(ch, height), min(cw, width)
+    return (height - ch) // 2, (width - cw) // 2, ch, cw
+
+
+def _resize(img: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    # area averaging when shrinking a lot (less aliasing), bilinear otherwise
+    interp = cv2.INTER_AREA if (h >= 2 * out_h and w >= 2 * out_w) else cv2.INTER_LINEAR
+    return cv2.resize(img, (out_w, out_h), interpolation=interp)
+
+
+def _resolve_lang(table: Mapping[str, str], lang: str, what: str) -> str:
+    if lang in table:
+        return table[lang]
+    base = lang.replace("_", "-").split("-")[0].lower()
+    if base in table:
+        return table[base]
+    if "en" in table:
+        return table["en"]
+    raise ValueError(f"no objects {what} for language {lang!r} (have {sorted(table)})")
+
+
+def objects_text(
+    objects: Sequence[str] | None,
+    lang: str,
+    templates: Mapping[str, str] = DEFAULT_OBJECTS_TEMPLATES,
+    joiners: Mapping[str, str] = DEFAULT_OBJECTS_JOINERS,
+) -> str | None:
+    """The object-tags text of a sample, or ``None`` when it has no tags.
+
+    Tags are stripped, empty ones dropped and duplicates removed keeping first occurrences; they
+    are joined with the language's joiner and put into the language's template at ``{objects}``.
+    The language is looked up as given, then by its base (``zh-CN`` → ``zh``), then ``en``.
+    """
+    if not objects:
+        return None
+    seen: dict[str, None] = {}
+    for obj in objects:
+        obj = str(obj).strip()
+        if obj and obj not in seen:
+            seen[obj] = None
+    if not seen:
+        return None
+    template = _resolve_lang(templates, lang, "template")
+    joiner = _resolve_lang(joiners, lang, "joiner") if joiners else ", "
+    return template.replace("{objects}", joiner.join(seen))
+
+
+def augment_text_ids(
+    ids: Sequence[int],
+    rng: np.random.Generator,
+    mask_id: int,
+    mask_prob: float = 0.15,
+    delete_prob: float = 0.1,
+    swap_prob: float = 0.1,
+) -> list[int]:
+    """Token-level text view of ``[CLS] pieces [SEP]`` ids (unpadded); the ends are kept.
+
+    Each word piece is independently deleted with ``delete_prob`` (at least one piece always
+    survives); then, left to right, a piece is swapped with its right neighbour with
+    ``swap_prob`` (a swapped pair is not swapped again); then each piece is replaced by
+    ``mask_id`` with ``mask_prob``. Returns the new unpadded id list (never longer).
+    """
+    if len(ids) <= 2:
+        return list(ids)
+    pieces = np.asarray(ids[1:-1], dtype=np.int64)
+    n = len(pieces)
+    keep = rng.random(n) >= delete_prob
+    if not keep.any():
+        keep[int(rng.integers(n))] = True
+    pieces = pieces[keep]
+    m = len(pieces)
+    if swap_prob > 0 and m > 1:
+        swaps = rng.random(m - 1) < swap_prob
+        i = 0
+        while i < m - 1:
+            if swaps[i]:
+                pieces[i], pieces[i + 1] = pieces[i + 1], pieces[i]
+                i += 2
+            else:
+                i += 1
+    if mask_prob > 0:
+        pieces[rng.random(m) < mask_prob] = mask_id
+    return [int(ids[0]), *pieces.tolist(), int(ids[-1])]
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class ViewConfig:
+    """Settings of :class:`MultiViewTransform` (defaults: SPEC §4 / SLIP).
+
+    ``blur_kernel`` ``None`` scales the 5×5 kernel of a 224 image to ``image_size`` (odd, ≥ 3);
+    ``blur_sigma`` is the range σ is drawn from. Text-view probabilities apply only when the
+    sample has a single caption (see :func:`augment_text_ids`). ``objects_templates`` hold
+    ``{objects}``; ``objects_joiners`` join the tags; both are keyed by language.
+    """
+
+    image_size: int = 224
+    caption_crop_scale: tuple[float, float] = (0.5, 1.0)
+    simclr_crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel: int | None = None
+    text_mask_prob: float = 0.15
+    text_delete_prob: float = 0.1
+    text_swap_prob: float = 0.1
+    objects_templates: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OBJECTS_TEMPLATES))
+    objects_joiners: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OBJECTS_JOINERS))
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class _Normalizer:
+    """``(x / 255 - mean) / std`` as one multiply-add, HWC in, contiguous float32 CHW out."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        mean_a = np.asarray(mean, dtype=np.float64)
+        std_a = np.asarray(std, dtype=np.float64)
+        if mean_a.shape != (3,) or std_a.shape != (3,) or (std_a <= 0).any():
+            raise ValueError(f"mean/std must be 3 values with std > 0, got {mean}, {std}")
+        self.scale_u8 = (1.0 / (255.0 * std_a)).astype(np.float32)
+        self.scale_f = (1.0 / std_a).astype(np.float32)
+        self.shift = (-mean_a / std_a).astype(np.float32)
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        scale = self.scale_u8 if img.dtype == np.uint8 else self.scale_f
+        out = np.empty((3,) + img.shape[:2], dtype=np.float32)
+        for c in range(3):
+            np.multiply(img[..., c], scale[c], out=out[c], casting="unsafe")
+            out[c] += self.shift[c]
+        return out
+
+
+# --------------------------------------------------------------------------- transforms
+class MultiViewTransform:
+    """Make the ERNIE-ViL 2.0 views of a :class:`RawSample` (see the module docstring).
+
+    ``views`` picks the outputs (names from :data:`ALL_VIEWS`; ``objects_ids`` and
+    ``has_objects`` always come together); the others are neither computed nor returned.
+    """
+
+    def __init__(
+        self,
+        cfg: ViewConfig,
+        tokenizer: WordPieceTokenizer,
+        max_length: int = 48,
+        seed: int = 0,
+        views: Sequence[str] | None = None,
+    ):
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if cfg.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {cfg.image_size}")
+        for name, tmpl in cfg.objects_templates.items():
+            if "{objects}" not in tmpl:
+                raise ValueError(f"objects template for {name!r} lacks '{{objects}}': {tmpl!r}")
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.seed = int(seed)
+        wanted = set(ALL_VIEWS if views is None else views)
+        unknown = wanted - set(ALL_VIEWS)
+        if unknown:
+            raise ValueError(f"unknown views {sorted(unknown)}; choose from {list(ALL_VIEWS)}")
+        if wanted & {"objects_ids", "has_objects"}:
+            wanted |= {"objects_ids", "has_objects"}
+        self.views: tuple[str, ...] = tuple(v for v in ALL_VIEWS if v in wanted)
+        self._norm = _Normalizer(cfg.mean, cfg.std)
+        if cfg.blur_kernel is None:
+            k = max(3, int(round(5 * cfg.image_size / 224)))
+        else:
+            k = int(cfg.blur_kernel)
+        self.blur_kernel = k if k % 2 == 1 else k + 1
+
+    # ------------------------------------------------------------------ images
+    def _crop_flip(self, img: np.ndarray, rng: np.random.Generator, scale: tuple[float, float]) -> np.ndarray:
+        s = self.cfg.image_size
+        top, left, ch, cw = random_resized_crop_box(rng, img.shape[0], img.shape[1], scale, self.cfg.crop_ratio)
+        out = _resize(img[top : top + ch, left : left + cw], s, s)
+        if rng.random() < self.cfg.flip_prob:
+            out = cv2.flip(out, 1)
+        return out
+
+    def _caption_view(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self._norm(self._crop_flip(img, rng, self.cfg.caption_crop_scale))
+
+    def _color_jitter(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        b, c, s, h = self.cfg.color_jitter
+        order = rng.permutation(4)
+        factors = (
+            rng.uniform(max(0.0, 1 - b), 1 + b),
+            rng.uniform(max(0.0, 1 - c), 1 + c),
+            rng.uniform(max(0.0, 1 - s), 1 + s),
+            rng.uniform(-h, h),
+        )
+        for op in order:
+            f = factors[op]
+            if op == 0 and b > 0:
+                x *= f
+            elif op == 1 and c > 0:
+                m = float(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).mean())
+                x *= f
+                x += (1 - f) * m
+            elif op == 2 and s > 0:
+                g = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)[..., None]
+                x *= f
+                x += (1 - f) * g
+            elif op == 3 and h > 0:
+                hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)  # float: H in [0, 360)
+                hue = hsv[..., 0]
+                hue += f * 360.0
+                np.mod(hue, 360.0, out=hue)
+                x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+            else:
+                continue
+            np.clip(x, 0.0, 1.0, out=x)
+        return x
+
+    def _simclr_view(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        cfg = self.cfg
+        out = self._crop_flip(img, rng, cfg.simclr_crop_scale)
+        u = rng.random(3)
+        jitter = u[0] < cfg.color_jitter_prob and any(v > 0 for v in cfg.color_jitter)
+        gray = u[1] < cfg.grayscale_prob
+        blur = u[2] < cfg.blur_prob
+        if not (jitter or gray or blur):
+            return self._norm(out)
+        x = out.astype(np.float32)
+        x *= 1.0 / 255.0
+        if jitter:
+            x = self._color_jitter(x, rng)
+        if gray:
+            g = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)
+            x = cv2.merge([g, g, g])
+        if blur:
+            sigma = float(rng.uniform(cfg.blur_sigma[0], cfg.blur_sigma[1]))
+            x = cv2.GaussianBlur(x, (self.blur_kernel, self.blur_kernel), sigmaX=sigma, sigmaY=sigma)
+        return self._norm(x)
+
+    # ------------------------------------------------------------------ texts
+    def _pad(self, ids: Sequence[int]) -> np.ndarray:
+        return self.tokenizer.pad([ids], self.max_length)[0]
+
+    def _texts(self, sample: RawSample, rng: np.random.Generator, out: dict[str, np.ndarray]) -> None:
+        captions = sample.captions
+        if not captions:
+            raise ValueError(f"sample {sample.key!r} has no captions")
+        n = len(captions)
+        ci = int(rng.integers(n)) if n > 1 else 0
+        cap_ids = self.tokenizer.encode(captions[ci], self.max_length)
+        if "caption_ids" in self.views:
+            out["caption_ids"] = self._pad(cap_ids)
+        if "text_view_ids" in self.views:
+            if n > 1:
+                j = int(rng.integers(n - 1))
+                j += j >= ci
+                tv = self.tokenizer.encode(captions[j], self.max_length)
+            else:
+                cfg = self.cfg
+                tv = augment_text_ids(
+                    cap_ids, rng, self.tokenizer.mask_id,
+                    cfg.text_mask_prob, cfg.text_delete_prob, cfg.text_swap_prob,
+                )
+            out["text_view_ids"] = self._pad(tv)
+
+    def _objects(self, sample: RawSample, out: dict[str, np.ndarray]) -> None:
+        text = objects_text(sample.objects, sample.lang, self.cfg.objects_templates, self.cfg.objects_joiners)
+        if text is None:
+            out["objects_ids"] = np.full(self.max_length, self.tokenizer.pad_id, dtype=np.int64)
+            out["has_objects"] = np.array(0.0, dtype=np.float32)
+        else:
+            out["objects_ids"] = self._pad(self.tokenizer.encode(text, self.max_length))
+            out["has_objects"] = np.array(1.0, dtype=np.float32)
+
+    # ------------------------------------------------------------------ main
+    def rngs(self, key: str, epoch: int = 0) -> dict[str, np.random.Generator]:
+        """The per-view random generators of sample ``key`` at ``epoch``."""
+        if int(epoch) < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        root = np.random.SeedSequence([self.seed, int(epoch), stable_hash(key)])
+        return {name: np.random.default_rng(child) for name, child in zip(_STREAMS, root.spawn(len(_STREAMS)))}
+
+    def __call__(self, sample: RawSample, epoch: int = 0) -> dict[str, np.ndarray]:
+        """The selected views of ``sample`` as arrays (images float32 ``[3, S, S]``, ids int64
+        ``[max_length]``, ``has_objects`` float32 scalar), keyed as in :data:`ALL_VIEWS`."""
+        rngs = self.rngs(sample.key, epoch)
+        out: dict[str, np.ndarray] = {}
+        views = self.views
+        if {"image", "image_view1", "image_view2"} & set(views):
+            img = decode_rgb(sample.image, sample.key)
+            if "image" in views:
+                out["image"] = self._caption_view(img, rngs["image"])
+            if "image_view1" in views:
+                out["image_view1"] = self._simclr_view(img, rngs["image_view1"])
+            if "image_view2" in views:
+                out["image_view2"] = self._simclr_view(img, rngs["image_view2"])
+        if "caption_ids" in views or "text_view_ids" in views:
+            self._texts(sample, rngs["text"], out)
+        if "objects_ids" in views:
+            self._objects(sample, out)
+        return {k: out[k] for k in views}
+
+
+class EvalTransform:
+    """Deterministic eval preprocessing (official ERNIE-ViL 2.0 inference, SPEC §4).
+
+    Decode with OpenCV (RGB), resize bilinearly so the short side is ``image_size`` and the long
+    side ``int(image_size / short * long) + 1`` (a square image counts its width as the short
+    side), centre-crop ``image_size`` at offsets ``ceil((w - S) / 2)``, ``ceil((h - S) / 2)``,
+    scale to [0, 1] and normalise. Returns float32 ``[3, S, S]``.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        if int(image_size) < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        self.image_size = int(image_size)
+        self._norm = _Normalizer(mean, std)
+
+    def resize_crop(self, img: np.ndarray) -> np.ndarray:
+        """Short-side resize + centre crop of an HWC image (uint8 in, uint8 ``[S, S, 3]`` out)."""
+        s = self.image_size
+        h, w = img.shape[:2]
+        if w <= h:
+            new_w, new_h = s, int(s / w * h) + 1
+        else:
+            new_w, new_h = int(s / h * w) + 1, s
+        resized = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        x0 = math.ceil((new_w - s) / 2)
+        y0 = math.ceil((new_h - s) / 2)
+        return resized[y0 : y0 + s, x0 : x0 + s]
+
+    def __call__(self, image_bytes: bytes, key: str = "?") -> np.ndarray:
+        """Preprocess encoded image bytes; ``ValueError`` naming ``key`` when undecodable."""
+        return self._norm(self.resize_crop(decode_rgb(image_bytes, key)))

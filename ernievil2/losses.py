@@ -1,0 +1,176 @@
+"""The ERNIE-ViL 2.0 multi-view contrastive loss: weighted InfoNCE terms over four views.
+
+Features (L2-normalised embeddings), not logits, cross ranks: every term asks a
+:class:`FeatureExchange` for the gathered columns and the offset of this rank's rows, so the
+distributed gather-with-gradient plugs in without touching the loss. With the default
+base :class:`FeatureExchange` (one process) the columns are the local batch itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import paddle
+import paddle.nn.functional as F
+
+TERMS = ("image_caption", "image_objects", "image_image", "text_text")
+# Which model outputs each term consumes (the trainer computes only what the active terms need).
+TERM_VIEWS: dict[str, tuple[str, ...]] = {
+    "image_caption": ("image", "caption"),
+    "image_objects": ("image", "objects"),
+    "image_image": ("image_view1", "image_view2"),
+    "text_text": ("caption", "text_view"),
+}
+NEG_INF = -1e9
+
+
+class FeatureExchange:
+    """How features cross ranks. This base class is the single-process case (world size 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def gather(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Concatenate ``x`` from all ranks along axis 0 (gradients flow back to the owner)."""
+        return x
+
+    def sum(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Sum a (gradient-free) tensor over all ranks."""
+        return x
+
+
+def _cross_entropy_rows(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
+    """Per-row cross entropy, ``[N]``, computed in float32 whatever the AMP dtype."""
+    if logits.dtype in (paddle.float16, paddle.bfloat16):
+        logits = logits.astype("float32")
+    return F.cross_entropy(logits, labels.unsqueeze(-1), reduction="none").squeeze(-1)
+
+
+def _labels(n: int, offset: int) -> paddle.Tensor:
+    return paddle.arange(offset, offset + n, dtype="int64")
+
+
+def info_nce(
+    queries: paddle.Tensor,
+    keys_local: paddle.Tensor,
+    scale: paddle.Tensor,
+    exchange: FeatureExchange,
+) -> paddle.Tensor:
+    """Symmetric InfoNCE between paired rows of ``queries`` and ``keys_local`` (this rank's rows).
+
+    Rows of this rank score against the columns of all ranks (local loss); labels are offset by
+    ``rank · B``. Returns the mean of the two directions' mean cross entropy.
+    """
+    b = queries.shape[0]
+    labels = _labels(b, exchange.rank * b)
+    keys_all = exchange.gather(keys_local)
+    queries_all = exchange.gather(queries)
+    q2k = _cross_entropy_rows(scale * paddle.matmul(queries, keys_all, transpose_y=True), labels)
+    k2q = _cross_entropy_rows(scale * paddle.matmul(keys_local, queries_all, transpose_y=True), labels)
+    return (q2k.mean() + k2q.mean()) / 2
+
+
+def masked_info_nce(
+    images: paddle.Tensor,
+    texts: paddle.Tensor,
+    mask: paddle.Tensor,
+    scale: paddle.Tensor,
+    exchange: FeatureExchange,
+) -> paddle.Tensor:
+    """Symmetric image–objects InfoNCE where ``mask`` (1/0 per sample) marks samples with tags.
+
+    A sample without tags is neither a query in either direction nor a candidate objects text;
+    its image stays a negative for the objects texts of other samples. The mean runs over the
+    valid rows of the whole job, so the value does not depend on how samples fall on ranks.
+    """
+    b = images.shape[0]
+    labels = _labels(b, exchange.rank * b)
+    mask = mask.astype(images.dtype)
+    mask_all = exchange.gather(mask.detach())
+    texts_all = exchange.gather(texts)
+    images_all = exchange.gather(images)
+    # image → objects: objects texts of untagged samples are not candidates.
+    i2t_logits = scale * paddle.matmul(images, texts_all, transpose_y=True)
+    i2t_logits = i2t_logits + (1.0 - mask_all.astype(i2t_logits.dtype)) * NEG_INF
+    i2t = _cross_entropy_rows(i2t_logits, labels)
+    t2i = _cross_entropy_rows(scale * paddle.matmul(texts, images_all, transpose_y=True), labels)
+    # Each rank divides by (valid rows of the job) / world size: averaging over ranks gives the
+    # global masked mean. A batch with no tagged sample contributes an exact zero.
+    count = exchange.sum(mask.sum().detach()) / exchange.world_size
+    denom = paddle.maximum(count, paddle.ones_like(count))
+    rows = paddle.where(mask > 0, i2t + t2i, paddle.zeros_like(i2t))
+    return rows.sum() / (2 * denom)
+
+
+def nt_xent(
+    view1: paddle.Tensor, view2: paddle.Tensor, scale: paddle.Tensor, exchange: FeatureExchange
+) -> paddle.Tensor:
+    """NT-Xent (SimCLR) between two views: each of the 2B rows has one positive (its other view)
+    among all 2·W·B columns; its own column (self-similarity) is excluded."""
+    b = view1.shape[0]
+    offset = exchange.rank * b
+    v1_all = exchange.gather(view1)
+    v2_all = exchange.gather(view2)
+    n_all = v1_all.shape[0]
+    rows = paddle.concat([view1, view2], axis=0)
+    cols = paddle.concat([v1_all, v2_all], axis=0)
+    logits = scale * paddle.matmul(rows, cols, transpose_y=True)
+    local = paddle.arange(b, dtype="int64")
+    self_cols = paddle.concat([offset + local, n_all + offset + local])
+    positive = paddle.concat([n_all + offset + local, offset + local])
+    self_mask = F.one_hot(self_cols, 2 * n_all).astype(logits.dtype) * NEG_INF
+    return _cross_entropy_rows(logits + self_mask, positive).mean()
+
+
+@dataclass
+class LossConfig:
+    """Weights of the four terms (0 switches a term off) and the intra-modal temperature."""
+
+    image_caption: float = 1.0
+    image_objects: float = 1.0
+    image_image: float = 1.0
+    text_text: float = 1.0
+    # Fixed temperature of the intra-modal NT-Xent terms (SimCLR/SLIP use 0.1);
+    # None shares the learnable logit scale of the inter-modal terms.
+    intra_temperature: Optional[float] = 0.1
+
+
+class MultiViewLoss:
+    """Weighted sum of the active terms; returns ``{"loss": total, term: value, ...}``."""
+
+    def __init__(self, cfg: LossConfig, exchange: Optional[FeatureExchange] = None):
+        self.cfg = cfg
+        self.weights = {t: float(getattr(cfg, t)) for t in TERMS if float(getattr(cfg, t)) != 0.0}
+        if not self.weights:
+            raise ValueError("all loss weights are 0: enable at least one of " + ", ".join(TERMS))
+        self.exchange = exchange or FeatureExchange()
+
+    @property
+    def required_views(self) -> tuple[str, ...]:
+        """Model outputs the active terms need, e.g. ``("image", "caption")`` for CLIP-only."""
+        views: list[str] = []
+        for term in self.weights:
+            views += [v for v in TERM_VIEWS[term] if v not in views]
+        return tuple(views)
+
+    def __call__(
+        self, feats: Mapping[str, paddle.Tensor], logit_scale: paddle.Tensor,
+        objects_mask: Optional[paddle.Tensor] = None,
+    ) -> dict[str, paddle.Tensor]:
+        ex = self.exchange
+        intra = logit_scale if self.cfg.intra_temperature is None else 1.0 / self.cfg.intra_temperature
+        terms: dict[str, paddle.Tensor] = {}
+        if "image_caption" in self.weights:
+            terms["image_caption"] = info_nce(feats["image"], feats["caption"], logit_scale, ex)
+        if "image_objects" in self.weights:
+            if objects_mask is None:
+                raise ValueError("the image_objects term needs objects_mask (1 for samples with tags)")
+            terms["image_objects"] = masked_info_nce(
+                feats["image"], feats["objects"], objects_mask, logit_scale, ex
+            )
+        if "image_image" in self.weights:
+            terms["image_image"] = nt_xent(feats["image_view1"], feats["image_view2"], intra, ex)
+        if "text_text" in self.weights:
+            terms["text_text"] = nt_xent(feats["caption"], feats["text_view"], intra, ex)
+        total = paddle.add_n([self.weights[t] * v for t, v in terms.items()])
+        return {"loss": total, **terms}

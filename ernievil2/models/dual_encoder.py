@@ -1,0 +1,55 @@
+"""The ERNIE-ViL 2.0 dual encoder: ViT + ERNIE in one embedding space with a learnable temperature."""
+from __future__ import annotations
+
+import math
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from .attention import resolve_backend
+from .config import DualEncoderConfig
+from .text import ErnieTextEncoder
+from .vision import VisionTransformer
+
+MAX_LOGIT_SCALE = 100.0
+
+
+class ErnieViL2(nn.Layer):
+    """Dual encoder; ``encode_image``/``encode_text`` return L2-normalised embeddings."""
+
+    def __init__(self, cfg: DualEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        backend = resolve_backend(cfg.attention)
+        self.vision = VisionTransformer(cfg.vision, backend)
+        self.text = ErnieTextEncoder(cfg.text, backend)
+        self.temperature = self.create_parameter(
+            [1], default_initializer=nn.initializer.Constant(cfg.init_temperature)
+        )
+
+    def encode_image(self, pixels: paddle.Tensor, normalize: bool = True) -> paddle.Tensor:
+        emb = self.vision(pixels)
+        return F.normalize(emb, axis=-1) if normalize else emb
+
+    def encode_text(self, input_ids: paddle.Tensor, normalize: bool = True) -> paddle.Tensor:
+        emb = self.text(input_ids)
+        return F.normalize(emb, axis=-1) if normalize else emb
+
+    @property
+    def logit_scale(self) -> paddle.Tensor:
+        """``exp(t)``: the factor applied to cosine similarities."""
+        return self.temperature.exp()
+
+    @paddle.no_grad()
+    def clamp_logit_scale(self, max_scale: float = MAX_LOGIT_SCALE) -> None:
+        """Clamp ``t`` in place so the logit scale stays ≤ ``max_scale`` (call after each step)."""
+        self.temperature.set_value(paddle.clip(self.temperature, 0.0, math.log(max_scale)))
+
+    def forward(self, pixels: paddle.Tensor, input_ids: paddle.Tensor):
+        return self.encode_image(pixels), self.encode_text(input_ids), self.logit_scale
+
+
+def build_model(cfg: DualEncoderConfig) -> ErnieViL2:
+    """Build a randomly initialised dual encoder from its configuration."""
+    return ErnieViL2(cfg)

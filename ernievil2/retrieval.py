@@ -1,0 +1,104 @@
+"""Retrieval metrics for both evaluation protocols of SPEC §7 (vectorised, chunked, NumPy only).
+
+Ranks use strict ``>``: an item tied with the ground truth does not push it down (the official
+``eval_retri`` convention). All recalls are percentages.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+KS: tuple[int, ...] = (1, 5, 10)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def _as_f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def one_to_one_ranks(queries: np.ndarray, keys: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Rank of key ``i`` for query ``i``: ``#{j : q_i·k_j > q_i·k_i}``, computed in row chunks."""
+    queries, keys = _as_f32(queries), _as_f32(keys)
+    ranks = np.empty(len(queries), dtype=np.int64)
+    for a, b in _chunks(len(queries), chunk):
+        scores = queries[a:b] @ keys.T
+        gt = scores[np.arange(b - a), np.arange(a, b)]
+        ranks[a:b] = (scores > gt[:, None]).sum(axis=1)
+    return ranks
+
+
+def recall_at(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[int, float]:
+    """Percentage of queries whose ground truth ranks within the top ``k``."""
+    return {k: float((ranks < k).mean() * 100.0) for k in ks}
+
+
+def official_recall(text_emb: np.ndarray, image_emb: np.ndarray, chunk: int = 2048) -> dict[str, float]:
+    """Official 1:1 protocol: line ``i``'s text and line ``i``'s image are the only pair."""
+    if len(text_emb) != len(image_emb):
+        raise ValueError(f"1:1 protocol needs as many texts as images, got {len(text_emb)} and {len(image_emb)}")
+    t2i = recall_at(one_to_one_ranks(text_emb, image_emb, chunk))
+    i2t = recall_at(one_to_one_ranks(image_emb, text_emb, chunk))
+    return _table(i2t, t2i)
+
+
+def multi_caption_recall(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    text_image: np.ndarray,
+    chunk: int = 2048,
+) -> dict[str, float]:
+    """Multi-caption protocol: ``text_image[j]`` is the index of text ``j``'s image.
+
+    Text→image: the rank of the text's image. Image→text: a query image scores at K when any of
+    its captions is in the top K (the rank of its best-scoring caption).
+    """
+    image_emb, text_emb = _as_f32(image_emb), _as_f32(text_emb)
+    text_image = np.asarray(text_image, dtype=np.int64)
+    n_img = len(image_emb)
+    if len(text_image) != len(text_emb):
+        raise ValueError(f"text_image has {len(text_image)} entries for {len(text_emb)} texts")
+    if len(text_image) and (text_image.min() < 0 or text_image.max() >= n_img):
+        raise ValueError(f"text_image holds indices outside [0, {n_img})")
+    captionless = np.setdiff1d(np.arange(n_img), text_image)
+    if len(captionless):
+        raise ValueError(f"{len(captionless)} image(s) have no caption, e.g. index {int(captionless[0])}")
+
+    t2i_ranks = np.empty(len(text_emb), dtype=np.int64)
+    for a, b in _chunks(len(text_emb), chunk):
+        scores = text_emb[a:b] @ image_emb.T
+        gt = scores[np.arange(b - a), text_image[a:b]]
+        t2i_ranks[a:b] = (scores > gt[:, None]).sum(axis=1)
+
+    i2t_ranks = np.empty(n_img, dtype=np.int64)
+    for a, b in _chunks(n_img, chunk):
+        scores = image_emb[a:b] @ text_emb.T  # [n, Nt]
+        own = text_image[None, :] == np.arange(a, b)[:, None]
+        best_gt = np.where(own, scores, -np.inf).max(axis=1)
+        i2t_ranks[a:b] = ((scores > best_gt[:, None]) & ~own).sum(axis=1)
+    return _table(recall_at(i2t_ranks), recall_at(t2i_ranks))
+
+
+def _table(i2t: dict[int, float], t2i: dict[int, float]) -> dict[str, float]:
+    out = {f"i2t_r{k}": v for k, v in i2t.items()}
+    out.update({f"t2i_r{k}": v for k, v in t2i.items()})
+    out["i2t_mean"] = float(np.mean(list(i2t.values())))
+    out["t2i_mean"] = float(np.mean(list(t2i.values())))
+    out["mean_recall"] = float(np.mean(list(i2t.values()) + list(t2i.values())))
+    return out
+
+
+def format_table(metrics: dict[str, float], title: str = "") -> str:
+    """A console table: rows Image2Text / Text2Image / MeanRecall, columns R@1 R@5 R@10 mean."""
+    lines = [title] if title else []
+    lines.append(f"{'':<12}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean':>8}")
+    for name, p in (("Image2Text", "i2t"), ("Text2Image", "t2i")):
+        vals = [metrics[f"{p}_r{k}"] for k in KS] + [metrics[f"{p}_mean"]]
+        lines.append(f"{name:<12}" + "".join(f"{v:>8.2f}" for v in vals))
+    avg = [(metrics[f"i2t_r{k}"] + metrics[f"t2i_r{k}"]) / 2 for k in KS] + [metrics["mean_recall"]]
+    lines.append(f"{'MeanRecall':<12}" + "".join(f"{v:>8.2f}" for v in avg))
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""Each loss term against a NumPy reference: value and gradient with respect to the features."""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+
+from ernievil2.losses import LossConfig, MultiViewLoss, info_nce, masked_info_nce, nt_xent, FeatureExchange
+
+RTOL = 1e-5
+
+
+def _normed(rng, n, d):
+    x = rng.standard_normal((n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _ce_rows(logits, labels):
+    """Per-row cross entropy and d(row loss)/d(logits)."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    loss = -np.log(p[np.arange(len(labels)), labels])
+    grad = p.copy()
+    grad[np.arange(len(labels)), labels] -= 1.0
+    return loss, grad
+
+
+def ref_info_nce(a, b, s):
+    n = len(a)
+    lab = np.arange(n)
+    l1, g1 = _ce_rows(s * a @ b.T, lab)
+    l2, g2 = _ce_rows(s * b @ a.T, lab)
+    loss = (l1.mean() + l2.mean()) / 2
+    # dL/da from both directions (g1 rows are a, g2 columns are a).
+    ga = s * (g1 @ b + g2.T @ b) / (2 * n)
+    gb = s * (g1.T @ a + g2 @ a) / (2 * n)
+    return loss, ga, gb
+
+
+def ref_masked(a, t, m, s):
+    n = len(a)
+    lab = np.arange(n)
+    logits1 = s * a @ t.T + np.where(m[None, :] > 0, 0.0, -1e9)
+    l1, g1 = _ce_rows(logits1, lab)
+    l2, g2 = _ce_rows(s * t @ a.T, lab)
+    w = m / max(m.sum(), 1.0)
+    l1 = np.where(m > 0, l1, 0.0)
+    loss = ((l1 + l2) * w).sum() / 2
+    g1 = g1 * w[:, None] / 2
+    g2 = g2 * w[:, None] / 2
+    ga = s * (g1 @ t + g2.T @ t)
+    gt = s * (g1.T @ a + g2 @ a)
+    return loss, ga, gt
+
+
+def ref_nt_xent(v1, v2, s):
+    n = len(v1)
+    z = np.concatenate([v1, v2])
+    logits = s * z @ z.T
+    np.fill_diagonal(logits, -1e9)
+    pos = np.concatenate([np.arange(n, 2 * n), np.arange(n)])
+    l, g = _ce_rows(logits, pos)
+    g = g / (2 * n)
+    np.fill_diagonal(g, 0.0)
+    gz = s * (g @ z + g.T @ z)
+    return l.mean(), gz[:n], gz[n:]
+
+
+def _tensors(*arrays):
+    out = []
+    for a in arrays:
+        t = paddle.to_tensor(a, dtype="float64")
+        t.stop_gradient = False
+        out.append(t)
+    return out
+
+
+def test_info_nce_matches_numpy():
+    rng = np.random.default_rng(0)
+    a, b = _normed(rng, 6, 5), _normed(rng, 6, 5)
+    ta, tb = _tensors(a, b)
+    loss = info_nce(ta, tb, paddle.to_tensor(7.0, dtype="float64"), FeatureExchange())
+    loss.backward()
+    ref, ga, gb = ref_info_nce(a, b, 7.0)
+    np.testing.assert_allclose(float(loss), ref, rtol=RTOL)
+    np.testing.assert_allclose(ta.grad.numpy(), ga, rtol=RTOL, atol=1e-10)
+    np.testing.assert_allclose(tb.grad.numpy(), gb, rtol=RTOL, atol=1e-10)
+
+
+def test_masked_info_nce_matches_numpy_and_ignores_untagged_samples():
+    rng = np.random.default_rng(1)
+    a, t = _normed(rng, 7, 5), _normed(rng, 7, 5)
+    m = np.array([1, 0, 1, 1, 0, 1, 1], dtype=np.float64)
+    ta, tt = _tensors(a, t)
+    loss = masked_info_nce(ta, tt, paddle.to_tensor(m), paddle.to_tensor(5.0, dtype="float64"), FeatureExchange())
+    loss.backward()
+    ref, ga, gt = ref_masked(a, t, m, 5.0)
+    np.testing.assert_allclose(float(loss), ref, rtol=RTOL)
+    np.testing.assert_allclose(ta.grad.numpy(), ga, rtol=RTOL, atol=1e-10)
+    np.testing.assert_allclose(tt.grad.numpy(), gt, rtol=RTOL, atol=1e-10)
+    # The objects text of an untagged sample gets no gradient: it is neither query nor candidate.
+    np.testing.assert_allclose(tt.grad.numpy()[m == 0], 0.0, atol=1e-20)
+    # Whatever those padding texts are, the loss does not change.
+    t2 = t.copy()
+    t2[m == 0] = _normed(rng, 2, 5)
+    loss2 = masked_info_nce(*_tensors(a, t2), paddle.to_tensor(m), paddle.to_tensor(5.0, dtype="float64"), FeatureExchange())
+    np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-12)
+
+
+def test_masked_info_nce_with_no_tagged_sample_is_zero():
+    rng = np.random.default_rng(2)
+    ta, tt = _tensors(_normed(rng, 4, 3), _normed(rng, 4, 3))
+    loss = masked_info_nce(ta, tt, paddle.zeros([4], dtype="float64"), paddle.to_tensor(5.0, dtype="float64"), FeatureExchange())
+    loss.backward()
+    assert float(loss) == 0.0
+    np.testing.assert_array_equal(ta.grad.numpy(), 0.0)
+
+
+def test_nt_xent_matches_numpy_and_excludes_self_similarity():
+    rng = np.random.default_rng(3)
+    v1, v2 = _normed(rng, 5, 4), _normed(rng, 5, 4)
+    t1, t2 = _tensors(v1, v2)
+    loss = nt_xent(t1, t2, paddle.to_tensor(10.0, dtype="float64"), FeatureExchange())
+    loss.backward()
+    ref, g1, g2 = ref_nt_xent(v1, v2, 10.0)
+    np.testing.assert_allclose(float(loss), ref, rtol=RTOL)
+    np.testing.assert_allclose(t1.grad.numpy(), g1, rtol=RTOL, atol=1e-10)
+    np.testing.assert_allclose(t2.grad.numpy(), g2, rtol=RTOL, atol=1e-10)
+    # With self-similarity (cos = 1, the largest logit) left in, the value would be much larger.
+    z = np.concatenate([v1, v2])
+    logits = 10.0 * z @ z.T
+    pos = np.concatenate([np.arange(5, 10), np.arange(5)])
+    with_self, _ = _ce_rows(logits, pos)
+    assert with_self.mean() > ref + 0.5
+
+
+def test_multiview_loss_weights_terms_and_clip_only_needs_two_views():
+    rng = np.random.default_rng(4)
+    names = ["image", "caption", "objects", "image_view1", "image_view2", "text_view"]
+    feats = {k: paddle.to_tensor(_normed(rng, 6, 8)) for k in names}
+    mask = paddle.to_tensor(np.array([1, 1, 0, 1, 0, 1], dtype=np.float64))
+    scale = paddle.to_tensor(np.exp(2.0))
+    cfg = LossConfig(image_caption=1.0, image_objects=0.5, image_image=2.0, text_text=0.25, intra_temperature=0.2)
+    out = MultiViewLoss(cfg)(feats, scale, mask)
+    f = {k: v.numpy() for k, v in feats.items()}
+    s = float(np.exp(2.0))
+    expect = {
+        "image_caption": ref_info_nce(f["image"], f["caption"], s)[0],
+        "image_objects": ref_masked(f["image"], f["objects"], mask.numpy(), s)[0],
+        "image_image": ref_nt_xent(f["image_view1"], f["image_view2"], 5.0)[0],
+        "text_text": ref_nt_xent(f["caption"], f["text_view"], 5.0)[0],
+    }
+    for k, v in expect.items():
+        np.testing.assert_allclose(float(out[k]), v, rtol=RTOL)
+    total = expect["image_caption"] + 0.5 * expect["image_objects"] + 2.0 * expect["image_image"] + 0.25 * expect["text_text"]
+    np.testing.assert_allclose(float(out["loss"]), total, rtol=RTOL)
+
+    clip = MultiViewLoss(LossConfig(image_objects=0.0, image_image=0.0, text_text=0.0))
+    assert clip.required_views == ("image", "caption")
+    out = clip({"image": feats["image"], "caption": feats["caption"]}, scale)
+    assert set(out) == {"loss", "image_caption"}
+    np.testing.assert_allclose(float(out["loss"]), expect["image_caption"], rtol=RTOL)
+
+
+def test_all_weights_zero_is_refused():
+    with pytest.raises(ValueError, match="all loss weights are 0"):
+        MultiViewLoss(LossConfig(0.0, 0.0, 0.0, 0.0))

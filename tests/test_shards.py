@@ -1,0 +1,315 @@
+"""ShardWriter / decode_sample / list_shards / ShardStream: round trip, splitting, robustness."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import paddle
+import pytest
+
+from ernievil2.data import shards as shards_mod
+from ernievil2.data.sample import RawSample
+from ernievil2.data.shards import (
+    ShardStream,
+    ShardWriter,
+    collate_arrays,
+    decode_sample,
+    list_shards,
+    read_sizes,
+)
+
+N = 25
+
+
+def _jpeg(i: int) -> bytes:
+    rng = np.random.default_rng(i)
+    ok, buf = cv2.imencode(".jpg", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    assert ok
+    return buf.tobytes()
+
+
+def _png(i: int) -> bytes:
+    ok, buf = cv2.imencode(".png", np.full((6, 6, 3), i % 256, dtype=np.uint8))
+    assert ok
+    return buf.tobytes()
+
+
+def _sample(i: int) -> RawSample:
+    lang = "zh" if i % 3 == 0 else "en"
+    captions = [f"一只猫 {i}", f"第二个描述 {i}"] if lang == "zh" else [f"a cat number {i}", f"another caption {i}", "third"]
+    objects = None if i % 5 == 4 else ([f"cat {i}", "mat"] if i % 2 else [])
+    return RawSample(
+        key=f"s{i:05d}",
+        image=_png(i) if i % 7 == 0 else _jpeg(i),
+        captions=captions,
+        objects=objects,
+        lang=lang,
+        meta={"width": 8, "source": f"synthetic-{i}"},
+    )
+
+
+def _write(out: Path, n: int = N, max_samples: int = 10, prefix: str = "shard") -> list[RawSample]:
+    samples = [_sample(i) for i in range(n)]
+    with ShardWriter(out, prefix=prefix, max_samples=max_samples) as w:
+        for s in samples:
+            w.write(s, image_ext="png" if s.image.startswith(b"\x89PNG") else "jpg")
+    return samples
+
+
+def _idx_transform(sample: RawSample, epoch: int) -> dict:
+    return {"idx": np.array(int(sample.key[1:]), dtype=np.int64)}
+
+
+@pytest.fixture()
+def three_shards(tmp_path: Path) -> tuple[Path, list[RawSample]]:
+    return tmp_path, _write(tmp_path)
+
+
+def test_round_trip_all_fields(three_shards):
+    out, samples = three_shards
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "sizes.json"]
+    assert json.loads((out / "sizes.json").read_text()) == {
+        "shard-000000.tar": 10,
+        "shard-000001.tar": 10,
+        "shard-000002.tar": 5,
+    }
+    assert read_sizes(list_shards(out)) == N
+    # img2dataset layout inside the tar
+    with tarfile.open(out / "shard-000000.tar") as tf:
+        names = tf.getnames()
+        assert names[:3] == ["s00000.png", "s00000.txt", "s00000.json"]
+        assert tf.extractfile("s00001.txt").read().decode("utf-8") == "a cat number 1"
+        assert all(m.mtime == 0 for m in tf.getmembers())
+        rec = json.loads(tf.extractfile("s00003.json").read())
+        assert rec["key"] == "s00003" and rec["language"] == "zh" and rec["objects"] == ["cat 3", "mat"]
+        assert "objects" not in json.loads(tf.extractfile("s00004.json").read())
+
+    got = {s.key: s for s in ShardStream(str(out), shuffle_shards=False)}
+    assert len(got) == N
+    for s in samples:
+        r = got[s.key]
+        assert r.image == s.image
+        assert r.captions == s.captions
+        assert r.objects == s.objects
+        assert r.lang == s.lang
+        assert r.meta == s.meta
+    assert got["s00000"].image.startswith(b"\x89PNG")
+    assert got["s00003"].captions[0] == "一只猫 3"
+
+
+def test_deterministic_bytes(tmp_path: Path):
+    _write(tmp_path / "a")
+    _write(tmp_path / "b")
+    for name in ["shard-000000.tar", "shard-000002.tar", "sizes.json"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_max_bytes_rolls_over(tmp_path: Path):
+    with ShardWriter(tmp_path, max_samples=1000, max_bytes=8 * 1024) as w:
+        for i in range(10):
+            w.write(_sample(i))
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    # a sample takes ~3-4 KiB of tar blocks here, so 2 fit under 8 KiB and a third never does
+    assert sum(sizes.values()) == 10 and 1 < len(sizes) < 10 and max(sizes.values()) == 2
+    for name in sizes:  # each shard holds whole samples (3 members each) and stays near the cap
+        with tarfile.open(tmp_path / name) as tf:
+            assert len(tf.getnames()) == 3 * sizes[name]
+
+
+def test_bad_key_and_meta_rejected(tmp_path: Path):
+    with ShardWriter(tmp_path) as w:
+        with pytest.raises(ValueError, match="a.b"):
+            w.write(RawSample(key="a.b", image=b"x", captions=["c"]))
+        with pytest.raises(ValueError, match="reserved"):
+            w.write(RawSample(key="k", image=b"x", captions=["c"], meta={"captions": 1}))
+
+
+def test_interrupted_writer_leaves_no_complete_looking_shard(tmp_path: Path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with ShardWriter(tmp_path, max_samples=10) as w:
+            for i in range(15):
+                w.write(_sample(i))
+            raise RuntimeError("boom")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    # the finished first shard stays (it is complete); the unfinished one is deleted; no sizes.json
+    assert names == ["shard-000000.tar"]
+    with tarfile.open(tmp_path / "shard-000000.tar") as tf:
+        assert len(tf.getnames()) == 30
+
+
+def test_open_shard_is_only_a_tmp_file(tmp_path: Path):
+    w = ShardWriter(tmp_path, max_samples=10)
+    for i in range(3):
+        w.write(_sample(i))
+    assert list_shards(str(tmp_path / "*.tar*")) == [str(tmp_path / "shard-000000.tar.tmp")]
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path))):
+        list_shards(tmp_path)  # the directory holds no *.tar yet
+    w.close()
+    assert list_shards(tmp_path) == [str(tmp_path / "shard-000000.tar")]
+
+
+def test_decode_sample_variants():
+    img = _jpeg(0)
+    s = decode_sample(
+        {
+            "__key__": "k1",
+            "__url__": "u.tar",
+            "webp": img,
+            "txt": b"only caption",
+            "json": json.dumps({"objects": [{"name": "dog", "count": 2}, {"name": "frisbee", "count": 1}], "url": "x"}).encode(),
+        }
+    )
+    assert s.captions == ["only caption"] and s.objects == ["dog", "frisbee"] and s.meta == {"url": "x"}
+    assert s.objects is not None and s.lang == "en"
+    s = decode_sample({"__key__": "k2", "__url__": "u.tar", "jpeg": img, "txt": "图片".encode()})
+    assert s.captions == ["图片"] and s.objects is None
+    with pytest.raises(ValueError, match=r"u\.tar.*k3"):
+        decode_sample({"__key__": "k3", "__url__": "u.tar", "txt": b"no image"})
+    with pytest.raises(ValueError, match=r"u\.tar.*k4.*no caption"):
+        decode_sample({"__key__": "k4", "__url__": "u.tar", "jpg": img, "json": b'{"captions": []}'})
+    with pytest.raises(ValueError, match="k5"):
+        decode_sample({"__key__": "k5", "__url__": "u.tar", "jpg": img, "txt": b"c", "json": b"{not json"})
+
+
+def test_list_shards_forms(tmp_path: Path):
+    _write(tmp_path, n=40)
+    expected = [str(tmp_path / f"shard-{i:06d}.tar") for i in range(4)]
+    assert list_shards(tmp_path) == expected
+    assert list_shards(str(tmp_path)) == expected
+    assert list_shards(str(tmp_path / "shard-{000000..000003}.tar")) == expected
+    assert list_shards(str(tmp_path / "shard-00000[13].tar")) == [expected[1], expected[3]]
+    assert list_shards([expected[2], str(tmp_path / "shard-00000[01].tar")]) == [expected[2], *expected[:2]]
+    with pytest.raises(ValueError, match="nothing-here"):
+        list_shards(str(tmp_path / "nothing-here*.tar"))
+    with pytest.raises(ValueError):
+        list_shards([])
+
+
+@pytest.mark.timeout(120)
+def test_dataloader_two_workers_reads_each_sample_once(tmp_path: Path):
+    _write(tmp_path, n=45)  # 5 shards
+    ds = ShardStream(str(tmp_path), transform=_idx_transform, shuffle_buffer=8, seed=3)
+    loader = paddle.io.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_arrays)
+    seen: list[int] = []
+    for batch in loader:
+        idx = batch["idx"]
+        seen.extend(np.asarray(idx.numpy() if hasattr(idx, "numpy") else idx).reshape(-1).tolist())
+    assert sorted(seen) == list(range(45))
+
+
+def _fake_worker(monkeypatch, worker_id: int, num_workers: int) -> None:
+    monkeypatch.setattr(paddle.io, "get_worker_info", lambda: SimpleNamespace(id=worker_id, num_workers=num_workers))
+
+
+def test_ranks_times_workers_partition(tmp_path: Path, monkeypatch):
+    _write(tmp_path, n=40)  # 4 shards for 2 ranks x 2 workers
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    per_reader: dict[tuple[int, int], list[str]] = {}
+    for rank in range(2):
+        for worker in range(2):
+            monkeypatch.setenv("PADDLE_TRAINER_ID", str(rank))
+            monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
+            _fake_worker(monkeypatch, worker, 2)
+            ds = ShardStream(str(tmp_path), seed=1, epoch=2, shuffle_buffer=4)
+            per_reader[(rank, worker)] = [s.key for s in ds]
+    all_keys = [k for keys in per_reader.values() for k in keys]
+    assert sorted(all_keys) == [f"s{i:05d}" for i in range(40)]
+    assert all(len(keys) == 10 for keys in per_reader.values())
+    # RANK/WORLD_SIZE is the fallback when paddle's variables are absent
+    monkeypatch.delenv("PADDLE_TRAINER_ID")
+    monkeypatch.delenv("PADDLE_TRAINERS_NUM")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _fake_worker(monkeypatch, 1, 2)
+    assert [s.key for s in ShardStream(str(tmp_path), seed=1, epoch=2, shuffle_buffer=4)] == per_reader[(1, 1)]
+
+
+def test_too_few_shards_is_a_clear_error(tmp_path: Path, monkeypatch):
+    _write(tmp_path, n=25)  # 3 shards
+    monkeypatch.setenv("PADDLE_TRAINER_ID", "0")
+    monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
+    _fake_worker(monkeypatch, 0, 2)
+    with pytest.raises(ValueError, match=r"3 shard\(s\) cannot feed 2 rank\(s\) x 2 loader worker\(s\) = 4"):
+        next(iter(ShardStream(str(tmp_path))))
+
+
+def _rewrite_with_corruption(src: Path, dst: Path) -> None:
+    """Copy a shard, replacing s00002's json with garbage and dropping s00005's image."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for m in tin.getmembers():
+            data = tin.extractfile(m).read()
+            if m.name == "s00002.json":
+                data = b"{this is not json"
+            if m.name.startswith("s00005.") and not m.name.endswith((".txt", ".json")):
+                continue
+            m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path, caplog):
+    _write(tmp_path / "ok", n=25)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]:
+        if name == "shard-000000.tar":
+            _rewrite_with_corruption(tmp_path / "ok" / name, bad / name)
+        else:
+            (bad / name).write_bytes((tmp_path / "ok" / name).read_bytes())
+
+    def picky(sample: RawSample, epoch: int) -> dict:
+        if sample.key == "s00011":
+            raise ValueError("transform rejects this one")
+        return _idx_transform(sample, epoch)
+
+    ds = ShardStream(str(bad), transform=picky, shuffle_shards=False)
+    with caplog.at_level("WARNING", logger=shards_mod.__name__):
+        got = sorted(int(d["idx"]) for d in ds)
+    assert got == [i for i in range(25) if i not in (2, 5, 11)]
+    assert ds.skipped == 3
+    text = caplog.text
+    assert "s00002" in text and "s00005" in text and "s00011" in text and "shard-000000.tar" in text
+
+
+def test_epoch_controls_order(tmp_path: Path):
+    _write(tmp_path, n=40)
+
+    def order(epoch: int, shuffle: bool = True) -> list[str]:
+        return [s.key for s in ShardStream(str(tmp_path), shuffle_shards=shuffle, shuffle_buffer=8 if shuffle else 0, seed=5, epoch=epoch)]
+
+    e0, e0_again, e1 = order(0), order(0), order(1)
+    assert e0 == e0_again
+    assert e0 != e1 and sorted(e0) == sorted(e1)
+    ds = ShardStream(str(tmp_path), shuffle_buffer=8, seed=5)
+    ds.set_epoch(1)
+    assert [s.key for s in ds] == e1
+    assert order(0, shuffle=False) == [f"s{i:05d}" for i in range(40)]
+
+
+def test_collate_arrays():
+    out = collate_arrays([{"a": np.zeros((2, 3)), "b": np.array(1)}, {"a": np.ones((2, 3)), "b": np.array(2)}])
+    assert out["a"].shape == (2, 2, 3) and out["b"].tolist() == [1, 2]
+    with pytest.raises(ValueError):
+        collate_arrays([{"a": np.zeros(1)}, {"b": np.zeros(1)}])
+    with pytest.raises(ValueError):
+        collate_arrays([])
+
+
+def test_rank_and_world_defaults(monkeypatch):
+    """A single process when no launcher variables are set; paddle's variables win over RANK/WORLD_SIZE."""
+    for var in ("PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert shards_mod.rank_and_world() == (0, 1)
+    assert shards_mod.loader_worker() == (0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("PADDLE_TRAINER_ID", "1")
+    monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
+    assert shards_mod.rank_and_world() == (1, 2)
