@@ -36,6 +36,7 @@ from ernievil2.tokenizer import WordPieceTokenizer
 
 __all__ = [
     "ALL_VIEWS",
+    "VIEW_ALIASES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "DEFAULT_OBJECTS_TEMPLATES",
@@ -65,6 +66,8 @@ ALL_VIEWS: tuple[str, ...] = (
     "objects_ids",
     "has_objects",
 )
+#: Loss-side view names (``ernievil2.losses.TERM_VIEWS``) accepted as aliases in ``views``.
+VIEW_ALIASES: dict[str, str] = {"caption": "caption_ids", "text_view": "text_view_ids", "objects": "objects_ids"}
 # independent random streams, fixed order (changing it changes every sample's views)
 _STREAMS = ("image", "image_view1", "image_view2", "text")
 
@@ -268,8 +271,9 @@ class _Normalizer:
 class MultiViewTransform:
     """Make the ERNIE-ViL 2.0 views of a :class:`RawSample` (see the module docstring).
 
-    ``views`` picks the outputs (names from :data:`ALL_VIEWS`; ``objects_ids`` and
-    ``has_objects`` always come together); the others are neither computed nor returned.
+    ``views`` picks the outputs (names from :data:`ALL_VIEWS`, or the loss-side aliases of
+    :data:`VIEW_ALIASES`; ``objects_ids`` and ``has_objects`` always come together); the others are
+    neither computed nor returned.
     """
 
     def __init__(
@@ -291,7 +295,7 @@ class MultiViewTransform:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.seed = int(seed)
-        wanted = set(ALL_VIEWS if views is None else views)
+        wanted = {VIEW_ALIASES.get(v, v) for v in (ALL_VIEWS if views is None else views)}
         unknown = wanted - set(ALL_VIEWS)
         if unknown:
             raise ValueError(f"unknown views {sorted(unknown)}; choose from {list(ALL_VIEWS)}")

@@ -1,0 +1,96 @@
+"""Model weights as safetensors, written atomically (temporary folder, fsync, rename)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import paddle
+from safetensors.numpy import load_file, save_file
+
+from ernievil2.models import ErnieViL2, build_model
+from ernievil2.models.config import DualEncoderConfig, TextConfig, VisionConfig
+
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model_config.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def state_to_numpy(model: paddle.nn.Layer) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v.numpy()) for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(model: ErnieViL2, out_dir: str | os.PathLike, files: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``model.safetensors`` + ``model_config.json`` (+ ``files``: name → JSON-able or Path to copy)
+    into ``out_dir`` atomically: a kill at any moment leaves either the old folder or the new one."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(state_to_numpy(model), str(tmp / WEIGHTS))
+        (tmp / MODEL_CONFIG).write_text(json.dumps(asdict(model.cfg), indent=2), encoding="utf-8")
+        for name, content in (files or {}).items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, tmp / name)
+            else:
+                (tmp / name).write_text(json.dumps(content, indent=2, default=str), encoding="utf-8")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def config_from_dict(d: dict) -> DualEncoderConfig:
+    return DualEncoderConfig(
+        vision=VisionConfig(**d["vision"]), text=TextConfig(**d["text"]),
+        init_temperature=d["init_temperature"], attention=d["attention"],
+    )
+
+
+def load_weights(model: ErnieViL2, weights_file: str | os.PathLike) -> None:
+    """Load a safetensors state into ``model`` strictly: every missing/unexpected key and shape
+    mismatch is named."""
+    state = load_file(str(weights_file))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"{weights_file}: missing keys {missing}, unexpected keys {unexpected}")
+    for k, v in own.items():
+        if list(v.shape) != list(state[k].shape):
+            raise ValueError(f"{weights_file}: shape mismatch for {k}: checkpoint {list(state[k].shape)}, model {list(v.shape)}")
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike) -> ErnieViL2:
+    """Build the model described by ``model_config.json`` and load its weights."""
+    ckpt = Path(ckpt_dir)
+    cfg = config_from_dict(json.loads((ckpt / MODEL_CONFIG).read_text(encoding="utf-8")))
+    model = build_model(cfg)
+    load_weights(model, ckpt / WEIGHTS)
+    return model

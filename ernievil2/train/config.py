@@ -1,0 +1,150 @@
+"""Typed schemas behind the Hydra config groups: a misspelled or unknown key stops the run at start.
+
+Each group of ``conf/`` (``model``, ``data``, ``loss``, ``optim``, ``eval``, ``logger``) fills one
+dataclass below; ``experiment`` files override any of them. The schemas are registered with
+Hydra's ConfigStore as ``schema`` and form the first entry of ``conf/config.yaml``'s defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from ernievil2.data.views import ViewConfig
+from ernievil2.losses import LossConfig
+from ernievil2.models.config import DualEncoderConfig, TextConfig, VisionConfig, model_config
+
+
+def _overrides_of(cls: type, name: str) -> type:
+    """A dataclass with the fields of ``cls``, each optional and ``None`` (= keep the preset)."""
+    return make_dataclass(
+        name, [(f.name, Optional[f.type if not isinstance(f.type, str) else eval(f.type)], None) for f in fields(cls)]
+    )
+
+
+VisionOverrides = _overrides_of(VisionConfig, "VisionOverrides")
+TextOverrides = _overrides_of(TextConfig, "TextOverrides")
+
+
+@dataclass
+class ModelSchema:
+    """A named preset (``tiny``, ``base``, ``large``) plus field overrides of either tower."""
+
+    preset: str = "tiny"
+    vision: Any = field(default_factory=VisionOverrides)
+    text: Any = field(default_factory=TextOverrides)
+    attention: str = "auto"
+    # None: build a WordPiece vocab from the training captions (saved as <run_dir>/vocab.txt);
+    # a path: load that vocab.txt (e.g. the released ERNIE 3.0 vocab).
+    vocab_file: Optional[str] = None
+    vocab_size: int = 8000  # target size of a vocab built from captions
+    text_max_length: int = 48
+
+
+@dataclass
+class DemoSchema:
+    """The embedded procedural dataset (generated on first use, cached in ``cache_dir``)."""
+
+    n_train: int = 20000
+    n_val: int = 500
+    image_size: int = 64
+    seed: int = 0
+    samples_per_shard: int = 2000
+    cache_dir: str = "~/.cache/ernievil2/demo"
+
+
+@dataclass
+class DataSchema:
+    """Training stream and loader settings. ``source=demo`` uses the embedded demo data."""
+
+    source: str = "demo"  # "demo" or "shards"
+    train_shards: Optional[str] = None  # dir, brace pattern, glob (source=shards)
+    batch_size: int = 128
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    demo: DemoSchema = field(default_factory=DemoSchema)
+    # image_size of the views always follows the model's vision.image_size.
+    views: ViewConfig = field(default_factory=ViewConfig)
+
+
+@dataclass
+class OptimSchema:
+    """AdamW (no decay on norms, biases, embeddings, temperature), cosine schedule with warm-up."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+
+
+@dataclass
+class EvalSetSchema:
+    """One retrieval evaluation set: ``demo_val`` or a directory/pattern of packed shards."""
+
+    name: str = MISSING
+    shards: Optional[str] = None  # None for demo_val
+    protocol: str = "multi"  # SPEC §7: "multi" (multi-caption) or "official" (1:1)
+
+
+@dataclass
+class EvalSchema:
+    every_n_steps: int = 0  # 0: only at the end
+    at_end: bool = True
+    batch_size: int = 256
+    datasets: list[EvalSetSchema] = field(default_factory=list)
+
+
+@dataclass
+class LoggerSchema:
+    """``console`` (always) plus an optional backend: ``none`` or ``wandb``."""
+
+    backend: str = "none"
+    log_every: int = 20
+    project: str = "ernievil2"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: Optional[str] = None  # online / offline / disabled; None: offline without an API key
+
+
+@dataclass
+class TrainerSchema:
+    max_steps: int = 600
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, gpu
+    num_threads: Optional[int] = None  # CPU math threads; None: all cores (paddle would use 1)
+    max_minutes: Optional[float] = None  # stop early (and evaluate) when the wall budget is spent
+    save_checkpoint: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelSchema = field(default_factory=ModelSchema)
+    data: DataSchema = field(default_factory=DataSchema)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    eval: EvalSchema = field(default_factory=EvalSchema)
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+    trainer: TrainerSchema = field(default_factory=TrainerSchema)
+    experiment: str = "demo"
+
+
+def register_schemas() -> None:
+    """Register :class:`Config` as ``schema`` (used by ``conf/config.yaml``'s defaults)."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def resolve_model(cfg: ModelSchema | DictConfig, vocab_size: Optional[int] = None) -> DualEncoderConfig:
+    """The preset named in ``cfg`` with its non-null overrides; ``vocab_size`` from a built vocab."""
+    vision = OmegaConf.to_container(cfg.vision) if isinstance(cfg.vision, DictConfig) else vars(cfg.vision)
+    text = dict(OmegaConf.to_container(cfg.text) if isinstance(cfg.text, DictConfig) else vars(cfg.text))
+    if vocab_size is not None and text.get("vocab_size") is None:
+        text["vocab_size"] = vocab_size
+    return model_config(cfg.preset, vision=vision, text=text, attention=cfg.attention)
