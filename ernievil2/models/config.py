@@ -81,10 +81,10 @@ PRESETS: dict[str, DualEncoderConfig] = {
         vision=VisionConfig(image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096),
         text=TextConfig(width=1024, layers=24, heads=16, ffn_dim=4096),
     ),
-    # CPU demo and tests.
+    # CPU demo and tests: 64 px, 16 px patches (17 tokens), 64 wide; fits minutes on 2 cores.
     "tiny": DualEncoderConfig(
-        vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, mlp_dim=512),
-        text=TextConfig(vocab_size=8000, width=128, layers=3, heads=4, ffn_dim=512, max_positions=64,
+        vision=VisionConfig(image_size=64, patch_size=16, width=64, layers=4, heads=4, mlp_dim=256),
+        text=TextConfig(vocab_size=8000, width=64, layers=2, heads=4, ffn_dim=256, max_positions=64,
                         dropout=0.0, attention_dropout=0.0),
     ),
 }

@@ -119,7 +119,6 @@ class TrainerSchema:
     max_steps: int = 600
     seed: int = 0
     device: str = "auto"  # auto, cpu, gpu
-    num_threads: Optional[int] = None  # CPU math threads; None: all cores (paddle would use 1)
     max_minutes: Optional[float] = None  # stop early (and evaluate) when the wall budget is spent
     save_checkpoint: bool = True
 
@@ -133,7 +132,7 @@ class Config:
     eval: EvalSchema = field(default_factory=EvalSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
-    experiment: str = "demo"
+    name: str = "demo"  # run name (output folder, wandb run name default)
 
 
 def register_schemas() -> None:

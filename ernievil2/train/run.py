@@ -1,0 +1,131 @@
+"""Wire a resolved config into a training run: data, tokenizer, model, loss, optimizer, evaluators."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import paddle
+from omegaconf import DictConfig, OmegaConf
+
+from ernievil2.data.demo import DemoDataSpec, ensure_demo_data
+from ernievil2.data.shards import ShardStream, collate_arrays, list_shards
+from ernievil2.data.views import MultiViewTransform, ViewConfig
+from ernievil2.evaluation import RetrievalEvaluator, load_retrieval_set
+from ernievil2.losses import LossConfig, MultiViewLoss
+from ernievil2.models import build_model
+from ernievil2.tokenizer import WordPieceTokenizer
+from ernievil2.train.config import Config, resolve_model
+from ernievil2.train.loggers import RunLogger
+from ernievil2.train.optim import build_optimizer
+from ernievil2.train.trainer import Trainer
+
+log = logging.getLogger("ernievil2")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
+
+
+def _to_object(cfg: DictConfig | Config) -> Config:
+    return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+
+
+def _training_captions(shards: list[str], limit: int = 200_000) -> Iterable[str]:
+    n = 0
+    for sample in ShardStream(shards, shuffle_shards=False):
+        for c in sample.captions:
+            yield c
+        n += 1
+        if n >= limit:
+            return
+
+
+def prepare_tokenizer(cfg: Config, train_shards: list[str], run_dir: Path) -> WordPieceTokenizer:
+    """Load ``model.vocab_file``, or build a vocab from the training captions into the run dir."""
+    m = cfg.model
+    if m.vocab_file:
+        return WordPieceTokenizer(os.path.expanduser(m.vocab_file), max_length=m.text_max_length)
+    vocab = WordPieceTokenizer.build_vocab(_training_captions(train_shards), run_dir / "vocab.txt", m.vocab_size)
+    return WordPieceTokenizer(vocab, max_length=m.text_max_length)
+
+
+def resolve_data(cfg: Config) -> tuple[list[str], dict[str, list[str]]]:
+    """Training shards and named evaluation shard lists (generating the demo data when used)."""
+    d = cfg.data
+    demo_val: Optional[list[str]] = None
+    if d.source == "demo" or any(s.shards is None for s in cfg.eval.datasets):
+        spec = DemoDataSpec(**{f.name: getattr(d.demo, f.name) for f in dataclasses.fields(DemoDataSpec)
+                               if hasattr(d.demo, f.name)})
+        demo = ensure_demo_data(os.path.expanduser(d.demo.cache_dir), spec)
+        demo_val = demo.val_shards
+        train = demo.train_shards if d.source == "demo" else None
+    if d.source == "shards":
+        if not d.train_shards:
+            raise ValueError("data.source=shards needs data.train_shards (a dir, brace pattern or glob)")
+        train = list_shards(d.train_shards)
+    elif d.source != "demo":
+        raise ValueError(f"data.source must be 'demo' or 'shards', got {d.source!r}")
+    evals = {s.name: (demo_val if s.shards is None else list_shards(s.shards)) for s in cfg.eval.datasets}
+    return train, evals
+
+
+def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
+    """Train as configured; returns the final evaluation records (also in ``metrics.jsonl``)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dataclasses.asdict(cfg)
+    cfg = _to_object(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False), encoding="utf-8")
+    set_seed(cfg.trainer.seed)
+    if cfg.trainer.device != "auto":
+        paddle.set_device(cfg.trainer.device)
+
+    train_shards, eval_shards = resolve_data(cfg)
+    tokenizer = prepare_tokenizer(cfg, train_shards, run_dir)
+    model_cfg = resolve_model(cfg.model, vocab_size=tokenizer.vocab_size)
+    if tokenizer.vocab_size > model_cfg.text.vocab_size:
+        raise ValueError(f"vocab has {tokenizer.vocab_size} tokens but model.text.vocab_size is {model_cfg.text.vocab_size}")
+    model = build_model(model_cfg)
+    n_params = sum(int(np.prod(p.shape)) for p in model.parameters())
+    log.info("model %s: %.2fM parameters, image %d px, attention %s", cfg.model.preset, n_params / 1e6,
+             model_cfg.vision.image_size, model_cfg.attention)
+
+    loss = MultiViewLoss(cfg.loss)
+    views_cfg = dataclasses.replace(cfg.data.views, image_size=model_cfg.vision.image_size)
+    transform = MultiViewTransform(views_cfg, tokenizer, cfg.model.text_max_length, cfg.trainer.seed,
+                                   views=loss.required_views)
+    stream = ShardStream(train_shards, transform=transform, shuffle_buffer=cfg.data.shuffle_buffer,
+                         seed=cfg.trainer.seed)
+
+    def batches(epoch: int):
+        stream.set_epoch(epoch)
+        return paddle.io.DataLoader(stream, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                                    collate_fn=collate_arrays, drop_last=True)
+
+    evaluators = [
+        RetrievalEvaluator(s.name, load_retrieval_set(eval_shards[s.name], model_cfg.vision.image_size, tokenizer,
+                                                      cfg.model.text_max_length), s.protocol, cfg.eval.batch_size)
+        for s in cfg.eval.datasets
+    ]
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.trainer.max_steps)
+    logger = RunLogger(run_dir, cfg.logger, resolved)
+    vocab_path = Path(tokenizer.vocab_file)
+    trainer = Trainer(
+        model, loss, optimizer, scheduler, batches, evaluators, logger, run_dir,
+        max_steps=cfg.trainer.max_steps, log_every=cfg.logger.log_every, eval_every=cfg.eval.every_n_steps,
+        eval_at_end=cfg.eval.at_end, max_minutes=cfg.trainer.max_minutes,
+        save_checkpoint=cfg.trainer.save_checkpoint,
+        checkpoint_files={"vocab.txt": vocab_path, "train_config.json": resolved},
+    )
+    try:
+        return trainer.fit()
+    finally:
+        logger.close()
