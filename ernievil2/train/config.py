@@ -6,11 +6,11 @@ Hydra's ConfigStore as ``schema`` and form the first entry of ``conf/config.yaml
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from ernievil2.data.views import ViewConfig
 from ernievil2.losses import LossConfig
@@ -140,10 +140,42 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-def resolve_model(cfg: ModelSchema | DictConfig, vocab_size: Optional[int] = None) -> DualEncoderConfig:
-    """The preset named in ``cfg`` with its non-null overrides; ``vocab_size`` from a built vocab."""
+def validate(cfg: DictConfig) -> Config:
+    """Check ``cfg`` against :class:`Config` and return it typed. Catches what Hydra lets through,
+    e.g. a misspelled key appended with ``+optim.lrr=0.1``; the error names the key."""
+    _check_keys(cfg, "")
+    return OmegaConf.to_object(cfg)
+
+
+def _check_keys(node: Any, path: str) -> None:
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            _check_keys(item, f"{path}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in fields(schema)} if is_dataclass(schema) else None
+    for key in node.keys():
+        where = f"{path}.{key}" if path else str(key)
+        if known is not None and key not in known and where != "hydra":
+            raise KeyError(f"unknown config key '{where}' (valid keys here: {sorted(known)})")
+        if known is None or key in known:
+            _check_keys(node._get_node(key), where)
+
+
+def resolve_model(
+    cfg: ModelSchema | DictConfig, tokenizer_vocab: Optional[int] = None, built_vocab: bool = False
+) -> DualEncoderConfig:
+    """The preset named in ``cfg`` with its non-null overrides.
+
+    Unless ``model.text.vocab_size`` is set, a vocab built from captions sizes the word embedding
+    exactly; a loaded vocab file only enlarges it when it holds more ids than the preset (the
+    released vocab's 39,980 ids fit the released 40,000-row embedding).
+    """
     vision = OmegaConf.to_container(cfg.vision) if isinstance(cfg.vision, DictConfig) else vars(cfg.vision)
     text = dict(OmegaConf.to_container(cfg.text) if isinstance(cfg.text, DictConfig) else vars(cfg.text))
-    if vocab_size is not None and text.get("vocab_size") is None:
-        text["vocab_size"] = vocab_size
+    if tokenizer_vocab is not None and text.get("vocab_size") is None:
+        preset_vocab = model_config(cfg.preset).text.vocab_size
+        text["vocab_size"] = tokenizer_vocab if built_vocab else max(tokenizer_vocab, preset_vocab)
     return model_config(cfg.preset, vision=vision, text=text, attention=cfg.attention)

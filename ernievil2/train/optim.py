@@ -7,12 +7,14 @@ import paddle
 
 from ernievil2.train.config import OptimSchema
 
+EMBEDDINGS = {"word_emb", "pos_emb", "class_embedding", "positional_embedding"}
+
 
 def decays(name: str, param: paddle.Tensor) -> bool:
     """Weight decay applies to matrices only: not to norms, biases, embeddings or the temperature."""
     if param.ndim < 2:
         return False  # biases, LayerNorm scales/shifts, temperature, class embedding
-    return not any(s in name for s in ("emb", "positional_embedding"))
+    return not set(name.split(".")) & EMBEDDINGS
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:

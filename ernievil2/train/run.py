@@ -20,7 +20,7 @@ from ernievil2.evaluation import RetrievalEvaluator, load_retrieval_set
 from ernievil2.losses import LossConfig, MultiViewLoss
 from ernievil2.models import build_model
 from ernievil2.tokenizer import WordPieceTokenizer
-from ernievil2.train.config import Config, resolve_model
+from ernievil2.train.config import Config, resolve_model, validate
 from ernievil2.train.loggers import RunLogger
 from ernievil2.train.optim import build_optimizer
 from ernievil2.train.trainer import Trainer
@@ -32,10 +32,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     paddle.seed(seed)
-
-
-def _to_object(cfg: DictConfig | Config) -> Config:
-    return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
 
 
 def _training_captions(shards: list[str], limit: int = 200_000) -> Iterable[str]:
@@ -80,7 +76,7 @@ def resolve_data(cfg: Config) -> tuple[list[str], dict[str, list[str]]]:
 def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     """Train as configured; returns the final evaluation records (also in ``metrics.jsonl``)."""
     resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dataclasses.asdict(cfg)
-    cfg = _to_object(cfg)
+    cfg = validate(cfg) if isinstance(cfg, DictConfig) else cfg
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -90,7 +86,7 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
 
     train_shards, eval_shards = resolve_data(cfg)
     tokenizer = prepare_tokenizer(cfg, train_shards, run_dir)
-    model_cfg = resolve_model(cfg.model, vocab_size=tokenizer.vocab_size)
+    model_cfg = resolve_model(cfg.model, tokenizer.vocab_size, built_vocab=not cfg.model.vocab_file)
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
         raise ValueError(f"vocab has {tokenizer.vocab_size} tokens but model.text.vocab_size is {model_cfg.text.vocab_size}")
     model = build_model(model_cfg)

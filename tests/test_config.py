@@ -1,0 +1,139 @@
+"""Hydra config groups over the typed schemas: defaults, group choices, and fail-fast on typos."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ernievil2.losses import LossConfig
+from ernievil2.train.config import (
+    Config,
+    EvalSetSchema,
+    ModelSchema,
+    OptimSchema,
+    register_schemas,
+    resolve_model,
+    validate,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+
+register_schemas()
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def _error_text(exc: BaseException) -> str:
+    """The message of an exception and of everything it was raised from."""
+    parts = []
+    while exc is not None:
+        parts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def test_default_compose_is_the_demo():
+    cfg = _compose()
+    assert cfg.name == "demo"
+    assert cfg.model.preset == "tiny"
+    assert cfg.data.source == "demo"
+    for term in ("image_caption", "image_objects", "image_image", "text_text"):
+        assert cfg.loss[term] == 1.0
+    assert len(cfg.eval.datasets) == 1
+    assert cfg.eval.datasets[0].name == "demo_val"
+    assert cfg.eval.datasets[0].protocol == "multi"
+    # Whatever experiment/demo.yaml sets wins over the group defaults (its tuned values may change).
+    experiment = OmegaConf.load(CONF_DIR / "experiment" / "demo.yaml")
+    for key in ("optim.lr", "optim.warmup_steps", "trainer.max_steps", "data.batch_size", "model.text_max_length",
+                "eval.every_n_steps"):
+        value = OmegaConf.select(experiment, key)
+        if value is not None:
+            assert OmegaConf.select(cfg, key) == value, key
+
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config)
+    assert isinstance(obj.model, ModelSchema) and isinstance(obj.optim, OptimSchema)
+    assert isinstance(obj.loss, LossConfig)
+    assert isinstance(obj.eval.datasets[0], EvalSetSchema)
+    assert obj.eval.datasets[0].shards is None
+    # The tiny preset, with a vocab size to be filled from the built vocab.
+    model = resolve_model(obj.model, 500, built_vocab=True)
+    assert model.vision.width == 64 and model.text.vocab_size == 500
+
+
+def test_clip_only_loss_group():
+    cfg = _compose("loss=clip_only")
+    assert cfg.loss.image_caption == 1.0
+    assert (cfg.loss.image_objects, cfg.loss.image_image, cfg.loss.text_text) == (0.0, 0.0, 0.0)
+
+
+def test_model_overrides_reach_the_model_config():
+    cfg = _compose("model=base", "model.vision.layers=2", "model.text.vocab_size=40000", "model.vocab_file=null")
+    m = resolve_model(OmegaConf.to_object(cfg).model, 123, built_vocab=True)
+    assert m.vision.layers == 2 and m.vision.width == 768 and m.text.layers == 12
+    assert m.text.vocab_size == 40000  # an explicit override wins over the built vocab's size
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.lrr=0.1", "lrr"),
+    ("model.vision.widht=3", "widht"),
+    ("trainer.max_stepz=3", "max_stepz"),
+    ("data.demo.n_trian=10", "n_trian"),
+    ("nme=x", "nme"),
+])
+def test_misspelled_key_fails_at_compose(override, key):
+    with pytest.raises(Exception) as err:
+        _compose(override)
+    assert key in _error_text(err.value)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.max_steps=abc", "max_steps"),
+    ("optim.lr=fast", "lr"),
+    ("eval.at_end=maybe", "at_end"),
+])
+def test_wrong_type_fails_at_compose(override, key):
+    with pytest.raises(Exception) as err:
+        _compose(override)
+    assert key in _error_text(err.value)
+
+
+def test_unknown_group_option_fails():
+    with pytest.raises(Exception) as err:
+        _compose("model=huge")
+    assert "huge" in _error_text(err.value)
+
+
+def test_appended_unknown_key_is_rejected():
+    # Hydra's '+key=value' opens the struct flag; validate() checks against the schema again.
+    cfg = _compose("+optim.lrr=0.1")
+    with pytest.raises(Exception, match="lrr"):
+        validate(cfg)
+
+
+@pytest.mark.timeout(180)
+def test_entry_point_fails_fast_naming_the_key(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "launch/train.py", "optim.lrr=0.1", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "train_log.jsonl").exists()
+
+
+def test_loaded_vocab_keeps_the_released_embedding_size():
+    # The released vocab.txt holds 39,980 ids; the released model's embedding has 40,000 rows.
+    base = ModelSchema(preset="base")
+    assert resolve_model(base, 39980, built_vocab=False).text.vocab_size == 40000
+    # A larger loaded vocab enlarges the tiny preset; a built vocab sizes it exactly.
+    assert resolve_model(ModelSchema(preset="tiny"), 39980, built_vocab=False).text.vocab_size == 39980
+    assert resolve_model(ModelSchema(preset="tiny"), 321, built_vocab=True).text.vocab_size == 321
