@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 __all__ = ["WordPieceTokenizer", "SPECIAL_TOKENS", "load_vocab"]
 
@@ -211,35 +212,35 @@ class WordPieceTokenizer:
         min_frequency: int = 1,
         lowercase: bool = True,
     ) -> Path:
-        """Train a WordPiece vocab from captions (``tokenizers``' ``WordPieceTrainer``).
+        """Build a WordPiece vocab from captions, deterministically (same texts → same file).
 
-        The special tokens come first, ``[PAD]``=0, ``[CLS]``=1, ``[SEP]``=2, ``[MASK]``=3,
-        ``[UNK]``=4; ``out_file`` (``vocab.txt``, one token per line, id = line number) is written
-        atomically (temporary file in the same folder, then ``os.replace``). Returns its path.
+        The text is normalised and split exactly as at tokenization time (``tokenizers``'
+        BERT normaliser and pre-tokenizer). The vocab holds the special tokens first (``[PAD]``=0,
+        ``[CLS]``=1, ``[SEP]``=2, ``[MASK]``=3, ``[UNK]``=4), then every character seen (as a word
+        start and as a ``##`` continuation, so any seen word can be spelled), then whole words by
+        falling frequency (ties alphabetical) up to ``vocab_size``. (``tokenizers``' own
+        ``WordPieceTrainer`` breaks ties between merges in hash order, which changes the vocab,
+        and so a run's results, from one process to the next.) ``out_file`` (``vocab.txt``, one
+        token per line, id = line number) is written atomically. Returns its path.
         """
         out_path = Path(out_file)
-        tok = Tokenizer(
-            models.WordPiece(
-                unk_token="[UNK]",
-                max_input_chars_per_word=_MAX_CHARS_PER_WORD,
-                continuing_subword_prefix=_CONTINUING_PREFIX,
-            )
-        )
-        tok.normalizer = _normalizer(lowercase)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=int(vocab_size),
-            min_frequency=int(min_frequency),
-            special_tokens=list(SPECIAL_TOKENS),
-            continuing_subword_prefix=_CONTINUING_PREFIX,
-            show_progress=False,
-        )
-        tok.train_from_iterator(texts, trainer=trainer)
-        vocab = tok.get_vocab()
-        ordered = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        normalizer = _normalizer(lowercase)
+        pre = pre_tokenizers.BertPreTokenizer()
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(word for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+        counts = Counter({w: c for w, c in counts.items() if len(w) <= _MAX_CHARS_PER_WORD})
+        initials = sorted({w[0] for w in counts})
+        continuing = sorted({_CONTINUING_PREFIX + ch for w in counts for ch in w[1:]})
         specials = list(SPECIAL_TOKENS)
-        if ordered[: len(specials)] != specials:  # defensive: force the documented order
-            ordered = specials + [t for t in ordered if t not in SPECIAL_TOKENS]
+        budget = int(vocab_size) - len(specials) - len(initials) - len(continuing)
+        if budget < 0:
+            raise ValueError(
+                f"vocab_size {vocab_size} is too small: the captions need {len(specials) + len(initials) + len(continuing)} "
+                "special and character tokens"
+            )
+        words = sorted((w for w, c in counts.items() if len(w) > 1 and c >= min_frequency), key=lambda w: (-counts[w], w))
+        ordered = specials + [t for t in initials if t not in specials] + continuing + words[:budget]
         bad = [t for t in ordered if "\n" in t or "\r" in t or t == ""]
         if bad:
             raise ValueError(f"trained vocab holds tokens that cannot be written one per line: {bad!r}")

@@ -275,3 +275,28 @@ def test_missing_special_token(tmp_path):
     with pytest.raises(ValueError) as err:
         WordPieceTokenizer(vocab)
     assert "[MASK]" in str(err.value) and str(vocab) in str(err.value)
+
+
+def test_build_vocab_is_identical_across_processes(tmp_path):
+    """A built vocab must not depend on hash seeds: runs with the same data must be reproducible."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from ernievil2.tokenizer import WordPieceTokenizer\n"
+        "texts = ['a large red circle to the left of a small blue square', '一个大的红色圆形',\n"
+        "         'the picture contains red circle, blue square', 'circles and squares', 'squared circle']\n"
+        "WordPieceTokenizer.build_vocab(texts * 3, sys.argv[1], vocab_size=60)\n"
+    )
+    outs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"vocab{seed}.txt"
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": seed})
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    tok = WordPieceTokenizer(tmp_path / "vocab1.txt")
+    assert tok.vocab_size == 60
+    # Every seen word can be spelled: no [UNK] for any training text.
+    assert tok.unk_id not in tok.encode("squared circles 红色")

@@ -12,6 +12,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from ernievil2.data.demo import DemoDataSpec
 from ernievil2.data.views import ViewConfig
 from ernievil2.losses import LossConfig
 from ernievil2.models.config import DualEncoderConfig, TextConfig, VisionConfig, model_config
@@ -44,14 +45,9 @@ class ModelSchema:
 
 
 @dataclass
-class DemoSchema:
+class DemoSchema(DemoDataSpec):
     """The embedded procedural dataset (generated on first use, cached in ``cache_dir``)."""
 
-    n_train: int = 20000
-    n_val: int = 500
-    image_size: int = 64
-    seed: int = 0
-    samples_per_shard: int = 2000
     cache_dir: str = "~/.cache/ernievil2/demo"
 
 

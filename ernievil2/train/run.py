@@ -58,8 +58,7 @@ def resolve_data(cfg: Config) -> tuple[list[str], dict[str, list[str]]]:
     d = cfg.data
     demo_val: Optional[list[str]] = None
     if d.source == "demo" or any(s.shards is None for s in cfg.eval.datasets):
-        spec = DemoDataSpec(**{f.name: getattr(d.demo, f.name) for f in dataclasses.fields(DemoDataSpec)
-                               if hasattr(d.demo, f.name)})
+        spec = DemoDataSpec(**{f.name: getattr(d.demo, f.name) for f in dataclasses.fields(DemoDataSpec)})
         demo = ensure_demo_data(os.path.expanduser(d.demo.cache_dir), spec)
         demo_val = demo.val_shards
         train = demo.train_shards if d.source == "demo" else None
