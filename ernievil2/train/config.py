@@ -31,7 +31,13 @@ TextOverrides = _overrides_of(TextConfig, "TextOverrides")
 
 @dataclass
 class ModelSchema:
-    """A named preset (``tiny``, ``base``, ``large``) plus field overrides of either tower."""
+    """A named preset (``tiny``, ``base``, ``large``) plus field overrides of either tower.
+
+    ``init_from``: start from pretrained weights instead of a random init: one of our checkpoint
+    folders (or a run folder: its latest checkpoint), a PaddleNLP ``save_pretrained`` folder or an
+    official ERNIE-ViL 2.0 ``.pdparams`` (layout detected; see :mod:`ernievil2.pretrained`). The
+    preset and overrides must describe the same architecture: loading is strict.
+    """
 
     preset: str = "tiny"
     vision: Any = field(default_factory=VisionOverrides)
@@ -42,6 +48,7 @@ class ModelSchema:
     vocab_file: Optional[str] = None
     vocab_size: int = 8000  # target size of a vocab built from captions
     text_max_length: int = 48
+    init_from: Optional[str] = None  # pretrained weights to start from (any supported layout)
 
 
 @dataclass

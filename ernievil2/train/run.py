@@ -19,6 +19,7 @@ from ernievil2.data.views import MultiViewTransform, ViewConfig
 from ernievil2.evaluation import RetrievalEvaluator, load_retrieval_set
 from ernievil2.losses import LossConfig, MultiViewLoss
 from ernievil2.models import build_model
+from ernievil2.pretrained import load_pretrained
 from ernievil2.tokenizer import WordPieceTokenizer
 from ernievil2.train.config import Config, resolve_model, validate
 from ernievil2.train.loggers import RunLogger
@@ -89,6 +90,8 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
         raise ValueError(f"vocab has {tokenizer.vocab_size} tokens but model.text.vocab_size is {model_cfg.text.vocab_size}")
     model = build_model(model_cfg)
+    if cfg.model.init_from:
+        load_pretrained(model, cfg.model.init_from)
     n_params = sum(int(np.prod(p.shape)) for p in model.parameters())
     log.info("model %s: %.2fM parameters, image %d px, attention %s", cfg.model.preset, n_params / 1e6,
              model_cfg.vision.image_size, model_cfg.attention)

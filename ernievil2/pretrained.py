@@ -1,0 +1,709 @@
+"""Released ERNIE-ViL 2.0 weights in, PaddleNLP weights out.
+
+Three checkpoint layouts are recognised (SPEC §3):
+
+``ernievil2``
+    This project's own checkpoints: a folder with ``model.safetensors`` + ``model_config.json``
+    (as written by :func:`ernievil2.checkpoint.save_checkpoint`), a training run folder (its latest
+    ``checkpoints/step_*``), or a bare ``.safetensors`` file.
+``official``
+    The official ERNIE repository's release: one ``.pdparams`` pickle (or a folder holding exactly
+    one) with keys ``visual.*``, ``text_model.encoder_stack.*``, ``contrastive_loss_mm.*``. It
+    carries no configuration; the architecture is read off the tensor shapes.
+``paddlenlp``
+    A PaddleNLP ``ErnieViLModel.save_pretrained`` folder: ``config.json`` + ``model_state.pdparams``
+    (or ``model.safetensors``), keys ``vision_model.*``, ``text_model.embeddings/encoder/pooler.*``.
+    PaddleNLP's vision attention has separate ``q_proj``/``k_proj``/``v_proj``; ours is one fused
+    ``qkv`` (q | k | v along the output axis of the Paddle ``[in, out]`` weight), so they are
+    concatenated on import and split on export.
+
+Every ``.pdparams`` is read with :func:`ernievil2.safe_pickle.load_pdparams` (a restricted
+unpickler), never with ``paddle.load``. Loading is strict by default: one error lists every
+missing key, every unexpected key and every shape mismatch, and names the file.
+
+How PaddleNLP 2.8.1 actually computes (checked against ``ErnieViLModel``; parity depends on it):
+
+* ``get_image_features`` = ``ln_post(tokens[:, 0])`` and ``get_text_features`` = the tanh pooler
+  output; neither is L2-normalised (``forward`` normalises).
+* Vision: pre-LN ``nn.TransformerEncoderLayer`` with QuickGELU (``hidden_act="quick_gelu"``);
+  its LayerNorm eps is set from ``vision_config.layer_norm_eps`` (1e-6) by the weight-init hook.
+* Text: ``ErnieModel`` post-LN with exact GELU, additive ``-1e4`` padding mask on ``pad_token_id``,
+  pooler ``tanh(dense(h[:, 0]))``. Its own init hook sets **every text LayerNorm eps to 1e-12**,
+  whatever ``text_config.layer_norm_eps`` says (the official code uses Paddle's default 1e-5). A
+  PaddleNLP import therefore uses text ``ln_eps=1e-12`` by default so its embeddings match
+  PaddleNLP's exactly; for trained weights the two eps give embeddings equal to ~1e-6.
+* The text word embedding has ``padding_idx=0`` (id 0 embeds to zeros); padded positions are
+  masked out of attention, so this never changes the pooled output.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+import paddle
+
+from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, config_from_dict, state_to_numpy
+from ernievil2.models import ErnieViL2, build_model
+from ernievil2.models.config import INIT_TEMPERATURE, DualEncoderConfig, TextConfig, VisionConfig
+from ernievil2.safe_pickle import load_pdparams
+
+log = logging.getLogger(__name__)
+
+LAYOUT_OURS = "ernievil2"
+LAYOUT_OFFICIAL = "official"
+LAYOUT_PADDLENLP = "paddlenlp"
+LAYOUTS = (LAYOUT_OURS, LAYOUT_OFFICIAL, LAYOUT_PADDLENLP)
+
+PADDLENLP_CONFIG = "config.json"
+PADDLENLP_WEIGHTS = "model_state.pdparams"
+PADDLENLP_SAFE_WEIGHTS = "model.safetensors"
+# The text LayerNorm eps PaddleNLP's ErnieModel really runs with (its init hook overrides the config).
+PADDLENLP_TEXT_LN_EPS = 1e-12
+# Key under which an export records our exact DualEncoderConfig inside PaddleNLP's config.json.
+EMBEDDED_CONFIG_KEY = "ernievil2_model_config"
+# Tensors in the official release that no part of the dual encoder uses (a classification head).
+OFFICIAL_UNUSED_PREFIXES = ("visual.classfy.",)
+# Attention heads cannot be read off weights; the released widths fix them.
+DEFAULT_HEADS = {768: 12, 1024: 16}
+
+
+class PretrainedLoadError(ValueError):
+    """A checkpoint does not fit the model: lists missing/unexpected keys and shape mismatches."""
+
+    def __init__(self, message: str, missing=(), unexpected=(), mismatched=()):
+        super().__init__(message)
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    """A recognised checkpoint: its layout, the weights file and (if any) its config file."""
+
+    path: Path
+    layout: str
+    weights: Path
+    config: Optional[Path] = None
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did."""
+
+    source: Optional[PretrainedSource] = None
+    loaded: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Key tables: (our key template, their key template); {i} = layer index, {p} = weight|bias.
+
+_PADDLENLP_PAIRS = [
+    ("temperature", "temperature"),
+    ("vision.class_embedding", "vision_model.class_embedding"),
+    ("vision.patch_embed.weight", "vision_model.conv1.weight"),
+    ("vision.positional_embedding", "vision_model.positional_embedding.weight"),
+    ("vision.ln_pre.{p}", "vision_model.ln_pre.{p}"),
+    ("vision.ln_post.{p}", "vision_model.ln_post.{p}"),
+    ("vision.blocks.{i}.norm1.{p}", "vision_model.transformer.layers.{i}.norm1.{p}"),
+    ("vision.blocks.{i}.norm2.{p}", "vision_model.transformer.layers.{i}.norm2.{p}"),
+    ("vision.blocks.{i}.attn.proj.{p}", "vision_model.transformer.layers.{i}.self_attn.out_proj.{p}"),
+    ("vision.blocks.{i}.fc1.{p}", "vision_model.transformer.layers.{i}.linear1.{p}"),
+    ("vision.blocks.{i}.fc2.{p}", "vision_model.transformer.layers.{i}.linear2.{p}"),
+    # vision.blocks.{i}.attn.qkv <-> self_attn.{q,k,v}_proj: fused / split separately.
+    ("text.word_emb.weight", "text_model.embeddings.word_embeddings.weight"),
+    ("text.pos_emb.weight", "text_model.embeddings.position_embeddings.weight"),
+    ("text.ln.{p}", "text_model.embeddings.layer_norm.{p}"),
+    ("text.blocks.{i}.attn.q.{p}", "text_model.encoder.layers.{i}.self_attn.q_proj.{p}"),
+    ("text.blocks.{i}.attn.k.{p}", "text_model.encoder.layers.{i}.self_attn.k_proj.{p}"),
+    ("text.blocks.{i}.attn.v.{p}", "text_model.encoder.layers.{i}.self_attn.v_proj.{p}"),
+    ("text.blocks.{i}.attn.o.{p}", "text_model.encoder.layers.{i}.self_attn.out_proj.{p}"),
+    ("text.blocks.{i}.ln1.{p}", "text_model.encoder.layers.{i}.norm1.{p}"),
+    ("text.blocks.{i}.ffn_i.{p}", "text_model.encoder.layers.{i}.linear1.{p}"),
+    ("text.blocks.{i}.ffn_o.{p}", "text_model.encoder.layers.{i}.linear2.{p}"),
+    ("text.blocks.{i}.ln2.{p}", "text_model.encoder.layers.{i}.norm2.{p}"),
+    ("text.pooler.{p}", "text_model.pooler.dense.{p}"),
+]
+
+_OFFICIAL_PAIRS = [
+    ("temperature", "contrastive_loss_mm.temperature_b"),
+    ("vision.class_embedding", "visual.class_embedding"),  # official (1, 1, w)
+    ("vision.patch_embed.weight", "visual.patch_embed.proj.weight"),
+    ("vision.positional_embedding", "visual.positional_embedding"),  # official (1, n + 1, w)
+    ("vision.ln_pre.{p}", "visual.norm_pre.{p}"),
+    ("vision.ln_post.{p}", "visual.norm_post.{p}"),
+    ("vision.blocks.{i}.norm1.{p}", "visual.blocks.{i}.norm1.{p}"),
+    ("vision.blocks.{i}.attn.qkv.{p}", "visual.blocks.{i}.attn.qkv.{p}"),  # fused q|k|v, as ours
+    ("vision.blocks.{i}.attn.proj.{p}", "visual.blocks.{i}.attn.proj.{p}"),
+    ("vision.blocks.{i}.norm2.{p}", "visual.blocks.{i}.norm2.{p}"),
+    ("vision.blocks.{i}.fc1.{p}", "visual.blocks.{i}.mlp.fc1.{p}"),
+    ("vision.blocks.{i}.fc2.{p}", "visual.blocks.{i}.mlp.fc2.{p}"),
+    ("text.word_emb.weight", "text_model.word_emb.weight"),
+    ("text.pos_emb.weight", "text_model.pos_emb.weight"),
+    ("text.ln.{p}", "text_model.ln.{p}"),
+    ("text.blocks.{i}.attn.q.{p}", "text_model.encoder_stack.block.{i}.attn.q.{p}"),
+    ("text.blocks.{i}.attn.k.{p}", "text_model.encoder_stack.block.{i}.attn.k.{p}"),
+    ("text.blocks.{i}.attn.v.{p}", "text_model.encoder_stack.block.{i}.attn.v.{p}"),
+    ("text.blocks.{i}.attn.o.{p}", "text_model.encoder_stack.block.{i}.attn.o.{p}"),
+    ("text.blocks.{i}.ln1.{p}", "text_model.encoder_stack.block.{i}.ln1.{p}"),
+    ("text.blocks.{i}.ffn_i.{p}", "text_model.encoder_stack.block.{i}.ffn.i.{p}"),
+    ("text.blocks.{i}.ffn_o.{p}", "text_model.encoder_stack.block.{i}.ffn.o.{p}"),
+    ("text.blocks.{i}.ln2.{p}", "text_model.encoder_stack.block.{i}.ln2.{p}"),
+    ("text.pooler.{p}", "text_model.pooler.{p}"),
+]
+
+
+def _template_regex(template: str) -> re.Pattern:
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(pattern)
+
+
+class _KeyMap:
+    """Rename keys between two layouts given (ours, theirs) templates."""
+
+    def __init__(self, pairs: list[tuple[str, str]]):
+        self._to_ours = [(_template_regex(theirs), ours) for ours, theirs in pairs]
+        self._to_theirs = [(_template_regex(ours), theirs) for ours, theirs in pairs]
+
+    @staticmethod
+    def _rename(key: str, table) -> Optional[str]:
+        for regex, target in table:
+            m = regex.fullmatch(key)
+            if m:
+                return target.format(**m.groupdict())
+        return None
+
+    def to_ours(self, key: str) -> Optional[str]:
+        return self._rename(key, self._to_ours)
+
+    def to_theirs(self, key: str) -> Optional[str]:
+        return self._rename(key, self._to_theirs)
+
+
+_PADDLENLP_KEYS = _KeyMap(_PADDLENLP_PAIRS)
+_OFFICIAL_KEYS = _KeyMap(_OFFICIAL_PAIRS)
+_PNLP_QKV = re.compile(r"vision_model\.transformer\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)")
+
+
+def _squeeze_leading(v: np.ndarray, ndim: int) -> np.ndarray:
+    """Drop leading size-1 axes down to ``ndim`` axes (the official (1, 1, w) / (1, n, w) params)."""
+    while v.ndim > ndim and v.shape[0] == 1:
+        v = v.reshape(v.shape[1:])
+    return v
+
+
+def official_to_ours(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Official ERNIE-repo keys → ours. Unknown keys are kept under their own name (they then show
+    up as unexpected when loading)."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        new = _OFFICIAL_KEYS.to_ours(key)
+        value = np.asarray(value)
+        if new == "vision.class_embedding":
+            value = _squeeze_leading(value, 1)
+        elif new == "vision.positional_embedding":
+            value = _squeeze_leading(value, 2)
+        elif new == "temperature":
+            value = value.reshape(-1) if value.size == 1 else value
+        out[new or key] = value
+    return out
+
+
+def paddlenlp_to_ours(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """PaddleNLP ``ErnieViLModel`` keys → ours; vision ``q/k/v_proj`` are fused into ``qkv``
+    (concatenated along the output axis: axis 1 of the ``[in, out]`` weight, axis 0 of the bias).
+    Unknown keys, and q/k/v parts whose siblings are missing, are kept under their own name."""
+    out: dict[str, np.ndarray] = {}
+    parts: dict[tuple[str, str], dict[str, tuple[str, np.ndarray]]] = {}
+    for key, value in state.items():
+        value = np.asarray(value)
+        m = _PNLP_QKV.fullmatch(key)
+        if m:
+            layer, which, kind = m.groups()
+            parts.setdefault((layer, kind), {})[which] = (key, value)
+            continue
+        new = _PADDLENLP_KEYS.to_ours(key)
+        if new == "temperature":
+            value = value.reshape(-1) if value.size == 1 else value
+        out[new or key] = value
+    for (layer, kind), got in parts.items():
+        shapes = {which: v.shape for which, (_, v) in got.items()}
+        if set(got) == {"q", "k", "v"} and len(set(shapes.values())) == 1:
+            out[f"vision.blocks.{layer}.attn.qkv.{kind}"] = np.concatenate(
+                [got[w][1] for w in ("q", "k", "v")], axis=-1
+            )
+        else:  # cannot fuse: leave the pieces to be reported
+            for key, value in got.values():
+                out[key] = value
+    return out
+
+
+def ours_to_paddlenlp(state: Mapping[str, np.ndarray], cfg: DualEncoderConfig) -> dict[str, np.ndarray]:
+    """Our keys → PaddleNLP ``ErnieViLModel`` keys; the fused vision ``qkv`` is split in three."""
+    out: dict[str, np.ndarray] = {}
+    qkv = re.compile(r"vision\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)")
+    width = cfg.vision.width
+    for key, value in state.items():
+        value = np.asarray(value)
+        m = qkv.fullmatch(key)
+        if m:
+            layer, kind = m.groups()
+            if value.shape[-1] != 3 * width:
+                raise ValueError(f"{key}: shape {list(value.shape)} does not end in 3 * vision.width = {3 * width}")
+            for which, piece in zip(("q", "k", "v"), np.split(value, 3, axis=-1)):
+                out[f"vision_model.transformer.layers.{layer}.self_attn.{which}_proj.{kind}"] = np.ascontiguousarray(piece)
+            continue
+        new = _PADDLENLP_KEYS.to_theirs(key)
+        if new is None:
+            raise KeyError(f"no PaddleNLP ErnieViLModel name for parameter {key!r}")
+        out[new] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations.
+
+_PNLP_TEXT_DEFAULTS = dict(
+    vocab_size=40000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=2048,
+    type_vocab_size=0, use_task_id=False, initializer_range=0.02, pad_token_id=0, layer_norm_eps=1e-5,
+)
+_PNLP_VISION_DEFAULTS = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
+    image_size=224, patch_size=16, hidden_act="quick_gelu", layer_norm_eps=1e-6,
+)
+
+
+def dual_encoder_config_from_paddlenlp(d: Mapping[str, Any], match_paddlenlp_runtime: bool = True) -> DualEncoderConfig:
+    """Our :class:`DualEncoderConfig` from a PaddleNLP ``ErnieViLConfig`` ``config.json`` dict.
+
+    ``match_paddlenlp_runtime``: use the text LayerNorm eps PaddleNLP actually computes with
+    (1e-12, set by ``ErnieModel``'s init hook) instead of ``text_config.layer_norm_eps``, so the
+    imported model gives PaddleNLP's embeddings exactly. A ``config.json`` written by
+    :func:`export_paddlenlp` carries our exact config and is returned as is.
+    """
+    if isinstance(d.get(EMBEDDED_CONFIG_KEY), Mapping):
+        return config_from_dict(d[EMBEDDED_CONFIG_KEY])
+    if d.get("model_type") not in (None, "ernie_vil"):
+        raise ValueError(f"not an ErnieViL config: model_type={d.get('model_type')!r} (expected 'ernie_vil')")
+    t = {**_PNLP_TEXT_DEFAULTS, **(d.get("text_config") or d.get("text_config_dict") or {})}
+    v = {**_PNLP_VISION_DEFAULTS, **(d.get("vision_config") or d.get("vision_config_dict") or {})}
+    problems = []
+    if t["hidden_act"] != "gelu":
+        problems.append(f"text_config.hidden_act={t['hidden_act']!r} (only 'gelu')")
+    if t["type_vocab_size"]:
+        problems.append(f"text_config.type_vocab_size={t['type_vocab_size']} (token-type embeddings are not used)")
+    if t["use_task_id"]:
+        problems.append("text_config.use_task_id=true (task embeddings are not used)")
+    if v["hidden_act"] != "quick_gelu":
+        problems.append(f"vision_config.hidden_act={v['hidden_act']!r} (only 'quick_gelu')")
+    if v["num_channels"] != 3:
+        problems.append(f"vision_config.num_channels={v['num_channels']} (only 3)")
+    if problems:
+        raise ValueError("unsupported PaddleNLP ErnieViL configuration: " + "; ".join(problems))
+    text_eps = PADDLENLP_TEXT_LN_EPS if match_paddlenlp_runtime else float(t["layer_norm_eps"])
+    return DualEncoderConfig(
+        vision=VisionConfig(
+            image_size=int(v["image_size"]), patch_size=int(v["patch_size"]), width=int(v["hidden_size"]),
+            layers=int(v["num_hidden_layers"]), heads=int(v["num_attention_heads"]),
+            mlp_dim=int(v["intermediate_size"]), ln_eps=float(v["layer_norm_eps"]),
+        ),
+        text=TextConfig(
+            vocab_size=int(t["vocab_size"]), width=int(t["hidden_size"]), layers=int(t["num_hidden_layers"]),
+            heads=int(t["num_attention_heads"]), ffn_dim=int(t["intermediate_size"]),
+            max_positions=int(t["max_position_embeddings"]), ln_eps=text_eps,
+            dropout=float(t["hidden_dropout_prob"]), attention_dropout=float(t["attention_probs_dropout_prob"]),
+            pad_id=int(t["pad_token_id"]), initializer_range=float(t["initializer_range"]),
+        ),
+        init_temperature=float(d.get("logit_scale_init_value", INIT_TEMPERATURE)),
+    )
+
+
+def dual_encoder_config_to_paddlenlp(cfg: DualEncoderConfig) -> dict[str, Any]:
+    """A PaddleNLP ``ErnieViLConfig`` ``config.json`` dict for ``cfg`` (plus our exact config under
+    ``ernievil2_model_config``, which PaddleNLP keeps as an extra attribute)."""
+    v, t = cfg.vision, cfg.text
+    return {
+        "architectures": ["ErnieViLModel"],
+        "model_type": "ernie_vil",
+        "logit_scale_init_value": cfg.init_temperature,
+        "text_config": {
+            "model_type": "ernie_vil_text_model",
+            "vocab_size": t.vocab_size, "hidden_size": t.width, "num_hidden_layers": t.layers,
+            "num_attention_heads": t.heads, "intermediate_size": t.ffn_dim, "hidden_act": "gelu",
+            "hidden_dropout_prob": t.dropout, "attention_probs_dropout_prob": t.attention_dropout,
+            "max_position_embeddings": t.max_positions, "type_vocab_size": 0, "task_type_vocab_size": 3,
+            "use_task_id": False, "initializer_range": t.initializer_range, "pad_token_id": t.pad_id,
+            "layer_norm_eps": t.ln_eps,
+        },
+        "vision_config": {
+            "model_type": "ernie_vil_vision_model",
+            "hidden_size": v.width, "intermediate_size": v.mlp_dim, "num_hidden_layers": v.layers,
+            "num_attention_heads": v.heads, "num_channels": 3, "image_size": v.image_size,
+            "patch_size": v.patch_size, "hidden_act": "quick_gelu", "layer_norm_eps": v.ln_eps,
+            "dropout": 0.0, "attention_dropout": 0.0,
+        },
+        EMBEDDED_CONFIG_KEY: asdict(cfg),
+    }
+
+
+def _layer_count(state: Mapping[str, Any], prefix: str) -> int:
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    idx = {int(m.group(1)) for k in state for m in [pat.match(k)] if m}
+    return max(idx) + 1 if idx else 0
+
+
+def _default_heads(width: int, tower: str) -> int:
+    if width not in DEFAULT_HEADS:
+        raise ValueError(
+            f"cannot infer the number of {tower} attention heads from the weights (width {width}; known: "
+            f"{DEFAULT_HEADS}); pass config=DualEncoderConfig(...) describing the architecture"
+        )
+    return DEFAULT_HEADS[width]
+
+
+def infer_config(
+    state: Mapping[str, np.ndarray], vision_ln_eps: float = 1e-6, text_ln_eps: float = 1e-5
+) -> DualEncoderConfig:
+    """The architecture of an (our-named) state dict, read off its shapes. Heads follow the width
+    (768 → 12, 1024 → 16); other widths need an explicit config. Defaults for the LayerNorm eps
+    are the official release's (ViT 1e-6, ERNIE 1e-5)."""
+    need = ["vision.patch_embed.weight", "vision.positional_embedding", "vision.blocks.0.fc1.weight",
+            "text.word_emb.weight", "text.pos_emb.weight", "text.blocks.0.ffn_i.weight"]
+    absent = [k for k in need if k not in state]
+    if absent:
+        raise ValueError(f"cannot infer the architecture: missing {absent}")
+    patch = state["vision.patch_embed.weight"]  # [w, 3, p, p]
+    width, p = int(patch.shape[0]), int(patch.shape[-1])
+    n_pos = int(state["vision.positional_embedding"].shape[0])
+    grid = math.isqrt(max(n_pos - 1, 0))
+    if grid * grid != n_pos - 1:
+        raise ValueError(f"vision.positional_embedding has {n_pos} rows: not 1 + a square number of patches")
+    word = state["text.word_emb.weight"]
+    t_width = int(word.shape[1])
+    return DualEncoderConfig(
+        vision=VisionConfig(
+            image_size=grid * p, patch_size=p, width=width, layers=_layer_count(state, "vision.blocks."),
+            heads=_default_heads(width, "vision"), mlp_dim=int(state["vision.blocks.0.fc1.weight"].shape[1]),
+            ln_eps=vision_ln_eps,
+        ),
+        text=TextConfig(
+            vocab_size=int(word.shape[0]), width=t_width, layers=_layer_count(state, "text.blocks."),
+            heads=_default_heads(t_width, "text"), ffn_dim=int(state["text.blocks.0.ffn_i.weight"].shape[1]),
+            max_positions=int(state["text.pos_emb.weight"].shape[0]), ln_eps=text_ln_eps,
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and reading checkpoints.
+
+def _key_layout(keys) -> Optional[str]:
+    keys = list(keys)
+    if any(k.startswith(("visual.", "text_model.encoder_stack.", "contrastive_loss_mm.")) for k in keys):
+        return LAYOUT_OFFICIAL
+    if any(k.startswith(("vision_model.", "text_model.encoder.", "text_model.embeddings.")) for k in keys):
+        return LAYOUT_PADDLENLP
+    if any(k.startswith(("vision.", "text.")) for k in keys):
+        return LAYOUT_OURS
+    return None
+
+
+def _describe_keys(keys, n: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" … ({len(keys)} in all)" if len(keys) > n else ""
+    return f"{keys[:n]}{more}"
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return list(f.keys())
+
+
+def _latest_run_checkpoint(path: Path) -> Optional[Path]:
+    ckpts = sorted(
+        d for d in (path / "checkpoints").glob("step_*") if (d / MODEL_CONFIG).is_file() and (d / WEIGHTS).is_file()
+    )
+    return ckpts[-1] if ckpts else None
+
+
+def _source_from_file(path: Path, given: Path) -> tuple[PretrainedSource, Optional[dict]]:
+    sibling_ours = path.parent / MODEL_CONFIG
+    sibling_pnlp = path.parent / PADDLENLP_CONFIG
+    if path.suffix == ".safetensors":
+        layout = _key_layout(_safetensors_keys(path))
+        if layout == LAYOUT_PADDLENLP:
+            return PretrainedSource(given, layout, path, sibling_pnlp if sibling_pnlp.is_file() else None), None
+        if layout == LAYOUT_OURS:
+            return PretrainedSource(given, layout, path, sibling_ours if sibling_ours.is_file() else None), None
+        raise ValueError(
+            f"{path}: a .safetensors file whose keys match no known ERNIE-ViL 2.0 layout; "
+            f"keys: {_describe_keys(_safetensors_keys(path))}"
+        )
+    if path.suffix == ".pdparams":
+        state = load_pdparams(path)
+        layout = _key_layout(state)
+        if layout == LAYOUT_OFFICIAL:
+            return PretrainedSource(given, layout, path, None), state
+        if layout == LAYOUT_PADDLENLP:
+            return PretrainedSource(given, layout, path, sibling_pnlp if sibling_pnlp.is_file() else None), state
+        raise ValueError(
+            f"{path}: a .pdparams file whose keys match neither the official ERNIE-ViL 2.0 layout "
+            f"(visual.*, text_model.encoder_stack.*) nor PaddleNLP's (vision_model.*, text_model.encoder.*); "
+            f"keys: {_describe_keys(state)}"
+        )
+    raise ValueError(f"{path}: unrecognised checkpoint file type {path.suffix!r} (expected .safetensors or .pdparams)")
+
+
+def _resolve(path: str | os.PathLike) -> tuple[PretrainedSource, Optional[dict]]:
+    given = Path(path).expanduser()
+    if not given.exists():
+        raise FileNotFoundError(f"{given}: no such checkpoint file or folder")
+    if given.is_file():
+        return _source_from_file(given, given)
+    if (given / MODEL_CONFIG).is_file() and (given / WEIGHTS).is_file():
+        return PretrainedSource(given, LAYOUT_OURS, given / WEIGHTS, given / MODEL_CONFIG), None
+    if (given / PADDLENLP_CONFIG).is_file():
+        weights = next((given / n for n in (PADDLENLP_WEIGHTS, PADDLENLP_SAFE_WEIGHTS) if (given / n).is_file()), None)
+        if weights is not None:
+            conf = json.loads((given / PADDLENLP_CONFIG).read_text(encoding="utf-8"))
+            if conf.get("model_type") != "ernie_vil":
+                raise ValueError(
+                    f"{given / PADDLENLP_CONFIG}: model_type is {conf.get('model_type')!r}, not 'ernie_vil': "
+                    "not a PaddleNLP ErnieViLModel folder"
+                )
+            return PretrainedSource(given, LAYOUT_PADDLENLP, weights, given / PADDLENLP_CONFIG), None
+    latest = _latest_run_checkpoint(given)
+    if latest is not None:
+        return PretrainedSource(given, LAYOUT_OURS, latest / WEIGHTS, latest / MODEL_CONFIG), None
+    pdparams = sorted(given.glob("*.pdparams"))
+    if len(pdparams) == 1:
+        src, state = _source_from_file(pdparams[0], given)
+        return src, state
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in given.iterdir())
+    extra = f"; several .pdparams files, pass one of them: {[p.name for p in pdparams]}" if pdparams else ""
+    raise ValueError(
+        f"{given}: not a recognised ERNIE-ViL 2.0 checkpoint folder (found: {_describe_keys(found, 20)}){extra}. "
+        f"Expected {MODEL_CONFIG} + {WEIGHTS} (ernievil2), {PADDLENLP_CONFIG} + {PADDLENLP_WEIGHTS} (PaddleNLP), "
+        "a training run folder with checkpoints/step_*, or one official .pdparams file."
+    )
+
+
+def resolve_source(path: str | os.PathLike) -> PretrainedSource:
+    """Find what ``path`` is: layout, weights file and config file (raises naming the path)."""
+    return _resolve(path)[0]
+
+
+def detect_layout(path: str | os.PathLike) -> str:
+    """``"ernievil2"``, ``"official"`` or ``"paddlenlp"``; ``ValueError`` naming the path and what was
+    found when it is none of them (``FileNotFoundError`` when it does not exist)."""
+    return resolve_source(path).layout
+
+
+_CONVERTERS: dict[str, Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]] = {
+    LAYOUT_OURS: dict,
+    LAYOUT_OFFICIAL: official_to_ours,
+    LAYOUT_PADDLENLP: paddlenlp_to_ours,
+}
+
+
+def _read_weights(weights: Path) -> dict[str, np.ndarray]:
+    if weights.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(str(weights))
+    return load_pdparams(weights)
+
+
+def read_pretrained_state(path: str | os.PathLike) -> tuple[PretrainedSource, dict[str, np.ndarray], list[str]]:
+    """``(source, state in our key names, ignored keys)`` for any of the three layouts."""
+    src, raw = _resolve(path)
+    if raw is None:
+        raw = _read_weights(src.weights)
+    ignored = []
+    if src.layout == LAYOUT_OFFICIAL:
+        ignored = sorted(k for k in raw if k.startswith(OFFICIAL_UNUSED_PREFIXES))
+        raw = {k: v for k, v in raw.items() if not k.startswith(OFFICIAL_UNUSED_PREFIXES)}
+    return src, _CONVERTERS[src.layout](raw), ignored
+
+
+# --------------------------------------------------------------------------------------------
+# Loading into a model.
+
+def _as_param_array(value: np.ndarray, target: paddle.Tensor) -> paddle.Tensor:
+    if value.dtype == np.uint16:
+        # paddle.save stores bfloat16 tensors as uint16 bit patterns (no parameter here is uint16):
+        # widen them to float32 exactly, then cast to the parameter's dtype.
+        value = (value.astype(np.uint32) << 16).view(np.float32)
+    tensor = paddle.to_tensor(np.ascontiguousarray(value))
+    return tensor if tensor.dtype == target.dtype else tensor.astype(target.dtype)
+
+
+def load_state_into(model: paddle.nn.Layer, state: Mapping[str, np.ndarray], where: str, strict: bool = True) -> LoadReport:
+    """Copy an our-named ``state`` into ``model``. Strict: one :class:`PretrainedLoadError` naming
+    ``where`` lists every missing key, unexpected key and shape mismatch. Non-strict: loads what
+    fits and logs the rest."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        (k, tuple(np.shape(state[k])), tuple(own[k].shape))
+        for k in sorted(set(own) & set(state))
+        if tuple(np.shape(state[k])) != tuple(own[k].shape)
+    ]
+    report = LoadReport(missing=missing, unexpected=unexpected, mismatched=mismatched)
+    if missing or unexpected or mismatched:
+        lines = [f"{where}: checkpoint does not match the model"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
+        for k, theirs, ours in mismatched:
+            lines.append(f"  shape mismatch for {k}: checkpoint {list(theirs)}, model {list(ours)}")
+        message = "\n".join(lines)
+        if strict:
+            raise PretrainedLoadError(message, missing, unexpected, mismatched)
+        log.warning("%s\n  (strict=False: loading the %d matching tensors)", message,
+                    len(own) - len(missing) - len(mismatched))
+    bad = {k for k, _, _ in mismatched}
+    loaded = 0
+    with paddle.no_grad():
+        for k, param in own.items():  # state_dict() holds the live parameters
+            if k in state and k not in bad:
+                param.set_value(_as_param_array(np.asarray(state[k]), param))
+                loaded += 1
+    report.loaded = loaded
+    return report
+
+
+def load_pretrained(model: ErnieViL2, path: str | os.PathLike, strict: bool = True) -> LoadReport:
+    """Load any of the three layouts (detected from ``path``) into an existing ``model``.
+
+    Errors name the checkpoint file. The official release's unused classification head
+    (``visual.classfy.*``) is skipped and reported in ``LoadReport.ignored``.
+    """
+    src, state, ignored = read_pretrained_state(path)
+    report = load_state_into(model, state, str(src.weights), strict=strict)
+    report.source, report.ignored = src, ignored
+    log.info("loaded %d tensors from %s (%s layout)%s", report.loaded, src.weights, src.layout,
+             f"; skipped unused {ignored}" if ignored else "")
+    return report
+
+
+def build_from_pretrained(
+    path: str | os.PathLike, config: Optional[DualEncoderConfig] = None, strict: bool = True
+) -> ErnieViL2:
+    """Build the model a checkpoint describes and load it (returned in eval mode).
+
+    The architecture comes from ``config`` when given, else from the checkpoint's own config
+    (``model_config.json``; PaddleNLP's ``config.json``, see :func:`dual_encoder_config_from_paddlenlp`),
+    else — official ``.pdparams`` have none — from the tensor shapes (:func:`infer_config`).
+    """
+    src, state, ignored = read_pretrained_state(path)
+    if config is None:
+        if src.config is not None:
+            d = json.loads(src.config.read_text(encoding="utf-8"))
+            config = config_from_dict(d) if src.layout == LAYOUT_OURS else dual_encoder_config_from_paddlenlp(d)
+        elif src.layout == LAYOUT_PADDLENLP:
+            config = infer_config(state, text_ln_eps=PADDLENLP_TEXT_LN_EPS)
+        elif src.layout == LAYOUT_OFFICIAL:
+            config = infer_config(state)
+        else:
+            raise ValueError(f"{src.weights}: no {MODEL_CONFIG} beside it; pass config=DualEncoderConfig(...)")
+    model = build_model(config)
+    report = load_state_into(model, state, str(src.weights), strict=strict)
+    log.info("built %s model from %s: %d tensors%s", src.layout, src.weights, report.loaded,
+             f"; skipped unused {ignored}" if ignored else "")
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Export.
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_plain_vocab(vocab_file: str | os.PathLike, out: Path) -> None:
+    """PaddleNLP's tokenizers read one token per line (line number = id); the released ERNIE vocab
+    is ``token<TAB>id`` (and lists ``$`` twice, at ids 12084 and 18005). Write the tokens in id
+    order, one per line, keeping every id."""
+    by_id: dict[int, str] = {}
+    with open(vocab_file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f):
+            line = line.rstrip("\n").rstrip("\r")
+            token, sep, idx = line.rpartition("\t")
+            if not (sep and idx.isdigit()):
+                token, idx = line, str(lineno)
+            if token:
+                by_id[int(idx)] = token
+    if sorted(by_id) != list(range(len(by_id))):
+        raise ValueError(f"{vocab_file}: token ids are not 0..{len(by_id) - 1} without gaps; cannot write a plain vocab")
+    out.write_text("".join(f"{by_id[i]}\n" for i in range(len(by_id))), encoding="utf-8")
+
+
+def export_paddlenlp(model: ErnieViL2, out_dir: str | os.PathLike, vocab_file: Optional[str | os.PathLike] = None) -> Path:
+    """Write ``model`` as a PaddleNLP ``ErnieViLModel`` folder (``config.json`` +
+    ``model_state.pdparams``; with ``vocab_file`` also ``vocab.txt`` (one token per line, as PaddleNLP
+    reads it) + ``tokenizer_config.json`` for ``ErnieViLTokenizer``) atomically: the folder appears complete or not at all.
+
+    PaddleNLP runs its text LayerNorms with eps 1e-12 whatever the config says; a model whose
+    ``text.ln_eps`` differs gives slightly different text embeddings there (logged).
+    """
+    cfg = model.cfg
+    out = Path(out_dir).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = ours_to_paddlenlp(state_to_numpy(model), cfg)
+    if cfg.text.ln_eps != PADDLENLP_TEXT_LN_EPS:
+        log.warning(
+            "PaddleNLP's ErnieModel runs every text LayerNorm with eps %g regardless of config.json; this "
+            "model uses %g, so PaddleNLP's text embeddings will differ slightly from ours", PADDLENLP_TEXT_LN_EPS,
+            cfg.text.ln_eps,
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, str(tmp / PADDLENLP_WEIGHTS))
+        (tmp / PADDLENLP_CONFIG).write_text(json.dumps(dual_encoder_config_to_paddlenlp(cfg), indent=2), encoding="utf-8")
+        if vocab_file is not None:
+            _write_plain_vocab(vocab_file, tmp / "vocab.txt")
+            (tmp / "tokenizer_config.json").write_text(
+                json.dumps({"tokenizer_class": "ErnieViLTokenizer", "do_lower_case": True,
+                            "model_max_length": cfg.text.max_positions}, indent=2),
+                encoding="utf-8",
+            )
+        _fsync_tree(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
