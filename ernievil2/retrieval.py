@@ -102,3 +102,47 @@ def format_table(metrics: dict[str, float], title: str = "") -> str:
     avg = [(metrics[f"i2t_r{k}"] + metrics[f"t2i_r{k}"]) / 2 for k in KS] + [metrics["mean_recall"]]
     lines.append(f"{'MeanRecall':<12}" + "".join(f"{v:>8.2f}" for v in avg))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the seed's table
+SEED_HEADERS: tuple[str, ...] = ("Name", "R@1", "R@5", "R@10", "meanRecall")
+
+
+def seed_recalls(ranks: np.ndarray) -> list[float]:
+    """``[R@1, R@5, R@10, meanRecall]`` as fractions, with the official ``eval_retri`` arithmetic
+    (``count / n``; meanRecall ``(R@1 + R@5 + R@10) / 3``) so printed values match it digit for digit."""
+    ranks = np.asarray(ranks)
+    n = float(len(ranks))
+    r1, r5, r10 = ((ranks < k).sum() / n for k in KS)
+    return [float(r1), float(r5), float(r10), float((r1 + r5 + r10) / 3.0)]
+
+
+def format_seed_table(t2i: Sequence[float], i2t: Sequence[float]) -> str:
+    """The official ``eval_retri`` table: rows Text2Image, Image2Text, MeanRecall (the mean of the two
+    directions), columns R@1 R@5 R@10 meanRecall, values ×100 with two decimals, laid out as
+    ``tabulate(..., tablefmt="github")`` prints it. ``t2i``/``i2t`` are fractions as returned by
+    :func:`seed_recalls`."""
+    rows = [
+        ["Text2Image"] + [round(v * 100, 2) for v in t2i[:4]],
+        ["Image2Text"] + [round(v * 100, 2) for v in i2t[:4]],
+        ["MeanRecall"] + [round((t2i[i] + i2t[i]) / 2 * 100, 2) for i in range(4)],
+    ]
+    cells = [[r[0]] + [f"{v:.2f}" for v in r[1:]] for r in rows]
+    # tabulate: column width = max(widest cell, header + 2); text left-aligned, numbers right-aligned
+    widths = [max(len(h) + 2, *(len(c[i]) for c in cells)) for i, h in enumerate(SEED_HEADERS)]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [values[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(values[1:], widths[1:])]
+        return "| " + " | ".join(parts) + " |"
+
+    out = [line(SEED_HEADERS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(c) for c in cells]
+    return "\n".join(out)
+
+
+def seed_table_from_metrics(metrics: dict[str, float]) -> str:
+    """:func:`format_seed_table` for a metrics dict of :func:`official_recall` /
+    :func:`multi_caption_recall` (percentages)."""
+    t2i = [metrics[f"t2i_r{k}"] / 100 for k in KS] + [metrics["t2i_mean"] / 100]
+    i2t = [metrics[f"i2t_r{k}"] / 100 for k in KS] + [metrics["i2t_mean"] / 100]
+    return format_seed_table(t2i, i2t)

@@ -1,0 +1,622 @@
+"""The seed's inference path and deployment export (library side of ``launch/infer.py`` / ``launch/export.py``).
+
+Input, the seed evaluation format (SPEC §6): UTF-8, one pair per line,
+``text \\t image_id \\t base64(image)`` (standard or URL-safe base64, padding optional).
+
+Output, the seed embeddings format: one line per kept input line, in input order,
+``text_emb \\t image_emb \\t 1``, each embedding L2-normalised, space-separated floats printed as
+``%+.8e`` (9 significant digits: the exact float32 reads back; fixed width, which
+``launch/eval_retri.py`` parses vectorised). Beside it:
+
+* ``O.ids.txt``: the image id of every output line (always written; ``launch/eval_retri.py
+  --protocol multi`` reads it; it is the only correct id list when lines were skipped);
+* ``O.text.npy`` / ``O.image.npy`` (float32 ``[N, D]``) with ``write_npy=true``;
+* ``O.skipped.tsv`` (``line \\t image_id \\t reason \\t detail``) when lines were skipped.
+
+Every file is written to a temporary file in its folder and renamed into place (``os.replace``)
+only when the whole input was processed, so a failed run never leaves a half-written ``O``.
+
+Bad lines — wrong column count, invalid UTF-8, empty text, invalid base64, undecodable image —
+stop the run with :class:`BadLineError` naming the 1-based line number and the reason, or, with
+``skip_bad_lines=true``, are left out, counted per reason and listed (line number + image id).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterator, Optional
+
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from ernievil2.data.preprocess import PROFILES, preprocess
+from ernievil2.train.config import ModelSchema, resolve_model
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "InferSchema", "register_infer_schema", "InferError", "BadLineError", "REASONS", "SeedRecord",
+    "SkipReport", "InferResult", "parse_seed_line", "decode_base64", "load_record_image",
+    "iter_seed_batches", "format_embedding_lines", "atomic_write", "resolve_vocab_file",
+    "build_inference_model", "run_inference", "infer_main", "export_inference", "sidecar_paths",
+    "resolve_device",
+]
+
+#: Reasons a line is bad, in the order they are checked.
+REASONS: dict[str, str] = {
+    "encoding": "not valid UTF-8",
+    "columns": "wrong column count",
+    "text": "empty text",
+    "base64": "invalid base64",
+    "image": "undecodable image",
+}
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class InferSchema:
+    """``conf/infer.yaml``: the ``model`` group plus the seed's inference settings."""
+
+    model: ModelSchema = field(default_factory=ModelSchema)
+    test_file: str = MISSING  # seed evaluation file: text \t image_id \t base64
+    output_file: str = MISSING  # seed embeddings file to write
+    batch_size: int = 64
+    profile: str = "official"  # image preprocessing: official | paddlenlp (SPEC §4)
+    text_max_length: int = 48  # [CLS] + 46 word pieces + [SEP], as the official release
+    # WordPiece vocab; null: model.vocab_file, then vocab.txt beside model.init_from, else an error
+    vocab_file: Optional[str] = None
+    write_npy: bool = False  # also O.text.npy and O.image.npy
+    skip_bad_lines: bool = False  # false: stop at the first bad line; true: skip, count, list
+    device: str = "auto"  # auto | cpu | gpu | gpu:N
+    seed: int = 0  # initialisation of a model without model.init_from
+    num_workers: int = 2  # threads decoding images (0: in the main thread)
+
+
+def register_infer_schema() -> None:
+    """Register :class:`InferSchema` as ``infer_schema`` (first entry of ``conf/infer.yaml``)."""
+    ConfigStore.instance().store(name="infer_schema", node=InferSchema)
+
+
+# --------------------------------------------------------------------------- errors
+class InferError(ValueError):
+    """A user-facing inference error (bad input, missing vocab, bad setting)."""
+
+
+class BadLineError(InferError):
+    """One bad input line: ``lineno`` (1-based), ``reason`` (a key of :data:`REASONS`), ``detail``."""
+
+    def __init__(self, lineno: int, reason: str, detail: str = "", image_id: Optional[str] = None):
+        self.lineno, self.reason, self.detail, self.image_id = lineno, reason, detail, image_id
+        where = f"line {lineno}" + (f" (image id {image_id!r})" if image_id else "")
+        super().__init__(f"{where}: {REASONS[reason]}" + (f": {detail}" if detail else ""))
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass
+class SeedRecord:
+    lineno: int
+    text: str
+    image_id: str
+    image_b64: str
+
+
+def parse_seed_line(raw: bytes | str, lineno: int) -> SeedRecord:
+    """Split one line (trailing ``\\n``/``\\r\\n`` allowed) into its three columns; checks the
+    encoding, the column count and the text. The base64 is decoded later
+    (:func:`load_record_image`)."""
+    if isinstance(raw, bytes):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadLineError(lineno, "encoding", str(exc)) from None
+    else:
+        line = raw
+    line = line.rstrip("\n").rstrip("\r")
+    cols = line.split("\t")
+    if len(cols) != 3:
+        image_id = cols[1].strip() if len(cols) > 1 else None
+        raise BadLineError(
+            lineno, "columns", f"expected 3 tab-separated columns (text, image_id, base64), found {len(cols)}",
+            image_id or None,
+        )
+    text, image_id, b64 = cols[0], cols[1].strip(), cols[2].strip()
+    if not text.strip():
+        raise BadLineError(lineno, "text", "", image_id or None)
+    return SeedRecord(lineno, text, image_id, b64)
+
+
+def decode_base64(data: str) -> bytes:
+    """Standard or URL-safe base64 (missing ``=`` padding tolerated); ``ValueError`` otherwise."""
+    s = "".join(data.split())
+    if not s:
+        raise ValueError("empty image column")
+    s += "=" * (-len(s) % 4)
+    altchars = b"-_" if ("-" in s or "_" in s) else None
+    try:
+        return base64.b64decode(s, altchars=altchars, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+def load_record_image(record: SeedRecord, profile: str, size: int) -> np.ndarray:
+    """The preprocessed ``[3, size, size]`` image of ``record``, or :class:`BadLineError`."""
+    try:
+        data = decode_base64(record.image_b64)
+    except ValueError as exc:
+        raise BadLineError(record.lineno, "base64", str(exc), record.image_id) from None
+    try:
+        return preprocess(data, profile, size, key=record.image_id)
+    except ValueError as exc:
+        raise BadLineError(record.lineno, "image", str(exc), record.image_id) from None
+
+
+@dataclass
+class SkipReport:
+    """Lines left out with ``skip_bad_lines=true``."""
+
+    skipped: list[BadLineError] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.skipped)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for err in self.skipped:
+            out[err.reason] = out.get(err.reason, 0) + 1
+        return out
+
+    def summary(self, max_items: int = 20) -> str:
+        if not self.skipped:
+            return "no line skipped"
+        per = ", ".join(f"{REASONS[r]}: {n}" for r, n in sorted(self.counts.items(), key=lambda kv: list(REASONS).index(kv[0])))
+        lines = [f"skipped {len(self.skipped)} bad line(s) ({per}):"]
+        for err in self.skipped[:max_items]:
+            lines.append(f"  line {err.lineno}\timage id {err.image_id or '-'}\t{REASONS[err.reason]}")
+        if len(self.skipped) > max_items:
+            lines.append(f"  ... and {len(self.skipped) - max_items} more")
+        return "\n".join(lines)
+
+    def to_tsv(self) -> str:
+        rows = ["line\timage_id\treason\tdetail"]
+        for e in self.skipped:
+            detail = " ".join(e.detail.split())
+            rows.append(f"{e.lineno}\t{e.image_id or ''}\t{e.reason}\t{detail}")
+        return "\n".join(rows) + "\n"
+
+
+@dataclass
+class PreparedBatch:
+    linenos: list[int]
+    texts: list[str]
+    image_ids: list[str]
+    pixels: np.ndarray  # float32 [B, 3, S, S]
+
+
+def iter_seed_batches(
+    path: str | os.PathLike,
+    batch_size: int,
+    profile: str,
+    image_size: int,
+    skip_bad_lines: bool = False,
+    report: Optional[SkipReport] = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Iterator[PreparedBatch]:
+    """Read a seed evaluation file in order and yield preprocessed batches of its good lines.
+
+    A bad line raises :class:`BadLineError` (``skip_bad_lines=False``) or is appended to
+    ``report`` and left out. Images are decoded by ``num_workers`` threads (OpenCV and PIL
+    release the GIL); the order of lines is kept.
+    """
+    if batch_size < 1:
+        raise InferError(f"batch_size must be >= 1, got {batch_size}")
+    if profile not in PROFILES:
+        raise InferError(f"unknown profile {profile!r}; choose one of {list(PROFILES)}")
+    path = Path(path)
+    if not path.is_file():
+        raise InferError(f"test file not found: {path}")
+    report = report if report is not None else SkipReport()
+    from tqdm.auto import tqdm
+
+    def reject(err: BadLineError) -> None:
+        if not skip_bad_lines:
+            raise err
+        report.skipped.append(err)
+
+    def prepare(records: list[SeedRecord]) -> Optional[PreparedBatch]:
+        def one(rec: SeedRecord):
+            try:
+                return load_record_image(rec, profile, image_size)
+            except BadLineError as err:
+                return err
+
+        results = list(pool.map(one, records)) if pool is not None else [one(r) for r in records]
+        keep, pixels = [], []
+        for rec, res in zip(records, results):
+            if isinstance(res, BadLineError):
+                reject(res)
+            else:
+                keep.append(rec)
+                pixels.append(res)
+        if not keep:
+            return None
+        return PreparedBatch(
+            [r.lineno for r in keep], [r.text for r in keep], [r.image_id for r in keep], np.stack(pixels)
+        )
+
+    with ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(num_workers)) if num_workers > 0 else None
+        f = stack.enter_context(open(path, "rb"))
+        bar = stack.enter_context(
+            tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="infer", disable=not progress)
+        )
+        pending: list[SeedRecord] = []
+        for lineno, raw in enumerate(f, start=1):
+            bar.update(len(raw))
+            try:
+                pending.append(parse_seed_line(raw, lineno))
+            except BadLineError as err:
+                reject(err)
+            if len(pending) == batch_size:
+                batch = prepare(pending)
+                pending = []
+                if batch is not None:
+                    yield batch
+        if pending:
+            batch = prepare(pending)
+            if batch is not None:
+                yield batch
+
+
+# --------------------------------------------------------------------------- writing
+def format_embedding_lines(text_emb: np.ndarray, image_emb: np.ndarray) -> str:
+    """Seed embeddings lines (``text \\t image \\t 1\\n`` each) for float32 ``[B, D]`` arrays; every
+    value ``%+.8e`` (15 characters, e.g. ``-1.23456789e-02``): 9 significant digits read back the
+    exact float32."""
+    if text_emb.shape != image_emb.shape or text_emb.ndim != 2:
+        raise ValueError(f"text and image embeddings must both be [B, D], got {text_emb.shape} and {image_emb.shape}")
+    fmt = " ".join(["%+.8e"] * text_emb.shape[1])
+    return "".join(
+        f"{fmt % tuple(t)}\t{fmt % tuple(i)}\t1\n"
+        for t, i in zip(text_emb.astype(np.float64).tolist(), image_emb.astype(np.float64).tolist())
+    )
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success it is fsynced and renamed onto ``path``,
+    on error removed (``path`` keeps its old content)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        kwargs = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def sidecar_paths(output_file: str | os.PathLike) -> dict[str, Path]:
+    """Files written beside the embeddings file ``O``."""
+    o = str(output_file)
+    return {
+        "ids": Path(o + ".ids.txt"),
+        "text_npy": Path(o + ".text.npy"),
+        "image_npy": Path(o + ".image.npy"),
+        "skipped": Path(o + ".skipped.tsv"),
+    }
+
+
+# --------------------------------------------------------------------------- model
+def resolve_device(device: str) -> str:
+    """``auto`` → ``gpu`` when Paddle has CUDA and sees a GPU, else ``cpu``; sets it."""
+    import paddle
+
+    if device == "auto":
+        has_gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+        device = "gpu" if has_gpu else "cpu"
+    paddle.set_device(device)
+    return device
+
+
+def _init_from(model_cfg: Any) -> Optional[str]:
+    value = getattr(model_cfg, "init_from", None) if not isinstance(model_cfg, DictConfig) else model_cfg.get("init_from")
+    return os.path.expanduser(str(value)) if value else None
+
+
+def resolve_vocab_file(cfg: InferSchema | DictConfig, required: bool = True) -> Optional[Path]:
+    """``vocab_file``, else ``model.vocab_file``, else ``vocab.txt`` in ``model.init_from`` (a
+    folder) or beside it (a file); :class:`InferError` when none exists and ``required``."""
+    for candidate in (cfg.vocab_file, cfg.model.vocab_file):
+        if candidate:
+            path = Path(os.path.expanduser(str(candidate)))
+            if not path.is_file():
+                raise InferError(f"vocab file not found: {path}")
+            return path
+    init_from = _init_from(cfg.model)
+    if init_from:
+        base = Path(init_from)
+        folder = base if base.is_dir() else base.parent
+        if (folder / "vocab.txt").is_file():
+            return folder / "vocab.txt"
+    if not required:
+        return None
+    raise InferError(
+        "no WordPiece vocab: set vocab_file=PATH (the released ERNIE 3.0 vocab is "
+        "../shared/assets/ernie-3.0-base-zh/vocab.txt), or point model.init_from at a folder holding vocab.txt"
+    )
+
+
+def build_inference_model(cfg: InferSchema | DictConfig, require_vocab: bool = True):
+    """``(model, tokenizer)`` in eval mode. With ``model.init_from`` the architecture and weights
+    come from that checkpoint (any layout :mod:`ernievil2.pretrained` reads: ours, official
+    ``.pdparams``, PaddleNLP folder); otherwise ``cfg.model``'s architecture, randomly initialised
+    with ``cfg.seed``. ``tokenizer`` is ``None`` when no vocab is found and ``require_vocab`` is false."""
+    import paddle
+
+    from ernievil2.models import build_model
+    from ernievil2.tokenizer import WordPieceTokenizer
+
+    vocab = resolve_vocab_file(cfg, required=require_vocab)
+    tokenizer = WordPieceTokenizer(vocab, max_length=cfg.text_max_length) if vocab else None
+    init_from = _init_from(cfg.model)
+    if init_from:
+        from ernievil2.pretrained import build_from_pretrained
+
+        model = build_from_pretrained(init_from)
+        log.info("architecture and weights from %s (model.preset and overrides ignored)", init_from)
+    else:
+        log.warning("model.init_from is not set: random initialisation (seed %d)", cfg.seed)
+        paddle.seed(int(cfg.seed))
+        np.random.seed(int(cfg.seed))
+        model = build_model(resolve_model(cfg.model, tokenizer.vocab_size if tokenizer else None))
+    model_cfg = model.cfg
+    if tokenizer is not None and tokenizer.vocab_size > model_cfg.text.vocab_size:
+        raise InferError(
+            f"vocab {vocab} has {tokenizer.vocab_size} ids but the model's word embedding has "
+            f"{model_cfg.text.vocab_size} rows"
+        )
+    if cfg.text_max_length > model_cfg.text.max_positions:
+        raise InferError(
+            f"text_max_length {cfg.text_max_length} exceeds the model's max_positions {model_cfg.text.max_positions}"
+        )
+    model.eval()
+    return model, tokenizer
+
+
+def _embed(model, tokenizer, batch: PreparedBatch, text_max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    import paddle
+
+    from ernievil2.evaluation import trim_padding
+
+    with paddle.no_grad():
+        ids = trim_padding(tokenizer(batch.texts, text_max_length), tokenizer.pad_id)
+        text = model.encode_text(paddle.to_tensor(ids)).numpy().astype(np.float32)
+        image = model.encode_image(paddle.to_tensor(batch.pixels)).numpy().astype(np.float32)
+    return text, image
+
+
+@dataclass
+class InferResult:
+    output_file: Path
+    n_written: int
+    report: SkipReport
+    files: dict[str, Path]
+
+
+def run_inference(
+    model,
+    tokenizer,
+    test_file: str | os.PathLike,
+    output_file: str | os.PathLike,
+    *,
+    batch_size: int = 64,
+    profile: str = "official",
+    text_max_length: int = 48,
+    skip_bad_lines: bool = False,
+    write_npy: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> InferResult:
+    """Embed ``test_file`` (seed evaluation format) into ``output_file`` (seed embeddings format)
+    and its sidecars (module docstring); every file appears only when the whole input is done."""
+    if text_max_length < 2:
+        raise InferError(f"text_max_length must be >= 2, got {text_max_length}")
+    image_size = model.cfg.vision.image_size
+    paths = sidecar_paths(output_file)
+    report = SkipReport()
+    ids: list[str] = []
+    texts_npy: list[np.ndarray] = []
+    images_npy: list[np.ndarray] = []
+    n = 0
+    with atomic_write(output_file) as out:
+        for batch in iter_seed_batches(
+            test_file, batch_size, profile, image_size, skip_bad_lines, report, num_workers, progress
+        ):
+            text, image = _embed(model, tokenizer, batch, text_max_length)
+            out.write(format_embedding_lines(text, image))
+            ids.extend(batch.image_ids)
+            n += len(text)
+            if write_npy:
+                texts_npy.append(text)
+                images_npy.append(image)
+        if n == 0:
+            raise InferError(f"{test_file}: no line to embed" + (f" ({report.summary()})" if len(report) else ""))
+        # sidecars go into place before O itself (O appearing marks a finished run)
+        with atomic_write(paths["ids"]) as f:
+            f.write("".join(f"{i}\n" for i in ids))
+        files = {"embeddings": Path(output_file), "ids": paths["ids"]}
+        if write_npy:
+            for key, parts in (("text_npy", texts_npy), ("image_npy", images_npy)):
+                with atomic_write(paths[key], "wb") as f:
+                    np.save(f, np.concatenate(parts).astype(np.float32))
+                files[key] = paths[key]
+        if len(report):
+            with atomic_write(paths["skipped"]) as f:
+                f.write(report.to_tsv())
+            files["skipped"] = paths["skipped"]
+        elif paths["skipped"].exists():
+            paths["skipped"].unlink()  # stale list from an earlier run
+    return InferResult(Path(output_file), n, report, files)
+
+
+def infer_main(cfg: DictConfig | InferSchema) -> InferResult:
+    """``launch/infer.py``: validate ``cfg``, build the model, run :func:`run_inference`, report."""
+    if isinstance(cfg, DictConfig):
+        from ernievil2.train.config import _check_keys
+
+        _check_keys(cfg, "")
+        cfg = OmegaConf.to_object(cfg)
+    if cfg.profile not in PROFILES:
+        raise InferError(f"unknown profile {cfg.profile!r}; choose one of {list(PROFILES)}")
+    device = resolve_device(cfg.device)
+    model, tokenizer = build_inference_model(cfg)
+    log.info("device %s, preset %s, image size %d, profile %s", device, cfg.model.preset,
+             model.cfg.vision.image_size, cfg.profile)
+    result = run_inference(
+        model, tokenizer, os.path.expanduser(cfg.test_file), os.path.expanduser(cfg.output_file),
+        batch_size=cfg.batch_size, profile=cfg.profile, text_max_length=cfg.text_max_length,
+        skip_bad_lines=cfg.skip_bad_lines, write_npy=cfg.write_npy, num_workers=cfg.num_workers,
+    )
+    log.info("wrote %d line(s) to %s", result.n_written, result.output_file)
+    for key, path in result.files.items():
+        if key != "embeddings":
+            log.info("  %s: %s", key, path)
+    if len(result.report):
+        log.warning(result.report.summary())
+    return result
+
+
+# --------------------------------------------------------------------------- export
+def _static_text_layer(model):
+    import paddle
+    import paddle.nn.functional as F
+
+    from ernievil2.models.attention import padding_mask
+
+    class _TextEncoder(paddle.nn.Layer):
+        """``ErnieTextEncoder.forward`` (eval mode) + L2 normalisation, without the Python-side
+        length check, which cannot be traced with a dynamic sequence length."""
+
+        def __init__(self, text):
+            super().__init__()
+            self.text = text
+
+        def forward(self, input_ids):
+            t = self.text
+            positions = paddle.arange(paddle.shape(input_ids)[1], dtype="int64").unsqueeze(0)
+            x = t.ln(t.word_emb(input_ids) + t.pos_emb(positions))
+            mask = padding_mask(input_ids, t.cfg.pad_id, x.dtype)
+            for block in t.blocks:
+                x = block(x, mask)
+            return F.normalize(paddle.tanh(t.pooler(x[:, 0])), axis=-1)
+
+    return _TextEncoder(model.text)
+
+
+def _static_image_layer(model):
+    import paddle
+    import paddle.nn.functional as F
+
+    class _ImageEncoder(paddle.nn.Layer):
+        def __init__(self, vision):
+            super().__init__()
+            self.vision = vision
+
+        def forward(self, pixels):
+            return F.normalize(self.vision(pixels), axis=-1)
+
+    return _ImageEncoder(model.vision)
+
+
+def export_inference(
+    model,
+    out_dir: str | os.PathLike,
+    image_size: int,
+    text_max_length: int,
+    vocab_file: Optional[str | os.PathLike] = None,
+) -> dict[str, Path]:
+    """Save both towers as Paddle Inference models (``paddle.jit.save``):
+
+    * ``out_dir/image/inference.*``: input ``pixels`` float32 ``[None, 3, S, S]`` (preprocessed as
+      :func:`ernievil2.data.preprocess.preprocess`), output the L2-normalised image embedding;
+    * ``out_dir/text/inference.*``: input ``input_ids`` int64 ``[None, None]`` (``[CLS] ... [SEP]``
+      right-padded with the pad id, any length up to ``max_positions``), output the L2-normalised
+      text embedding;
+    * ``out_dir/export.json``: sizes, pad id, embedding width; ``out_dir/vocab.txt`` when given.
+
+    The export is staged in a temporary folder and renamed onto ``out_dir``.
+    """
+    import paddle
+    from paddle.static import InputSpec
+
+    cfg = model.cfg
+    if image_size != cfg.vision.image_size:
+        raise InferError(f"image_size {image_size} differs from the model's vision.image_size {cfg.vision.image_size}")
+    if not 2 <= text_max_length <= cfg.text.max_positions:
+        raise InferError(f"text_max_length must be in [2, {cfg.text.max_positions}], got {text_max_length}")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    was_training = model.training
+    model.eval()
+    try:
+        paddle.jit.save(
+            _static_image_layer(model), str(tmp / "image" / "inference"),
+            input_spec=[InputSpec([None, 3, image_size, image_size], "float32", "pixels")],
+        )
+        paddle.jit.save(
+            _static_text_layer(model), str(tmp / "text" / "inference"),
+            input_spec=[InputSpec([None, None], "int64", "input_ids")],
+        )
+        meta = {
+            "image": {"input": "pixels", "shape": [None, 3, image_size, image_size], "dtype": "float32"},
+            "text": {"input": "input_ids", "shape": [None, None], "dtype": "int64",
+                     "max_length": text_max_length, "max_positions": cfg.text.max_positions,
+                     "pad_id": cfg.text.pad_id},
+            "embedding_dim": cfg.vision.width,
+            "normalized": True,
+            "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225],
+        }
+        if vocab_file:
+            shutil.copyfile(vocab_file, tmp / "vocab.txt")
+            meta["vocab"] = "vocab.txt"
+        (tmp / "export.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.train(was_training)
+    files = {"dir": out, "meta": out / "export.json"}
+    for tower in ("image", "text"):
+        for f in sorted((out / tower).glob("inference.*")):
+            files[f"{tower}{f.suffix}"] = f
+    if vocab_file:
+        files["vocab"] = out / "vocab.txt"
+    return files

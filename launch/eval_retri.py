@@ -1,0 +1,474 @@
+"""Retrieval recalls of a seed embeddings file (``text_emb \\t image_emb \\t 1`` per line), printed as
+the official ERNIE-ViL 2.0 ``eval_retri.py`` table.
+
+    python launch/eval_retri.py O                            # official 1:1 protocol (SPEC §7)
+    python launch/eval_retri.py O --protocol multi           # group by image id (ids: O.ids.txt)
+    python launch/eval_retri.py O --protocol multi --ids IDS # or --test-file the seed evaluation file
+
+``official``: line i's text and line i's image are the only pair; rank = #{j : S[i,j] > S[i,i]}
+(strict ``>``: ties favour the ground truth), numbers equal to the original per-line script.
+``multi``: images deduplicated by id (the first embedding of each id is kept), every text's
+ground truth is its line's image id (:func:`ernievil2.retrieval.multi_caption_recall`).
+
+The file is streamed and parsed in bulk (one ``np.fromstring`` per block of lines, in
+parallel worker processes for big files; files written by launch/infer.py take a vectorised
+fixed-width parser) and every score is computed once, in square tiles, so memory stays
+``O(chunk²)`` beyond the embeddings themselves. NumPy only; Paddle is not imported.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Optional, Sequence
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ernievil2.retrieval import (  # noqa: E402
+    format_seed_table, multi_caption_recall, seed_recalls, seed_table_from_metrics,
+)
+
+PARALLEL_MIN_BYTES = 16 << 20  # parse files above this size in worker processes too
+BLOCK_BYTES = 4 << 20  # lines are parsed in blocks of about this many bytes
+
+
+class EmbeddingsFormatError(ValueError):
+    """The embeddings file is not in the seed embeddings format; names the line."""
+
+
+# --------------------------------------------------------------------------- reading
+def _check_line(line: bytes, dim: int) -> Optional[str]:
+    """Why ``line`` is not ``dim`` floats TAB ``dim`` floats TAB one field, or ``None``."""
+    cols = line.split(b"\t")
+    if len(cols) != 3:
+        return f"expected 3 tab-separated columns, found {len(cols)}"
+    for name, col in (("text", cols[0]), ("image", cols[1])):
+        try:
+            vals = [float(x) for x in col.split()]
+        except ValueError as exc:
+            return f"{name} embedding: {exc}"
+        if len(vals) != dim:
+            return f"{name} embedding has {len(vals)} values, expected {dim}"
+    if len(cols[2].split()) != 1:
+        return "the third column must be one field (the seed writes 1)"
+    return None
+
+
+class _BadLine(Exception):
+    def __init__(self, index: int, why: str):  # index: 0-based, relative to the parsed range
+        super().__init__(why)
+        self.index, self.why = index, why
+
+
+def _parse_block(block: bytes, dim: int, first_line: int = 0) -> np.ndarray:
+    """``[n_lines, 2 * dim + 1]`` float64 from whole lines (``first_line``: index of the first one).
+
+    All numbers of the block are read by ONE ``np.fromstring`` (any whitespace separates, so tabs
+    and newlines need no splitting); the column structure is checked per line with C-level byte
+    counts (two tabs, ``dim - 1`` single spaces in each embedding), and only a line failing that
+    quick check is examined the slow way (it may merely hold extra spaces).
+    """
+    lines = block.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    spaces = dim - 1
+    for k, line in enumerate(lines):
+        t1 = line.find(b"\t")
+        t2 = line.find(b"\t", t1 + 1) if t1 >= 0 else -1
+        if (
+            t2 < 0
+            or line.count(b" ", 0, t1) != spaces
+            or line.count(b" ", t1 + 1, t2) != spaces
+            or line.find(b"\t", t2 + 1) >= 0
+            or line.find(b" ", t2 + 1) >= 0
+        ):
+            why = _check_line(line.rstrip(b"\r"), dim) if line.strip() else "empty line"
+            if why:
+                raise _BadLine(first_line + k, why)
+    try:
+        with warnings.catch_warnings():
+            # "could not be read to its end": a DeprecationWarning in older NumPy, an error in newer
+            warnings.simplefilter("error", DeprecationWarning)
+            values = np.fromstring(block, dtype=np.float64, sep=" ")
+    except (ValueError, DeprecationWarning):
+        values = None
+    width = 2 * dim + 1
+    if values is None or values.size != len(lines) * width:
+        for k, line in enumerate(lines):  # a token float() accepts but fromstring does not
+            why = _check_line(line.rstrip(b"\r"), dim)
+            if why:
+                raise _BadLine(first_line + k, why)
+        values = np.array([[float(x) for x in line.split()] for line in lines], dtype=np.float64)
+    return values.reshape(len(lines), width)
+
+
+# Fixed-width layout written by ernievil2.inference.format_embedding_lines: every value "%+.8e"
+# ("+1.23456789e-02", 15 bytes), one space between values, "\t1\n" at the end of the line.
+_TOKEN = 16  # 15 characters + the separator after it
+_POW10 = np.array([float(10**k) for k in range(23)])  # exact doubles
+def _u64(x: int) -> np.uint64:
+    return np.uint64(x)
+
+
+def _fixed_values(tokens: np.ndarray) -> Optional[np.ndarray]:
+    """float64 values of ``[T, 16]`` uint8 tokens in the ``%+.8e`` layout, or ``None`` when one
+    does not follow it.
+
+    Each token is read as two little-endian 64-bit words and decoded with SWAR arithmetic (all
+    eight digits after the point at once). Exact: the 9-digit mantissa is an integer (exact in
+    float64) scaled by one multiplication or division by an exact power of ten — a single
+    rounding, the same double as ``float(token)``.
+    """
+    words = np.ascontiguousarray(tokens).view("<u8").reshape(-1, 2)
+    w0, w1 = words[:, 0], words[:, 1]  # "s d . d d d d d" and "d d d e s x x sep"
+    lo8 = _u64(0xFF)
+    sign = w0 & lo8
+    esign = (w1 >> _u64(32)) & lo8
+    ok = ((w0 >> _u64(16)) & lo8) == _u64(0x2E)  # '.'
+    ok &= ((w1 >> _u64(24)) & lo8) == _u64(0x65)  # 'e'
+    ok &= (sign == _u64(0x2B)) | (sign == _u64(0x2D))
+    ok &= (esign == _u64(0x2B)) | (esign == _u64(0x2D))
+    # the 8 digits after the point as one word (first digit in the low byte), plus the 3 others
+    frac = (w0 >> _u64(24)) | (w1 << _u64(40))
+    high, three, six = _u64(0xF0F0F0F0F0F0F0F0), _u64(0x3030303030303030), _u64(0x0606060606060606)
+    ok &= ((frac & high) == three) & (((frac + six) & high) == three)
+    lead = (w0 >> _u64(8)) & lo8
+    e1 = (w1 >> _u64(40)) & lo8
+    e2 = (w1 >> _u64(48)) & lo8
+    for digit in (lead, e1, e2):
+        ok &= (digit >= _u64(0x30)) & (digit <= _u64(0x39))
+    if not ok.all():
+        return None
+    v = frac - three
+    v = (v * _u64(10) + (v >> _u64(8))) & _u64(0x00FF00FF00FF00FF)
+    v = (v * _u64(100) + (v >> _u64(16))) & _u64(0x0000FFFF0000FFFF)
+    v = (v * _u64(10000) + (v >> _u64(32))) & _u64(0x00000000FFFFFFFF)
+    mantissa = ((lead - _u64(0x30)) * _u64(100_000_000) + v).astype(np.float64)
+    exponent = ((e1 - _u64(0x30)) * _u64(10) + (e2 - _u64(0x30))).astype(np.int64)
+    k = np.where(esign == _u64(0x2D), -exponent, exponent) - 8
+    if np.abs(k).max(initial=0) > 22:
+        return None  # |value| < 1e-14 or >= 1e31: left to the general parser
+    scale = _POW10[np.abs(k)]
+    values = np.where(k < 0, mantissa / scale, mantissa * scale)
+    return np.where(sign == _u64(0x2D), -values, values)
+
+
+def _parse_fixed_block(block: bytes, dim: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Vectorised parse of whole lines in the fixed-width layout; ``None`` when the block is not
+    entirely in it (then the general parser reads it)."""
+    width = 2 * dim * _TOKEN + 2  # two columns of tokens (the last of each ends in a tab), "1", "\n"
+    if not block or len(block) % width:
+        return None
+    rows = np.frombuffer(block, dtype=np.uint8).reshape(-1, width)
+    text = rows[:, : dim * _TOKEN].reshape(-1, dim, _TOKEN)
+    image = rows[:, dim * _TOKEN : 2 * dim * _TOKEN].reshape(-1, dim, _TOKEN)
+    if not (
+        (rows[:, -1] == 10).all() and (rows[:, -2] == 49).all()
+        and (text[:, -1, 15] == 9).all() and (image[:, -1, 15] == 9).all()
+        and (text[:, :-1, 15] == 32).all() and (image[:, :-1, 15] == 32).all()
+    ):
+        return None
+    n = len(rows)
+    t = _fixed_values(text.reshape(-1, _TOKEN))
+    i = _fixed_values(image.reshape(-1, _TOKEN)) if t is not None else None
+    if t is None or i is None:
+        return None
+    return t.astype(np.float32).reshape(n, dim), i.astype(np.float32).reshape(n, dim)
+
+
+def _blocks(f, start: int, stop: int):
+    """Blocks of whole lines (about :data:`BLOCK_BYTES` each) of the file's bytes ``[start, stop)``."""
+    f.seek(start)
+    pos, carry = start, b""
+    while pos < stop:
+        chunk = f.read(min(BLOCK_BYTES, stop - pos))
+        if not chunk:
+            break
+        pos += len(chunk)
+        data = carry + chunk
+        if pos < stop:
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # a line longer than a block
+                carry = data
+                continue
+            yield data[:cut]
+            carry = data[cut:]
+        else:
+            yield data
+            carry = b""
+    if carry:
+        yield carry
+
+
+def _parse_range(path: str, start: int, stop: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Parse the whole lines in bytes ``[start, stop)`` of ``path``, block by block, into float32
+    arrays (rounded from float64, as the original's ``float()`` then ``np.float32``). Raises
+    :class:`_BadLine` with the line's index relative to ``start``."""
+    texts, images = [], []
+    index = 0
+    with open(path, "rb") as f:
+        for block in _blocks(f, start, stop):
+            fixed = _parse_fixed_block(block, dim)
+            if fixed is not None:
+                texts.append(fixed[0])
+                images.append(fixed[1])
+                index += len(fixed[0])
+            else:
+                values = _parse_block(block, dim, index)
+                texts.append(values[:, :dim].astype(np.float32))
+                images.append(values[:, dim : 2 * dim].astype(np.float32))
+                index += len(values)
+    if not texts:
+        empty = np.empty((0, dim), dtype=np.float32)
+        return empty, empty
+    return np.concatenate(texts), np.concatenate(images)
+
+
+def _parse_child(path: str, start: int, stop: int, dim: int, conn) -> None:
+    """Worker process (forked; reads its own byte range of the file)."""
+    try:
+        conn.send(("ok", _parse_range(path, start, stop, dim)))
+    except _BadLine as exc:
+        conn.send(("bad", (exc.index, exc.why)))
+    except BaseException as exc:  # pragma: no cover - reported by the parent
+        conn.send(("error", f"parser process failed: {exc!r}"))
+    finally:
+        conn.close()
+
+
+def _count_lines(path: str, stop: int) -> int:
+    """Newlines in bytes ``[0, stop)`` (only needed to number a bad line)."""
+    n = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(min(BLOCK_BYTES, stop - f.tell())), b""):
+            n += block.count(b"\n")
+    return n
+
+
+def _parse_parallel(path: str, start: int, stop: int, dim: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut bytes ``[start, stop)`` at line ends into ``workers`` ranges: the first is parsed here,
+    the others in forked processes at the same time."""
+    import multiprocessing as mp
+
+    cuts = [start]
+    with open(path, "rb") as f:
+        for k in range(1, workers):
+            f.seek(max(start + (stop - start) * k // workers, cuts[-1]))
+            f.readline()
+            cuts.append(min(f.tell(), stop))
+    cuts.append(stop)
+    ranges = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    ctx = mp.get_context("fork")
+    children = []
+    try:
+        for a, b in ranges[1:]:
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_parse_child, args=(path, a, b, dim, send), daemon=True)
+            proc.start()
+            send.close()
+            children.append((proc, recv))
+        results = []
+        try:
+            results.append(("ok", _parse_range(path, ranges[0][0], ranges[0][1], dim)))
+        except _BadLine as exc:
+            results.append(("bad", (exc.index, exc.why)))
+        for proc, recv in children:
+            try:
+                results.append(recv.recv())
+            except EOFError:
+                results.append(("error", "parser process died"))
+    finally:
+        for proc, recv in children:
+            recv.close()
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    for (a, _), (status, payload) in zip(ranges, results):  # file order: the first bad line wins
+        if status == "bad":
+            index, why = payload
+            raise _BadLine(_count_lines(path, a) - _count_lines(path, start) + index, why)
+        if status == "error":
+            raise EmbeddingsFormatError(payload)
+    return np.concatenate([p[0] for _, p in results]), np.concatenate([p[1] for _, p in results])
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def read_embeddings(path: str | os.PathLike, workers: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(text, image)`` float32 ``[N, D]`` from a seed embeddings file.
+
+    The file is streamed in blocks of lines (it is never held whole in memory); files above
+    :data:`PARALLEL_MIN_BYTES` are split among ``workers`` processes (default: the CPUs this
+    process may use; 1 disables). Raises :class:`EmbeddingsFormatError` naming the first bad line.
+    """
+    path = str(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(3)
+        start = 3 if head == b"\xef\xbb\xbf" else 0
+        f.seek(start)
+        first = f.readline().rstrip(b"\n").rstrip(b"\r")
+    if size <= start:
+        raise EmbeddingsFormatError(f"{path}: no embeddings")
+    cols = first.split(b"\t")
+    if len(cols) != 3:
+        raise EmbeddingsFormatError(f"{path}: line 1: expected 3 tab-separated columns, found {len(cols)}")
+    dim = len(cols[0].split())
+    if dim == 0:
+        raise EmbeddingsFormatError(f"{path}: line 1: empty text embedding")
+    workers = _cpu_count() if workers is None else max(1, int(workers))
+    try:
+        if workers == 1 or size < PARALLEL_MIN_BYTES:
+            return _parse_range(path, start, size, dim)
+        return _parse_parallel(path, start, size, dim, workers)
+    except _BadLine as exc:
+        raise EmbeddingsFormatError(f"{path}: line {exc.index + 1}: {exc.why}") from None
+
+
+def read_ids(path: str | os.PathLike) -> list[str]:
+    """One image id per line (``O.ids.txt``)."""
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\r\n") for line in f]
+
+
+def read_test_file_ids(path: str | os.PathLike) -> list[str]:
+    """The image id column (2nd) of a seed evaluation file, without decoding anything."""
+    ids = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            cols = raw.split(b"\t", 2)
+            if len(cols) < 3:
+                raise EmbeddingsFormatError(f"{path}: line {lineno}: expected 3 tab-separated columns")
+            ids.append(cols[1].decode("utf-8").strip())
+    return ids
+
+
+# --------------------------------------------------------------------------- metrics
+def _balanced_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    """``ceil(n / chunk)`` row ranges of near-equal size (no tiny last chunk: BLAS picks its kernel
+    by shape, and small products may round differently)."""
+    parts = max(1, -(-n // max(1, int(chunk))))
+    edges = np.linspace(0, n, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def official_ranks(text: np.ndarray, image: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """``(t2i_ranks, i2t_ranks)`` of the official 1:1 protocol from ONE score matrix ``S = T·Iᵀ``
+    (as the original, whose image→text ranks read the columns of the same ``S``).
+
+    ``t2i[i] = #{j : S[i,j] > S[i,i]}``, ``i2t[j] = #{i : S[i,j] > S[j,j]}`` (strict ``>``).
+    ``S`` is computed in square tiles of about ``chunk × chunk`` (the diagonal tiles first, which
+    give every ``S[i,i]``), each score exactly once and in products of one shape, and counted
+    for both directions as it is made; memory ``O(chunk²)``.
+    """
+    text = np.ascontiguousarray(text, dtype=np.float32)
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    n = len(text)
+    if n != len(image):
+        raise ValueError(f"the 1:1 protocol needs as many texts as images, got {n} and {len(image)}")
+    tiles = _balanced_chunks(n, chunk)
+    diag = np.empty(n, dtype=np.float32)
+    t2i = np.zeros(n, dtype=np.int64)
+    i2t = np.zeros(n, dtype=np.int64)
+    for a, b in tiles:
+        scores = text[a:b] @ image[a:b].T
+        d = np.ascontiguousarray(np.diagonal(scores))
+        diag[a:b] = d
+        t2i[a:b] += np.count_nonzero(scores > d[:, None], axis=1)
+        i2t[a:b] += np.count_nonzero(scores > d[None, :], axis=0)
+    for a, b in tiles:
+        for c, d in tiles:
+            if c == a:
+                continue
+            scores = text[a:b] @ image[c:d].T
+            t2i[a:b] += np.count_nonzero(scores > diag[a:b, None], axis=1)
+            i2t[c:d] += np.count_nonzero(scores > diag[None, c:d], axis=0)
+    return t2i, i2t
+
+
+def group_by_image_id(ids: Sequence[str], image: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Deduplicate images by id (the first embedding of each id is kept): returns the unique image
+    embeddings, each line's index into them, and the unique ids in first-seen order."""
+    index: dict[str, int] = {}
+    text_image = np.empty(len(ids), dtype=np.int64)
+    first = []
+    for line, image_id in enumerate(ids):
+        k = index.get(image_id)
+        if k is None:
+            k = index[image_id] = len(first)
+            first.append(line)
+        text_image[line] = k
+    return image[np.asarray(first, dtype=np.int64)], text_image, list(index)
+
+
+def evaluate(
+    path: str | os.PathLike,
+    protocol: str = "official",
+    ids: Optional[Sequence[str]] = None,
+    workers: Optional[int] = None,
+    chunk: int = 2048,
+) -> tuple[str, dict]:
+    """Read ``path`` and compute the table; returns ``(table_text, info)``."""
+    text, image = read_embeddings(path, workers)
+    if protocol == "official":
+        t2i, i2t = official_ranks(text, image, chunk)
+        t2i_r, i2t_r = seed_recalls(t2i), seed_recalls(i2t)
+        info = {"protocol": "official", "texts": len(text), "images": len(image), "t2i": t2i_r, "i2t": i2t_r}
+        return format_seed_table(t2i_r, i2t_r), info
+    if protocol != "multi":
+        raise ValueError(f"unknown protocol {protocol!r}; choose official or multi")
+    if ids is None:
+        raise ValueError("the multi protocol needs the image id of every line")
+    if len(ids) != len(text):
+        raise ValueError(
+            f"{len(ids)} image ids for {len(text)} embedding lines (if inference skipped bad lines, "
+            "use the O.ids.txt it wrote, not the test file)"
+        )
+    images, text_image, unique = group_by_image_id(ids, image)
+    metrics = multi_caption_recall(images, text, text_image, chunk)
+    info = {"protocol": "multi", "texts": len(text), "images": len(unique), **metrics}
+    return seed_table_from_metrics(metrics), info
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("embeddings", help="seed embeddings file (text_emb \\t image_emb \\t 1 per line)")
+    p.add_argument("--protocol", choices=("official", "multi"), default="official")
+    p.add_argument("--ids", help="image ids, one per line (multi protocol; default: EMBEDDINGS.ids.txt)")
+    p.add_argument("--test-file", help="seed evaluation file to take the image ids from (multi protocol)")
+    p.add_argument("--workers", type=int, default=None, help="parser processes (default: CPU count)")
+    p.add_argument("--chunk", type=int, default=2048, help="score tile size (rows and columns)")
+    args = p.parse_args(argv)
+
+    ids = None
+    try:
+        if args.protocol == "multi":
+            if args.ids and args.test_file:
+                p.error("give --ids or --test-file, not both")
+            if args.test_file:
+                ids = read_test_file_ids(args.test_file)
+            else:
+                ids_path = args.ids or f"{args.embeddings}.ids.txt"
+                if not os.path.isfile(ids_path):
+                    p.error(f"--protocol multi needs image ids: {ids_path} not found (give --ids FILE or --test-file FILE)")
+                ids = read_ids(ids_path)
+        table, info = evaluate(args.embeddings, args.protocol, ids, args.workers, args.chunk)
+    except (OSError, ValueError) as exc:
+        print(f"eval_retri.py: error: {exc}", file=sys.stderr)
+        return 2
+    label = "official 1:1" if args.protocol == "official" else "multi-caption"
+    print(f"{label} protocol: {info['texts']} texts, {info['images']} images")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Export the image and text towers as Paddle Inference models (``paddle.jit.save``).
+
+    python launch/export.py OUT_DIR model.init_from=WEIGHTS vocab_file=VOCAB      # base preset
+    python launch/export.py OUT_DIR model=tiny seed=0                             # random init
+
+Any ``conf/infer.yaml`` override selects the model (``model=...``, ``model.init_from=...``,
+``model.vision.layers=...``, ``text_max_length=...``, ``seed=...``). Writes
+``OUT_DIR/image/inference.{json,pdiparams}`` (input ``pixels`` float32 [N, 3, S, S]),
+``OUT_DIR/text/inference.{json,pdiparams}`` (input ``input_ids`` int64 [N, L]), ``export.json``
+and, when a vocab is known, ``vocab.txt``. Both models output L2-normalised embeddings.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", help="output folder (replaced atomically)")
+    p.add_argument("overrides", nargs="*", help="conf/infer.yaml overrides, e.g. model.init_from=PATH")
+    args = p.parse_args(argv)
+
+    import paddle
+    from hydra import compose, initialize_config_dir
+
+    from ernievil2.inference import (
+        InferError, build_inference_model, export_inference, register_infer_schema, resolve_vocab_file,
+    )
+    from ernievil2.train.config import _check_keys
+
+    register_infer_schema()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("infer", overrides=list(args.overrides))
+    try:
+        _check_keys(cfg, "")
+        paddle.set_device("cpu")
+        model, tokenizer = build_inference_model(cfg, require_vocab=False)
+        vocab = resolve_vocab_file(cfg, required=False)
+        files = export_inference(model, args.out_dir, model.cfg.vision.image_size, cfg.text_max_length, vocab)
+    except (InferError, KeyError) as exc:
+        print(f"export.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported to {files['dir']}")
+    for key, path in files.items():
+        if key != "dir":
+            print(f"  {key}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
