@@ -43,7 +43,7 @@ def load_retrieval_set(
     """Read every sample of ``shards`` (all captions of each image) and preprocess it for evaluation."""
     transform = EvalTransform(image_size)
     images, texts, owner = [], [], []
-    for sample in ShardStream(shards, shuffle_shards=False):
+    for sample in ShardStream(shards, shuffle_shards=False, split_by_rank=False):
         images.append(transform(sample.image, sample.key))
         texts.extend(sample.captions)
         owner.extend([len(images) - 1] * len(sample.captions))

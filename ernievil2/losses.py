@@ -4,6 +4,14 @@ Features (L2-normalised embeddings), not logits, cross ranks: every term asks a
 :class:`FeatureExchange` for the gathered columns and the offset of this rank's rows, so the
 distributed gather-with-gradient plugs in without touching the loss. With the default
 base :class:`FeatureExchange` (one process) the columns are the local batch itself.
+
+Two variants (``LossConfig.local_loss``): the *local* loss scores this rank's ``B`` rows against
+all ``W·B`` gathered columns (labels offset by ``rank·B``), and the job's loss is the mean of the
+ranks' values; the *global* loss scores all ``W·B`` gathered rows on every rank (``W`` times the
+compute, the same value everywhere). With a gather that all-reduces its gradient
+(:class:`ernievil2.distributed.AllGatherWithGrad`) both give every rank the feature gradient
+``W · dL/dx`` and, after ``paddle.DataParallel``'s averaging over ranks, the single-process
+gradient of the global batch; ``tests/test_distributed.py`` checks both against one process.
 """
 from __future__ import annotations
 
@@ -55,16 +63,21 @@ def info_nce(
     keys_local: paddle.Tensor,
     scale: paddle.Tensor,
     exchange: FeatureExchange,
+    local: bool = True,
 ) -> paddle.Tensor:
     """Symmetric InfoNCE between paired rows of ``queries`` and ``keys_local`` (this rank's rows).
 
-    Rows of this rank score against the columns of all ranks (local loss); labels are offset by
-    ``rank · B``. Returns the mean of the two directions' mean cross entropy.
+    Local (default): rows of this rank score against the columns of all ranks; labels are offset
+    by ``rank · B``. Global (``local=False``): the gathered rows of all ranks score against all
+    columns. Returns the mean of the two directions' mean cross entropy.
     """
     b = queries.shape[0]
-    labels = _labels(b, exchange.rank * b)
     keys_all = exchange.gather(keys_local)
     queries_all = exchange.gather(queries)
+    if local:
+        labels = _labels(b, exchange.rank * b)
+    else:
+        queries, keys_local, labels = queries_all, keys_all, _labels(queries_all.shape[0], 0)
     q2k = _cross_entropy_rows(scale * paddle.matmul(queries, keys_all, transpose_y=True), labels)
     k2q = _cross_entropy_rows(scale * paddle.matmul(keys_local, queries_all, transpose_y=True), labels)
     return (q2k.mean() + k2q.mean()) / 2
@@ -76,48 +89,59 @@ def masked_info_nce(
     mask: paddle.Tensor,
     scale: paddle.Tensor,
     exchange: FeatureExchange,
+    local: bool = True,
 ) -> paddle.Tensor:
     """Symmetric image–objects InfoNCE where ``mask`` (1/0 per sample) marks samples with tags.
 
     A sample without tags is neither a query in either direction nor a candidate objects text;
     its image stays a negative for the objects texts of other samples. The mean runs over the
     valid rows of the whole job, so the value does not depend on how samples fall on ranks.
+    Rows are this rank's (``local``) or all gathered rows (global), as in :func:`info_nce`.
     """
     b = images.shape[0]
-    labels = _labels(b, exchange.rank * b)
     mask = mask.astype(images.dtype)
     mask_all = exchange.gather(mask.detach())
     texts_all = exchange.gather(texts)
     images_all = exchange.gather(images)
+    if local:
+        labels = _labels(b, exchange.rank * b)
+    else:
+        images, texts, mask = images_all, texts_all, mask_all
+        labels = _labels(images_all.shape[0], 0)
     # image → objects: objects texts of untagged samples are not candidates.
     i2t_logits = scale * paddle.matmul(images, texts_all, transpose_y=True)
     i2t_logits = i2t_logits + (1.0 - mask_all.astype(i2t_logits.dtype)) * NEG_INF
     i2t = _cross_entropy_rows(i2t_logits, labels)
     t2i = _cross_entropy_rows(scale * paddle.matmul(texts, images_all, transpose_y=True), labels)
-    # Each rank divides by (valid rows of the job) / world size: averaging over ranks gives the
-    # global masked mean. A batch with no tagged sample contributes an exact zero.
-    count = exchange.sum(mask.sum().detach()) / exchange.world_size
+    # Local: each rank divides by (valid rows of the job) / world size, so averaging over ranks
+    # gives the global masked mean; global: every rank holds all valid rows of the job.
+    # A batch with no tagged sample contributes an exact zero.
+    count = mask.sum().detach() if not local else exchange.sum(mask.sum().detach()) / exchange.world_size
     denom = paddle.maximum(count, paddle.ones_like(count))
     rows = paddle.where(mask > 0, i2t + t2i, paddle.zeros_like(i2t))
     return rows.sum() / (2 * denom)
 
 
 def nt_xent(
-    view1: paddle.Tensor, view2: paddle.Tensor, scale: paddle.Tensor, exchange: FeatureExchange
+    view1: paddle.Tensor, view2: paddle.Tensor, scale: paddle.Tensor, exchange: FeatureExchange,
+    local: bool = True,
 ) -> paddle.Tensor:
     """NT-Xent (SimCLR) between two views: each of the 2B rows has one positive (its other view)
-    among all 2·W·B columns; its own column (self-similarity) is excluded."""
+    among all 2·W·B columns; its own column (self-similarity) is excluded. Global
+    (``local=False``): all 2·W·B gathered rows, as in :func:`info_nce`."""
     b = view1.shape[0]
     offset = exchange.rank * b
     v1_all = exchange.gather(view1)
     v2_all = exchange.gather(view2)
     n_all = v1_all.shape[0]
+    if not local:
+        view1, view2, b, offset = v1_all, v2_all, n_all, 0
     rows = paddle.concat([view1, view2], axis=0)
     cols = paddle.concat([v1_all, v2_all], axis=0)
     logits = scale * paddle.matmul(rows, cols, transpose_y=True)
-    local = paddle.arange(b, dtype="int64")
-    self_cols = paddle.concat([offset + local, n_all + offset + local])
-    positive = paddle.concat([n_all + offset + local, offset + local])
+    idx = paddle.arange(b, dtype="int64")
+    self_cols = paddle.concat([offset + idx, n_all + offset + idx])
+    positive = paddle.concat([n_all + offset + idx, offset + idx])
     self_mask = F.one_hot(self_cols, 2 * n_all).astype(logits.dtype) * NEG_INF
     return _cross_entropy_rows(logits + self_mask, positive).mean()
 
@@ -133,6 +157,10 @@ class LossConfig:
     # Fixed temperature of the intra-modal NT-Xent terms (SimCLR/SLIP use 0.1);
     # None shares the learnable logit scale of the inter-modal terms.
     intra_temperature: Optional[float] = 0.1
+    # Several ranks: True scores this rank's rows against all gathered columns (B × W·B logits per
+    # rank); False scores all gathered rows on every rank (W·B × W·B, W times the compute). Both
+    # give the single-process gradient (module docstring); the local loss is the scalable one.
+    local_loss: bool = True
 
 
 class MultiViewLoss:
@@ -146,6 +174,14 @@ class MultiViewLoss:
         self.exchange = exchange or FeatureExchange()
 
     @property
+    def uses_logit_scale(self) -> bool:
+        """Whether an active term depends on the learnable logit scale: the inter-modal terms, and
+        the intra-modal ones when ``intra_temperature`` is None."""
+        inter = any(t in self.weights for t in ("image_caption", "image_objects"))
+        intra = any(t in self.weights for t in ("image_image", "text_text"))
+        return inter or (intra and self.cfg.intra_temperature is None)
+
+    @property
     def required_views(self) -> tuple[str, ...]:
         """Model outputs the active terms need, e.g. ``("image", "caption")`` for CLIP-only."""
         views: list[str] = []
@@ -157,20 +193,20 @@ class MultiViewLoss:
         self, feats: Mapping[str, paddle.Tensor], logit_scale: paddle.Tensor,
         objects_mask: Optional[paddle.Tensor] = None,
     ) -> dict[str, paddle.Tensor]:
-        ex = self.exchange
+        ex, local = self.exchange, self.cfg.local_loss
         intra = logit_scale if self.cfg.intra_temperature is None else 1.0 / self.cfg.intra_temperature
         terms: dict[str, paddle.Tensor] = {}
         if "image_caption" in self.weights:
-            terms["image_caption"] = info_nce(feats["image"], feats["caption"], logit_scale, ex)
+            terms["image_caption"] = info_nce(feats["image"], feats["caption"], logit_scale, ex, local)
         if "image_objects" in self.weights:
             if objects_mask is None:
                 raise ValueError("the image_objects term needs objects_mask (1 for samples with tags)")
             terms["image_objects"] = masked_info_nce(
-                feats["image"], feats["objects"], objects_mask, logit_scale, ex
+                feats["image"], feats["objects"], objects_mask, logit_scale, ex, local
             )
         if "image_image" in self.weights:
-            terms["image_image"] = nt_xent(feats["image_view1"], feats["image_view2"], intra, ex)
+            terms["image_image"] = nt_xent(feats["image_view1"], feats["image_view2"], intra, ex, local)
         if "text_text" in self.weights:
-            terms["text_text"] = nt_xent(feats["caption"], feats["text_view"], intra, ex)
+            terms["text_text"] = nt_xent(feats["caption"], feats["text_view"], intra, ex, local)
         total = paddle.add_n([self.weights[t] * v for t, v in terms.items()])
         return {"loss": total, **terms}

@@ -414,6 +414,10 @@ class ShardStream(paddle.io.IterableDataset):
 
     Call :meth:`set_epoch` before creating the DataLoader iterator of each epoch (the workers copy
     the dataset when they start, so with ``persistent_workers=True`` the epoch does not propagate).
+
+    ``split_by_rank=False`` makes every rank read all shards (still split over loader workers):
+    for reads that each process needs whole, e.g. an evaluation set or the captions a vocab is
+    built from.
     """
 
     def __init__(
@@ -424,6 +428,7 @@ class ShardStream(paddle.io.IterableDataset):
         shuffle_buffer: int = 0,
         seed: int = 0,
         epoch: int = 0,
+        split_by_rank: bool = True,
     ) -> None:
         super().__init__()
         if seed < 0 or epoch < 0:
@@ -436,6 +441,7 @@ class ShardStream(paddle.io.IterableDataset):
         self.shuffle_buffer = int(shuffle_buffer)
         self.seed = int(seed)
         self.epoch = int(epoch)
+        self.split_by_rank = bool(split_by_rank)
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -480,7 +486,7 @@ class ShardStream(paddle.io.IterableDataset):
                 self._skip(url, str(raw.get("__key__", "?")), exn)
 
     def __iter__(self) -> Iterator[Any]:
-        rank, world = rank_and_world()
+        rank, world = rank_and_world() if self.split_by_rank else (0, 1)
         worker_id, num_workers = loader_worker()
         mine = self.shards_for(rank, world, worker_id, num_workers)
         gid = rank * num_workers + worker_id

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import paddle
 import paddle.nn as nn
@@ -46,8 +47,15 @@ class ErnieViL2(nn.Layer):
         """Clamp ``t`` in place so the logit scale stays ≤ ``max_scale`` (call after each step)."""
         self.temperature.set_value(paddle.clip(self.temperature, 0.0, math.log(max_scale)))
 
-    def forward(self, pixels: paddle.Tensor, input_ids: paddle.Tensor):
-        return self.encode_image(pixels), self.encode_text(input_ids), self.logit_scale
+    def forward(self, pixels: Optional[paddle.Tensor] = None, input_ids: Optional[paddle.Tensor] = None,
+                with_logit_scale: bool = True):
+        """``(image embeddings, text embeddings, logit scale)``; an embedding is ``None`` when its
+        input is, the logit scale when ``with_logit_scale`` is false. The trainer goes through
+        ``forward`` so that ``paddle.DataParallel`` sees it; every tensor it returns must then
+        receive a gradient, hence the option to leave out a logit scale the loss does not use."""
+        image = None if pixels is None else self.encode_image(pixels)
+        text = None if input_ids is None else self.encode_text(input_ids)
+        return image, text, self.logit_scale if with_logit_scale else None
 
 
 def build_model(cfg: DualEncoderConfig) -> ErnieViL2:

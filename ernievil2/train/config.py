@@ -6,7 +6,9 @@ Hydra's ConfigStore as ``schema`` and form the first entry of ``conf/config.yaml
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
+from datetime import datetime
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -138,9 +140,23 @@ class Config:
     name: str = "demo"  # run name (output folder, wandb run name default)
 
 
+RUN_TIME_ENV = "ERNIEVIL2_RUN_TIME"
+"""Environment variable holding the run's start time (ISO format, no zone) for ``${run_time:...}``."""
+
+
+def run_time(pattern: str) -> str:
+    """The ``${run_time:PATTERN}`` resolver of ``conf/config.yaml``'s ``hydra.run.dir``: the time in
+    ``$ERNIEVIL2_RUN_TIME`` (set by ``launch/train.py`` to rank 0's clock when the paddle launcher
+    starts several ranks, so that all ranks share one run dir), else now, formatted with ``strftime``."""
+    stamp = os.environ.get(RUN_TIME_ENV)
+    return (datetime.fromisoformat(stamp) if stamp else datetime.now()).strftime(pattern)
+
+
 def register_schemas() -> None:
-    """Register :class:`Config` as ``schema`` (used by ``conf/config.yaml``'s defaults)."""
+    """Register :class:`Config` as ``schema`` (used by ``conf/config.yaml``'s defaults) and the
+    ``run_time`` resolver."""
     ConfigStore.instance().store(name="schema", node=Config)
+    OmegaConf.register_new_resolver("run_time", run_time, use_cache=True, replace=True)
 
 
 def validate(cfg: DictConfig) -> Config:

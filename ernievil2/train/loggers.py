@@ -27,22 +27,32 @@ class _Jsonl:
 
 
 class RunLogger:
-    """Console + JSONL always; ``backend=wandb`` adds a wandb run (offline without an API key)."""
+    """Console + JSONL always; ``backend=wandb`` adds a wandb run (offline without an API key).
 
-    def __init__(self, run_dir: str | os.PathLike, cfg: LoggerSchema, resolved_config: Optional[dict] = None):
+    ``write_files=False`` (ranks other than 0 of a multi-process run): console lines only, no
+    JSONL file and no wandb run, so that one job writes one set of logs.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, cfg: LoggerSchema, resolved_config: Optional[dict] = None,
+                 write_files: bool = True):
+        if cfg.backend not in ("none", "wandb"):
+            raise ValueError(f"logger.backend must be 'none' or 'wandb', got {cfg.backend!r}")
         self.run_dir = Path(run_dir)
+        self.metrics: Optional[_Jsonl] = None
+        self.train_log: Optional[_Jsonl] = None
+        self.wandb = None
+        if not write_files:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = _Jsonl(self.run_dir / "metrics.jsonl")
         self.train_log = _Jsonl(self.run_dir / "train_log.jsonl")
-        self.wandb = None
         if cfg.backend == "wandb":
             self.wandb = _start_wandb(cfg, self.run_dir, resolved_config or {})
-        elif cfg.backend != "none":
-            raise ValueError(f"logger.backend must be 'none' or 'wandb', got {cfg.backend!r}")
 
     def log_train(self, step: int, scalars: dict[str, float]) -> None:
         record = {"step": step, **scalars}
-        self.train_log.append(record)
+        if self.train_log is not None:
+            self.train_log.append(record)
         parts = [f"step {step}"]
         for k, v in scalars.items():
             parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
@@ -52,7 +62,8 @@ class RunLogger:
 
     def log_eval(self, records: list[dict]) -> None:
         for r in records:
-            self.metrics.append(r)
+            if self.metrics is not None:
+                self.metrics.append(r)
             log.info("\n" + format_table(r, f"eval {r['dataset']} ({r['protocol']} protocol) at step {r['step']}"))
             if self.wandb is not None:
                 prefix = f"eval/{r['dataset']}/{r['protocol']}"

@@ -1,4 +1,12 @@
-"""Wire a resolved config into a training run: data, tokenizer, model, loss, optimizer, evaluators."""
+"""Wire a resolved config into a training run: data, tokenizer, model, loss, optimizer, evaluators.
+
+The same code runs as one process and under ``python -m paddle.distributed.launch`` (one process
+per rank, all sharing one run dir): model init is identical on every rank (same seed before
+``build_model``; ``paddle.DataParallel`` also broadcasts rank 0's parameters), dropout and other
+global randomness after that is seeded with ``seed + rank``, every rank reads its own shards, and
+rank 0 alone writes ``config.json``, the vocab, the JSONL logs, wandb and checkpoints and runs the
+evaluations.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +14,7 @@ import json
 import logging
 import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -16,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from ernievil2.data.demo import DemoDataSpec, ensure_demo_data
 from ernievil2.data.shards import ShardStream, collate_arrays, list_shards
 from ernievil2.data.views import MultiViewTransform, ViewConfig
+from ernievil2.distributed import DistInfo, DistributedExchange, broadcast_object, init_distributed, main_process_first
 from ernievil2.evaluation import RetrievalEvaluator, load_retrieval_set
 from ernievil2.losses import LossConfig, MultiViewLoss
 from ernievil2.models import build_model
@@ -37,7 +47,7 @@ def set_seed(seed: int) -> None:
 
 def _training_captions(shards: list[str], limit: int = 200_000) -> Iterable[str]:
     n = 0
-    for sample in ShardStream(shards, shuffle_shards=False):
+    for sample in ShardStream(shards, shuffle_shards=False, split_by_rank=False):
         for c in sample.captions:
             yield c
         n += 1
@@ -45,13 +55,29 @@ def _training_captions(shards: list[str], limit: int = 200_000) -> Iterable[str]
             return
 
 
-def prepare_tokenizer(cfg: Config, train_shards: list[str], run_dir: Path) -> WordPieceTokenizer:
-    """Load ``model.vocab_file``, or build a vocab from the training captions into the run dir."""
+def prepare_tokenizer(cfg: Config, train_shards: list[str], run_dir: Path,
+                      info: Optional[DistInfo] = None) -> WordPieceTokenizer:
+    """Load ``model.vocab_file``, or build a vocab from the training captions into the run dir.
+
+    Several ranks: rank 0 builds ``<run_dir>/vocab.txt`` and sends its text to the others, which
+    load it from a private temporary file (no shared file system needed; the tokenizer reads the
+    file once, when it is made).
+    """
     m = cfg.model
+    info = info or DistInfo()
     if m.vocab_file:
         return WordPieceTokenizer(os.path.expanduser(m.vocab_file), max_length=m.text_max_length)
-    vocab = WordPieceTokenizer.build_vocab(_training_captions(train_shards), run_dir / "vocab.txt", m.vocab_size)
-    return WordPieceTokenizer(vocab, max_length=m.text_max_length)
+    text = None
+    if info.is_main:
+        vocab = WordPieceTokenizer.build_vocab(_training_captions(train_shards), run_dir / "vocab.txt", m.vocab_size)
+        text = Path(vocab).read_text(encoding="utf-8")
+    text = broadcast_object(text)
+    if info.is_main:
+        return WordPieceTokenizer(vocab, max_length=m.text_max_length)
+    with tempfile.TemporaryDirectory(prefix=f"ernievil2_rank{info.rank}_") as tmp:
+        vocab = Path(tmp) / "vocab.txt"
+        vocab.write_text(text, encoding="utf-8")
+        return WordPieceTokenizer(vocab, max_length=m.text_max_length)
 
 
 def resolve_data(cfg: Config) -> tuple[list[str], dict[str, list[str]]]:
@@ -77,15 +103,20 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     """Train as configured; returns the final evaluation records (also in ``metrics.jsonl``)."""
     resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dataclasses.asdict(cfg)
     cfg = validate(cfg) if isinstance(cfg, DictConfig) else cfg
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False), encoding="utf-8")
-    set_seed(cfg.trainer.seed)
     if cfg.trainer.device != "auto":
         paddle.set_device(cfg.trainer.device)
+    info = init_distributed()
+    run_dir = Path(run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False), encoding="utf-8")
+    if info.distributed:
+        log.info("rank %d of %d (local rank %d), run dir %s", info.rank, info.world_size, info.local_rank, run_dir)
+    set_seed(cfg.trainer.seed)  # the same on every rank: identical model init
 
-    train_shards, eval_shards = resolve_data(cfg)
-    tokenizer = prepare_tokenizer(cfg, train_shards, run_dir)
+    with main_process_first():  # rank 0 generates the demo data once; the others find it cached
+        train_shards, eval_shards = resolve_data(cfg)
+    tokenizer = prepare_tokenizer(cfg, train_shards, run_dir, info)
     model_cfg = resolve_model(cfg.model, tokenizer.vocab_size, built_vocab=not cfg.model.vocab_file)
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
         raise ValueError(f"vocab has {tokenizer.vocab_size} tokens but model.text.vocab_size is {model_cfg.text.vocab_size}")
@@ -95,8 +126,11 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     n_params = sum(int(np.prod(p.shape)) for p in model.parameters())
     log.info("model %s: %.2fM parameters, image %d px, attention %s", cfg.model.preset, n_params / 1e6,
              model_cfg.vision.image_size, model_cfg.attention)
+    # From here on randomness (dropout) differs per rank. Data augmentation does not need this: it
+    # is seeded per sample key, and each rank reads different samples.
+    set_seed(cfg.trainer.seed + info.rank)
 
-    loss = MultiViewLoss(cfg.loss)
+    loss = MultiViewLoss(cfg.loss, DistributedExchange(info))
     views_cfg = dataclasses.replace(cfg.data.views, image_size=model_cfg.vision.image_size)
     transform = MultiViewTransform(views_cfg, tokenizer, cfg.model.text_max_length, cfg.trainer.seed,
                                    views=loss.required_views)
@@ -108,20 +142,21 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
         return paddle.io.DataLoader(stream, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                                     collate_fn=collate_arrays, drop_last=True)
 
+    # Evaluation runs on rank 0 only (the other ranks wait at their next collective).
     evaluators = [
         RetrievalEvaluator(s.name, load_retrieval_set(eval_shards[s.name], model_cfg.vision.image_size, tokenizer,
                                                       cfg.model.text_max_length), s.protocol, cfg.eval.batch_size)
         for s in cfg.eval.datasets
-    ]
+    ] if info.is_main else []
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.trainer.max_steps)
-    logger = RunLogger(run_dir, cfg.logger, resolved)
+    logger = RunLogger(run_dir, cfg.logger, resolved, write_files=info.is_main)
     vocab_path = Path(tokenizer.vocab_file)
     trainer = Trainer(
         model, loss, optimizer, scheduler, batches, evaluators, logger, run_dir,
         max_steps=cfg.trainer.max_steps, log_every=cfg.logger.log_every, eval_every=cfg.eval.every_n_steps,
         eval_at_end=cfg.eval.at_end, max_minutes=cfg.trainer.max_minutes,
         save_checkpoint=cfg.trainer.save_checkpoint,
-        checkpoint_files={"vocab.txt": vocab_path, "train_config.json": resolved},
+        checkpoint_files={"vocab.txt": vocab_path, "train_config.json": resolved}, dist=info,
     )
     try:
         return trainer.fit()
