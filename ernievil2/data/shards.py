@@ -401,8 +401,18 @@ class ShardStream(paddle.io.IterableDataset):
     ``np.random.default_rng([seed, epoch])`` (the same permutation everywhere) and takes
     ``shards[g::world * num_workers]`` with ``g = rank * num_workers + worker_id``: every shard is
     read by exactly one worker of one rank. Fewer shards than ``world * num_workers`` raises
-    ``ValueError``. Ranks may receive different sample counts when shard sizes/counts don't divide
-    evenly; the trainer must cope (e.g. a fixed number of steps).
+    ``ValueError`` (never a hang; call :meth:`check_readers` in the main process before making a
+    DataLoader with workers, since a worker's exception reaches the main process only as paddle's
+    generic "Blocking queue is killed" ``SystemError``, the real message going to stderr). Ranks
+    may receive different sample counts when shard sizes/counts don't divide evenly; the trainer
+    must cope (e.g. a fixed number of steps).
+
+    ``resampled=True`` (LAION-style streams, or fewer shards than readers): each reader instead
+    draws shards *with replacement* from the full list, with a generator seeded by
+    ``(seed, epoch, g)``, and never ends: the caller stops it (the trainer's ``max_steps``). Every
+    reader draws its own sequence, so ranks still see different data, but a sample may come twice
+    before another comes once. A stream whose every shard yields no sample raises ``ValueError``
+    instead of spinning.
 
     Samples are decoded with :func:`decode_sample`, optionally shuffled in a buffer of
     ``shuffle_buffer`` raw samples seeded by ``(seed, epoch, g)``, then passed to
@@ -429,6 +439,7 @@ class ShardStream(paddle.io.IterableDataset):
         seed: int = 0,
         epoch: int = 0,
         split_by_rank: bool = True,
+        resampled: bool = False,
     ) -> None:
         super().__init__()
         if seed < 0 or epoch < 0:
@@ -442,6 +453,7 @@ class ShardStream(paddle.io.IterableDataset):
         self.seed = int(seed)
         self.epoch = int(epoch)
         self.split_by_rank = bool(split_by_rank)
+        self.resampled = bool(resampled)
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -454,15 +466,31 @@ class ShardStream(paddle.io.IterableDataset):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = int(epoch)
 
-    def shards_for(self, rank: int, world: int, worker_id: int, num_workers: int) -> list[str]:
-        """The shards one (rank, worker) reads this epoch, in reading order."""
+    def check_readers(self, num_workers: int, world: Optional[int] = None) -> None:
+        """Raise the ``ValueError`` of too few shards for ``world`` ranks (default: this job's) ×
+        ``num_workers`` loader workers (0 = reading in the main process = 1 reader) here, in the
+        calling process. Without it the error happens inside the DataLoader workers, and the main
+        process only sees paddle's generic ``SystemError``. A no-op when ``resampled``."""
+        if self.resampled:
+            return
+        if world is None:
+            world = rank_and_world()[1] if self.split_by_rank else 1
+        self._check_split(world, max(int(num_workers), 1))
+
+    def _check_split(self, world: int, num_workers: int) -> None:
         consumers = world * num_workers
         if len(self.shards) < consumers:
             raise ValueError(
                 f"{len(self.shards)} shard(s) cannot feed {world} rank(s) x {num_workers} loader worker(s) "
-                f"= {consumers} readers without reading a shard twice: write at least {consumers} shards "
-                f"or use fewer workers"
+                f"= {consumers} readers without reading a shard twice: write at least {consumers} shards, "
+                f"use fewer loader workers (data.num_workers) or set data.resampled=true to draw shards "
+                f"with replacement (an endless stream)"
             )
+
+    def shards_for(self, rank: int, world: int, worker_id: int, num_workers: int) -> list[str]:
+        """The shards one (rank, worker) reads this epoch, in reading order (without ``resampled``)."""
+        consumers = world * num_workers
+        self._check_split(world, num_workers)
         order = list(self.shards)
         if self.shuffle_shards:
             perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(order))
@@ -476,7 +504,7 @@ class ShardStream(paddle.io.IterableDataset):
         elif self.skipped == _MAX_LOGGED_SKIPS + 1:
             logger.warning("more samples skipped; further ones are only counted")
 
-    def _decoded(self, shards: list[str]) -> Iterator[tuple[str, RawSample]]:
+    def _decoded(self, shards: Iterable[str]) -> Iterator[tuple[str, RawSample]]:
         raw_iter = tariterators.tarfile_samples(({"url": u} for u in shards), handler=_log_and_continue)
         for raw in raw_iter:
             url = str(raw.get("__url__", "?"))
@@ -485,13 +513,33 @@ class ShardStream(paddle.io.IterableDataset):
             except ValueError as exn:
                 self._skip(url, str(raw.get("__key__", "?")), exn)
 
+    def _resampled(self, gid: int) -> Iterator[tuple[str, RawSample]]:
+        """Endless: shards drawn with replacement by reader ``gid``'s own generator."""
+        # The trailing 1 keeps this generator apart from the shuffle buffer's ([seed, epoch, gid]).
+        rng = np.random.default_rng([self.seed, self.epoch, gid, 1])
+        barren: set[str] = set()  # shards that gave no sample, while no shard has given one
+        produced = False
+        while True:
+            url = self.shards[int(rng.integers(len(self.shards)))]
+            got = False
+            for item in self._decoded([url]):
+                got = produced = True
+                yield item
+            if not got and not produced:
+                barren.add(url)
+                if len(barren) == len(self.shards):
+                    raise ValueError(f"resampled stream: none of the {len(self.shards)} shard(s) yields a "
+                                     f"readable sample (first: {self.shards[0]})")
+
     def __iter__(self) -> Iterator[Any]:
         rank, world = rank_and_world() if self.split_by_rank else (0, 1)
         worker_id, num_workers = loader_worker()
-        mine = self.shards_for(rank, world, worker_id, num_workers)
         gid = rank * num_workers + worker_id
         self.skipped = 0
-        samples: Iterator[tuple[str, RawSample]] = self._decoded(mine)
+        if self.resampled:
+            samples: Iterator[tuple[str, RawSample]] = self._resampled(gid)
+        else:
+            samples = self._decoded(self.shards_for(rank, world, worker_id, num_workers))
         if self.shuffle_buffer > 1:
             samples = _buffer_shuffle(samples, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, gid]))
         for url, sample in samples:

@@ -69,6 +69,10 @@ class DataSchema:
     batch_size: int = 128
     num_workers: int = 1
     shuffle_buffer: int = 1000
+    # Draw training shards with replacement, per rank and loader worker (an endless stream that
+    # max_steps ends): for fewer shards than ranks x workers, or LAION-style training. False: each
+    # epoch reads every shard once across the job, and too few shards is an error.
+    resampled: bool = False
     demo: DemoSchema = field(default_factory=DemoSchema)
     # image_size of the views always follows the model's vision.image_size.
     views: ViewConfig = field(default_factory=ViewConfig)

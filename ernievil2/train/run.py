@@ -135,7 +135,11 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     transform = MultiViewTransform(views_cfg, tokenizer, cfg.model.text_max_length, cfg.trainer.seed,
                                    views=loss.required_views)
     stream = ShardStream(train_shards, transform=transform, shuffle_buffer=cfg.data.shuffle_buffer,
-                         seed=cfg.trainer.seed)
+                         seed=cfg.trainer.seed, resampled=cfg.data.resampled)
+    # Too few shards for ranks x workers: fail here with the message (inside the loader workers the
+    # main process would only see paddle's generic "Blocking queue is killed"). With
+    # data.resampled=true the stream is endless and one "epoch" lasts until max_steps.
+    stream.check_readers(cfg.data.num_workers, info.world_size)
 
     def batches(epoch: int):
         stream.set_epoch(epoch)
