@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -13,19 +12,12 @@ import numpy as np
 import paddle
 from safetensors.numpy import load_file, save_file
 
+from ernievil2.atomic import atomic_dir
 from ernievil2.models import ErnieViL2, build_model
 from ernievil2.models.config import DualEncoderConfig, TextConfig, VisionConfig
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def state_to_numpy(model: paddle.nn.Layer) -> dict[str, np.ndarray]:
@@ -35,10 +27,7 @@ def state_to_numpy(model: paddle.nn.Layer) -> dict[str, np.ndarray]:
 def save_checkpoint(model: ErnieViL2, out_dir: str | os.PathLike, files: Optional[dict[str, Any]] = None) -> Path:
     """Write ``model.safetensors`` + ``model_config.json`` (+ ``files``: name → JSON-able or Path to copy)
     into ``out_dir`` atomically: a kill at any moment leaves either the old folder or the new one."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(state_to_numpy(model), str(tmp / WEIGHTS))
         (tmp / MODEL_CONFIG).write_text(json.dumps(asdict(model.cfg), indent=2), encoding="utf-8")
         for name, content in (files or {}).items():
@@ -46,23 +35,7 @@ def save_checkpoint(model: ErnieViL2, out_dir: str | os.PathLike, files: Optiona
                 shutil.copyfile(content, tmp / name)
             else:
                 (tmp / name).write_text(json.dumps(content, indent=2, default=str), encoding="utf-8")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def config_from_dict(d: dict) -> DualEncoderConfig:

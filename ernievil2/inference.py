@@ -28,17 +28,17 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ernievil2.atomic import atomic_dir, atomic_write
 from ernievil2.data.preprocess import PROFILES, preprocess
 from ernievil2.train.config import ModelSchema, resolve_model
 
@@ -291,26 +291,6 @@ def format_embedding_lines(text_emb: np.ndarray, image_emb: np.ndarray) -> str:
         f"{fmt % tuple(t)}\t{fmt % tuple(i)}\t1\n"
         for t, i in zip(text_emb.astype(np.float64).tolist(), image_emb.astype(np.float64).tolist())
     )
-
-
-@contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on success it is fsynced and renamed onto ``path``,
-    on error removed (``path`` keeps its old content)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        kwargs = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def sidecar_paths(output_file: str | os.PathLike) -> dict[str, Path]:
@@ -573,44 +553,32 @@ def export_inference(
     if not 2 <= text_max_length <= cfg.text.max_positions:
         raise InferError(f"text_max_length must be in [2, {cfg.text.max_positions}], got {text_max_length}")
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     was_training = model.training
     model.eval()
     try:
-        paddle.jit.save(
-            _static_image_layer(model), str(tmp / "image" / "inference"),
-            input_spec=[InputSpec([None, 3, image_size, image_size], "float32", "pixels")],
-        )
-        paddle.jit.save(
-            _static_text_layer(model), str(tmp / "text" / "inference"),
-            input_spec=[InputSpec([None, None], "int64", "input_ids")],
-        )
-        meta = {
-            "image": {"input": "pixels", "shape": [None, 3, image_size, image_size], "dtype": "float32"},
-            "text": {"input": "input_ids", "shape": [None, None], "dtype": "int64",
-                     "max_length": text_max_length, "max_positions": cfg.text.max_positions,
-                     "pad_id": cfg.text.pad_id},
-            "embedding_dim": cfg.vision.width,
-            "normalized": True,
-            "image_mean": [0.485, 0.456, 0.406],
-            "image_std": [0.229, 0.224, 0.225],
-        }
-        if vocab_file:
-            shutil.copyfile(vocab_file, tmp / "vocab.txt")
-            meta["vocab"] = "vocab.txt"
-        (tmp / "export.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out) as tmp:
+            paddle.jit.save(
+                _static_image_layer(model), str(tmp / "image" / "inference"),
+                input_spec=[InputSpec([None, 3, image_size, image_size], "float32", "pixels")],
+            )
+            paddle.jit.save(
+                _static_text_layer(model), str(tmp / "text" / "inference"),
+                input_spec=[InputSpec([None, None], "int64", "input_ids")],
+            )
+            meta = {
+                "image": {"input": "pixels", "shape": [None, 3, image_size, image_size], "dtype": "float32"},
+                "text": {"input": "input_ids", "shape": [None, None], "dtype": "int64",
+                         "max_length": text_max_length, "max_positions": cfg.text.max_positions,
+                         "pad_id": cfg.text.pad_id},
+                "embedding_dim": cfg.vision.width,
+                "normalized": True,
+                "image_mean": [0.485, 0.456, 0.406],
+                "image_std": [0.229, 0.224, 0.225],
+            }
+            if vocab_file:
+                shutil.copyfile(vocab_file, tmp / "vocab.txt")
+                meta["vocab"] = "vocab.txt"
+            (tmp / "export.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     finally:
         model.train(was_training)
     files = {"dir": out, "meta": out / "export.json"}

@@ -42,8 +42,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -51,6 +49,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 import paddle
 
+from ernievil2.atomic import atomic_dir
 from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, config_from_dict, state_to_numpy
 from ernievil2.models import ErnieViL2, build_model
 from ernievil2.models.config import INIT_TEMPERATURE, DualEncoderConfig, TextConfig, VisionConfig
@@ -636,17 +635,6 @@ def build_from_pretrained(
 # --------------------------------------------------------------------------------------------
 # Export.
 
-def _fsync_tree(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_plain_vocab(vocab_file: str | os.PathLike, out: Path) -> None:
     """PaddleNLP's tokenizers read one token per line (line number = id); the released ERNIE vocab
     is ``token<TAB>id`` (and lists ``$`` twice, at ids 12084 and 18005). Write the tokens in id
@@ -683,8 +671,7 @@ def export_paddlenlp(model: ErnieViL2, out_dir: str | os.PathLike, vocab_file: O
             "model uses %g, so PaddleNLP's text embeddings will differ slightly from ours", PADDLENLP_TEXT_LN_EPS,
             cfg.text.ln_eps,
         )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, str(tmp / PADDLENLP_WEIGHTS))
         (tmp / PADDLENLP_CONFIG).write_text(json.dumps(dual_encoder_config_to_paddlenlp(cfg), indent=2), encoding="utf-8")
         if vocab_file is not None:
@@ -694,16 +681,4 @@ def export_paddlenlp(model: ErnieViL2, out_dir: str | os.PathLike, vocab_file: O
                             "model_max_length": cfg.text.max_positions}, indent=2),
                 encoding="utf-8",
             )
-        _fsync_tree(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -17,12 +17,12 @@ When a token appears twice the later line wins, as in the official ERNIE and Pad
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from ernievil2.atomic import atomic_write
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 __all__ = ["WordPieceTokenizer", "SPECIAL_TOKENS", "load_vocab"]
@@ -245,16 +245,6 @@ class WordPieceTokenizer:
         if bad:
             raise ValueError(f"trained vocab holds tokens that cannot be written one per line: {bad!r}")
 
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=out_path.name + ".", suffix=".tmp", dir=out_path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write("\n".join(ordered) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(out_path) as f:
+            f.write("\n".join(ordered) + "\n")
         return out_path

@@ -3,7 +3,6 @@ attention backends, temperature, config validation, checkpoints and the optimize
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import paddle

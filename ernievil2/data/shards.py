@@ -30,6 +30,8 @@ import numpy as np
 import paddle
 from webdataset import tariterators
 
+from ernievil2.atomic import atomic_write
+
 from .sample import RawSample
 
 logger = logging.getLogger(__name__)
@@ -63,15 +65,6 @@ def _validate_key(key: str) -> None:
 def _member_size(n_bytes: int) -> int:
     """Bytes one regular member takes in a tar: a header block plus data padded to 512."""
     return _TAR_BLOCK + -(-n_bytes // _TAR_BLOCK) * _TAR_BLOCK
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def sample_to_members(sample: RawSample, image_ext: str = "jpg") -> list[tuple[str, bytes]]:
@@ -211,7 +204,8 @@ class ShardWriter:
         if self._closed:
             return
         self._finish_current()
-        _atomic_write_text(self.out_dir / "sizes.json", json.dumps(self.sizes, indent=1, sort_keys=True) + "\n")
+        with atomic_write(self.out_dir / "sizes.json") as f:
+            f.write(json.dumps(self.sizes, indent=1, sort_keys=True) + "\n")
         self._closed = True
 
     def abort(self) -> None:

@@ -24,10 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ernievil2.data.demo import DemoDataSpec, ensure_demo_data
 from ernievil2.data.shards import ShardStream, collate_arrays, list_shards
-from ernievil2.data.views import MultiViewTransform, ViewConfig
+from ernievil2.data.views import MultiViewTransform
 from ernievil2.distributed import DistInfo, DistributedExchange, broadcast_object, init_distributed, main_process_first
 from ernievil2.evaluation import RetrievalEvaluator, load_retrieval_set
-from ernievil2.losses import LossConfig, MultiViewLoss
+from ernievil2.losses import MultiViewLoss
 from ernievil2.models import build_model
 from ernievil2.pretrained import load_pretrained
 from ernievil2.tokenizer import WordPieceTokenizer
