@@ -22,7 +22,9 @@ import paddle
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ernievil2.data.sample import RawSample  # noqa: E402
-from ernievil2.data.shards import ShardStream, collate_arrays, rank_and_world  # noqa: E402
+from ernievil2.data.shards import (  # noqa: E402
+    ExitWithParent, ShardStream, collate_arrays, iterate_loader, rank_and_world,
+)
 
 
 def key_number(sample: RawSample, epoch: int) -> dict[str, np.ndarray]:
@@ -56,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     record: dict = {"rank": rank, "world": world, "epochs": []}
     for epoch in range(args.epochs):
         stream.set_epoch(epoch)
-        loader = paddle.io.DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
-                                      collate_fn=collate_arrays)
+        loader = iterate_loader(paddle.io.DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
+                                                     collate_fn=collate_arrays, worker_init_fn=ExitWithParent()))
         idx: list[int] = []
         workers: list[int] = []
         for n, batch in enumerate(loader, start=1):
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             workers += _values(batch["worker"])
             if args.max_batches and n >= args.max_batches:
                 break
+        loader.close()  # shut the loader down now (iterate_loader), not whenever it is collected
         record["epochs"].append({"idx": idx, "worker": workers})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

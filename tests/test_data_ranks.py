@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import paddle
 import pytest
 
 from ernievil2.data.sample import RawSample
-from ernievil2.data.shards import ShardStream, ShardWriter
+from ernievil2.data.shards import ShardStream, ShardWriter, collate_arrays, iterate_loader
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = REPO_ROOT / "tests" / "dist_data_worker.py"
@@ -122,7 +123,8 @@ def test_resampled_runs_with_too_few_shards(tmp_path):
 @pytest.mark.timeout(TIMEOUT_S)
 def test_loader_workers_error_is_a_failure_not_a_hang(tmp_path):
     """Without the main-process check the error happens in a loader worker: paddle hands the main
-    process only a generic SystemError, but the run fails promptly and stderr carries the message."""
+    process only a generic SystemError (and re-raises the worker's error in a daemon thread that may
+    not get to print it), but the run fails promptly and the workers have logged the message."""
     shards = _write_shards(tmp_path / "shards", n=7, per_shard=7)  # 1 shard, 2 workers
     proc = _run([sys.executable, str(WORKER), "--shards", str(shards), "--out", str(tmp_path / "out"),
                  "--workers", "2", "--no-precheck"], tmp_path)
@@ -187,6 +189,77 @@ def test_resampled_stream_of_unreadable_shards_raises(tmp_path, monkeypatch):
         (bad / f"b-{i}.tar").write_bytes(b"this is not a tar file" * 10)
     with pytest.raises(ValueError, match=r"none of the 3 shard\(s\) yields a readable sample"):
         next(iter(ShardStream(str(bad), resampled=True)))
+
+
+class _FakeIterator:
+    """Stands in for paddle's loader iterator: records the shutdown calls."""
+
+    def __init__(self, calls: list[str], n: int = 100):
+        self.calls, self.left = calls, n
+        self._shutdown = False
+        self._reader = SimpleNamespace(shutdown=lambda: calls.append("reader.shutdown"))
+        self._thread = SimpleNamespace(is_alive=lambda: True, join=lambda t: calls.append(f"join {t}"))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.left:
+            raise StopIteration
+        self.left -= 1
+        return self.left
+
+    def _try_shutdown_all(self):
+        self.calls.append("try_shutdown_all")
+        self._shutdown = True
+
+
+def test_iterate_loader_shuts_down_when_left_early():
+    calls: list[str] = []
+    it = _FakeIterator(calls)
+    loader = type("Loader", (), {"__iter__": lambda self: it})()
+    for n, _ in enumerate(iterate_loader(loader), start=1):
+        if n == 3:
+            break  # the generator is closed right here (CPython refcounting), as in the trainer
+    assert calls == ["reader.shutdown", "try_shutdown_all", "join 1.0"]
+    # Loaders without paddle's private attributes are simply iterated.
+    assert list(iterate_loader([1, 2, 3])) == [1, 2, 3]
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+def test_iterate_loader_with_workers_over_an_endless_stream(tmp_path, monkeypatch):
+    for var in ("PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM"):
+        monkeypatch.delenv(var, raising=False)
+    shards = _write_shards(tmp_path, n=21, per_shard=7)
+    stream = ShardStream(str(shards), resampled=True, transform=lambda s, e: {"i": np.asarray(int(s.key[1:]))})
+    for _ in range(2):  # a second loader after the first was left early still works
+        batches = iterate_loader(paddle.io.DataLoader(stream, batch_size=4, num_workers=2, collate_fn=collate_arrays))
+        got = [next(batches) for _ in range(5)]
+        batches.close()
+        assert len(got) == 5
+        assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+_PDEATHSIG_PROBE = """
+import ctypes, ctypes.util, os, sys
+from ernievil2.data.shards import ExitWithParent
+init = ExitWithParent()  # made in "the rank"; this probe plays the worker, its parent the rank
+init.parent = os.getppid() if sys.argv[1] == "normal" else -1  # -1: the rank died before init ran
+init(0)
+sig = ctypes.c_int(0)
+ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG
+print("pdeathsig", sig.value)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux only")
+def test_exit_with_parent_sets_the_parent_death_signal(tmp_path):
+    """The loader workers' init function (run.py) asks the kernel for SIGKILL when the rank dies,
+    and exits at once when the rank is already gone (tests/test_multinode.py kills a rank)."""
+    ok = _run([sys.executable, "-c", _PDEATHSIG_PROBE, "normal"], tmp_path)
+    assert ok.returncode == 0 and "pdeathsig 9" in ok.stdout, ok.stdout + ok.stderr
+    orphan = _run([sys.executable, "-c", _PDEATHSIG_PROBE, "orphan"], tmp_path)
+    assert orphan.returncode == 1 and "pdeathsig" not in orphan.stdout
 
 
 # ------------------------------------------------------------------------------------------------

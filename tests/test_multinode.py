@@ -5,7 +5,8 @@
   ranks end with identical parameters (the trainer's digest, logged per rank, equal to the
   digest of rank 0's checkpoint).
 - SIGKILL of one rank of a running 2-process job: the launcher exits non-zero within 60 s and
-  every process of the job (ranks, data-loader workers) is gone; nothing hangs.
+  every process of the job (ranks, data-loader workers) is gone; nothing hangs. The same for a
+  two-node job: both launchers exit non-zero.
 - ``launch/train_node.sh`` / ``launch/train_multinode.sh`` build the launcher command they promise.
 """
 from __future__ import annotations
@@ -235,6 +236,7 @@ def test_killed_rank_ends_the_job(tmp_path):
         except subprocess.TimeoutExpired:
             pytest.fail(f"the launcher still runs {KILL_DEADLINE_S} s after rank 1 was killed{_logs(log_dir)}")
         elapsed = time.monotonic() - start
+        print(f"launcher exited {code} {elapsed:.1f} s after SIGKILL of rank 1 (pid {ranks[1]}); job pids {job}")
         assert code != 0, f"launcher exited 0 after a rank was killed{_logs(log_dir)}"
         assert elapsed < KILL_DEADLINE_S
         # Nothing lingers: rank 0 (blocked in a collective) and all loader workers are gone.
@@ -245,3 +247,48 @@ def test_killed_rank_ends_the_job(tmp_path):
         assert not left, f"processes still alive after the launcher exited: {left}"
     finally:
         _stop([launcher], job)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_killed_rank_ends_a_two_node_job(tmp_path):
+    """The same across two launchers (nodes over 127.0.0.1): SIGKILL of node 1's rank makes both
+    launchers exit non-zero (node 0's rank sees its gloo peer's connection reset)."""
+    port = _free_port()
+    overrides = _overrides(tmp_path, "trainer.max_steps=100000", "logger.log_every=1", "trainer.save_checkpoint=false")
+    procs: list[subprocess.Popen] = []
+    job: list[int] = []
+    try:
+        for node in (0, 1):
+            cmd = ["bash", str(MULTINODE_SH), "--master", f"127.0.0.1:{port}", "--nnodes", "2", "--rank", str(node),
+                   "--nproc_per_node", "1", "--log_dir", str(tmp_path / f"log{node}"), "--", *overrides]
+            with open(tmp_path / f"launcher{node}.out", "w") as out:
+                procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+        logs = [tmp_path / f"log{node}" / "workerlog.0" for node in (0, 1)]
+        deadline = time.monotonic() + 100
+        while not all(p.exists() and "step 2 | loss" in p.read_text(errors="replace") for p in logs):
+            if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+                pytest.fail(f"the two-node job did not start training{_logs(tmp_path / 'log0', tmp_path / 'log1')}")
+            time.sleep(0.5)
+        job = [pid for p in procs for pid in _descendants(p.pid)]
+        victims = [pid for pid in _children(procs[1].pid) if _trainer_id(pid) == 1]
+        assert len(victims) == 1, _children(procs[1].pid)
+
+        os.kill(victims[0], signal.SIGKILL)
+        start = time.monotonic()
+        codes = []
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout=max(1.0, KILL_DEADLINE_S - (time.monotonic() - start))))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"a launcher still runs {KILL_DEADLINE_S} s after rank 1 was killed"
+                            f"{_logs(tmp_path / 'log0', tmp_path / 'log1')}")
+        print(f"launchers exited {codes} {time.monotonic() - start:.1f} s after SIGKILL of rank 1")
+        assert all(code != 0 for code in codes), codes
+        linger_deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in job) and time.monotonic() < linger_deadline:
+            time.sleep(0.5)
+        assert not [pid for pid in job if _alive(pid)]
+    finally:
+        _stop(procs, job)

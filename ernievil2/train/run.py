@@ -23,7 +23,7 @@ import paddle
 from omegaconf import DictConfig, OmegaConf
 
 from ernievil2.data.demo import DemoDataSpec, ensure_demo_data
-from ernievil2.data.shards import ShardStream, collate_arrays, list_shards
+from ernievil2.data.shards import ExitWithParent, ShardStream, collate_arrays, iterate_loader, list_shards
 from ernievil2.data.views import MultiViewTransform
 from ernievil2.distributed import DistInfo, DistributedExchange, broadcast_object, init_distributed, main_process_first
 from ernievil2.evaluation import RetrievalEvaluator, load_retrieval_set
@@ -143,8 +143,11 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
 
     def batches(epoch: int):
         stream.set_epoch(epoch)
-        return paddle.io.DataLoader(stream, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                                    collate_fn=collate_arrays, drop_last=True)
+        # A loader worker must not outlive its rank (e.g. a rank killed by SIGKILL): ExitWithParent.
+        # The trainer leaves the loader mid-stream at max_steps: iterate_loader shuts it down cleanly.
+        return iterate_loader(paddle.io.DataLoader(
+            stream, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate_arrays,
+            drop_last=True, worker_init_fn=ExitWithParent()))
 
     # Evaluation runs on rank 0 only (the other ranks wait at their next collective).
     evaluators = [
