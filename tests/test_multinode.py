@@ -162,18 +162,25 @@ def test_scripts_build_the_launcher_command(tmp_path):
 
 
 @pytest.mark.slow
+def _start_two_nodes(tmp_path, port: int, overrides: list[str]) -> list[subprocess.Popen]:
+    """Two launchers on this machine acting as nodes 0 and 1 over 127.0.0.1, one process each."""
+    procs = []
+    for node in (0, 1):
+        cmd = ["bash", str(MULTINODE_SH), "--master", f"127.0.0.1:{port}", "--nnodes", "2", "--rank", str(node),
+               "--nproc_per_node", "1", "--log_dir", str(tmp_path / f"log{node}"), "--", *overrides]
+        with open(tmp_path / f"launcher{node}.out", "w") as out:
+            procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    return procs
+
+
 @pytest.mark.timeout(180)
 def test_two_nodes_over_loopback(tmp_path):
     port = _free_port()
     overrides = _overrides(tmp_path, "trainer.max_steps=6", "logger.log_every=2")
     procs: list[subprocess.Popen] = []
     try:
-        for node in (0, 1):
-            cmd = ["bash", str(MULTINODE_SH), "--master", f"127.0.0.1:{port}", "--nnodes", "2", "--rank", str(node),
-                   "--nproc_per_node", "1", "--log_dir", str(tmp_path / f"log{node}"), "--", *overrides]
-            with open(tmp_path / f"launcher{node}.out", "w") as out:
-                procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                                              start_new_session=True))
+        procs.extend(_start_two_nodes(tmp_path, port, overrides))
         deadline = time.monotonic() + 150
         codes = []
         for p in procs:
@@ -259,12 +266,7 @@ def test_killed_rank_ends_a_two_node_job(tmp_path):
     procs: list[subprocess.Popen] = []
     job: list[int] = []
     try:
-        for node in (0, 1):
-            cmd = ["bash", str(MULTINODE_SH), "--master", f"127.0.0.1:{port}", "--nnodes", "2", "--rank", str(node),
-                   "--nproc_per_node", "1", "--log_dir", str(tmp_path / f"log{node}"), "--", *overrides]
-            with open(tmp_path / f"launcher{node}.out", "w") as out:
-                procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                                              start_new_session=True))
+        procs.extend(_start_two_nodes(tmp_path, port, overrides))
         logs = [tmp_path / f"log{node}" / "workerlog.0" for node in (0, 1)]
         deadline = time.monotonic() + 100
         while not all(p.exists() and "step 2 | loss" in p.read_text(errors="replace") for p in logs):
