@@ -23,7 +23,8 @@ import paddle
 from omegaconf import DictConfig, OmegaConf
 
 from ernievil2.data.demo import DemoDataSpec, ensure_demo_data
-from ernievil2.data.shards import ExitWithParent, ShardStream, collate_arrays, iterate_loader, list_shards
+from ernievil2.data.loader import build_train_data
+from ernievil2.data.shards import ShardStream, list_shards
 from ernievil2.data.views import MultiViewTransform
 from ernievil2.distributed import DistInfo, DistributedExchange, broadcast_object, init_distributed, main_process_first
 from ernievil2.evaluation import RetrievalEvaluator, load_retrieval_set
@@ -134,20 +135,9 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     views_cfg = dataclasses.replace(cfg.data.views, image_size=model_cfg.vision.image_size)
     transform = MultiViewTransform(views_cfg, tokenizer, cfg.model.text_max_length, cfg.trainer.seed,
                                    views=loss.required_views)
-    stream = ShardStream(train_shards, transform=transform, shuffle_buffer=cfg.data.shuffle_buffer,
-                         seed=cfg.trainer.seed, resampled=cfg.data.resampled)
-    # Too few shards for ranks x workers: fail here with the message (inside the loader workers the
-    # main process would only see paddle's generic "Blocking queue is killed"). With
-    # data.resampled=true the stream is endless and one "epoch" lasts until max_steps.
-    stream.check_readers(cfg.data.num_workers, info.world_size)
-
-    def batches(epoch: int):
-        stream.set_epoch(epoch)
-        # A loader worker must not outlive its rank (e.g. a rank killed by SIGKILL): ExitWithParent.
-        # The trainer leaves the loader mid-stream at max_steps: iterate_loader shuts it down cleanly.
-        return iterate_loader(paddle.io.DataLoader(
-            stream, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate_arrays,
-            drop_last=True, worker_init_fn=ExitWithParent()))
+    data = build_train_data(train_shards, transform, batch_size=cfg.data.batch_size,
+                            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                            seed=cfg.trainer.seed, resampled=cfg.data.resampled, world_size=info.world_size)
 
     # Evaluation runs on rank 0 only (the other ranks wait at their next collective).
     evaluators = [
@@ -159,7 +149,7 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     logger = RunLogger(run_dir, cfg.logger, resolved, write_files=info.is_main)
     vocab_path = Path(tokenizer.vocab_file)
     trainer = Trainer(
-        model, loss, optimizer, scheduler, batches, evaluators, logger, run_dir,
+        model, loss, optimizer, scheduler, data, evaluators, logger, run_dir,
         max_steps=cfg.trainer.max_steps, log_every=cfg.logger.log_every, eval_every=cfg.eval.every_n_steps,
         eval_at_end=cfg.eval.at_end, max_minutes=cfg.trainer.max_minutes,
         save_checkpoint=cfg.trainer.save_checkpoint,

@@ -18,6 +18,7 @@ import numpy as np
 import paddle
 
 from ernievil2.checkpoint import save_checkpoint
+from ernievil2.data.loader import TrainData
 from ernievil2.distributed import DistInfo, check_parameters_in_sync
 from ernievil2.evaluation import Evaluator, trim_padding
 from ernievil2.losses import MultiViewLoss
@@ -69,11 +70,11 @@ def global_grad_norm(model: paddle.nn.Layer) -> float:
 
 
 class Trainer:
-    """Runs ``max_steps`` optimizer steps over ``batches(epoch)``; evaluators run every
+    """Runs ``max_steps`` optimizer steps over ``data.batches(epoch)``; evaluators run every
     ``eval_every`` steps (0: never mid-run) and at the end; a checkpoint is written at the end.
 
     ``dist`` (default: one process) with ``world_size > 1`` wraps ``model`` in
-    ``paddle.DataParallel``; ``batches`` must then yield this rank's share of the data, and the
+    ``paddle.DataParallel``; ``data`` must then yield this rank's share of the data, and the
     evaluators, the checkpoint and the logger's files are rank 0's business (pass no evaluators
     and a non-writing logger elsewhere). Parameters are checked to be identical on all ranks at
     the end (a digest comparison; :func:`ernievil2.distributed.check_parameters_in_sync`).
@@ -85,7 +86,7 @@ class Trainer:
         loss: MultiViewLoss,
         optimizer: paddle.optimizer.Optimizer,
         scheduler: paddle.optimizer.lr.LRScheduler,
-        batches: Callable[[int], Iterable[dict]],
+        data: TrainData,
         evaluators: Sequence[Evaluator],
         logger: RunLogger,
         run_dir: str | Path,
@@ -111,7 +112,7 @@ class Trainer:
             # must then look for such parameters in every step.
             self.forward_model = paddle.DataParallel(
                 model, find_unused_parameters=not (both_towers and loss.uses_logit_scale))
-        self.batches, self.evaluators, self.logger = batches, list(evaluators), logger
+        self.data, self.evaluators, self.logger = data, list(evaluators), logger
         self.run_dir = Path(run_dir)
         self.max_steps, self.log_every, self.eval_every = max_steps, log_every, eval_every
         self.eval_at_end, self.max_minutes = eval_at_end, max_minutes
@@ -152,7 +153,7 @@ class Trainer:
         final: list[dict] = []
         while self.step < self.max_steps:
             got_batch = False
-            for batch in self.batches(epoch):
+            for batch in self.data.batches(epoch):
                 got_batch = True
                 terms = self.train_step(batch)
                 grad_norm = global_grad_norm(self.model) if (self.step + 1) % self.log_every == 0 else None
