@@ -120,7 +120,15 @@ class LoggerSchema:
     name: Optional[str] = None
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
-    mode: Optional[str] = None  # online / offline / disabled; None: offline without an API key
+    mode: Optional[str] = None  # online / offline / disabled; None: WANDB_MODE, else offline without an API key
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("none", "wandb"):
+            raise ValueError(f"logger.backend must be 'none' or 'wandb', got {self.backend!r}")
+        if self.mode not in (None, "online", "offline", "disabled"):
+            raise ValueError(f"logger.mode must be online, offline, disabled or null, got {self.mode!r}")
+        if self.log_every < 1:
+            raise ValueError(f"logger.log_every must be >= 1, got {self.log_every}")
 
 
 @dataclass
