@@ -9,11 +9,16 @@ its peak RSS is its own (``os.wait4``):
 
 * ``plain``: the original script's way — per line ``[float(x) for x in s.split()]``, one full
   N×N float32 score matrix, a Python loop computing one rank per row (and per column);
-* ``eval_retri`` with 1 and with the default number of parser processes: its reader
-  (``read_embeddings``) and metric code (``official_ranks`` + ``seed_recalls``).
+* ``eval_retri`` parsing the text, with 1 and with the default number of parser processes: its
+  reader (``read_embeddings(..., sidecars=False)``) and metric code (``official_ranks`` +
+  ``seed_recalls``);
+* ``eval_retri`` as it runs by default on a file written by launch/infer.py with
+  ``write_npy=true``: the ``O.text.npy`` / ``O.image.npy`` sidecars, verified against O
+  (``read_embeddings`` default), then the same metric code.
 
-Two files are measured: one written by launch/infer.py (``%+.8e``, fixed width) and one written
-the way the seed's ``run_infer.py`` does (``str()`` of each float32, variable width). Times are
+Two files are measured: one written by launch/infer.py (``%+.8e``, fixed width, plus its ``.npy``
+sidecars as ``write_npy=true`` writes them) and one written the way the seed's ``run_infer.py``
+does (``str()`` of each float32 value, variable width; no sidecars). Times are
 taken inside each subprocess around reading + metrics (interpreter start and imports excluded;
 the ``process s`` column includes them); ``peak MB`` is the measured process's ``VmHWM``,
 ``parser proc. MB`` the largest forked parser process (it shares the file's pages with its
@@ -69,8 +74,8 @@ def plain(path: str) -> tuple[list[float], list[float]]:
     return recalls(t2i), recalls(i2t)
 
 
-def ours(er, path: str, workers: int | None) -> tuple[list[float], list[float]]:
-    text, image = er.read_embeddings(path, workers=workers)
+def ours(er, path: str, workers: int | None, sidecars: bool) -> tuple[list[float], list[float]]:
+    text, image = er.read_embeddings(path, workers=workers, sidecars=sidecars)
     t2i, i2t = er.official_ranks(text, image)
     return er.seed_recalls(t2i), er.seed_recalls(i2t)
 
@@ -92,9 +97,11 @@ def _worker(method: str, path: str) -> None:
     start = time.perf_counter()
     if method == "plain":
         t2i, i2t = plain(path)
+    elif method == "ours-npy":
+        t2i, i2t = ours(er, path, None, sidecars=True)
     else:
         workers = None if method == "ours-auto" else int(method.split("-")[1])
-        t2i, i2t = ours(er, path, workers)
+        t2i, i2t = ours(er, path, workers, sidecars=False)
     seconds = time.perf_counter() - start
     self_kb = _vm_hwm_kb()
     kids_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -104,7 +111,8 @@ def _worker(method: str, path: str) -> None:
 # --------------------------------------------------------------------------- driver
 def make_file(path: Path, lines: int, dim: int, fmt: str, seed: int = 0) -> None:
     """``fmt="infer"``: written by ``ernievil2.inference.format_embedding_lines`` (``%+.8e``, what
-    launch/infer.py writes); ``fmt="seed"``: ``str()`` of each float32, as the seed's
+    launch/infer.py writes) with the float32 ``PATH.text.npy`` / ``PATH.image.npy`` it writes with
+    ``write_npy=true``; ``fmt="seed"``: ``str()`` of each float32, as the seed's
     ``run_infer.py`` writes (variable width)."""
     sys.path.insert(0, str(REPO))
     from ernievil2.inference import format_embedding_lines
@@ -112,8 +120,10 @@ def make_file(path: Path, lines: int, dim: int, fmt: str, seed: int = 0) -> None
     rng = np.random.default_rng(seed)
     text = rng.standard_normal((lines, dim)).astype(np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
-    image = text + rng.standard_normal((lines, dim)).astype(np.float32) * (20.0 / np.sqrt(dim))
+    noise = rng.standard_normal((lines, dim)).astype(np.float32) * np.float32(20.0 / np.sqrt(dim))
+    image = text + noise  # float32 throughout: the seed writes float32 values
     image /= np.linalg.norm(image, axis=1, keepdims=True)
+    assert text.dtype == image.dtype == np.float32
     with open(path, "w", encoding="utf-8") as f:
         for a in range(0, lines, 500):
             t, i = text[a : a + 500], image[a : a + 500]
@@ -121,6 +131,9 @@ def make_file(path: Path, lines: int, dim: int, fmt: str, seed: int = 0) -> None
                 f.write(format_embedding_lines(t, i))
             else:
                 f.write("".join(" ".join(map(str, x)) + "\t" + " ".join(map(str, y)) + "\t1\n" for x, y in zip(t, i)))
+    if fmt == "infer":
+        np.save(f"{path}.text.npy", text)
+        np.save(f"{path}.image.npy", image)
 
 
 def run_one(method: str, path: Path) -> dict:
@@ -140,6 +153,7 @@ LABELS = {
     "plain": "plain: per-line `float()` parse + full N×N score matrix + per-row rank loop",
     "ours-1": "`launch/eval_retri.py` reader + metrics, 1 process",
     "ours-auto": "`launch/eval_retri.py` reader + metrics, default ({n} parser processes)",
+    "ours-npy": "`launch/eval_retri.py` default: verified `.npy` sidecars + metrics",
 }
 
 
@@ -162,7 +176,6 @@ def main() -> None:
 
     tmpdir = tempfile.TemporaryDirectory()
     er = _load_eval_retri()
-    methods = ["plain", "ours-1", "ours-auto"]
     formats = args.formats.split(",")
     table = []
     for fmt in formats:
@@ -173,6 +186,7 @@ def main() -> None:
         size_mb = path.stat().st_size / 2**20
         print(f"{fmt}: generated {path} ({args.lines} lines × {args.dim}-d, {size_mb:.1f} MiB) "
               f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        methods = ["plain", "ours-1", "ours-auto"] + (["ours-npy"] if fmt == "infer" else [])
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for r in range(args.rounds):
             for m in methods:  # interleaved, so a noisy neighbour hits every method alike

@@ -10,25 +10,33 @@ the official ERNIE-ViL 2.0 ``eval_retri.py`` table.
 ``multi``: images deduplicated by id (the first embedding of each id is kept), every text's
 ground truth is its line's image id (:func:`ernievil2.retrieval.multi_caption_recall`).
 
-The file is streamed and parsed in bulk (one ``np.fromstring`` per block of lines, in
-parallel worker processes for big files; files written by launch/infer.py take a vectorised
-fixed-width parser) and every score is computed once, in square tiles, so memory stays
-``O(chunk²)`` beyond the embeddings themselves. NumPy only; Paddle is not imported.
+When launch/infer.py also wrote ``O.text.npy`` / ``O.image.npy`` (``write_npy=true``), the
+embeddings are taken from them once they are shown to hold exactly O's values (row count from O's
+exact size in infer.py's fixed-width layout; first, last and evenly spaced lines bit-identical);
+``--no-npy`` always parses O. Otherwise the file is streamed and parsed in bulk (one
+``np.fromstring`` per block of lines, in parallel worker processes for big files; files written by
+launch/infer.py take a vectorised fixed-width parser). Every score is computed once, in square
+tiles, so memory stays ``O(chunk²)`` beyond the embeddings themselves. NumPy only; Paddle is not
+imported.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ernievil2.retrieval import (  # noqa: E402
-    format_seed_table, multi_caption_recall, seed_recalls, seed_table_from_metrics,
+from ernievil2.retrieval import (
+    format_seed_table,
+    multi_caption_recall,
+    seed_recalls,
+    seed_table_from_metrics,
 )
 
 PARALLEL_MIN_BYTES = 16 << 20  # parse files above this size in worker processes too
@@ -40,7 +48,7 @@ class EmbeddingsFormatError(ValueError):
 
 
 # --------------------------------------------------------------------------- reading
-def _check_line(line: bytes, dim: int) -> Optional[str]:
+def _check_line(line: bytes, dim: int) -> str | None:
     """Why ``line`` is not ``dim`` floats TAB ``dim`` floats TAB one field, or ``None``."""
     cols = line.split(b"\t")
     if len(cols) != 3:
@@ -113,7 +121,7 @@ def _u64(x: int) -> np.uint64:
     return np.uint64(x)
 
 
-def _fixed_values(tokens: np.ndarray) -> Optional[np.ndarray]:
+def _fixed_values(tokens: np.ndarray) -> np.ndarray | None:
     """float64 values of ``[T, 16]`` uint8 tokens in the ``%+.8e`` layout, or ``None`` when one
     does not follow it.
 
@@ -156,7 +164,7 @@ def _fixed_values(tokens: np.ndarray) -> Optional[np.ndarray]:
     return np.where(sign == _u64(0x2D), -values, values)
 
 
-def _parse_fixed_block(block: bytes, dim: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def _parse_fixed_block(block: bytes, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Vectorised parse of whole lines in the fixed-width layout; ``None`` when the block is not
     entirely in it (then the general parser reads it)."""
     width = 2 * dim * _TOKEN + 2  # two columns of tokens (the last of each ends in a tab), "1", "\n"
@@ -233,7 +241,7 @@ def _parse_child(path: str, start: int, stop: int, dim: int, conn) -> None:
         conn.send(("ok", _parse_range(path, start, stop, dim)))
     except _BadLine as exc:
         conn.send(("bad", (exc.index, exc.why)))
-    except BaseException as exc:  # pragma: no cover - reported by the parent
+    except BaseException as exc:  # noqa: BLE001 - any failure in the child is sent to the parent
         conn.send(("error", f"parser process failed: {exc!r}"))
     finally:
         conn.close()
@@ -260,7 +268,7 @@ def _parse_parallel(path: str, start: int, stop: int, dim: int, workers: int) ->
             f.readline()
             cuts.append(min(f.tell(), stop))
     cuts.append(stop)
-    ranges = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    ranges = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
     ctx = mp.get_context("fork")
     children = []
     try:
@@ -302,14 +310,9 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def read_embeddings(path: str | os.PathLike, workers: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(text, image)`` float32 ``[N, D]`` from a seed embeddings file.
-
-    The file is streamed in blocks of lines (it is never held whole in memory); files above
-    :data:`PARALLEL_MIN_BYTES` are split among ``workers`` processes (default: the CPUs this
-    process may use; 1 disables). Raises :class:`EmbeddingsFormatError` naming the first bad line.
-    """
-    path = str(path)
+def _header(path: str) -> tuple[int, int, int]:
+    """``(start, size, dim)``: the offset of line 1 (after a UTF-8 BOM), the file size and the
+    embedding width read from line 1."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(3)
@@ -324,6 +327,67 @@ def read_embeddings(path: str | os.PathLike, workers: Optional[int] = None) -> t
     dim = len(cols[0].split())
     if dim == 0:
         raise EmbeddingsFormatError(f"{path}: line 1: empty text embedding")
+    return start, size, dim
+
+
+# Written by launch/infer.py beside O with write_npy=true (ernievil2.inference.sidecar_paths).
+SIDECAR_SUFFIXES = (".text.npy", ".image.npy")
+SIDECAR_CHECK_LINES = 64  # lines of O compared bit for bit with the sidecar rows
+
+
+def read_verified_sidecars(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(text, image)`` from ``O.text.npy`` / ``O.image.npy`` when they hold exactly ``O``'s values,
+    else ``None`` (then ``O`` is parsed).
+
+    Accepted only when ``O`` is in launch/infer.py's fixed-width layout with exactly as many lines
+    as the arrays have rows (checked from its size, nothing else can match it), both arrays are
+    float32 ``[N, D]`` of O's width, and :data:`SIDECAR_CHECK_LINES` lines of ``O`` — the first,
+    the last and evenly spaced ones — parse to the same bits as their rows. Modification times
+    are not used: infer.py renames the sidecars into place just before ``O``, so a stale pair is
+    older too, and only the content tells them apart.
+    """
+    path = str(path)
+    files = [path + suffix for suffix in SIDECAR_SUFFIXES]
+    if not all(os.path.isfile(f) for f in files):
+        return None
+    start, size, dim = _header(path)
+    try:
+        text, image = (np.load(f, allow_pickle=False) for f in files)
+    except (OSError, ValueError):
+        return None
+    if not (text.dtype == image.dtype == np.float32 and text.ndim == 2 and text.shape == image.shape
+            and text.shape[1] == dim):
+        return None
+    n, width = len(text), 2 * dim * _TOKEN + 2
+    if n == 0 or size - start != n * width:
+        return None
+    with open(path, "rb") as f:
+        for k in np.unique(np.linspace(0, n - 1, min(n, SIDECAR_CHECK_LINES)).round().astype(np.int64)):
+            f.seek(start + int(k) * width)
+            parsed = _parse_fixed_block(f.read(width), dim)
+            if parsed is None or not (np.array_equal(parsed[0][0].view(np.uint32), text[k].view(np.uint32))
+                                      and np.array_equal(parsed[1][0].view(np.uint32), image[k].view(np.uint32))):
+                return None
+    return text, image
+
+
+def read_embeddings(
+    path: str | os.PathLike, workers: int | None = None, sidecars: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(text, image)`` float32 ``[N, D]`` from a seed embeddings file.
+
+    With ``sidecars`` the verified ``.npy`` files of :func:`read_verified_sidecars` are used when
+    present. Otherwise the file is streamed in blocks of lines (it is never held whole in memory);
+    files above :data:`PARALLEL_MIN_BYTES` are split among ``workers`` processes (default: the
+    CPUs this process may use; 1 disables). Raises :class:`EmbeddingsFormatError` naming the
+    first bad line.
+    """
+    path = str(path)
+    if sidecars:
+        arrays = read_verified_sidecars(path)
+        if arrays is not None:
+            return arrays
+    start, size, dim = _header(path)
     workers = _cpu_count() if workers is None else max(1, int(workers))
     try:
         if workers == 1 or size < PARALLEL_MIN_BYTES:
@@ -357,7 +421,7 @@ def _balanced_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
     by shape, and small products may round differently)."""
     parts = max(1, -(-n // max(1, int(chunk))))
     edges = np.linspace(0, n, parts + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
 
 
 def official_ranks(text: np.ndarray, image: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
@@ -412,16 +476,21 @@ def group_by_image_id(ids: Sequence[str], image: np.ndarray) -> tuple[np.ndarray
 def evaluate(
     path: str | os.PathLike,
     protocol: str = "official",
-    ids: Optional[Sequence[str]] = None,
-    workers: Optional[int] = None,
+    ids: Sequence[str] | None = None,
+    workers: int | None = None,
     chunk: int = 2048,
+    sidecars: bool = True,
 ) -> tuple[str, dict]:
-    """Read ``path`` and compute the table; returns ``(table_text, info)``."""
-    text, image = read_embeddings(path, workers)
+    """Read ``path`` and compute the table; returns ``(table_text, info)`` (``info["source"]``:
+    ``"npy"`` when the verified sidecars were read, else ``"text"``)."""
+    arrays = read_verified_sidecars(path) if sidecars else None
+    source = "text" if arrays is None else "npy"
+    text, image = arrays if arrays is not None else read_embeddings(path, workers, sidecars=False)
     if protocol == "official":
         t2i, i2t = official_ranks(text, image, chunk)
         t2i_r, i2t_r = seed_recalls(t2i), seed_recalls(i2t)
-        info = {"protocol": "official", "texts": len(text), "images": len(image), "t2i": t2i_r, "i2t": i2t_r}
+        info = {"protocol": "official", "texts": len(text), "images": len(image), "t2i": t2i_r, "i2t": i2t_r,
+                "source": source}
         return format_seed_table(t2i_r, i2t_r), info
     if protocol != "multi":
         raise ValueError(f"unknown protocol {protocol!r}; choose official or multi")
@@ -434,11 +503,11 @@ def evaluate(
         )
     images, text_image, unique = group_by_image_id(ids, image)
     metrics = multi_caption_recall(images, text, text_image, chunk)
-    info = {"protocol": "multi", "texts": len(text), "images": len(unique), **metrics}
+    info = {"protocol": "multi", "texts": len(text), "images": len(unique), "source": source, **metrics}
     return seed_table_from_metrics(metrics), info
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("embeddings", help="seed embeddings file (text_emb \\t image_emb \\t 1 per line)")
     p.add_argument("--protocol", choices=("official", "multi"), default="official")
@@ -446,6 +515,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--test-file", help="seed evaluation file to take the image ids from (multi protocol)")
     p.add_argument("--workers", type=int, default=None, help="parser processes (default: CPU count)")
     p.add_argument("--chunk", type=int, default=2048, help="score tile size (rows and columns)")
+    p.add_argument("--no-npy", action="store_true",
+                   help="always parse EMBEDDINGS, even when verified EMBEDDINGS.text.npy/.image.npy exist")
     args = p.parse_args(argv)
 
     ids = None
@@ -460,12 +531,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if not os.path.isfile(ids_path):
                     p.error(f"--protocol multi needs image ids: {ids_path} not found (give --ids FILE or --test-file FILE)")
                 ids = read_ids(ids_path)
-        table, info = evaluate(args.embeddings, args.protocol, ids, args.workers, args.chunk)
+        table, info = evaluate(args.embeddings, args.protocol, ids, args.workers, args.chunk, sidecars=not args.no_npy)
     except (OSError, ValueError) as exc:
         print(f"eval_retri.py: error: {exc}", file=sys.stderr)
         return 2
     label = "official 1:1" if args.protocol == "official" else "multi-caption"
-    print(f"{label} protocol: {info['texts']} texts, {info['images']} images")
+    source = " (read from the verified .npy sidecars)" if info["source"] == "npy" else ""
+    print(f"{label} protocol: {info['texts']} texts, {info['images']} images{source}")
     print(table)
     return 0
 

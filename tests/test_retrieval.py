@@ -58,3 +58,79 @@ def test_bad_inputs_are_refused():
         multi_caption_recall(np.eye(3), np.eye(3)[:2], np.array([0, 1]))
     with pytest.raises(ValueError, match="1:1 protocol"):
         official_recall(np.eye(3), np.eye(2))
+
+
+# --------------------------------------------------------------------------- launch/eval_retri.py sidecars
+def _load_eval_retri():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "eval_retri.py"
+    spec = importlib.util.spec_from_file_location("eval_retri_sidecars", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _infer_written(tmp_path, n=40, d=6, seed=0):
+    """An embeddings file as launch/infer.py writes it with write_npy=true (O + its .npy sidecars)."""
+    from ernievil2.inference import format_embedding_lines
+
+    rng = np.random.default_rng(seed)
+    text = rng.standard_normal((n, d)).astype(np.float32)
+    image = (text + 0.8 * rng.standard_normal((n, d))).astype(np.float32)
+    path = tmp_path / "O.tsv"
+    path.write_text(format_embedding_lines(text, image), encoding="utf-8")
+    np.save(f"{path}.text.npy", text)
+    np.save(f"{path}.image.npy", image)
+    return path, text, image
+
+
+def test_eval_retri_reads_verified_sidecars_with_the_same_numbers(tmp_path, capsys):
+    er = _load_eval_retri()
+    path, text, image = _infer_written(tmp_path)
+    t, i = er.read_verified_sidecars(path)
+    np.testing.assert_array_equal(t, text)
+    np.testing.assert_array_equal(i, image)
+    table_npy, info_npy = er.evaluate(path, "official", chunk=7)
+    table_txt, info_txt = er.evaluate(path, "official", chunk=7, sidecars=False)
+    assert (info_npy["source"], info_txt["source"]) == ("npy", "text")
+    assert table_npy == table_txt and info_npy["t2i"] == info_txt["t2i"] and info_npy["i2t"] == info_txt["i2t"]
+    # the metrics of the parsed text equal the arrays' own (strict ">" ranks by brute force)
+    s = text @ image.T
+    ranks = (s > np.diag(s)[:, None]).sum(axis=1)
+    assert info_txt["t2i"][:3] == [float((ranks < k).sum() / len(ranks)) for k in (1, 5, 10)]
+    assert er.main([str(path)]) == 0 and "verified .npy sidecars" in capsys.readouterr().out
+    assert er.main([str(path), "--no-npy"]) == 0 and "sidecars" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["value", "rows", "dtype", "missing"])
+def test_eval_retri_ignores_sidecars_that_do_not_match(tmp_path, damage):
+    er = _load_eval_retri()
+    path, text, image = _infer_written(tmp_path)
+    if damage == "value":  # the last line is always among the checked ones
+        changed = image.copy()
+        changed[-1, 2] = np.nextafter(changed[-1, 2], np.float32(np.inf))
+        np.save(f"{path}.image.npy", changed)
+    elif damage == "rows":
+        np.save(f"{path}.text.npy", text[:-1])
+        np.save(f"{path}.image.npy", image[:-1])
+    elif damage == "dtype":
+        np.save(f"{path}.text.npy", text.astype(np.float64))
+    else:
+        (tmp_path / "O.tsv.image.npy").unlink()
+    assert er.read_verified_sidecars(path) is None
+    t, i = er.read_embeddings(path)  # falls back to parsing O
+    np.testing.assert_array_equal(t, text)
+    np.testing.assert_array_equal(i, image)
+    assert er.evaluate(path, "official")[1]["source"] == "text"
+
+
+def test_eval_retri_sidecars_need_the_fixed_width_layout(tmp_path):
+    er = _load_eval_retri()
+    path, text, image = _infer_written(tmp_path)
+    # same values, written the seed's way (str of float32): not infer.py's layout, so O is parsed
+    path.write_text("".join(" ".join(map(str, t)) + "\t" + " ".join(map(str, i)) + "\t1\n"
+                            for t, i in zip(text, image)), encoding="utf-8")
+    assert er.read_verified_sidecars(path) is None
+    np.testing.assert_array_equal(er.read_embeddings(path)[0], text)
