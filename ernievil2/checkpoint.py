@@ -6,7 +6,7 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import paddle
@@ -24,17 +24,23 @@ def state_to_numpy(model: paddle.nn.Layer) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v.numpy()) for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(model: ErnieViL2, out_dir: str | os.PathLike, files: Optional[dict[str, Any]] = None) -> Path:
+def write_model_files(model: ErnieViL2, folder: Path, files: dict[str, Any] | None = None) -> None:
     """Write ``model.safetensors`` + ``model_config.json`` (+ ``files``: name → JSON-able or Path to copy)
-    into ``out_dir`` atomically: a kill at any moment leaves either the old folder or the new one."""
+    into the existing ``folder`` (not atomic by itself: ``folder`` is an :func:`atomic_dir`'s)."""
+    save_file(state_to_numpy(model), str(folder / WEIGHTS))
+    (folder / MODEL_CONFIG).write_text(json.dumps(asdict(model.cfg), indent=2), encoding="utf-8")
+    for name, content in (files or {}).items():
+        if isinstance(content, Path):
+            shutil.copyfile(content, folder / name)
+        else:
+            (folder / name).write_text(json.dumps(content, indent=2, default=str), encoding="utf-8")
+
+
+def save_checkpoint(model: ErnieViL2, out_dir: str | os.PathLike, files: dict[str, Any] | None = None) -> Path:
+    """Write the model files (:func:`write_model_files`) into ``out_dir`` atomically: a kill at any
+    moment leaves either the old folder or the new one."""
     with atomic_dir(out_dir) as tmp:
-        save_file(state_to_numpy(model), str(tmp / WEIGHTS))
-        (tmp / MODEL_CONFIG).write_text(json.dumps(asdict(model.cfg), indent=2), encoding="utf-8")
-        for name, content in (files or {}).items():
-            if isinstance(content, Path):
-                shutil.copyfile(content, tmp / name)
-            else:
-                (tmp / name).write_text(json.dumps(content, indent=2, default=str), encoding="utf-8")
+        write_model_files(model, tmp, files)
     return Path(out_dir)
 
 

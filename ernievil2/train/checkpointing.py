@@ -1,0 +1,513 @@
+"""Training checkpoints that survive a kill: everything a run needs to continue exactly.
+
+A checkpoint is one folder, written atomically (:func:`ernievil2.atomic.atomic_dir`: a temporary
+folder, fsync, rename), so a kill at any moment leaves the previous checkpoint intact:
+
+- ``model.safetensors`` + ``model_config.json`` (+ extra files such as ``vocab.txt``), exactly as
+  :func:`ernievil2.checkpoint.save_checkpoint` writes them: ``load_checkpoint``, ``model.init_from``
+  and inference read a training checkpoint like any other;
+- ``optimizer.safetensors``: every tensor of ``optimizer.state_dict()``, keyed
+  ``<parameter>@<accumulator>`` with the parameter's structured name
+  (``vision.blocks.0.fc1.weight@moment1``) rather than Paddle's generated one
+  (``linear_3.w_0_moment1_0``), which depends on how many layers the process built before the
+  model; master weights (O2 mixed precision) are ``<parameter>@master_weight``;
+- ``trainer_state.json``, written last: step, samples seen, data-stream state, ``extra``, the LR
+  scheduler, the optimizer's other entries, the loss scaler, the RNG states (Python, NumPy, Paddle
+  CPU and CUDA), the resolved config, the code version and the creation time.
+
+Only safetensors and JSON: nothing is pickled. :class:`CheckpointManager` keeps the ``step_NNNNNNN``
+folders of a run under one root with a ``latest`` and a ``best`` pointer and removes old ones.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paddle
+from paddle.base.core import GeneratorState
+from safetensors.numpy import load_file, save_file
+
+from ernievil2.atomic import atomic_dir, atomic_write, fsync_dir
+from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, write_model_files
+from ernievil2.models import ErnieViL2
+
+log = logging.getLogger("ernievil2")
+
+OPTIMIZER_STATE = "optimizer.safetensors"
+TRAINER_STATE = "trainer_state.json"
+METRICS = "metrics.json"
+LATEST = "latest"
+BEST = "best"
+FORMAT_VERSION = 1
+RESERVED_FILES = {WEIGHTS, MODEL_CONFIG, OPTIMIZER_STATE, TRAINER_STATE, METRICS}
+
+_KEY_SEP = "@"
+_MASTER_WEIGHT = "master_weight"
+_LR_ENTRY = "LR_Scheduler"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# What killed saves leave in the root: atomic_dir's ".step_N.XXXX" / ".step_N.old", atomic_write's
+# ".latest.XXXX.tmp", and the ".trash.step_N" of an interrupted removal.
+_LEFTOVER = re.compile(r"^\.(step_\d+\.|trash\.|latest\.|best\.)")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint does not fit the model or optimizer it is being loaded into."""
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands, beside the model/optimizer/scheduler/scaler states (JSON-able values)."""
+
+    step: int
+    samples_seen: int
+    data_state: dict = field(default_factory=dict)  # e.g. {"epoch": 3, "batches_in_epoch": 17}
+    extra: dict = field(default_factory=dict)  # e.g. {"wandb_run_id": "...", "nan_streak": 0}
+
+
+# --------------------------------------------------------------------------- JSON and versions
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """``value`` with NumPy/Paddle scalars and arrays as plain numbers and lists; anything that JSON
+    cannot hold raises, naming ``where``."""
+    if isinstance(value, paddle.Tensor):
+        value = value.numpy()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"{where}: key {bad[0]!r} is not a string (checkpoints hold JSON)")
+        return {k: _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"{where}: a {type(value).__name__} is not JSON-serialisable (checkpoints hold JSON and "
+                    "safetensors only)")
+
+
+def code_version() -> dict[str, str | None]:
+    """The installed package version and ``git describe --always --dirty`` of the package's folder
+    (None where unavailable: not a git checkout, or no git)."""
+    try:
+        package = importlib.metadata.version("ernievil2")
+    except importlib.metadata.PackageNotFoundError:
+        package = None
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags", "--abbrev=40"],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=20, check=False)
+        git = out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        git = None
+    return {"package": package, "git": git}
+
+
+# --------------------------------------------------------------------------- random generators
+
+
+def _generator_to_json(state: GeneratorState) -> dict[str, Any]:
+    # A Paddle GeneratorState pickles as (device id, seed, offset, engine): the engine is the byte
+    # list of the std::mt19937_64's text form; latin-1 maps each byte to one character and back.
+    device, seed, offset, engine = state.__getstate__()
+    return {"device": device, "seed": seed, "offset": offset, "engine": bytes(engine).decode("latin-1")}
+
+
+def _generator_from_json(saved: dict[str, Any]) -> GeneratorState:
+    # GeneratorState has no constructor: build it the way unpickling does (__new__ + __setstate__).
+    state = GeneratorState.__new__(GeneratorState)
+    state.__setstate__((saved["device"], saved["seed"], saved["offset"], list(saved["engine"].encode("latin-1"))))
+    return state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The states of Python's ``random``, NumPy's global generator and Paddle's CPU and CUDA
+    generators, as JSON."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss_next],
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "gauss": float(gauss)},
+        "paddle_cpu": [_generator_to_json(s) for s in paddle.get_rng_state("cpu")],
+        "paddle_cuda": [_generator_to_json(s) for s in paddle.get_cuda_rng_state()],
+    }
+
+
+def _rng_restorer(saved: dict[str, Any], where: str) -> Callable[[], None]:
+    """Parse the saved RNG states now (a malformed entry fails before anything is restored); the
+    returned function applies them."""
+    try:
+        version, internal, gauss_next = saved["python"]
+        python_state = (version, tuple(internal), gauss_next)
+        np_saved = saved["numpy"]
+        numpy_state = (np_saved["kind"], np.asarray(np_saved["keys"], dtype=np.uint32), np_saved["pos"],
+                       np_saved["has_gauss"], np_saved["gauss"])
+        cpu = [_generator_from_json(s) for s in saved["paddle_cpu"]]
+        cuda = [_generator_from_json(s) for s in saved["paddle_cuda"]]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{where}: malformed RNG state ({type(err).__name__}: {err})") from err
+
+    def restore() -> None:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        paddle.set_rng_state(cpu, device="cpu")
+        if cuda:
+            here = len(paddle.get_cuda_rng_state())
+            if here == len(cuda):
+                paddle.set_cuda_rng_state(cuda)
+            else:
+                log.warning("%s: saved %d CUDA generator state(s), this process has %d CUDA device(s): the "
+                            "CUDA random streams are not restored", where, len(cuda), here)
+
+    return restore
+
+
+# --------------------------------------------------------------------------- optimizer state
+
+
+def _unwrap(model: paddle.nn.Layer) -> paddle.nn.Layer:
+    return model._layers if isinstance(model, paddle.DataParallel) else model
+
+
+def _accumulator_kind(var_name: str, owner: str) -> str:
+    """``linear_3.w_0_moment1_0`` owned by ``linear_3.w_0`` → ``moment1``: the counters Paddle's
+    unique-name generator appends (``_0``, also inside ``fp32_master_0_moment1_0``) are dropped."""
+    return re.sub(r"_\d+(?=_|$)", "", var_name[len(owner) + 1:])
+
+
+def _optimizer_entries(optimizer: paddle.optimizer.Optimizer, model: paddle.nn.Layer
+                       ) -> tuple[dict[str, paddle.Tensor], dict[str, Any]]:
+    """``optimizer.state_dict()`` split into its tensors, keyed ``<structured name>@<kind>`` (the live
+    tensors: setting their values sets the optimizer's state), and its other entries."""
+    structured = {p.name: name for name, p in _unwrap(model).named_parameters()}
+    by_length = sorted(structured, key=len, reverse=True)  # the longest generated name that prefixes wins
+    tensors: dict[str, paddle.Tensor] = {}
+    other: dict[str, Any] = {}
+    for var_name, value in optimizer.state_dict().items():
+        if var_name == "master_weights":
+            pairs = [(f"{structured.get(auto)}{_KEY_SEP}{_MASTER_WEIGHT}", auto, t) for auto, t in value.items()]
+        elif isinstance(value, paddle.Tensor):
+            owner = next((auto for auto in by_length if var_name.startswith(auto + "_")), None)
+            if owner is None:
+                raise CheckpointMismatchError(f"optimizer state {var_name!r} belongs to no parameter of the model")
+            pairs = [(f"{structured[owner]}{_KEY_SEP}{_accumulator_kind(var_name, owner)}", owner, value)]
+        else:
+            other[var_name] = value
+            continue
+        for key, auto, tensor in pairs:
+            if auto not in structured:
+                raise CheckpointMismatchError(f"optimizer master weight of {auto!r}: no such parameter in the model")
+            if key in tensors:
+                raise ValueError(f"two optimizer states map to {key!r} (one of them {var_name!r})")
+            tensors[key] = tensor
+    return tensors, other
+
+
+def _materialise_accumulators(optimizer: paddle.optimizer.Optimizer, params: list[paddle.Tensor]) -> None:
+    """Create the optimizer's accumulators of ``params`` now (zeros, as its first ``step()`` would)
+    so that saved values have tensors to go into. Paddle has no public call for it: this is the call
+    ``step()`` makes, which skips parameters already set up."""
+    if params:
+        optimizer._create_accumulators(paddle.static.default_main_program().global_block(), params)
+
+
+# --------------------------------------------------------------------------- one checkpoint
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a folder holding a finished training checkpoint (weights + ``trainer_state.json``)."""
+    path = Path(path)
+    return (path / TRAINER_STATE).is_file() and (path / WEIGHTS).is_file()
+
+
+def _describe(shape: list[int] | None, absent: str = "absent") -> str:
+    return absent if shape is None else f"shape {shape}"
+
+
+def _check_same_keys(saved: dict[str, list[int]], live: dict[str, list[int]], where: str, what: str) -> None:
+    """Raise :class:`CheckpointMismatchError` naming the first key (sorted) whose shape differs or
+    that only one side has."""
+    differing = [k for k in sorted(set(saved) | set(live)) if saved.get(k) != live.get(k)]
+    if differing:
+        key = differing[0]
+        raise CheckpointMismatchError(
+            f"{where}: the checkpoint does not match the {what}: first differing key {key!r}: checkpoint "
+            f"{_describe(saved.get(key))}, {what} {_describe(live.get(key))} ({len(differing)} of "
+            f"{len(set(saved) | set(live))} keys differ)")
+
+
+def write_training_checkpoint(
+    folder: str | os.PathLike, *, model: ErnieViL2, optimizer: paddle.optimizer.Optimizer,
+    scheduler: paddle.optimizer.lr.LRScheduler | None, scaler: paddle.amp.GradScaler | None = None,
+    state: TrainingState, config: dict | None = None, files: dict[str, Any] | None = None,
+) -> None:
+    """Fill the existing empty ``folder`` with a training checkpoint (layout: module docstring). Not
+    atomic by itself: use :func:`save_training_checkpoint`, or pass it to :meth:`CheckpointManager.save`."""
+    folder = Path(folder)
+    clashes = sorted(RESERVED_FILES & set(files or {}))
+    if clashes:
+        raise ValueError(f"checkpoint files {clashes} would overwrite the checkpoint's own files")
+    for name in ("step", "samples_seen"):
+        value = getattr(state, name)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"TrainingState.{name} must be an int >= 0, got {value!r}")
+    model = _unwrap(model)
+    tensors, other = _optimizer_entries(optimizer, model)
+    # Everything JSON is built before the first file is written: a bad value fails with nothing on disk.
+    trainer_state = {
+        "format": FORMAT_VERSION,
+        "step": state.step,
+        "samples_seen": state.samples_seen,
+        "data_state": _jsonable(state.data_state, "data_state"),
+        "extra": _jsonable(state.extra, "extra"),
+        "scheduler": None if scheduler is None else _jsonable(scheduler.state_dict(), "scheduler"),
+        "optimizer": _jsonable(other, "optimizer"),
+        "scaler": None if scaler is None else _jsonable(scaler.state_dict(), "scaler"),
+        "rng": capture_rng_state(),
+        "config": _jsonable(config, "config"),
+        "code_version": code_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    text = json.dumps(trainer_state, indent=1)
+    write_model_files(model, folder, files)
+    save_file({k: np.ascontiguousarray(t.numpy()) for k, t in tensors.items()}, str(folder / OPTIMIZER_STATE))
+    (folder / TRAINER_STATE).write_text(text, encoding="utf-8")  # last: its presence marks a finished folder
+
+
+def save_training_checkpoint(out_dir: str | os.PathLike, **kwargs: Any) -> Path:
+    """Write a training checkpoint into ``out_dir`` atomically (a kill at any moment leaves either the
+    old folder or the complete new one). Keyword arguments: those of :func:`write_training_checkpoint`."""
+    with atomic_dir(out_dir) as tmp:
+        write_training_checkpoint(tmp, **kwargs)
+    return Path(out_dir)
+
+
+def read_trainer_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``trainer_state.json`` of a checkpoint (config, code version, RNG, ...)."""
+    path = Path(ckpt_dir) / TRAINER_STATE
+    if not path.is_file():
+        hint = (f" (it holds model weights only: start from them with model.init_from={ckpt_dir})"
+                if (Path(ckpt_dir) / WEIGHTS).is_file() else "")
+        raise FileNotFoundError(f"{ckpt_dir}: not a training checkpoint, no {TRAINER_STATE}{hint}")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from err
+    if saved.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {saved.get('format')!r}, this code reads {FORMAT_VERSION}")
+    return saved
+
+
+def load_training_checkpoint(
+    ckpt_dir: str | os.PathLike, *, model: ErnieViL2, optimizer: paddle.optimizer.Optimizer | None = None,
+    scheduler: paddle.optimizer.lr.LRScheduler | None = None, scaler: paddle.amp.GradScaler | None = None,
+    restore_rng: bool = True,
+) -> TrainingState:
+    """Restore ``model`` (and whichever of ``optimizer``, ``scheduler``, ``scaler`` are given, and the
+    RNG states) from a training checkpoint; returns the saved :class:`TrainingState`.
+
+    Everything is read and checked before anything is set: a checkpoint of another architecture
+    raises :class:`CheckpointMismatchError` naming the first differing key (sorted) and both shapes,
+    and so does optimizer state that does not fit ``optimizer`` (the one thing done before that check
+    is creating ``optimizer``'s not-yet-existing accumulators of the checkpoint's parameters)."""
+    ckpt = Path(ckpt_dir)
+    saved = read_trainer_state(ckpt)
+    model = _unwrap(model)
+    weights = load_file(str(ckpt / WEIGHTS))
+    live_weights = model.state_dict()
+    _check_same_keys({k: list(v.shape) for k, v in weights.items()},
+                     {k: list(v.shape) for k, v in live_weights.items()}, str(ckpt / WEIGHTS), "model")
+
+    moments: dict[str, np.ndarray] = {}
+    live_moments: dict[str, paddle.Tensor] = {}
+    if optimizer is not None:
+        if not (ckpt / OPTIMIZER_STATE).is_file():
+            raise FileNotFoundError(f"{ckpt}: no {OPTIMIZER_STATE} to restore the optimizer from")
+        moments = load_file(str(ckpt / OPTIMIZER_STATE))
+        params = dict(model.named_parameters())
+        owners = {key.rsplit(_KEY_SEP, 1)[0] for key in moments}
+        unknown = sorted(owners - set(params))
+        if unknown:
+            key = min(k for k in moments if k.rsplit(_KEY_SEP, 1)[0] == unknown[0])
+            raise CheckpointMismatchError(
+                f"{ckpt / OPTIMIZER_STATE}: the checkpoint does not match the optimizer: first differing key "
+                f"{key!r}: checkpoint shape {list(moments[key].shape)}, optimizer absent (no parameter {unknown[0]!r})")
+        _materialise_accumulators(optimizer, [params[name] for name in sorted(owners)])
+        live_moments, live_other = _optimizer_entries(optimizer, model)
+        _check_same_keys({k: list(v.shape) for k, v in moments.items()},
+                         {k: list(v.shape) for k, v in live_moments.items()}, str(ckpt / OPTIMIZER_STATE), "optimizer")
+        if _LR_ENTRY in live_other and scheduler is None:
+            raise ValueError(f"{ckpt}: the optimizer runs on an LR scheduler: pass scheduler= to restore it")
+    if scheduler is not None and saved.get("scheduler") is None:
+        raise ValueError(f"{ckpt / TRAINER_STATE}: no LR scheduler state saved, but a scheduler was given")
+    restore = _rng_restorer(saved.get("rng") or {}, str(ckpt / TRAINER_STATE)) if restore_rng else None
+
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights.items()})
+    for key, tensor in live_moments.items():
+        tensor.set_value(moments[key])
+    if scheduler is not None:
+        scheduler.set_state_dict(saved["scheduler"])
+    if scaler is not None:
+        scaler_state = saved.get("scaler")
+        if scaler_state:
+            scaler.load_state_dict({k: np.asarray(v, dtype=np.float32) if k == "scale" else v
+                                    for k, v in scaler_state.items()})
+        elif scaler.state_dict():
+            log.warning("%s: no loss-scaler state saved (an fp32 run?): the scaler starts afresh", ckpt)
+    if restore is not None:
+        restore()
+    return TrainingState(step=saved["step"], samples_seen=saved["samples_seen"],
+                         data_state=saved["data_state"], extra=saved["extra"])
+
+
+# --------------------------------------------------------------------------- a run's checkpoints
+
+
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+class CheckpointManager:
+    """The ``step_NNNNNNN`` checkpoint folders of a run under ``root``, a ``latest`` and a ``best``
+    pointer (small text files naming a folder) and retention: the last ``keep_last`` folders plus the
+    best by ``metrics[best_metric]`` (``best_mode`` ``"max"`` or ``"min"``) are kept."""
+
+    def __init__(self, root: str | os.PathLike, keep_last: int = 3, best_metric: str | None = None,
+                 best_mode: str = "max"):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        self.root = Path(root)
+        self.keep_last, self.best_metric, self.best_mode = keep_last, best_metric, best_mode
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step_{step:07d}"
+
+    def checkpoints(self) -> list[Path]:
+        """The complete checkpoint folders, lowest step first."""
+        if not self.root.is_dir():
+            return []
+        found = [d for d in self.root.iterdir() if _STEP_DIR.match(d.name) and is_complete_checkpoint(d)]
+        return sorted(found, key=_step_of)
+
+    def _pointer(self, name: str) -> Path | None:
+        """The complete checkpoint folder the pointer file ``name`` names; None when there is no
+        pointer or it names anything else."""
+        try:
+            target = (self.root / name).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        if _STEP_DIR.match(target) and is_complete_checkpoint(self.root / target):
+            return self.root / target
+        log.warning("%s names %r, which is not a complete checkpoint: ignored", self.root / name, target)
+        return None
+
+    def latest(self) -> Path | None:
+        """The folder ``latest`` names; without a valid pointer, the complete folder of the highest step."""
+        pointed = self._pointer(LATEST)
+        if pointed is not None:
+            return pointed
+        done = self.checkpoints()
+        return done[-1] if done else None
+
+    def best(self) -> Path | None:
+        """The folder ``best`` names (None before any checkpoint had the metric)."""
+        return self._pointer(BEST)
+
+    def resolve(self, resume: str | os.PathLike) -> Path:
+        """``"latest"`` → :meth:`latest`; a checkpoint folder → itself; a checkpoints root or a run
+        folder (holding ``checkpoints/``) → its latest checkpoint."""
+        if str(resume) == LATEST:
+            found = self.latest()
+            if found is None:
+                raise FileNotFoundError(f"resume=latest: no complete checkpoint under {self.root}")
+            return found
+        path = Path(resume)
+        if is_complete_checkpoint(path):
+            return path
+        for root in (path, path / "checkpoints"):
+            found = CheckpointManager(root).latest()
+            if found is not None:
+                return found
+        read_trainer_state(path)  # raises with the reason when path is a folder of model weights only
+        raise FileNotFoundError(f"resume={resume}: neither a training checkpoint (a folder with {WEIGHTS} and "
+                                f"{TRAINER_STATE}) nor a run or checkpoints folder holding one")
+
+    def _metric(self, metrics: dict | None) -> float | None:
+        if self.best_metric is None or not metrics or self.best_metric not in metrics:
+            return None
+        value = float(metrics[self.best_metric])
+        return None if math.isnan(value) else value
+
+    def _beats_best(self, value: float | None) -> bool:
+        if value is None:
+            return False
+        best = self.best()
+        current = None
+        if best is not None and (best / METRICS).is_file():
+            current = self._metric(json.loads((best / METRICS).read_text(encoding="utf-8")))
+        if current is None:
+            return True
+        return value > current if self.best_mode == "max" else value < current
+
+    def _write_pointer(self, name: str, target: Path) -> None:
+        with atomic_write(self.root / name) as f:
+            f.write(target.name + "\n")
+
+    def _remove(self, path: Path) -> None:
+        # Renamed out of sight first: a kill during the removal never leaves a half-deleted step_ folder.
+        trash = self.root / f".trash.{path.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        shutil.rmtree(trash)
+
+    def _clear_leftovers(self) -> None:
+        if self.root.is_dir():
+            for entry in self.root.iterdir():
+                if _LEFTOVER.match(entry.name):
+                    log.info("removing %s, left by an interrupted save", entry)
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    def save(self, step: int, save_fn: Callable[[Path], None], metrics: dict | None = None) -> Path:
+        """Write ``step_NNNNNNN`` atomically (``save_fn`` fills a temporary folder, e.g. with
+        :func:`write_training_checkpoint`; ``metrics`` go to its ``metrics.json``), then point
+        ``latest`` at it (and ``best`` when its metric is the best so far), and only then remove the
+        folders retention lets go. Folders of later steps (left by a run resumed from an earlier
+        checkpoint) stay until this run overwrites them."""
+        self._clear_leftovers()
+        target = self.step_dir(step)
+        value = self._metric(metrics)
+        with atomic_dir(target) as tmp:
+            if metrics is not None:
+                (tmp / METRICS).write_text(json.dumps(_jsonable(metrics, "metrics"), indent=1), encoding="utf-8")
+            save_fn(tmp)
+            if not is_complete_checkpoint(tmp):
+                raise RuntimeError(f"save_fn left no complete checkpoint for step {step} ({WEIGHTS} and "
+                                   f"{TRAINER_STATE} are needed)")
+        self._write_pointer(LATEST, target)
+        if self._beats_best(value):
+            self._write_pointer(BEST, target)
+        fsync_dir(self.root)  # the pointer renames are durable before anything is removed
+        best = self.best()
+        done = [d for d in self.checkpoints() if _step_of(d) <= step]
+        for old in done[:-self.keep_last]:
+            if old != best:
+                self._remove(old)
+        return target
