@@ -17,6 +17,7 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 from safetensors import safe_open
+from safetensors.numpy import load_file
 
 from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, load_checkpoint
 from ernievil2.models import build_model
@@ -101,7 +102,7 @@ def trained_checkpoint(tmp_path_factory) -> Path:
                                     files={"vocab.txt": vocab})
 
 
-def test_resume_in_fresh_objects_reproduces_losses_and_parameters_bit_for_bit(tmp_path):
+def test_resume_reproduces_losses_and_parameters_bit_for_bit(tmp_path):
     seed_all(7)
     model, optimizer, scheduler = build()
     train_steps(model, optimizer, scheduler, 3)
@@ -124,6 +125,28 @@ def test_resume_in_fresh_objects_reproduces_losses_and_parameters_bit_for_bit(tm
     assert got.keys() == expected.keys()
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+    # And in another process, as after a kill.
+    script = (
+        "import json, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from safetensors.numpy import save_file\n"
+        "from test_checkpointing import build, snapshot, train_steps\n"
+        "from ernievil2.train.checkpointing import load_training_checkpoint\n"
+        "model, optimizer, scheduler = build()\n"
+        "load_training_checkpoint(sys.argv[2], model=model, optimizer=optimizer, scheduler=scheduler)\n"
+        "print(json.dumps(train_steps(model, optimizer, scheduler, 3)))\n"
+        "save_file(snapshot(model), sys.argv[3])\n"
+    )
+    out = tmp_path / "params.safetensors"
+    proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(ckpt), str(out)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected_losses
+    other_process = load_file(str(out))
+    assert other_process.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(other_process[key], expected[key], err_msg=key)
 
 
 def test_optimizer_state_is_keyed_by_structured_parameter_names(trained_checkpoint):

@@ -220,8 +220,8 @@ def _optimizer_entries(optimizer: paddle.optimizer.Optimizer, model: paddle.nn.L
 
 
 def _materialise_accumulators(optimizer: paddle.optimizer.Optimizer, params: list[paddle.Tensor]) -> None:
-    """Create the optimizer's accumulators of ``params`` now (zeros, as its first ``step()`` would)
-    so that saved values have tensors to go into. Paddle has no public call for it: this is the call
+    """Create the optimizer's accumulators of ``params`` now (initialised as its first ``step()``
+    would) so that saved values have tensors to go into. Paddle has no public call for it: this is the call
     ``step()`` makes, which skips parameters already set up."""
     if params:
         optimizer._create_accumulators(paddle.static.default_main_program().global_block(), params)
@@ -236,8 +236,8 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return (path / TRAINER_STATE).is_file() and (path / WEIGHTS).is_file()
 
 
-def _describe(shape: list[int] | None, absent: str = "absent") -> str:
-    return absent if shape is None else f"shape {shape}"
+def _describe(shape: list[int] | None) -> str:
+    return "absent" if shape is None else f"shape {shape}"
 
 
 def _check_same_keys(saved: dict[str, list[int]], live: dict[str, list[int]], where: str, what: str) -> None:
