@@ -290,11 +290,16 @@ def write_training_checkpoint(
     (folder / TRAINER_STATE).write_text(text, encoding="utf-8")  # last: its presence marks a finished folder
 
 
-def save_training_checkpoint(out_dir: str | os.PathLike, **kwargs: Any) -> Path:
-    """Write a training checkpoint into ``out_dir`` atomically (a kill at any moment leaves either the
-    old folder or the complete new one). Keyword arguments: those of :func:`write_training_checkpoint`."""
+def save_training_checkpoint(
+    out_dir: str | os.PathLike, *, model: ErnieViL2, optimizer: paddle.optimizer.Optimizer,
+    scheduler: paddle.optimizer.lr.LRScheduler | None, scaler: paddle.amp.GradScaler | None = None,
+    state: TrainingState, config: dict | None = None, files: dict[str, Any] | None = None,
+) -> Path:
+    """Write a training checkpoint (:func:`write_training_checkpoint`) into ``out_dir`` atomically: a
+    kill at any moment leaves either the old folder or the complete new one."""
     with atomic_dir(out_dir) as tmp:
-        write_training_checkpoint(tmp, **kwargs)
+        write_training_checkpoint(tmp, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                  state=state, config=config, files=files)
     return Path(out_dir)
 
 
