@@ -1,7 +1,9 @@
-"""Train (or, with later modes, evaluate) an ERNIE-ViL 2.0 dual encoder; no arguments = the demo.
+"""Train or evaluate an ERNIE-ViL 2.0 dual encoder; no arguments = the demo.
 
     python launch/train.py                                   # embedded demo on CPU
     python launch/train.py loss=clip_only trainer.max_steps=100
+    python launch/train.py resume=latest hydra.run.dir=RUN   # continue a killed run
+    python launch/train.py mode=eval ckpt=PATH               # evaluate a checkpoint (any layout)
     python -m paddle.distributed.launch --nproc_per_node 8 launch/train.py experiment=NAME
 
 Under the paddle launcher with several ranks, all ranks share one Hydra run dir: before Hydra
@@ -52,9 +54,11 @@ def prepare_ranks(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from ernievil2.train.run import run_training
+    from ernievil2.train.run import run_evaluation, run_training
 
-    run_training(cfg, HydraConfig.get().runtime.output_dir)
+    if cfg.mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', got {cfg.mode!r}")
+    (run_evaluation if cfg.mode == "eval" else run_training)(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

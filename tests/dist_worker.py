@@ -24,6 +24,7 @@ from ernievil2.distributed import DistInfo, DistributedExchange, init_distribute
 from ernievil2.losses import LossConfig, MultiViewLoss  # noqa: E402
 from ernievil2.models import build_model  # noqa: E402
 from ernievil2.models.config import model_config  # noqa: E402
+from ernievil2.train.config import TrainerSchema  # noqa: E402
 from ernievil2.train.trainer import Trainer  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -35,18 +36,22 @@ SEED = 7
 # the second half (rank 1 of 2) has none.
 MASKS = {"a": [1, 0, 1, 1, 0, 1, 0, 1], "b": [1, 1, 0, 1, 0, 0, 0, 0]}
 ALL_TERMS = ("image_caption", "image_objects", "image_image", "text_text")
-# case name -> (batch, local_loss, exchange with a gradient-free gather, active loss terms)
+# case name -> (batch, local_loss, exchange with a gradient-free gather, active loss terms, micro-batches)
 CASES = {
-    "local_a": ("a", True, False, ALL_TERMS),
-    "local_b": ("b", True, False, ALL_TERMS),
-    "global_a": ("a", False, False, ALL_TERMS),
-    "global_b": ("b", False, False, ALL_TERMS),
+    "local_a": ("a", True, False, ALL_TERMS, 1),
+    "local_b": ("b", True, False, ALL_TERMS, 1),
+    "global_a": ("a", False, False, ALL_TERMS, 1),
+    "global_b": ("b", False, False, ALL_TERMS, 1),
     # Image-image NT-Xent alone: the text tower and the temperature get no gradient, so the
     # trainer's DataParallel must look for unused parameters.
-    "image_only_a": ("a", True, False, ("image_image",)),
+    "image_only_a": ("a", True, False, ("image_image",), 1),
+    # Gradient accumulation: each rank's share in 2 micro-batches (cached features, no_sync until
+    # the last); the reference is the whole batch in one process, in one piece.
+    "accum_local_b": ("b", True, False, ALL_TERMS, 2),
+    "accum_global_a": ("a", False, False, ALL_TERMS, 2),
     # Negative control: paddle's all_gather returns no gradient (SPEC §8); the test expects this
     # case to disagree with one process, which shows the comparison can fail.
-    "nograd_gather_a": ("a", True, True, ALL_TERMS),
+    "nograd_gather_a": ("a", True, True, ALL_TERMS, 1),
 }
 
 
@@ -79,8 +84,13 @@ def make_batch(name: str) -> dict[str, np.ndarray]:
 
 
 def shard(batch: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
-    b = GLOBAL_BATCH // world
+    b = len(batch["has_objects"]) // world
     return {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}
+
+
+def micro_batches(batch: dict[str, np.ndarray], k: int) -> list[dict[str, np.ndarray]]:
+    """``batch`` cut into ``k`` consecutive micro-batches (as ``accum_steps`` loader batches)."""
+    return [shard(batch, i, k) for i in range(k)]
 
 
 class NoGradGatherExchange(DistributedExchange):
@@ -98,7 +108,7 @@ def make_trainer(info: DistInfo, terms: tuple[str, ...] = ALL_TERMS) -> Trainer:
     """A trainer (fresh model, same init every time) whose loss has the active ``terms``."""
     weights = {t: 1.0 if t in terms else 0.0 for t in ALL_TERMS}
     loss = MultiViewLoss(LossConfig(**weights), DistributedExchange(info))
-    return Trainer(make_model(), loss, None, None, None, [], None, "unused", max_steps=1, dist=info)
+    return Trainer(make_model(), loss, None, None, None, [], None, "unused", TrainerSchema(max_steps=1), dist=info)
 
 
 def run_cases(info: DistInfo) -> dict[str, tuple[dict[str, float], dict[str, np.ndarray]]]:
@@ -106,14 +116,14 @@ def run_cases(info: DistInfo) -> dict[str, tuple[dict[str, float], dict[str, np.
     rank's share of its batch. Gradients a case does not produce are absent."""
     trainers: dict[tuple[str, ...], Trainer] = {}
     results = {}
-    for case, (batch_name, local_loss, nograd, terms) in CASES.items():
+    for case, (batch_name, local_loss, nograd, terms, accum) in CASES.items():
         if terms not in trainers:  # one DataParallel wrapper per model, made once
             trainers[terms] = make_trainer(info, terms)
         trainer = trainers[terms]
         trainer.loss.cfg.local_loss = local_loss
         trainer.loss.exchange = NoGradGatherExchange(info) if nograd else DistributedExchange(info)
         trainer.model.clear_gradients(set_to_zero=False)
-        values = trainer.train_step(shard(make_batch(batch_name), info.rank, info.world_size))
+        values = trainer.train_step(micro_batches(shard(make_batch(batch_name), info.rank, info.world_size), accum))
         grads = {n: p.grad.numpy().copy() for n, p in trainer.model.named_parameters() if p.grad is not None}
         trainer.model.clear_gradients(set_to_zero=False)
         results[case] = (values, grads)

@@ -99,10 +99,15 @@ def _grad_errors(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict
     }
 
 
+# An accumulation case is checked against one process over the whole batch in one piece.
+REFERENCE = {"accum_local_b": "local_b", "accum_global_a": "global_a"}
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", ["local_a", "local_b", "global_a", "global_b", "image_only_a"])
+@pytest.mark.parametrize("case", ["local_a", "local_b", "global_a", "global_b", "image_only_a",
+                                  "accum_local_b", "accum_global_a"])
 def test_two_ranks_match_one_process(case, two_rank_results, one_process_reference):
-    ref_terms, ref_grads = one_process_reference[case]
+    ref_terms, ref_grads = one_process_reference[REFERENCE.get(case, case)]
     terms0, grads0 = _load(two_rank_results, 0, case)
     terms1, grads1 = _load(two_rank_results, 1, case)
     # Every active loss term is reported (with the weighted sum) and equals one process's.
@@ -123,6 +128,52 @@ def test_two_ranks_match_one_process(case, two_rank_results, one_process_referen
     assert errors[worst] <= RTOL, f"{case}: gradient of {worst} off by {errors[worst]:.2e} (relative)"
     for name in grads0:
         np.testing.assert_array_equal(grads0[name], grads1[name], err_msg=name)
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE))
+def test_accumulation_matches_one_batch_in_one_process(case, one_process_reference):
+    """k=2 micro-batches of B in one process == one batch of 2B: every loss term and gradient."""
+    terms, grads = one_process_reference[case]
+    ref_terms, ref_grads = one_process_reference[REFERENCE[case]]
+    assert set(terms) == set(ref_terms) and set(grads) == set(ref_grads)
+    for name, want in ref_terms.items():
+        assert terms[name] == pytest.approx(want, rel=RTOL), name
+    errors = _grad_errors(grads, ref_grads)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= RTOL, f"{case}: gradient of {worst} off by {errors[worst]:.2e} (relative)"
+
+
+def test_accumulation_replays_dropout():
+    """With dropout on, a micro-batch recomputed with gradient sees the dropout masks of its cached
+    pass (RNG replay): the loss the step reports equals the loss of the cached features alone."""
+    from ernievil2.train.trainer import encode_views
+
+    previous = paddle.get_default_dtype()
+    paddle.set_default_dtype("float64")
+    try:
+        trainer = dist_worker.make_trainer(DistInfo())
+        for layer in trainer.model.text.sublayers():
+            if isinstance(layer, paddle.nn.Dropout):
+                layer.p = 0.3
+        micro = dist_worker.micro_batches(dist_worker.make_batch("a"), 2)
+        views = trainer.loss.required_views
+        paddle.seed(11)
+        with paddle.no_grad():  # the trainer's caching pass, replayed here
+            parts = [encode_views(trainer.model, b, views, with_logit_scale=False)[0] for b in micro]
+        feats = {k: paddle.concat([p[k] for p in parts]) for k in parts[0]}
+        mask = paddle.concat([paddle.to_tensor(b["has_objects"]) for b in micro])
+        cached_loss = float(trainer.loss(feats, trainer.model.logit_scale.detach(), mask)["loss"])
+        paddle.seed(11)
+        reported = trainer.train_step(micro)["loss"]
+        paddle.seed(12)  # control: other dropout masks give another loss
+        with paddle.no_grad():
+            other = [encode_views(trainer.model, b, views, with_logit_scale=False)[0] for b in micro]
+        other_feats = {k: paddle.concat([p[k] for p in other]) for k in other[0]}
+        other_loss = float(trainer.loss(other_feats, trainer.model.logit_scale.detach(), mask)["loss"])
+    finally:
+        paddle.set_default_dtype(previous)
+    assert reported == pytest.approx(cached_loss, rel=1e-12)
+    assert other_loss != pytest.approx(cached_loss, rel=1e-6)
 
 
 @pytest.mark.timeout(300)
@@ -263,3 +314,25 @@ def test_prepare_ranks_leaves_one_process_alone(monkeypatch):
     spec.loader.exec_module(module)
     argv = ["launch/train.py", "trainer.max_steps=1"]
     assert module.prepare_ranks(argv) == argv
+
+
+@pytest.mark.timeout(400)
+def test_sharded_optimizer_state_trains_like_data_parallel(tmp_path):
+    """trainer.sharding_stage=1 (fleet's sharded optimizer) on 2 ranks: each rank holds the Adam
+    moments of part of the parameters only, and after 3 steps the parameters equal plain data
+    parallel's (float64) and are identical on both ranks."""
+    results = {}
+    for stage in (0, 1):
+        base = tmp_path / f"stage{stage}"
+        _launch(REPO_ROOT / "tests" / "dist_sharding_worker.py", [str(base / "out"), str(stage)], base / "log", cwd=tmp_path)
+        results[stage] = [dict(np.load(base / "out" / f"rank{r}.npz")) for r in (0, 1)]
+    n_params = len(list(dist_worker.make_model().parameters()))
+    dp, sharded = results[0], results[1]
+    assert [int(r["moments"]) for r in dp] == [n_params, n_params]
+    held = [int(r["moments"]) for r in sharded]
+    assert sum(held) == n_params and all(0 < h < n_params for h in held), held
+    names = [k for k in dp[0] if k.startswith("param/")]
+    assert len(names) == n_params
+    for name in names:
+        np.testing.assert_array_equal(sharded[0][name], sharded[1][name], err_msg=name)
+        np.testing.assert_allclose(sharded[0][name], dp[0][name], rtol=1e-6, atol=1e-9, err_msg=name)

@@ -49,3 +49,14 @@ def attention(
 def padding_mask(input_ids: paddle.Tensor, pad_id: int, dtype: str) -> paddle.Tensor:
     """Additive ``[batch, 1, 1, seq]`` mask: ``-1e4`` on padding positions (as ERNIE/PaddleNLP), 0 elsewhere."""
     return ((input_ids == pad_id).astype(dtype) * -1e4).unsqueeze([1, 2])
+
+
+def run_block(block: paddle.nn.Layer, recompute: bool, *args: paddle.Tensor) -> paddle.Tensor:
+    """``block(*args)``; with ``recompute`` (in training, with gradients on) its activations are not
+    kept but recomputed in backward (``paddle.distributed.fleet.utils.recompute``, which also
+    replays the dropout RNG state), trading one extra block forward for activation memory."""
+    if recompute and block.training and paddle.is_grad_enabled():
+        from paddle.distributed.fleet.utils import recompute as _recompute
+
+        return _recompute(block, *args)
+    return block(*args)

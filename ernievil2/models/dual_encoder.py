@@ -37,6 +37,10 @@ class ErnieViL2(nn.Layer):
         emb = self.text(input_ids)
         return F.normalize(emb, axis=-1) if normalize else emb
 
+    def set_recompute(self, enabled: bool) -> None:
+        """Recompute every transformer block of both towers in backward (saves activation memory)."""
+        self.vision.recompute = self.text.recompute = bool(enabled)
+
     @property
     def logit_scale(self) -> paddle.Tensor:
         """``exp(t)``: the factor applied to cosine similarities."""

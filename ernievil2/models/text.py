@@ -5,7 +5,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .attention import attention, padding_mask
+from .attention import attention, padding_mask, run_block
 from .config import TextConfig
 
 
@@ -61,6 +61,7 @@ class ErnieTextEncoder(nn.Layer):
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.LayerList([TextBlock(cfg, backend) for _ in range(cfg.layers)])
         self.pooler = nn.Linear(cfg.width, cfg.width)
+        self.recompute = False  # recompute each block's activations in backward (set_recompute)
         init = nn.initializer.Normal(std=cfg.initializer_range)
         for layer in self.sublayers():
             if isinstance(layer, (nn.Linear, nn.Embedding)):
@@ -77,5 +78,5 @@ class ErnieTextEncoder(nn.Layer):
         x = self.dropout(self.ln(self.word_emb(input_ids) + self.pos_emb(positions)))
         mask = padding_mask(input_ids, self.cfg.pad_id, x.dtype)
         for block in self.blocks:
-            x = block(x, mask)
+            x = run_block(block, self.recompute, x, mask)
         return paddle.tanh(self.pooler(x[:, 0]))

@@ -5,7 +5,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .attention import attention
+from .attention import attention, run_block
 from .config import VisionConfig
 
 
@@ -69,6 +69,7 @@ class VisionTransformer(nn.Layer):
         self.ln_pre = nn.LayerNorm(w, epsilon=cfg.ln_eps)
         self.blocks = nn.LayerList([VisionBlock(cfg, backend) for _ in range(cfg.layers)])
         self.ln_post = nn.LayerNorm(w, epsilon=cfg.ln_eps)
+        self.recompute = False  # recompute each block's activations in backward (set_recompute)
         self._init_linears()
 
     def _init_linears(self) -> None:
@@ -86,5 +87,5 @@ class VisionTransformer(nn.Layer):
         x = paddle.concat([cls, x], axis=1) + self.positional_embedding.astype(x.dtype)
         x = self.ln_pre(x)
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, self.recompute, x)
         return self.ln_post(x[:, 0])

@@ -1,34 +1,57 @@
-"""The training loop: forward the views the loss needs, step, log, evaluate, save.
+"""The training loop: forward the views the loss needs, step, log, evaluate, checkpoint, resume.
 
-Several ranks (``python -m paddle.distributed.launch``): the model is wrapped in
-``paddle.DataParallel`` (which averages parameter gradients over ranks; with the loss's
-gather-with-gradient that is the single-process gradient of the global batch, see
-:mod:`ernievil2.distributed`), logged loss values are averaged over ranks, and only rank 0
-evaluates and writes checkpoints (the run logger of the other ranks writes no file).
+Several ranks (``python -m paddle.distributed.launch``): the model is wrapped for the job by
+:func:`ernievil2.train.parallel.setup_parallel` (data parallel, which averages parameter gradients
+over ranks — with the loss's gather-with-gradient that is the single-process gradient of the global
+batch, see :mod:`ernievil2.distributed` — or sharded optimizer state); logged loss values are
+averaged over ranks; every rank runs the evaluators (which shard the embedding work and gather),
+and rank 0 alone writes logs and checkpoints (the run logger of the other ranks writes no file).
+
+Gradient accumulation (``accum_steps = k``) keeps every negative of the ``k`` loader batches
+(open_clip's scheme): the features of all ``k`` micro-batches are first computed without
+gradient and cached; then each micro-batch is forwarded again with gradient, its fresh features
+put in place of its cached ones, and the loss over all ``k`` micro-batches is backpropagated. The
+sum of the ``k`` backward passes is the gradient of the loss over the ``k``-fold batch: each pass
+carries ``dL/df_j · df_j/dθ`` for its own micro-batch ``j``. The temperature takes its gradient in
+the last pass only (it would otherwise be counted ``k`` times); dropout replays the RNG state of
+the caching pass; gradients stay local (``no_sync``) until the last micro-batch.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import paddle
 
-from ernievil2.checkpoint import save_checkpoint
 from ernievil2.data.loader import TrainData
 from ernievil2.distributed import DistInfo, check_parameters_in_sync
 from ernievil2.evaluation import Evaluator, trim_padding
 from ernievil2.losses import MultiViewLoss
 from ernievil2.models import ErnieViL2
+from ernievil2.train.checkpointing import (
+    CheckpointManager,
+    TrainingState,
+    load_training_checkpoint,
+    write_training_checkpoint,
+)
+from ernievil2.train.config import TrainerSchema
 from ernievil2.train.loggers import RunLogger
+from ernievil2.train.parallel import ParallelModel, is_out_of_memory, out_of_memory_hint, setup_parallel
 
 log = logging.getLogger("ernievil2")
 
 IMAGE_VIEWS = ("image", "image_view1", "image_view2")
 TEXT_VIEWS = {"caption": "caption_ids", "text_view": "text_view_ids", "objects": "objects_ids"}
+SKIPPED_KEY = "skipped"  # bad-sample counts a batch may carry (ernievil2.data.loader)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run stopped."""
 
 
 def _tensor(x: Any) -> paddle.Tensor:
@@ -36,12 +59,14 @@ def _tensor(x: Any) -> paddle.Tensor:
 
 
 def unwrap(model: paddle.nn.Layer) -> ErnieViL2:
-    """The dual encoder inside a ``paddle.DataParallel`` wrapper (or the model itself)."""
-    return model._layers if isinstance(model, paddle.DataParallel) else model
+    """The dual encoder inside a parallel wrapper (or the model itself)."""
+    while not isinstance(model, ErnieViL2) and hasattr(model, "_layers"):
+        model = model._layers
+    return model
 
 
 def encode_views(
-    model: ErnieViL2 | paddle.DataParallel, batch: dict, views: Sequence[str], with_logit_scale: bool = True
+    model: paddle.nn.Layer, batch: dict, views: Sequence[str], with_logit_scale: bool = True
 ) -> tuple[dict[str, paddle.Tensor], Optional[paddle.Tensor]]:
     """Embed the requested views in one ``model(pixels, ids)`` call: all image views go through
     the image tower together, all text views through the text tower together (padding columns
@@ -58,10 +83,15 @@ def encode_views(
     image_emb, text_emb, logit_scale = model(pixels, ids, with_logit_scale=with_logit_scale)
     feats: dict[str, paddle.Tensor] = {}
     if img_keys:
-        feats.update(zip(img_keys, paddle.split(image_emb, len(img_keys))))
+        feats.update(zip(img_keys, paddle.split(_full_precision(image_emb), len(img_keys))))
     if txt_keys:
-        feats.update(zip(txt_keys, paddle.split(text_emb, len(txt_keys))))
+        feats.update(zip(txt_keys, paddle.split(_full_precision(text_emb), len(txt_keys))))
     return feats, logit_scale
+
+
+def _full_precision(x: paddle.Tensor) -> paddle.Tensor:
+    """``x`` in float32 when AMP made it half precision (the loss is computed in full precision)."""
+    return x.astype("float32") if x.dtype in (paddle.float16, paddle.bfloat16) else x
 
 
 def global_grad_norm(model: paddle.nn.Layer) -> float:
@@ -69,74 +99,133 @@ def global_grad_norm(model: paddle.nn.Layer) -> float:
     return math.sqrt(sum(sq))
 
 
-class Trainer:
-    """Runs ``max_steps`` optimizer steps over ``data.batches(epoch)``; evaluators run every
-    ``eval_every`` steps (0: never mid-run) and at the end; a checkpoint is written at the end.
+def _bad_sample_counts(batch: dict) -> dict[str, int]:
+    """Remove and return the ``skipped`` counts a batch carries (``{kind: count or array}``)."""
+    counts = batch.pop(SKIPPED_KEY, None) or {}
+    return {str(k): int(np.asarray(v).sum()) for k, v in counts.items()}
 
-    ``dist`` (default: one process) with ``world_size > 1`` wraps ``model`` in
-    ``paddle.DataParallel``; ``data`` must then yield this rank's share of the data, and the
-    evaluators, the checkpoint and the logger's files are rank 0's business (pass no evaluators
-    and a non-writing logger elsewhere). Parameters are checked to be identical on all ranks at
-    the end (a digest comparison; :func:`ernievil2.distributed.check_parameters_in_sync`).
+
+class Trainer:
+    """Runs ``settings.max_steps`` optimizer steps over ``data.batches(epoch, skip)``.
+
+    One step consumes ``settings.accum_steps`` loader batches. Evaluators run every
+    ``eval_every`` steps (0: never mid-run) and at the end (``eval_at_end``); checkpoints are written
+    every ``settings.checkpoint_every`` steps and at the end (``save_checkpoint``), the last
+    ``keep_last`` and the best by ``best_metric`` kept, with a ``latest`` pointer; ``resume``
+    (``"latest"`` or a path) continues from one. A non-finite loss skips its update; after
+    ``nan_patience`` in a row the run stops naming the last good checkpoint.
+
+    ``dist`` (default: one process) with ``world_size > 1``: ``data`` must yield this rank's share
+    of the data and ``logger`` must write no file except on rank 0. Parameters are checked to be
+    identical on all ranks at the end (:func:`ernievil2.distributed.check_parameters_in_sync`).
     """
 
     def __init__(
         self,
         model: ErnieViL2,
         loss: MultiViewLoss,
-        optimizer: paddle.optimizer.Optimizer,
-        scheduler: paddle.optimizer.lr.LRScheduler,
-        data: TrainData,
+        optimizer: Optional[paddle.optimizer.Optimizer],
+        scheduler: Optional[paddle.optimizer.lr.LRScheduler],
+        data: Optional[TrainData],
         evaluators: Sequence[Evaluator],
-        logger: RunLogger,
+        logger: Optional[RunLogger],
         run_dir: str | Path,
-        max_steps: int,
+        settings: Optional[TrainerSchema] = None,
+        *,
         log_every: int = 20,
         eval_every: int = 0,
         eval_at_end: bool = True,
-        max_minutes: Optional[float] = None,
-        save_checkpoint: bool = True,
         checkpoint_files: Optional[dict] = None,
+        config: Optional[dict] = None,
         dist: Optional[DistInfo] = None,
     ):
-        self.model, self.loss, self.optimizer, self.scheduler = model, loss, optimizer, scheduler
+        self.settings = settings or TrainerSchema()
+        s = self.settings
+        if s.accum_steps < 1:
+            raise ValueError(f"trainer.accum_steps must be >= 1, got {s.accum_steps}")
+        self.model, self.loss, self.scheduler = model, loss, scheduler
         self.dist = dist or DistInfo()
         if self.dist.world_size != loss.exchange.world_size:
             raise ValueError(f"{self.dist.world_size} rank(s) but the loss exchanges features over "
                              f"{loss.exchange.world_size}: build the loss with DistributedExchange")
-        self.forward_model: paddle.nn.Layer = model
-        if self.dist.distributed:
-            views = loss.required_views
-            both_towers = any(v in IMAGE_VIEWS for v in views) and any(v in TEXT_VIEWS for v in views)
-            # A tower (or the temperature) the loss does not use gets no gradient: DataParallel
-            # must then look for such parameters in every step.
-            self.forward_model = paddle.DataParallel(
-                model, find_unused_parameters=not (both_towers and loss.uses_logit_scale))
+        views = loss.required_views
+        both_towers = any(v in IMAGE_VIEWS for v in views) and any(v in TEXT_VIEWS for v in views)
+        # A tower (or the temperature) the loss does not use gets no gradient: data parallel must
+        # then look for such parameters in every step.
+        self.parallel: ParallelModel = setup_parallel(
+            model, optimizer, self.dist, sharding_stage=s.sharding_stage, amp=s.amp, amp_level=s.amp_level,
+            recompute=s.recompute, find_unused_parameters=not (both_towers and loss.uses_logit_scale))
+        self.forward_model = self.parallel.forward_model
+        self.optimizer = self.parallel.optimizer
         self.data, self.evaluators, self.logger = data, list(evaluators), logger
         self.run_dir = Path(run_dir)
-        self.max_steps, self.log_every, self.eval_every = max_steps, log_every, eval_every
-        self.eval_at_end, self.max_minutes = eval_at_end, max_minutes
-        self.save_checkpoint, self.checkpoint_files = save_checkpoint, checkpoint_files or {}
+        self.max_steps = s.max_steps
+        self.log_every, self.eval_every, self.eval_at_end = log_every, eval_every, eval_at_end
+        self.checkpoint_files, self.config = checkpoint_files or {}, config
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=s.keep_last,
+                                             best_metric=s.best_metric, best_mode=s.best_mode)
         self.step = 0
+        self.samples_seen = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.nan_streak = 0
+        self.nan_total = 0
+        self.bad_samples: dict[str, int] = {}
         self.history: list[dict] = []
+        self.last_checkpoint: Optional[Path] = None
 
-    def evaluate(self) -> list[dict]:
-        records = [r for ev in self.evaluators for r in ev(self.model, self.step)]
-        self.logger.log_eval(records)
-        return records
+    # -- one step ---------------------------------------------------------------------------------
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """Forward and backward of one batch (gradients all-reduced over ranks); returns the loss
-        and its terms, averaged over ranks: the values of the global batch's loss."""
+    def train_step(self, batches: dict | Sequence[dict]) -> dict[str, float]:
+        """Forward and backward of one optimizer step's micro-batches (a batch or a list of
+        ``accum_steps`` of them; gradients all-reduced over ranks once, after the last). Returns
+        the loss and its terms over all micro-batches, averaged over ranks: the values of the
+        global batch's loss."""
+        micro = [batches] if isinstance(batches, dict) else list(batches)
+        views = self.loss.required_views
         uses_scale = self.loss.uses_logit_scale
-        feats, logit_scale = encode_views(self.forward_model, batch, self.loss.required_views, uses_scale)
-        mask = _tensor(batch["has_objects"]) if "objects" in feats else None
-        out = self.loss(feats, logit_scale if uses_scale else self.model.logit_scale.detach(), mask)
-        out["loss"].backward()
+        mask = None
+        if "objects" in views:
+            mask = paddle.concat([_tensor(b["has_objects"]) for b in micro])
+        precision = self.parallel.precision
+        cached: list[dict[str, paddle.Tensor]] = []
+        rng_states: list[Any] = []
+        if len(micro) > 1:
+            with paddle.no_grad():
+                for b in micro:
+                    rng_states.append(paddle.get_rng_state())
+                    with precision.autocast():
+                        feats, _ = encode_views(self.model, b, views, with_logit_scale=False)
+                    cached.append({k: v.detach() for k, v in feats.items()})
+        out: dict[str, paddle.Tensor] = {}
+        for j, b in enumerate(micro):
+            last = j == len(micro) - 1
+            if rng_states:
+                paddle.set_rng_state(rng_states[j])
+            with (contextlib.nullcontext() if last else self.parallel.no_sync()):
+                with precision.autocast():
+                    feats, scale = encode_views(self.forward_model, b, views, uses_scale and last)
+                if cached:
+                    feats = {k: paddle.concat([feats[k] if i == j else c[k] for i, c in enumerate(cached)])
+                             for k in feats}
+                if scale is None:
+                    scale = self.model.logit_scale.detach()
+                out = self.loss(feats, _full_precision(scale), mask)
+                loss = out["loss"]
+                (self.parallel.scaler.scale(loss) if self.parallel.scaler is not None else loss).backward()
         values = paddle.stack([v.detach().reshape([]) for v in out.values()])
         ex = self.loss.exchange
         values = (ex.sum(values) / ex.world_size).numpy()
         return {k: float(v) for k, v in zip(out, values)}
+
+    def _apply_update(self) -> None:
+        if self.parallel.scaler is not None:
+            self.parallel.scaler.step(self.optimizer)
+            self.parallel.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.clear_grad()
+        self.model.clamp_logit_scale()
 
     def _agree(self, flag: bool) -> bool:
         """True when ``flag`` is true on any rank (so that all ranks stop at the same step)."""
@@ -144,56 +233,178 @@ class Trainer:
             return flag
         return bool(self.loss.exchange.sum(paddle.to_tensor([1.0 if flag else 0.0])).item() > 0)
 
+    # -- evaluation and checkpoints ---------------------------------------------------------------
+
+    def evaluate(self) -> list[dict]:
+        """Run every evaluator (on every rank; they shard and gather); rank 0's logger records."""
+        records = [r for ev in self.evaluators for r in ev(self.model, self.step)]
+        if self.logger is not None:
+            self.logger.log_eval(records)
+        return records
+
+    def _state(self) -> TrainingState:
+        return TrainingState(
+            step=self.step, samples_seen=self.samples_seen,
+            data_state={"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch},
+            extra={"nan_total": self.nan_total, "bad_samples": dict(self.bad_samples),
+                   "wandb_run_id": getattr(self.logger, "run_id", None),
+                   "world_size": self.dist.world_size, "accum_steps": self.settings.accum_steps},
+        )
+
+    def save(self, records: Sequence[dict] = ()) -> Optional[Path]:
+        """Write a checkpoint of the current step (rank 0), keyed metrics from ``records``."""
+        if not self.dist.is_main:
+            return None
+        metrics = {f"{r['dataset']}/{r['protocol']}/{k}": v for r in records for k, v in r.items()
+                   if isinstance(v, (int, float)) and k != "step"}
+        # With sharded optimizer state (stage >= 1) rank 0 holds only its share: the checkpoint
+        # then carries weights and training state but no optimizer (a resume restarts its moments).
+        optimizer = self.optimizer if self.settings.sharding_stage == 0 else None
+        state = self._state()
+
+        def write(tmp: Path) -> None:
+            write_training_checkpoint(tmp, model=self.model, optimizer=optimizer, scheduler=self.scheduler,
+                                     scaler=self.parallel.scaler, state=state, config=self.config,
+                                     files=self.checkpoint_files)
+
+        self.last_checkpoint = self.checkpoints.save(self.step, write, metrics or None)
+        log.info("checkpoint written to %s", self.last_checkpoint)
+        return self.last_checkpoint
+
+    def resume(self, where: str) -> None:
+        """Continue from checkpoint ``where`` (``"latest"`` = the newest in this run dir, or a
+        checkpoint/run dir): weights, optimizer, scheduler, scaler, counters, data position, RNG."""
+        path = self.checkpoints.resolve(where)
+        optimizer = self.optimizer if self.settings.sharding_stage == 0 else None
+        state = load_training_checkpoint(path, model=self.model, optimizer=optimizer, scheduler=self.scheduler,
+                                         scaler=self.parallel.scaler, restore_rng=self.dist.is_main)
+        if not self.dist.is_main:
+            paddle.seed(self.settings.seed + self.dist.rank + 7919 * state.step)
+        saved_world = state.extra.get("world_size", self.dist.world_size)
+        saved_accum = state.extra.get("accum_steps", self.settings.accum_steps)
+        if (saved_world, saved_accum) != (self.dist.world_size, self.settings.accum_steps):
+            log.warning("resuming a run saved with %d rank(s) x accum %d on %d rank(s) x accum %d: the data "
+                        "position is counted in this rank's batches, so the stream will not line up exactly",
+                        saved_world, saved_accum, self.dist.world_size, self.settings.accum_steps)
+        self.step, self.samples_seen = state.step, state.samples_seen
+        self.epoch = int(state.data_state.get("epoch", 0))
+        self.batches_in_epoch = int(state.data_state.get("batches_in_epoch", 0))
+        self.nan_total = int(state.extra.get("nan_total", 0))
+        self.bad_samples = {k: int(v) for k, v in state.extra.get("bad_samples", {}).items()}
+        self.last_checkpoint = path
+        log.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, self.step, self.epoch,
+                 self.batches_in_epoch)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _epoch_batches(self) -> Iterator[tuple[dict, float]]:
+        """This epoch's remaining batches with the seconds spent waiting for each."""
+        it = iter(self.data.batches(self.epoch, self.batches_in_epoch))
+        try:
+            while True:
+                t0 = time.perf_counter()
+                batch = next(it, None)
+                if batch is None:
+                    return
+                yield batch, time.perf_counter() - t0
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def _handle_non_finite(self, terms: dict[str, float]) -> None:
+        self.optimizer.clear_grad()
+        self.nan_total += 1
+        self.nan_streak += 1
+        log.warning("step %d: non-finite loss (%s): update skipped (%d in a row, %d in all)", self.step + 1,
+                    ", ".join(f"{k} {v:.4g}" for k, v in terms.items()), self.nan_streak, self.nan_total)
+        if self.nan_streak >= self.settings.nan_patience:
+            where = self.last_checkpoint or "none written yet"
+            raise NonFiniteLossError(
+                f"{self.nan_streak} non-finite losses in a row at step {self.step + 1}: stopping. Last good "
+                f"checkpoint: {where} (resume=PATH from it, e.g. with a lower optim.lr or trainer.amp=none)")
+
     def fit(self) -> list[dict]:
         """Train; returns the evaluation records of the final evaluation."""
+        try:
+            return self._fit()
+        except Exception as exn:
+            if is_out_of_memory(exn):
+                raise RuntimeError(f"step {self.step + 1}: {out_of_memory_hint()}") from exn
+            raise
+
+    def _fit(self) -> list[dict]:
+        s = self.settings
         start = time.perf_counter()
-        window_start, window_samples = start, 0
-        epoch = 0
+        window_start, window_samples, window_wait = start, 0, 0.0
         self.model.train()
         final: list[dict] = []
+        k = s.accum_steps
         while self.step < self.max_steps:
             got_batch = False
-            for batch in self.data.batches(epoch):
+            resumed_mid_epoch = self.batches_in_epoch > 0
+            pending: list[dict] = []
+            for batch, waited in self._epoch_batches():
                 got_batch = True
-                terms = self.train_step(batch)
-                grad_norm = global_grad_norm(self.model) if (self.step + 1) % self.log_every == 0 else None
-                self.optimizer.step()
-                self.optimizer.clear_grad()
-                self.model.clamp_logit_scale()
+                self.batches_in_epoch += 1
+                window_wait += waited
+                for kind, n in _bad_sample_counts(batch).items():
+                    self.bad_samples[kind] = self.bad_samples.get(kind, 0) + n
+                pending.append(batch)
+                if len(pending) < k:
+                    continue
+                terms = self.train_step(pending)
+                rows = sum(int(np.asarray(b["caption_ids"]).shape[0]) for b in pending if "caption_ids" in b)
+                pending = []
+                finite = math.isfinite(terms["loss"])
+                if finite:
+                    self.nan_streak = 0
+                    grad_norm = global_grad_norm(self.model) if (self.step + 1) % self.log_every == 0 else None
+                    self._apply_update()
+                else:
+                    grad_norm = None
+                    self._handle_non_finite(terms)
                 lr = self.scheduler.get_lr()
                 self.scheduler.step()
                 self.step += 1
-                # Samples of the whole job (every rank steps through a batch of the same size).
-                rows = int(np.asarray(batch["caption_ids"]).shape[0]) if "caption_ids" in batch else 0
+                # Samples of the whole job (every rank steps through batches of the same size).
+                self.samples_seen += rows * self.dist.world_size
                 window_samples += rows * self.dist.world_size
-                if grad_norm is not None:
+                if self.step % self.log_every == 0:
                     now = time.perf_counter()
                     scalars = {**terms, "lr": lr, "logit_scale": self.model.logit_scale.item(),
-                               "grad_norm": grad_norm, "samples_per_s": window_samples / (now - window_start),
-                               "epoch": epoch}
+                               "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+                               "samples_per_s": window_samples / (now - window_start),
+                               "data_wait_s": window_wait, "epoch": self.epoch, "samples_seen": self.samples_seen,
+                               "nonfinite_steps": self.nan_total,
+                               **{f"bad/{kind}": n for kind, n in sorted(self.bad_samples.items())}}
                     self.history.append({"step": self.step, **scalars})
-                    self.logger.log_train(self.step, scalars)
-                    window_start, window_samples = now, 0
-                out_of_time = self.max_minutes is not None and self._agree(
-                    time.perf_counter() - start > 60 * self.max_minutes)
+                    if self.logger is not None:
+                        self.logger.log_train(self.step, scalars)
+                    window_start, window_samples, window_wait = now, 0, 0.0
+                out_of_time = s.max_minutes is not None and self._agree(time.perf_counter() - start > 60 * s.max_minutes)
                 if out_of_time:
-                    log.info("time budget of %.1f min spent at step %d: stopping", self.max_minutes, self.step)
+                    log.info("time budget of %.1f min spent at step %d: stopping", s.max_minutes, self.step)
                     self.max_steps = self.step
                 if self.step >= self.max_steps:
                     break
+                records: list[dict] = []
                 if self.eval_every and self.step % self.eval_every == 0:
-                    self.evaluate()
-            if not got_batch:
+                    records = self.evaluate()
+                if s.save_checkpoint and s.checkpoint_every and self.step % s.checkpoint_every == 0:
+                    self.save(records)
+            if self.step >= self.max_steps:
+                break
+            if not got_batch and not resumed_mid_epoch:
                 raise RuntimeError("the training stream yielded no batch: check data.train_shards and bad-sample logs")
-            epoch += 1
+            self.epoch += 1
+            self.batches_in_epoch = 0
         if self.eval_at_end and self.evaluators:
             final = self.evaluate()
-        if self.save_checkpoint and self.dist.is_main:
-            out = save_checkpoint(self.model, self.run_dir / "checkpoints" / f"step_{self.step:07d}",
-                                  self.checkpoint_files)
-            log.info("checkpoint written to %s", out)
+        if s.save_checkpoint:
+            self.save(final)
         if self.dist.distributed:
-            # Also the point where the other ranks wait for rank 0's evaluation and checkpoint.
+            # Also the point where the other ranks wait for rank 0's checkpoint.
             digest = check_parameters_in_sync(self.model)
             log.info("rank %d: parameters identical on all %d ranks (digest %s)", self.dist.rank,
                      self.dist.world_size, digest)
