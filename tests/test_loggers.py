@@ -8,6 +8,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import wandb
 from hydra import compose, initialize_config_dir
 from wandb.proto import wandb_internal_pb2
 
@@ -86,6 +87,14 @@ def offline_runs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
+def finished_run_records(run_dir: Path, run_id: str) -> tuple[Path, list[wandb_internal_pb2.Record]]:
+    """The one offline run folder of ``run_dir`` and its records, once wandb has written them all:
+    ``run.finish()`` can return before wandb's service flushes the file; ``wandb.teardown()`` waits."""
+    wandb.teardown()
+    (folder,) = offline_runs(run_dir)
+    return folder, read_wandb_records(folder / f"run-{run_id}.wandb")
+
+
 # ------------------------------------------------------------------ synthetic numbers
 
 def train_scalars(step: int) -> dict:
@@ -141,9 +150,8 @@ def test_wandb_offline_run_holds_losses_recalls_and_tables(tmp_path, wandb_env):
     run_id = logger.run_id
     logger.close()
 
-    (folder,) = offline_runs(tmp_path)
     assert (tmp_path / RUN_ID_FILE).read_text().strip() == run_id
-    records = read_wandb_records(folder / f"run-{run_id}.wandb")
+    folder, records = finished_run_records(tmp_path, run_id)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (run.run_id, run.project, run.display_name) == (run_id, "ernievil2-test", "unit")
     assert list(run.tags) == ["unit"]
@@ -189,8 +197,7 @@ def test_resumed_logger_continues_the_same_run(tmp_path, wandb_env):
     resumed.log_train(10, train_scalars(10))
     assert resumed.run_id == run_id
     resumed.close()
-    (folder,) = offline_runs(tmp_path / "b")
-    rows = history_rows(read_wandb_records(folder / f"run-{run_id}.wandb"))
+    rows = history_rows(finished_run_records(tmp_path / "b", run_id)[1])
     assert [row[STEP_METRIC] for row in rows if "train/loss" in row] == [10]
 
     # Restarted in the first run dir without an id: wandb_run_id.txt gives it.
@@ -259,8 +266,7 @@ def test_demo_training_run_logs_to_offline_wandb(tmp_path, wandb_env):
     final = run_training(cfg, run_dir)
 
     run_id = (run_dir / RUN_ID_FILE).read_text().strip()
-    (folder,) = offline_runs(run_dir)
-    records = read_wandb_records(folder / f"run-{run_id}.wandb")
+    _, records = finished_run_records(run_dir, run_id)
     rows = history_rows(records)
     logged = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     train_rows = {row[STEP_METRIC]: row for row in rows if "train/loss" in row}

@@ -145,7 +145,8 @@ class RunLogger:
                         **{f"{prefix}/{k}": v for k, v in metrics.items()}})
 
     def close(self) -> None:
-        """Finish the wandb run (writes its summary; offline: closes the run folder)."""
+        """Finish the wandb run. wandb's service may still be writing the offline run file when this
+        returns; it is complete at process exit or after ``wandb.teardown()``."""
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
