@@ -1,24 +1,52 @@
 """Evaluators: small units with one interface, ``evaluator(model, step) -> list[record]``.
 
 A record is a flat dict with ``step, dataset, protocol`` and the recall columns of
-:mod:`ernievil2.retrieval`. The trainer (and eval-only mode) loops over the evaluators the config
-names; adding a benchmark is a config entry plus, at most, one reader.
+:mod:`ernievil2.retrieval`. The trainer (and eval-only mode) calls every evaluator on every rank:
+each rank embeds its contiguous slice of the images and of the texts, the slices are gathered
+(``all_gather_object``; nothing collective in a single process) and every rank computes and
+returns the same records. Rank 0 logs them.
+
+Evaluation sets come from one registry, :data:`READERS` (``format`` -> reader); adding a benchmark
+is a config entry plus, at most, one reader. Each reader yields :class:`EvalItem` (one image, its
+captions, and where it came from for error messages), in file order:
+
+* ``demo``: the embedded demo's val shards; ``shards``: packed WebDataset shards (``path``: dir,
+  brace pattern or glob);
+* ``karpathy``: ``dataset_flickr30k.json`` / ``dataset_coco.json`` (``images[].filename``,
+  ``filepath`` when present, ``split``, ``sentences[].raw``) + ``image_root``; ``split`` picks the
+  images (default ``test``);
+* ``seed_tsv``: the seed evaluation file (``text \\t image_id \\t base64``); lines are grouped by
+  image id in first-seen order, the image of an id is its first line's;
+* ``jsonl``: one JSON object per line, ``image`` (a path relative to ``image_root``, default the
+  file's folder), ``image_id`` and a caption list under ``caption_key`` (the layout of
+  ``../shared/data/*/captions.jsonl``: ``captions_en`` / ``captions_zh``).
+
+Protocols (SPEC §7): ``multi`` (multi-caption, every caption of every image), ``official`` (1:1:
+one text per image; multi-caption sets use the FIRST caption of each image, in file order) and
+``both`` (two records).
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import paddle
 
-from ernievil2.data.shards import ShardStream
+from ernievil2.data.shards import ShardStream, list_shards
 from ernievil2.data.views import EvalTransform
+from ernievil2.distributed import DistInfo
 from ernievil2.models import ErnieViL2
 from ernievil2.retrieval import multi_caption_recall, official_recall
 from ernievil2.tokenizer import WordPieceTokenizer
 
 PROTOCOLS = ("multi", "official")
+PROTOCOL_CHOICES = ("multi", "official", "both")
 
 
 class Evaluator(Protocol):
@@ -26,6 +54,10 @@ class Evaluator(Protocol):
 
     def __call__(self, model: ErnieViL2, step: int) -> list[dict]:
         ...
+
+
+class EvalDataError(ValueError):
+    """An evaluation set file that cannot be read; the message names the file and line or entry."""
 
 
 @dataclass
@@ -37,60 +69,323 @@ class RetrievalSet:
     text_image: np.ndarray  # int64 [N_txt]
 
 
-def load_retrieval_set(
-    shards: str | Sequence[str], image_size: int, tokenizer: WordPieceTokenizer, max_length: int
-) -> RetrievalSet:
-    """Read every sample of ``shards`` (all captions of each image) and preprocess it for evaluation."""
+@dataclass
+class EvalItem:
+    """One image of an evaluation set with its captions; ``where`` names its source for errors."""
+
+    key: str
+    load_image: Callable[[], bytes]
+    captions: list[str]
+    where: str
+
+
+@dataclass(frozen=True)
+class EvalSetSpec:
+    """What a reader needs (the fields of ``EvalSetSchema`` that describe the data)."""
+
+    name: str
+    format: str
+    path: str | None = None
+    image_root: str | None = None
+    split: str = "test"
+    caption_key: str = "captions"
+    max_images: int | None = None
+
+
+# --------------------------------------------------------------------------- readers
+def _read_bytes(path: Path, where: str) -> Callable[[], bytes]:
+    def load() -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise EvalDataError(f"{where}: cannot read image {path}: {exc.strerror or exc}") from None
+    return load
+
+
+def _require_file(path: Path, where: str) -> Path:
+    if not path.is_file():
+        raise EvalDataError(f"{where}: image file not found: {path}")
+    return path
+
+
+def _decode_base64(data: str) -> bytes:
+    """Standard or URL-safe base64, padding optional (the seed's files use either)."""
+    s = "".join(data.split())
+    if not s:
+        raise ValueError("empty image column")
+    s += "=" * (-len(s) % 4)
+    altchars = b"-_" if ("-" in s or "_" in s) else None
+    return base64.b64decode(s, altchars=altchars, validate=True)
+
+
+def read_shards(spec: EvalSetSpec, shards: Sequence[str] | None = None) -> Iterator[EvalItem]:
+    """Packed WebDataset shards (``spec.path``, or the given list): every caption of every sample."""
+    urls = list(shards) if shards is not None else list_shards(_need(spec, "path"))
+    for sample in ShardStream(urls, shuffle_shards=False, split_by_rank=False):
+        data = sample.image
+        yield EvalItem(sample.key, lambda data=data: data, list(sample.captions), f"{spec.name}: sample {sample.key}")
+
+
+def read_karpathy(spec: EvalSetSpec) -> Iterator[EvalItem]:
+    """Karpathy split json (``images[{filename, filepath?, split, sentences[{raw}]}]``) + image folder."""
+    path = Path(_need(spec, "path"))
+    root = Path(spec.image_root) if spec.image_root else path.parent
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EvalDataError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise EvalDataError(f"{path}: expected an object with an 'images' list (Karpathy split format)")
+    for k, entry in enumerate(images):
+        where = f"{path}: images[{k}]"
+        try:
+            if entry["split"] != spec.split:
+                continue
+            captions = [str(s["raw"]) for s in entry["sentences"]]
+            image = root / entry.get("filepath", "") / entry["filename"]
+        except (KeyError, TypeError) as exc:
+            raise EvalDataError(f"{where}: missing or malformed key {exc}") from None
+        if not captions:
+            raise EvalDataError(f"{where}: no sentences")
+        yield EvalItem(str(entry["filename"]), _read_bytes(_require_file(image, where), where), captions, where)
+
+
+def read_seed_tsv(spec: EvalSetSpec) -> Iterator[EvalItem]:
+    """Seed evaluation file (``text \\t image_id \\t base64``): texts grouped by image id (first-seen
+    order); every line's base64 is checked, the image of an id is decoded from its first line."""
+    path = Path(_need(spec, "path"))
+    items: dict[str, EvalItem] = {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}: line {lineno}"
+            try:
+                line = raw.decode("utf-8").rstrip("\n").rstrip("\r")
+            except UnicodeDecodeError as exc:
+                raise EvalDataError(f"{where}: not UTF-8: {exc}") from None
+            if not line.strip():
+                continue
+            cols = line.split("\t")
+            if len(cols) != 3:
+                raise EvalDataError(f"{where}: expected 3 tab-separated columns (text, image_id, base64), found {len(cols)}")
+            text, image_id = cols[0].strip(), cols[1].strip()
+            if not text or not image_id:
+                raise EvalDataError(f"{where}: empty {'text' if not text else 'image id'}")
+            try:
+                data = _decode_base64(cols[2])
+            except (binascii.Error, ValueError) as exc:
+                raise EvalDataError(f"{where} (image id {image_id!r}): invalid base64: {exc}") from None
+            item = items.get(image_id)
+            if item is None:
+                items[image_id] = EvalItem(image_id, lambda data=data: data, [text], where)
+            else:
+                item.captions.append(text)
+    yield from items.values()
+
+
+def read_jsonl(spec: EvalSetSpec) -> Iterator[EvalItem]:
+    """One JSON object per line: ``image`` (path under ``image_root``, default the file's folder),
+    ``image_id`` (optional; default the image path) and a caption list under ``caption_key``."""
+    path = Path(_need(spec, "path"))
+    root = Path(spec.image_root) if spec.image_root else path.parent
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            where = f"{path}: line {lineno}"
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvalDataError(f"{where}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(obj, dict) or "image" not in obj:
+                raise EvalDataError(f"{where}: expected an object with an 'image' key")
+            captions = obj.get(spec.caption_key)
+            if isinstance(captions, str):
+                captions = [captions]
+            if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+                raise EvalDataError(f"{where}: '{spec.caption_key}' must be a non-empty list of captions")
+            image = _require_file(root / str(obj["image"]), where)
+            yield EvalItem(str(obj.get("image_id", obj["image"])), _read_bytes(image, where), captions, where)
+
+
+def _need(spec: EvalSetSpec, key: str) -> Any:
+    value = getattr(spec, key)
+    if value in (None, ""):
+        raise ValueError(f"evaluation set {spec.name!r} (format {spec.format}): '{key}' is not set")
+    return value
+
+
+READERS: dict[str, Callable[[EvalSetSpec], Iterator[EvalItem]]] = {
+    "shards": read_shards,
+    "karpathy": read_karpathy,
+    "seed_tsv": read_seed_tsv,
+    "jsonl": read_jsonl,
+}
+FORMATS = ("demo", *READERS)
+
+
+def read_items(spec: EvalSetSpec, demo_val_shards: Sequence[str] | None = None) -> list[EvalItem]:
+    """The items of ``spec`` through its reader (``demo``: the given demo val shards), at most
+    ``max_images`` of them (the first ones, in file order)."""
+    if spec.format == "demo":
+        if demo_val_shards is None:
+            raise ValueError(f"evaluation set {spec.name!r}: format 'demo' needs the demo val shards")
+        return _take(spec, read_shards(spec, demo_val_shards))
+    if spec.format not in READERS:
+        raise ValueError(f"evaluation set {spec.name!r}: unknown format {spec.format!r}; choose from {FORMATS}")
+    return _take(spec, READERS[spec.format](spec))
+
+
+def _take(spec: EvalSetSpec, items: Iterator[EvalItem]) -> list[EvalItem]:
+    if spec.max_images is not None and spec.max_images < 1:
+        raise ValueError(f"evaluation set {spec.name!r}: max_images must be >= 1, got {spec.max_images}")
+    out = []
+    for item in items:
+        if spec.max_images is not None and len(out) >= spec.max_images:
+            break
+        out.append(item)
+    if not out:
+        raise EvalDataError(f"evaluation set {spec.name!r} ({spec.format}, {spec.path or 'demo'}) holds no image")
+    return out
+
+
+def items_to_set(items: Sequence[EvalItem], image_size: int, tokenizer: WordPieceTokenizer, max_length: int) -> RetrievalSet:
+    """Decode and preprocess (:class:`EvalTransform`) every image and tokenize every caption."""
     transform = EvalTransform(image_size)
     images, texts, owner = [], [], []
-    for sample in ShardStream(shards, shuffle_shards=False, split_by_rank=False):
-        images.append(transform(sample.image, sample.key))
-        texts.extend(sample.captions)
-        owner.extend([len(images) - 1] * len(sample.captions))
-    if not images:
-        raise ValueError(f"evaluation set {shards!r} holds no readable sample")
+    for k, item in enumerate(items):
+        try:
+            images.append(transform(item.load_image(), item.key))
+        except ValueError as exc:
+            raise EvalDataError(f"{item.where}: {exc}") from None
+        texts.extend(item.captions)
+        owner.extend([k] * len(item.captions))
     return RetrievalSet(np.stack(images), tokenizer(texts, max_length), np.asarray(owner, dtype=np.int64))
 
 
+def load_eval_set(spec: EvalSetSpec, image_size: int, tokenizer: WordPieceTokenizer, max_length: int,
+                  demo_val_shards: Sequence[str] | None = None) -> RetrievalSet:
+    """Read ``spec`` with its reader and preprocess it (:func:`read_items` + :func:`items_to_set`)."""
+    return items_to_set(read_items(spec, demo_val_shards), image_size, tokenizer, max_length)
+
+
+def load_retrieval_set(
+    shards: str | Sequence[str], image_size: int, tokenizer: WordPieceTokenizer, max_length: int
+) -> RetrievalSet:
+    """Every sample of packed ``shards`` (all captions of each image), preprocessed for evaluation."""
+    spec = EvalSetSpec(name=str(shards), format="shards", path=shards if isinstance(shards, str) else None)
+    urls = None if isinstance(shards, str) else list(shards)
+    return items_to_set(_take(spec, read_shards(spec, urls)), image_size, tokenizer, max_length)
+
+
+# --------------------------------------------------------------------------- embedding
 def trim_padding(ids: np.ndarray, pad_id: int) -> np.ndarray:
     """Drop trailing columns that are padding in every row (outputs are unchanged: pads are masked)."""
     used = np.nonzero((ids != pad_id).any(axis=0))[0]
     return ids[:, : (used[-1] + 1 if len(used) else 1)]
 
 
+def shard_range(n: int, info: DistInfo) -> tuple[int, int]:
+    """Rank ``info.rank``'s contiguous slice ``[a, b)`` of ``n`` items (sizes differ by at most 1)."""
+    return n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size
+
+
+def _gather_rows(local: np.ndarray, info: DistInfo) -> np.ndarray:
+    """Rows of every rank in rank order (``all_gather_object``: slices may differ in size)."""
+    if not info.distributed:
+        return local
+    parts: list[np.ndarray] = []
+    paddle.distributed.all_gather_object(parts, local)
+    return np.concatenate(parts)
+
+
 @paddle.no_grad()
-def embed(model: ErnieViL2, data: RetrievalSet, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised image and text embeddings of ``data`` (model in eval mode, restored after)."""
+def _embed_slices(model: ErnieViL2, images: np.ndarray, text_ids: np.ndarray, batch_size: int,
+                  dim: int) -> tuple[np.ndarray, np.ndarray]:
     was_training = model.training
     model.eval()
     try:
-        img = [model.encode_image(paddle.to_tensor(data.images[i : i + batch_size])).numpy()
-               for i in range(0, len(data.images), batch_size)]
         pad = model.cfg.text.pad_id
-        txt = [model.encode_text(paddle.to_tensor(trim_padding(data.text_ids[i : i + batch_size], pad))).numpy()
-               for i in range(0, len(data.text_ids), batch_size)]
+        img = [model.encode_image(paddle.to_tensor(images[i : i + batch_size])).numpy()
+               for i in range(0, len(images), batch_size)]
+        txt = [model.encode_text(paddle.to_tensor(trim_padding(text_ids[i : i + batch_size], pad))).numpy()
+               for i in range(0, len(text_ids), batch_size)]
     finally:
         model.train(was_training)
-    return np.concatenate(img).astype(np.float32), np.concatenate(txt).astype(np.float32)
+    empty = np.empty((0, dim), dtype=np.float32)
+    return (np.concatenate(img).astype(np.float32) if img else empty,
+            np.concatenate(txt).astype(np.float32) if txt else empty)
+
+
+def embed(model: ErnieViL2, data: RetrievalSet, batch_size: int = 256,
+          info: DistInfo | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised image and text embeddings of ``data`` (model in eval mode, restored after).
+
+    With several ranks each embeds its slice of the images and of the texts and every rank
+    receives all rows, in order; every rank must call it (a collective)."""
+    info = info or DistInfo()
+    ia, ib = shard_range(len(data.images), info)
+    ta, tb = shard_range(len(data.text_ids), info)
+    img, txt = _embed_slices(model, data.images[ia:ib], data.text_ids[ta:tb], batch_size, model.cfg.text.width)
+    return _gather_rows(img, info), _gather_rows(txt, info)
+
+
+def first_caption_per_image(text_image: np.ndarray, n_images: int) -> np.ndarray:
+    """Index of the first text of every image (image order): the 1:1 protocol's text of each image."""
+    images, first = np.unique(text_image, return_index=True)
+    if len(images) != n_images:
+        raise ValueError(f"{n_images - len(images)} image(s) have no caption")
+    return first
 
 
 class RetrievalEvaluator:
-    """Zero-shot image↔text retrieval on one set, under one protocol (SPEC §7)."""
+    """Zero-shot image↔text retrieval on one set, under one protocol or both (SPEC §7)."""
 
-    def __init__(self, name: str, data: RetrievalSet, protocol: str = "multi", batch_size: int = 256):
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {protocol!r} for evaluation set {name!r}; choose from {PROTOCOLS}")
-        if protocol == "official" and len(data.images) != len(data.text_ids):
-            raise ValueError(f"evaluation set {name!r}: the official 1:1 protocol needs one text per image")
+    def __init__(self, name: str, data: RetrievalSet, protocol: str = "multi", batch_size: int = 256,
+                 info: DistInfo | None = None):
+        if protocol not in PROTOCOL_CHOICES:
+            raise ValueError(f"unknown protocol {protocol!r} for evaluation set {name!r}; choose from {PROTOCOL_CHOICES}")
         self.name = name
         self.data = data
-        self.protocol = protocol
+        self.protocols = PROTOCOLS if protocol == "both" else (protocol,)
         self.batch_size = batch_size
+        self.info = info or DistInfo()
 
     def __call__(self, model: ErnieViL2, step: int) -> list[dict]:
-        img, txt = embed(model, self.data, self.batch_size)
-        if self.protocol == "multi":
-            metrics = multi_caption_recall(img, txt, self.data.text_image)
-        else:
-            metrics = official_recall(txt, img)
-        return [{"step": step, "dataset": self.name, "protocol": self.protocol, **metrics}]
+        img, txt = embed(model, self.data, self.batch_size, self.info)
+        records = []
+        for protocol in self.protocols:
+            if protocol == "multi":
+                metrics = multi_caption_recall(img, txt, self.data.text_image)
+            else:
+                metrics = official_recall(txt[first_caption_per_image(self.data.text_image, len(img))], img)
+            records.append({"step": step, "dataset": self.name, "protocol": protocol, **metrics})
+        return records
+
+
+# --------------------------------------------------------------------------- from the config
+def eval_set_spec(cfg: Any) -> EvalSetSpec:
+    """An :class:`EvalSetSpec` from one ``eval.datasets`` entry (``EvalSetSchema``); the legacy
+    ``shards: PATH`` key means ``format: shards, path: PATH``."""
+    fmt, path = cfg.format, cfg.path
+    if getattr(cfg, "shards", None):
+        if fmt not in ("demo", "shards") or (path and path != cfg.shards):
+            raise ValueError(f"evaluation set {cfg.name!r}: give 'format: shards' and 'path', not 'shards' with another format or path")
+        fmt, path = "shards", cfg.shards
+    if fmt not in FORMATS:
+        raise ValueError(f"evaluation set {cfg.name!r}: unknown format {fmt!r}; choose from {FORMATS}")
+    if cfg.protocol not in PROTOCOL_CHOICES:
+        raise ValueError(f"evaluation set {cfg.name!r}: unknown protocol {cfg.protocol!r}; choose from {PROTOCOL_CHOICES}")
+    return EvalSetSpec(name=cfg.name, format=fmt, path=path, image_root=cfg.image_root, split=cfg.split,
+                       caption_key=cfg.caption_key, max_images=cfg.max_images)
+
+
+def build_evaluators(eval_cfg: Any, *, image_size: int, tokenizer: WordPieceTokenizer, text_max_length: int,
+                     demo_val_shards: Sequence[str] | None, info: DistInfo) -> list[Evaluator]:
+    """One :class:`RetrievalEvaluator` per ``eval_cfg.datasets`` entry (``EvalSchema``), on every rank."""
+    evaluators: list[Evaluator] = []
+    for entry in eval_cfg.datasets:
+        spec = eval_set_spec(entry)
+        data = load_eval_set(spec, image_size, tokenizer, text_max_length, demo_val_shards)
+        evaluators.append(RetrievalEvaluator(spec.name, data, entry.protocol, eval_cfg.batch_size, info))
+    return evaluators

@@ -94,18 +94,26 @@ class OptimSchema:
 
 @dataclass
 class EvalSetSchema:
-    """One retrieval evaluation set: ``demo_val`` or a directory/pattern of packed shards."""
+    """One retrieval evaluation set, read by the reader its ``format`` names (ernievil2.evaluation)."""
 
     name: str = MISSING
-    shards: Optional[str] = None  # None for demo_val
-    protocol: str = "multi"  # SPEC §7: "multi" (multi-caption) or "official" (1:1)
+    format: str = "demo"  # demo | shards | karpathy | seed_tsv | jsonl
+    path: Optional[str] = None  # shards: dir/pattern; karpathy: dataset_*.json; seed_tsv: .tsv; jsonl: .jsonl
+    image_root: Optional[str] = None  # karpathy / jsonl image folder (default: the file's folder)
+    split: str = "test"  # karpathy: the split to evaluate
+    caption_key: str = "captions"  # jsonl: the key of each line's caption list
+    protocol: str = "multi"  # SPEC §7: "multi" (multi-caption), "official" (1:1, first caption per image) or "both"
+    max_images: Optional[int] = None  # keep only the first N images (file order)
+    shards: Optional[str] = None  # legacy spelling of format=shards, path=...
 
 
 @dataclass
 class EvalSchema:
+    """When to evaluate and on which sets; every rank embeds its share of each set."""
+
     every_n_steps: int = 0  # 0: only at the end
     at_end: bool = True
-    batch_size: int = 256
+    batch_size: int = 256  # images / texts per forward pass on each rank
     datasets: list[EvalSetSchema] = field(default_factory=list)
 
 

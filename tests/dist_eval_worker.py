@@ -1,0 +1,62 @@
+"""Worker of tests/test_evaluation.py: sharded evaluation with real processes.
+
+    python -m paddle.distributed.launch --nproc_per_node 2 tests/dist_eval_worker.py WORK_DIR
+
+``WORK_DIR`` holds ``model.pdparams`` (a tiny model's weights), ``vocab.txt`` and ``sets.json`` (a
+list of ``EvalSetSchema`` fields), written by the test. Every rank builds the evaluators with
+:func:`ernievil2.evaluation.build_evaluators`, runs them (each rank embeds its slice, the slices are
+gathered) and writes its records to ``WORK_DIR/records_rank{R}.json``. The test runs
+:func:`evaluate_sets` in its own single process and compares.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import paddle
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ernievil2.distributed import DistInfo, init_distributed
+from ernievil2.evaluation import build_evaluators
+from ernievil2.models import build_model, model_config
+from ernievil2.tokenizer import WordPieceTokenizer
+from ernievil2.train.config import EvalSchema, EvalSetSchema
+
+IMAGE_SIZE = 32
+MAX_LEN = 12
+BATCH_SIZE = 3  # several batches per rank, and a last one that is not full
+STEP = 7
+
+
+def tiny_model(vocab_size: int):
+    """A small model of the ``tiny`` preset (fast on CPU)."""
+    cfg = model_config("tiny", vision={"image_size": IMAGE_SIZE, "layers": 1},
+                       text={"layers": 1, "vocab_size": vocab_size, "max_positions": MAX_LEN})
+    return build_model(cfg)
+
+
+def evaluate_sets(work: Path, info: DistInfo) -> list[dict]:
+    """Every record of the evaluation sets in ``work/sets.json`` for the model in ``work``."""
+    tokenizer = WordPieceTokenizer(work / "vocab.txt", max_length=MAX_LEN)
+    model = tiny_model(tokenizer.vocab_size)
+    model.set_state_dict(paddle.load(str(work / "model.pdparams")))
+    sets = [EvalSetSchema(**entry) for entry in json.loads((work / "sets.json").read_text(encoding="utf-8"))]
+    eval_cfg = OmegaConf.structured(EvalSchema(batch_size=BATCH_SIZE, datasets=sets))
+    evaluators = build_evaluators(eval_cfg, image_size=IMAGE_SIZE, tokenizer=tokenizer, text_max_length=MAX_LEN,
+                                  demo_val_shards=None, info=info)
+    return [record for evaluator in evaluators for record in evaluator(model, STEP)]
+
+
+def main() -> None:
+    work = Path(sys.argv[1])
+    paddle.set_device("cpu")
+    info = init_distributed()
+    records = evaluate_sets(work, info)
+    (work / f"records_rank{info.rank}.json").write_text(json.dumps(records), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
