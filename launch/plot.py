@@ -36,7 +36,8 @@ NOT_PLOTTED = {"step", "epoch"}
 BAD_PREFIX = "bad/"
 AXIS_LABELS = {
     "lr": "learning rate", "logit_scale": "logit scale exp(t)", "grad_norm": "gradient L2 norm",
-    "samples_per_s": "samples / s", "data_wait_s": "data wait per step (s)",
+    "samples_per_s": "samples / s", "data_wait_s": "data wait per step (s)", "samples_seen": "samples seen",
+    "nonfinite_steps": "steps with a non-finite loss",
 }
 
 Series = dict[str, tuple[list[int], list[float]]]
@@ -116,12 +117,11 @@ def plot_losses(series: Series, out: Path) -> Path:
 def plot_scalar(name: str, steps: list[int], values: list[float], out: Path) -> Path:
     """One training scalar against the step."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, values, marker=".", label=name)
+    ax.plot(steps, values, marker=".")
     label = AXIS_LABELS.get(name, name)
     ax.set(title=label if label == name else f"{label} ({name})", xlabel="optimizer step", ylabel=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend()
     return _save(fig, out / _file_name(name))
 
 
