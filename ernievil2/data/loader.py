@@ -1,49 +1,481 @@
-"""The training batches of one rank: a :class:`ShardStream` behind a ``paddle.io.DataLoader``.
+"""The training batches of one rank: a mix of shard sources behind a ``paddle.io.DataLoader``.
 
-The trainer sees one interface, :class:`TrainData`: ``batches(epoch, skip_batches)`` yields the
-collated batches of ``epoch`` on this rank, leaving out the first ``skip_batches`` of them (the
-batches a resumed run consumed before its checkpoint). A batch is ``{name: array[batch, ...]}``;
-it may carry ``"skipped"``: ``{kind: count}`` of the samples dropped as bad since the previous
-batch of the same loader worker (the trainer sums them into its metrics).
+The trainer sees one interface, :class:`TrainData`:
+
+- ``batches(epoch, skip_batches=0)`` yields the collated batches of ``epoch`` on this rank,
+  leaving out the first ``skip_batches`` of them (the batches a resumed run consumed before its
+  checkpoint). A batch is ``{name: array[batch, ...]}`` (paddle Tensors when read through the
+  DataLoader). It may also carry ``"skipped"``: a ``dict[str, int]`` ``{kind: count}`` (kinds from
+  :data:`ernievil2.data.sample.SKIP_KINDS`, only non-zero counts, plain Python ints) of the bad
+  samples the loader worker that made the batch dropped since its previous batch; summed over
+  batches these are all bad samples of the epoch. (Inside the DataLoader the counts travel as an
+  int64 vector in ``SKIP_KINDS`` order; :meth:`ShardLoader.batches` turns it into the dict.)
+- ``samples_per_epoch``: samples in one epoch of the whole job (None for an endless stream).
+
+Where the data comes from: one or more :class:`StreamSource` (shards + mixing weight + exact or
+resampled), read by :class:`TrainStream`. How a resumed epoch is made exact, given paddle 3.3.1's
+DataLoader:
+
+- With ``num_workers = W > 0`` paddle hands batch requests to the workers round-robin and yields
+  the results in request order; a worker that runs out is dropped from the rotation. So the
+  merged order is by rounds: round ``r`` holds the ``r``-th batch of every worker that has one
+  (:func:`round_robin_skips` inverts it). ``W = 0`` is one reader.
+- That order is only predictable if every worker's batch count is known in advance, whatever the
+  bad samples: in exact-epoch mode worker ``w`` yields exactly ``n_w = raw_w // batch_size``
+  batches, ``raw_w`` being the samples its shards hold (``sizes.json``, else counted once). A
+  worker that ends up short of good samples (bad samples, a truncated shard) tops its last
+  batches up with the first good samples of its own stream again (logged); extra samples are
+  dropped, as ``drop_last`` would.
+- Resuming, paddle's worker ``j`` plays worker ``(j + p) % W``, ``p`` being the worker whose
+  turn was next (paddle's rotation always starts at worker 0), and each replays its own stream up
+  to its share of the consumed batches,
+  checking samples with ``transform.validate`` (decode and limits, no views, no tokenizing, no
+  collation, nothing sent to the main process) and starts yielding after them: ``batches(e, k)``
+  equals ``batches(e, 0)[k:]``.
+- An endless stream (every source resampled) is instead reseeded from ``skip_batches``: the
+  resumed run continues with new draws rather than repeating the start of its epoch.
 """
 from __future__ import annotations
 
-from typing import Iterator, Protocol, Sequence
+import itertools
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import numpy as np
 import paddle
 
-from ernievil2.data.shards import ExitWithParent, ShardStream, collate_arrays, iterate_loader
+from ernievil2.data.sample import SKIP_KINDS, BadSample, RawSample
+from ernievil2.data.shards import (
+    ExitWithParent,
+    SkipCounter,
+    buffer_shuffle,
+    collate_arrays,
+    count_samples,
+    decode_sample,
+    draw_shards,
+    iterate_loader,
+    list_shards,
+    loader_worker,
+    log_in_worker,
+    rank_and_world,
+    shard_samples,
+    shard_sizes,
+    too_few_shards,
+)
+
+logger = logging.getLogger(__name__)
+
+Item = tuple[str, str, Any]
+_PASS_END = object()  # marks the end of a reader's first pass over its stream  # (shard url, key, RawSample or the BadSample decoding raised)
 
 
 class TrainData(Protocol):
+    samples_per_epoch: int | None
+
     def batches(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
         ...
 
 
-class ShardLoader:
-    """Batches of ``stream`` read by ``num_workers`` loader workers (0: in this process)."""
+@dataclass(frozen=True)
+class StreamSource:
+    """One training source: its shards, its weight in the mix and how it is read.
 
-    def __init__(self, stream: ShardStream, batch_size: int, num_workers: int, world_size: int = 1):
-        self.stream, self.batch_size, self.num_workers = stream, batch_size, num_workers
+    ``resampled=False`` (exact epochs): every shard is read once per epoch, split over ranks and
+    loader workers. ``True``: each reader draws shards with replacement, without end.
+    """
+
+    name: str
+    shards: tuple[str, ...]
+    weight: float = 1.0
+    resampled: bool = False
+
+    @classmethod
+    def of(cls, name: str, shards: str | Sequence[str], weight: float = 1.0, resampled: bool = False) -> StreamSource:
+        """A source from a shard specification (see :func:`ernievil2.data.shards.list_shards`)."""
+        if not weight > 0:
+            raise ValueError(f"source {name!r}: weight must be > 0, got {weight}")
+        return cls(name, tuple(list_shards(shards)), float(weight), bool(resampled))
+
+
+def round_robin_skips(counts: Sequence[int], skip: int) -> tuple[list[int], int]:
+    """Where paddle's DataLoader stands after its first ``skip`` batches, when loader worker ``w``
+    yields ``counts[w]`` batches (round ``r`` holds the ``r``-th batch of every worker that has
+    one, in worker order): how many batches of each worker were among them, and which worker makes
+    the next batch (0 when none is left). ``ValueError`` when ``skip`` exceeds the total."""
+    total = sum(counts)
+    if skip > total:
+        raise ValueError(f"cannot skip {skip} batches: the epoch has {total} on this rank ({list(counts)} by worker)")
+    taken = [0] * len(counts)
+    if skip == total:
+        return list(counts), 0
+    left = skip
+    for r in itertools.count():
+        for w, n in enumerate(counts):
+            if n > r:
+                if left == 0:
+                    return taken, w
+                taken[w] += 1
+                left -= 1
+    raise AssertionError("unreachable")
+
+
+def mix(streams: Sequence[Iterator[Any]], weights: Sequence[float], endless: Sequence[bool],
+        rng: np.random.Generator) -> Iterator[Any]:
+    """Interleave ``streams``, picking the next one with probability proportional to its weight.
+
+    An exhausted finite stream leaves the mix (its weight goes to the others); the mix ends when no
+    finite stream is left, or never when every stream is endless. One ``rng.random()`` per pick,
+    none while a single stream is left.
+    """
+    active = list(range(len(streams)))
+    all_endless = all(endless)
+    while active and (all_endless or not all(endless[i] for i in active)):
+        if len(active) == 1:
+            i = active[0]
+        else:
+            cum = np.cumsum([weights[j] for j in active])
+            i = active[min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(active) - 1)]
+        try:
+            yield next(streams[i])
+        except StopIteration:
+            active.remove(i)
+
+
+class TrainStream(paddle.io.IterableDataset):
+    """Collated training batches of this rank from a weighted mix of :class:`StreamSource`.
+
+    Per reader (loader worker ``w`` of rank ``r``; ``g = r * W + w`` of ``R = world * W``): the
+    shards of each exact source, permuted by ``(seed, epoch, source)``, are split ``[g::R]``; a
+    resampled source draws shards by ``(seed, epoch, g, source)``. Samples are decoded
+    (:func:`decode_sample`), the sources mixed by weight (:func:`mix`, seeded by ``(seed, epoch,
+    g)``), shuffled in a buffer of ``shuffle_buffer`` samples, passed to ``transform(sample,
+    epoch)`` and collated ``batch_size`` at a time. Bad samples are counted by kind and dropped
+    (the first few of each kind logged with shard and key); a damaged shard counts one
+    ``truncated_tar`` and the reader moves on. See the module docstring for the batch count per
+    worker and resuming. :meth:`set_position` chooses the epoch and the batches to leave out.
+
+    ``transform.validate(sample)`` (optional) must raise what ``transform`` would raise for a bad
+    sample, without the work of making it; without it a resume runs ``transform`` on the samples
+    it skips.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[StreamSource],
+        transform: Callable[[RawSample, int], dict],
+        batch_size: int,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        split_by_rank: bool = True,
+    ) -> None:
+        super().__init__()
+        if not sources:
+            raise ValueError("a training stream needs at least one source")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        if batch_size < 1 or shuffle_buffer < 0 or seed < 0:
+            raise ValueError(f"need batch_size >= 1, shuffle_buffer >= 0, seed >= 0; got {batch_size}, "
+                             f"{shuffle_buffer}, {seed}")
+        self.sources = list(sources)
+        self.transform = transform
+        self.batch_size = int(batch_size)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.seed = int(seed)
+        self.split_by_rank = bool(split_by_rank)
+        self.epoch = 0
+        self.skip_batches = 0
+        self.endless = all(s.resampled for s in self.sources)
+        # Samples per shard of the exact sources (what fixes each worker's batch count).
+        self.sizes: dict[str, int] = {}
+        for src in self.sources:
+            if not src.resampled:
+                self.sizes.update(_known_sizes(src))
+
+    # ------------------------------------------------------------------ planning (any process)
+    def set_position(self, epoch: int, skip_batches: int = 0) -> None:
+        """Read ``epoch`` next, leaving out its first ``skip_batches`` batches on this rank."""
+        if epoch < 0 or skip_batches < 0:
+            raise ValueError(f"epoch and skip_batches must be >= 0, got {epoch}, {skip_batches}")
+        self.epoch, self.skip_batches = int(epoch), int(skip_batches)
+
+    def _rank_world(self) -> tuple[int, int]:
+        return rank_and_world() if self.split_by_rank else (0, 1)
+
+    def check_readers(self, num_workers: int, world: int | None = None) -> None:
+        """``ValueError`` unless every exact source has a shard for each of ``world`` (default:
+        this job's) ranks x ``num_workers`` loader workers (0 counts as 1)."""
+        world = self._rank_world()[1] if world is None else world
+        for src in self.sources:
+            message = None if src.resampled else too_few_shards(len(src.shards), world, max(int(num_workers), 1),
+                                                                f"source {src.name!r}: ")
+            if message:
+                raise ValueError(message)
+
+    def _exact_shards(self, index: int, epoch: int, gid: int, readers: int) -> list[str]:
+        src = self.sources[index]
+        message = too_few_shards(len(src.shards), readers, 1, f"source {src.name!r}: ")
+        if message:
+            raise ValueError(message)
+        perm = np.random.default_rng([self.seed, epoch, index]).permutation(len(src.shards))
+        return [src.shards[i] for i in perm[gid::readers]]
+
+    def _rng(self, epoch: int, gid: int, purpose: int, salt: int, *extra: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, gid, purpose, salt, *extra])
+
+    def raw_samples(self, epoch: int, gid: int, readers: int, salt: int = 0) -> int:
+        """Raw samples reader ``gid`` of ``readers`` takes from its sources in ``epoch`` (exact mode)."""
+        counts = [sum(self.sizes[u] for u in self._exact_shards(i, epoch, gid, readers))
+                  for i, s in enumerate(self.sources) if not s.resampled]
+        if all(not s.resampled for s in self.sources):
+            return sum(counts)
+        # Exact and resampled sources mixed: replay the mixer's draws over the counts.
+        it = iter(counts)
+        streams = [itertools.repeat(None) if s.resampled else itertools.repeat(None, next(it)) for s in self.sources]
+        return sum(1 for _ in self._mix(streams, epoch, gid, salt))
+
+    def batches_of_rank(self, epoch: int, num_workers: int) -> list[int] | None:
+        """Batches each loader worker of this rank yields in ``epoch``; None for an endless stream."""
+        if self.endless:
+            return None
+        rank, world = self._rank_world()
+        nw = max(int(num_workers), 1)
+        return [self.raw_samples(epoch, rank * nw + w, world * nw) // self.batch_size for w in range(nw)]
+
+    def samples_per_epoch(self, num_workers: int, world: int | None = None) -> int | None:
+        """Raw samples one epoch reads over the whole job (``world`` ranks, default this job's, x
+        ``num_workers``); None for an endless stream. Exact sources alone: the samples of their shards."""
+        if self.endless:
+            return None
+        if all(not s.resampled for s in self.sources):
+            return sum(self.sizes[u] for s in self.sources for u in s.shards)
+        readers = (self._rank_world()[1] if world is None else world) * max(int(num_workers), 1)
+        return sum(self.raw_samples(0, g, readers) for g in range(readers))
+
+    # ------------------------------------------------------------------ reading (in the reader)
+    def _mix(self, streams: Sequence[Iterator[Any]], epoch: int, gid: int, salt: int) -> Iterator[Any]:
+        return mix(streams, [s.weight for s in self.sources], [s.resampled for s in self.sources],
+                   self._rng(epoch, gid, 2, salt))
+
+    def _items(self, epoch: int, gid: int, readers: int, salt: int, skips: SkipCounter) -> Iterator[Item]:
+        """One pass over this reader's raw samples, decoded (bad ones as their BadSample), mixed."""
+
+        damaged_urls: set[str] = set()
+
+        def damaged(url: str, exn: Exception) -> None:
+            damaged_urls.add(url)
+            skips.add("truncated_tar", url, "-", repr(exn))
+
+        def read(url: str) -> Iterator[Item]:
+            n = 0
+            for raw in shard_samples(url, damaged):
+                n += 1
+                key = str(raw.get("__key__", "?"))
+                try:
+                    yield url, key, decode_sample(raw)
+                except ValueError as exn:
+                    yield url, key, exn if isinstance(exn, BadSample) else BadSample("other", str(exn))
+            # A tar cut at a header boundary reads as a shorter, intact tar: only its size tells.
+            expected = self.sizes.get(url)
+            if expected is not None and n < expected and url not in damaged_urls:
+                skips.add("truncated_tar", url, "-", f"read {n} of the {expected} samples its sizes.json lists")
+
+        streams: list[Iterator[Item]] = []
+        for i, src in enumerate(self.sources):
+            if src.resampled:
+                streams.append(draw_shards(list(src.shards), self._rng(epoch, gid, 1, salt, i), read,
+                                           is_good=lambda item: isinstance(item[2], RawSample)))
+            else:
+                streams.append(itertools.chain.from_iterable(map(read, self._exact_shards(i, epoch, gid, readers))))
+        return self._mix(streams, epoch, gid, salt)
+
+    def _pass(self, epoch: int, gid: int, readers: int, salt: int, skips: SkipCounter,
+              checking: list[bool]) -> Iterator[dict | None]:
+        """One pass of good samples: their views, or None for each while ``checking[0]`` (validated only)."""
+        def decoded() -> Iterator[tuple[str, RawSample]]:
+            for url, key, sample in self._items(epoch, gid, readers, salt, skips):
+                if isinstance(sample, RawSample):
+                    yield url, sample
+                else:
+                    skips.add_error(url, key, sample)
+
+        samples: Iterator[tuple[str, RawSample]] = decoded()
+        if self.shuffle_buffer > 1:
+            samples = buffer_shuffle(samples, self.shuffle_buffer, self._rng(epoch, gid, 3, salt))
+        validate = getattr(self.transform, "validate", None)
+        for url, sample in samples:
+            try:
+                if checking[0] and validate is not None:
+                    validate(sample)
+                    yield None
+                elif checking[0]:
+                    self.transform(sample, epoch)
+                    yield None
+                else:
+                    yield self.transform(sample, epoch)
+            except ValueError as exn:
+                skips.add_error(url, sample.key, exn)
+
+    def _good_samples(self, epoch: int, gid: int, readers: int, salt: int, skips: SkipCounter,
+                      checking: list[bool], needed: int | None) -> Iterator[dict | None]:
+        """The first pass, then (exact mode) further passes over the same stream as long as needed."""
+        got = 0
+        for out in self._pass(epoch, gid, readers, salt, skips, checking):
+            got += 1
+            yield out
+        yield _PASS_END
+        if needed is None or got >= needed:
+            return
+        if got == 0:
+            logger.error("reader %d: no good sample in epoch %d (see the skip warnings)", gid, epoch)
+            return
+        logger.warning("reader %d: %d good samples for %d batches of %d in epoch %d: the last %d are "
+                       "repeated from the start of its stream", gid, got, needed // self.batch_size,
+                       self.batch_size, epoch, needed - got)
+        skips.muted = True  # the bad samples of a repeated pass were counted the first time
+        while True:
+            yield from self._pass(epoch, gid, readers, salt, skips, checking)
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world = self._rank_world()
+        wid, nw = loader_worker()
+        gid, readers = rank * nw + wid, world * nw
+        epoch, skip = self.epoch, self.skip_batches
+        try:
+            if self.endless:
+                n_batches, done, salt = None, 0, skip
+            else:
+                if skip:
+                    counts = self.batches_of_rank(epoch, nw) or []
+                    taken, first = round_robin_skips(counts, skip)
+                    role = (wid + first) % nw
+                    gid = rank * nw + role
+                    n_batches, done = counts[role], taken[role]
+                else:
+                    n_batches, done = self.raw_samples(epoch, gid, readers) // self.batch_size, 0
+                salt = 0
+        except ValueError as exn:
+            log_in_worker(f"rank {rank}: {exn}")
+            raise
+        skips = SkipCounter()
+        checking = [done > 0]
+        needed = None if n_batches is None else n_batches * self.batch_size
+        good = self._good_samples(epoch, gid, readers, salt, skips, checking, needed)
+        first_pass_done = [False]
+
+        def take(n: int) -> list:
+            out: list = []
+            if n == 0:
+                return out
+            for item in good:
+                if item is _PASS_END:
+                    first_pass_done[0] = True
+                    continue
+                out.append(item)
+                if len(out) == n:
+                    break
+            return out
+
+        take(done * self.batch_size)
+        checking[0] = False
+        skips.take()  # the skipped batches' bad samples were reported before the checkpoint
+        while n_batches is None or done < n_batches:
+            samples = take(self.batch_size)
+            if len(samples) < self.batch_size:
+                break
+            batch = collate_arrays(samples)
+            batch["skipped"] = skips.take()
+            done += 1
+            yield batch
+        # The bad data of the samples left unread (e.g. a damaged end of shard) is still reported:
+        # check them without making views, then send the counts alone (ShardLoader.batches adds
+        # them to a batch; a count-only item does not disturb the order of the batches).
+        checking[0] = True
+        while not first_pass_done[0] and take(1):
+            pass
+        pending = skips.take()
+        if pending.any():
+            yield {"skipped": pending}
+
+
+def _known_sizes(src: StreamSource) -> dict[str, int]:
+    """Samples per shard of ``src``: from ``sizes.json``, else counted by reading the shard once (logged)."""
+    sizes = dict(zip(src.shards, shard_sizes(src.shards)))
+    missing = [u for u, n in sizes.items() if n is None]
+    if missing:
+        logger.warning("source %r: %d shard(s) not listed in a sizes.json (first: %s): counting their samples by "
+                       "reading them once", src.name, len(missing), missing[0])
+        for url in missing:
+            sizes[url] = count_samples(url)
+    return {u: int(n) for u, n in sizes.items()}
+
+
+def _with_skip_dicts(batches: Iterator[dict]) -> Iterator[dict]:
+    """Turn each batch's ``skipped`` count vector into ``{kind: count}`` (left out when all zero).
+
+    Count-only items (a worker's last counts) are added to the batch before them, or to the next
+    one when none came yet; batches are therefore passed on one item late.
+    """
+
+    def finish(batch: dict, counts: np.ndarray) -> dict:
+        by_kind = {kind: int(n) for kind, n in zip(SKIP_KINDS, counts) if n}
+        if by_kind:
+            batch["skipped"] = by_kind
+        return batch
+
+    held: dict | None = None
+    counts = np.zeros(len(SKIP_KINDS), dtype=np.int64)  # of the held batch (or of the next one)
+    try:
+        for item in batches:
+            vector = item.pop("skipped", None)
+            new = np.zeros_like(counts)
+            if vector is not None:
+                new = np.asarray(vector.numpy() if hasattr(vector, "numpy") else vector, dtype=np.int64).reshape(-1)
+            if not item:  # counts only
+                counts += new
+                continue
+            if held is not None:
+                yield finish(held, counts)
+                counts = np.zeros_like(counts)
+            held, counts = item, counts + new
+        if held is not None:
+            yield finish(held, counts)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+class ShardLoader:
+    """:class:`TrainData` of ``stream`` read by ``num_workers`` loader workers (0: in this process)."""
+
+    def __init__(self, stream: TrainStream, num_workers: int, world_size: int = 1):
+        self.stream, self.num_workers = stream, int(num_workers)
         # Too few shards for ranks x workers: fail here with the message (inside the loader workers
-        # the main process would only see paddle's generic "Blocking queue is killed"). With
-        # resampled=True the stream is endless and one "epoch" lasts until max_steps.
+        # the main process would only see paddle's generic "Blocking queue is killed").
         stream.check_readers(num_workers, world_size)
+        self.samples_per_epoch: int | None = stream.samples_per_epoch(num_workers, world_size)
+
+    def batches_per_epoch(self, epoch: int) -> int | None:
+        """Batches this rank yields in ``epoch`` (None for an endless stream)."""
+        counts = self.stream.batches_of_rank(epoch, self.num_workers)
+        return None if counts is None else sum(counts)
 
     def batches(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
-        if skip_batches:
-            raise NotImplementedError("resuming mid-epoch (skip_batches > 0) is not supported yet")
-        self.stream.set_epoch(epoch)
+        """This rank's batches of ``epoch`` after the first ``skip_batches`` (see the module docstring)."""
+        self.stream.set_position(epoch, skip_batches)
         # A loader worker must not outlive its rank (e.g. a rank killed by SIGKILL): ExitWithParent.
         # The trainer leaves the loader mid-stream at max_steps: iterate_loader shuts it down cleanly.
-        return iterate_loader(paddle.io.DataLoader(
-            self.stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_arrays,
-            drop_last=True, worker_init_fn=ExitWithParent()))
+        loader = paddle.io.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                      worker_init_fn=ExitWithParent())
+        return _with_skip_dicts(iterate_loader(loader))
 
 
-def build_train_data(shards: Sequence[str], transform, *, batch_size: int, num_workers: int, shuffle_buffer: int,
-                     seed: int, resampled: bool, world_size: int) -> TrainData:
+def build_train_data(sources: Sequence[StreamSource], transform: Callable[[RawSample, int], dict], *,
+                     batch_size: int, num_workers: int, shuffle_buffer: int, seed: int,
+                     world_size: int) -> ShardLoader:
     """The configured training data of this rank."""
-    stream = ShardStream(list(shards), transform=transform, shuffle_buffer=shuffle_buffer, seed=seed,
-                         resampled=resampled)
-    return ShardLoader(stream, batch_size, num_workers, world_size)
+    stream = TrainStream(sources, transform, batch_size, shuffle_buffer=shuffle_buffer, seed=seed)
+    return ShardLoader(stream, num_workers, world_size)

@@ -26,8 +26,11 @@ import os
 import signal
 import sys
 import tarfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Union
 
 import braceexpand
 import numpy as np
@@ -36,7 +39,7 @@ from webdataset import tariterators
 
 from ernievil2.atomic import atomic_write
 
-from .sample import RawSample
+from .sample import SKIP_KINDS, BadSample, RawSample
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +118,7 @@ class ShardWriter:
         out_dir: PathLike,
         prefix: str = "shard",
         max_samples: int = 1000,
-        max_bytes: Optional[int] = None,
+        max_bytes: int | None = None,
     ) -> None:
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
@@ -132,15 +135,15 @@ class ShardWriter:
         self.shards: list[str] = []
         self.n_written = 0
         self._index = 0
-        self._tar: Optional[tarfile.TarFile] = None
-        self._tmp_path: Optional[Path] = None
-        self._final_path: Optional[Path] = None
+        self._tar: tarfile.TarFile | None = None
+        self._tmp_path: Path | None = None
+        self._final_path: Path | None = None
         self._count = 0
         self._bytes = 0
         self._closed = False
 
     # -- context manager --------------------------------------------------------------------
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -232,10 +235,17 @@ class ShardWriter:
 # Reading
 # --------------------------------------------------------------------------------------------
 
+_REMOTE_PREFIXES = ("http://", "https://", "pipe:")
+
+
+def is_remote(url: str) -> bool:
+    """True for shard URLs read over HTTP(S) or from a ``pipe:`` command rather than as a local file."""
+    return url.startswith(_REMOTE_PREFIXES)
+
 
 def _object_names(objects: Any, where: str) -> list[str]:
     if not isinstance(objects, list):
-        raise ValueError(f"{where}: 'objects' must be a list, got {type(objects).__name__}")
+        raise BadSample("bad_json", f"{where}: 'objects' must be a list, got {type(objects).__name__}")
     names: list[str] = []
     for obj in objects:
         if isinstance(obj, str):
@@ -243,11 +253,37 @@ def _object_names(objects: Any, where: str) -> list[str]:
         elif isinstance(obj, dict) and isinstance(obj.get("name"), str):
             name = obj["name"]
         else:
-            raise ValueError(f"{where}: object entry {obj!r} is neither a string nor a {{'name': ...}} dict")
+            raise BadSample("bad_json", f"{where}: object entry {obj!r} is neither a string nor a {{'name': ...}} dict")
         name = name.strip()
         if name:
             names.append(name)
     return names
+
+
+def _captions(raw: dict, record: dict, where: str) -> list[str]:
+    """The non-empty captions of a sample; :class:`BadSample` ``no_caption`` / ``bad_caption``."""
+    given = False
+    if isinstance(record.get("captions"), list) and record["captions"]:
+        given = True
+        captions = [c.strip() for c in record["captions"] if isinstance(c, str) and c.strip()]
+        if captions:
+            return captions
+    if raw.get("txt") is not None:
+        given = True
+        txt = raw["txt"]
+        try:
+            text = txt.decode("utf-8") if isinstance(txt, (bytes, bytearray)) else str(txt)
+        except UnicodeDecodeError as exn:
+            raise BadSample("bad_caption", f"{where}: txt is not UTF-8 ({exn})") from exn
+        if text.strip():
+            return [text.strip()]
+    if isinstance(record.get("caption"), str):
+        given = True
+        if record["caption"].strip():
+            return [record["caption"].strip()]
+    if given:
+        raise BadSample("bad_caption", f"{where}: empty caption")
+    raise BadSample("no_caption", f"{where}: no caption (no txt member, no json captions)")
 
 
 def decode_sample(raw: dict) -> RawSample:
@@ -256,8 +292,9 @@ def decode_sample(raw: dict) -> RawSample:
     Captions come from ``json["captions"]`` when present and non-empty, else from ``txt`` (else
     img2dataset's ``json["caption"]``). Object tags come from ``json["objects"]`` (strings or
     ``{"name", "count"}`` dicts → names); absent → ``None``. Unrecognised json fields become ``meta``.
-    Raises ``ValueError`` naming shard and key when the image or every caption is missing or the
-    json/text does not parse.
+    Raises :class:`BadSample` (a ``ValueError``) naming shard and key, of kind ``no_image``,
+    ``bad_json`` (does not parse, not an object, malformed objects), ``no_caption`` or
+    ``bad_caption`` (empty, or ``txt`` not UTF-8).
     """
     key = str(raw.get("__key__", "?"))
     url = str(raw.get("__url__", "?"))
@@ -268,7 +305,7 @@ def decode_sample(raw: dict) -> RawSample:
             image = raw[ext]
             break
     if image is None:
-        raise ValueError(f"{where}: no image (looked for {', '.join(IMAGE_EXTS)})")
+        raise BadSample("no_image", f"{where}: no image (looked for {', '.join(IMAGE_EXTS)})")
 
     record: dict[str, Any] = {}
     if raw.get("json") is not None:
@@ -276,46 +313,31 @@ def decode_sample(raw: dict) -> RawSample:
         try:
             record = json.loads(data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data)
         except ValueError as exn:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise ValueError(f"{where}: json does not parse ({exn})") from exn
+            raise BadSample("bad_json", f"{where}: json does not parse ({exn})") from exn
         if not isinstance(record, dict):
-            raise ValueError(f"{where}: json is a {type(record).__name__}, not an object")
+            raise BadSample("bad_json", f"{where}: json is a {type(record).__name__}, not an object")
 
-    captions: list[str] = []
-    if isinstance(record.get("captions"), list):
-        captions = [c.strip() for c in record["captions"] if isinstance(c, str) and c.strip()]
-    if not captions and raw.get("txt") is not None:
-        txt = raw["txt"]
-        try:
-            text = txt.decode("utf-8") if isinstance(txt, (bytes, bytearray)) else str(txt)
-        except UnicodeDecodeError as exn:
-            raise ValueError(f"{where}: txt is not UTF-8 ({exn})") from exn
-        if text.strip():
-            captions = [text.strip()]
-    if not captions and isinstance(record.get("caption"), str) and record["caption"].strip():
-        captions = [record["caption"].strip()]
-    if not captions:
-        raise ValueError(f"{where}: no caption")
-
+    captions = _captions(raw, record, where)
     objects = _object_names(record["objects"], where) if record.get("objects") is not None else None
     lang = record.get("language") or record.get("lang") or "en"
     meta = {k: v for k, v in record.items() if k not in _RESERVED_JSON_KEYS}
     return RawSample(key=key, image=bytes(image), captions=captions, objects=objects, lang=str(lang), meta=meta)
 
 
-def list_shards(spec: Union[PathLike, Sequence[PathLike]]) -> list[str]:
+def list_shards(spec: PathLike | Sequence[PathLike]) -> list[str]:
     """Resolve a shard specification to a list of shard paths/URLs.
 
     Accepts a directory (its ``*.tar``, sorted), a brace pattern (``data-{000000..000009}.tar``,
-    expanded in order, not checked for existence so remote URLs work), a glob (sorted matches), a
-    single path/URL, or a list/tuple of any of these (concatenated in order). Raises ``ValueError``
-    naming ``spec`` when nothing results.
+    expanded in order, not checked for existence), a glob (sorted matches), a single path, an
+    ``http(s)://`` URL or a ``pipe:COMMAND`` (both brace-expanded, never globbed), or a list/tuple of
+    any of these (concatenated in order). Raises ``ValueError`` naming ``spec`` when nothing results.
     """
     if isinstance(spec, (str, os.PathLike)):
         s = os.fspath(spec)
-        if os.path.isdir(s):
-            out = sorted(glob.glob(os.path.join(glob.escape(s), "*.tar")))
-        elif "{" in s and "}" in s:
+        if is_remote(s) or ("{" in s and "}" in s and not os.path.isdir(s)):
             out = list(braceexpand.braceexpand(s))
+        elif os.path.isdir(s):
+            out = sorted(glob.glob(os.path.join(glob.escape(s), "*.tar")))
         elif any(ch in s for ch in "*?["):
             out = sorted(glob.glob(s))
         elif s:
@@ -331,23 +353,132 @@ def list_shards(spec: Union[PathLike, Sequence[PathLike]]) -> list[str]:
     return out
 
 
-def read_sizes(shards: Sequence[str]) -> Optional[int]:
-    """Total sample count of ``shards`` from the ``sizes.json`` files beside them, or None if unknown."""
-    cache: dict[str, dict] = {}
-    total = 0
+def _load_sizes_json(folder: str) -> dict[str, int]:
+    """``{shard file name: samples}`` of ``folder/sizes.json`` (local or HTTP); ``{}`` when absent."""
+    path = f"{folder}/sizes.json"
+    try:
+        if folder.startswith(("http://", "https://")):
+            with urllib.request.urlopen(path, timeout=30) as resp:
+                text = resp.read().decode("utf-8")
+        elif folder.startswith("pipe:"):
+            return {}
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, urllib.error.URLError):
+        return {}
+    try:
+        table = json.loads(text)
+    except ValueError as exn:
+        logger.warning("ignoring %s: not JSON (%s)", path, exn)
+        return {}
+    if not isinstance(table, dict) or not all(isinstance(v, int) and v >= 0 for v in table.values()):
+        logger.warning("ignoring %s: expected {shard file name: sample count >= 0}", path)
+        return {}
+    return table
+
+
+def shard_sizes(shards: Sequence[str]) -> list[int | None]:
+    """Sample count of each shard from the ``sizes.json`` beside it (local folders and HTTP), None where unknown."""
+    cache: dict[str, dict[str, int]] = {}
+    out: list[int | None] = []
     for shard in shards:
-        folder, name = os.path.split(shard)
+        folder, name = shard.rsplit("/", 1) if "/" in shard else (".", shard)
         if folder not in cache:
-            path = os.path.join(folder, "sizes.json")
-            try:
-                with open(path, encoding="utf-8") as f:
-                    cache[folder] = json.load(f)
-            except (OSError, ValueError):
-                cache[folder] = {}
-        if name not in cache[folder]:
-            return None
-        total += int(cache[folder][name])
-    return total
+            cache[folder] = _load_sizes_json(folder)
+        out.append(cache[folder].get(name))
+    return out
+
+
+def read_sizes(shards: Sequence[str]) -> int | None:
+    """Total sample count of ``shards`` from the ``sizes.json`` files beside them, or None if unknown."""
+    sizes = shard_sizes(shards)
+    return None if any(n is None for n in sizes) else int(sum(sizes))
+
+
+def shard_samples(url: str, on_damage: Callable[[str, Exception], None]) -> Iterator[dict]:
+    """The raw samples (WebDataset-grouped dicts) of one shard: a local path, ``http(s)://`` URL
+    (read with ``curl``) or ``pipe:COMMAND``. A shard that cannot be opened, does not parse as a
+    tar or ends early yields the samples before the damage, then ``on_damage(url, first error)``
+    is called once."""
+    errors: list[Exception] = []
+
+    def keep_going(exn: Exception) -> bool:
+        errors.append(exn)
+        return True
+
+    yield from tariterators.tarfile_samples([{"url": url}], handler=keep_going)
+    if errors:
+        on_damage(url, errors[0])
+
+
+def count_samples(url: str) -> int:
+    """Number of raw samples a shard yields when read (a pass over its tar headers and bytes, no decoding)."""
+    return sum(1 for _ in shard_samples(url, lambda u, e: None))
+
+
+class SkipCounter:
+    """Counts bad samples by kind (:data:`SKIP_KINDS`) and logs the first few of each kind with shard and key.
+
+    ``counts`` holds the totals; :meth:`take` returns the counts since its previous call (what a
+    loader batch reports). ``muted`` stops counting and logging (re-reads of already counted data).
+    """
+
+    def __init__(self, max_logged: int = _MAX_LOGGED_SKIPS) -> None:
+        self.counts = np.zeros(len(SKIP_KINDS), dtype=np.int64)
+        self._taken = np.zeros(len(SKIP_KINDS), dtype=np.int64)
+        self.max_logged = max_logged
+        self.muted = False
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def by_kind(self) -> dict[str, int]:
+        """``{kind: count}`` of the non-zero totals."""
+        return {k: int(n) for k, n in zip(SKIP_KINDS, self.counts) if n}
+
+    def add(self, kind: str, url: str, key: str, message: str | Exception) -> None:
+        """Count one bad sample (or damaged shard, ``kind="truncated_tar"``)."""
+        if self.muted:
+            return
+        i = SKIP_KINDS.index(kind)
+        self.counts[i] += 1
+        if self.counts[i] <= self.max_logged:
+            logger.warning("skipping %s: sample %s of shard %s: %s", kind, key, url, message)
+            if self.counts[i] == self.max_logged:
+                logger.warning("further %s skips are only counted", kind)
+
+    def add_error(self, url: str, key: str, exn: ValueError) -> None:
+        """Count a ``ValueError`` raised for a sample: its ``kind`` if a :class:`BadSample`, else ``other``."""
+        self.add(exn.kind if isinstance(exn, BadSample) else "other", url, key, exn)
+
+    def take(self) -> np.ndarray:
+        """Counts (int64, in :data:`SKIP_KINDS` order) since the previous call."""
+        new = self.counts - self._taken
+        self._taken = self.counts.copy()
+        return new
+
+
+def draw_shards(shards: Sequence[str], rng: np.random.Generator, read: Callable[[str], Iterable[Any]],
+                is_good: Callable[[Any], bool] = lambda item: True) -> Iterator[Any]:
+    """Endless: the items ``read(url)`` of shards drawn with replacement by ``rng``.
+
+    Raises ``ValueError`` once every shard has been drawn and none gave a good item (``is_good``),
+    instead of spinning for ever over unreadable data.
+    """
+    barren: set[str] = set()  # shards that gave no good item, while no shard has given one
+    produced = False
+    while True:
+        url = shards[int(rng.integers(len(shards)))]
+        for item in read(url):
+            produced = produced or is_good(item)
+            yield item
+        if not produced:
+            barren.add(url)
+            if len(barren) == len(shards):
+                raise ValueError(f"resampled stream: none of the {len(shards)} shard(s) yields a readable sample "
+                                 f"(first: {shards[0]})")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -370,12 +501,7 @@ def loader_worker() -> tuple[int, int]:
     return int(info.id), int(info.num_workers)
 
 
-def _log_and_continue(exn: Exception) -> bool:
-    logger.warning("skipping unreadable shard data: %r", exn)
-    return True
-
-
-def _buffer_shuffle(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+def buffer_shuffle(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
     """Reservoir-style shuffle: keep ``size`` items, emit a random one as each new item arrives."""
     buf: list[Any] = []
     for item in items:
@@ -391,6 +517,27 @@ def _buffer_shuffle(items: Iterable[Any], size: int, rng: np.random.Generator) -
         yield buf.pop()
 
 
+def too_few_shards(n_shards: int, world: int, num_workers: int, what: str = "") -> str | None:
+    """The error message when ``n_shards`` cannot feed ``world`` ranks x ``num_workers`` readers, else None."""
+    consumers = world * num_workers
+    if n_shards >= consumers:
+        return None
+    return (f"{what}{n_shards} shard(s) cannot feed {world} rank(s) x {num_workers} loader worker(s) "
+            f"= {consumers} readers without reading a shard twice: write at least {consumers} shards, "
+            f"use fewer loader workers (data.num_workers) or set data.resampled=true to draw shards "
+            f"with replacement (an endless stream)")
+
+
+def log_in_worker(message: str) -> None:
+    """Log an error from inside a loader worker, where paddle may lose the exception text.
+
+    Paddle re-raises a worker's exception in a daemon thread of the main process, which may exit
+    (on the generic "Blocking queue is killed" SystemError) before that thread prints it.
+    """
+    if paddle.io.get_worker_info() is not None:
+        logger.error("loader worker %d: %s", loader_worker()[0], message)
+
+
 class ShardStream(paddle.io.IterableDataset):
     """Stream samples from WebDataset shards, split without overlap across ranks and loader workers.
 
@@ -401,37 +548,28 @@ class ShardStream(paddle.io.IterableDataset):
     read by exactly one worker of one rank. Fewer shards than ``world * num_workers`` raises
     ``ValueError`` (never a hang; call :meth:`check_readers` in the main process before making a
     DataLoader with workers, since a worker's exception reaches the main process only as paddle's
-    generic "Blocking queue is killed" ``SystemError``; the worker logs the real message). Ranks
-    may receive different sample counts when shard sizes/counts don't divide evenly; the trainer
-    must cope (e.g. a fixed number of steps).
+    generic "Blocking queue is killed" ``SystemError``; the worker logs the real message).
 
-    ``resampled=True`` (LAION-style streams, or fewer shards than readers): each reader instead
-    draws shards *with replacement* from the full list, with a generator seeded by
-    ``(seed, epoch, g)``, and never ends: the caller stops it (the trainer's ``max_steps``). Every
-    reader draws its own sequence, so ranks still see different data, but a sample may come twice
-    before another comes once. A stream whose every shard yields no sample raises ``ValueError``
-    instead of spinning.
+    ``resampled=True`` (fewer shards than readers): each reader instead draws shards *with
+    replacement* from the full list, with a generator seeded by ``(seed, epoch, g)``, and never
+    ends. A stream whose every shard yields no sample raises ``ValueError`` instead of spinning.
 
     Samples are decoded with :func:`decode_sample`, optionally shuffled in a buffer of
     ``shuffle_buffer`` raw samples seeded by ``(seed, epoch, g)``, then passed to
-    ``transform(sample, epoch)``; ``transform=None`` yields the RawSample (direct iteration only).
-    A sample whose decoding or transform raises ``ValueError`` is skipped, counted in
-    ``self.skipped`` (per process: in a DataLoader each worker counts its own) and the first few are
-    logged with shard and key. Unreadable tar data (truncated shard) is logged and the stream moves
-    on to the next shard.
+    ``transform(sample, epoch)``; ``transform=None`` yields the RawSample. A sample whose decoding
+    or transform raises ``ValueError`` is skipped and counted by kind in ``self.skips`` (a
+    :class:`SkipCounter`; ``self.skipped`` is the total; per process: in a DataLoader each worker
+    counts its own), the first few of each kind logged with shard and key. A damaged shard counts
+    one ``truncated_tar`` and the stream moves on. This is the stream evaluation and vocab building
+    read; training reads :class:`ernievil2.data.loader.TrainStream`.
 
-    Call :meth:`set_epoch` before creating the DataLoader iterator of each epoch (the workers copy
-    the dataset when they start, so with ``persistent_workers=True`` the epoch does not propagate).
-
-    ``split_by_rank=False`` makes every rank read all shards (still split over loader workers):
-    for reads that each process needs whole, e.g. an evaluation set or the captions a vocab is
-    built from.
+    ``split_by_rank=False`` makes every rank read all shards (still split over loader workers).
     """
 
     def __init__(
         self,
-        shards: Union[str, Sequence[str]],
-        transform: Optional[Callable[[RawSample, int], dict]] = None,
+        shards: str | Sequence[str],
+        transform: Callable[[RawSample, int], dict] | None = None,
         shuffle_shards: bool = True,
         shuffle_buffer: int = 0,
         seed: int = 0,
@@ -452,7 +590,12 @@ class ShardStream(paddle.io.IterableDataset):
         self.epoch = int(epoch)
         self.split_by_rank = bool(split_by_rank)
         self.resampled = bool(resampled)
-        self.skipped = 0
+        self.skips = SkipCounter()
+
+    @property
+    def skipped(self) -> int:
+        """Bad samples (and damaged shards) skipped by the last iteration in this process."""
+        return self.skips.total
 
     def __len__(self) -> int:
         # TypeError (not paddle's RuntimeError) so that list(stream) and length hints work.
@@ -464,11 +607,10 @@ class ShardStream(paddle.io.IterableDataset):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = int(epoch)
 
-    def check_readers(self, num_workers: int, world: Optional[int] = None) -> None:
+    def check_readers(self, num_workers: int, world: int | None = None) -> None:
         """Raise the ``ValueError`` of too few shards for ``world`` ranks (default: this job's) ×
         ``num_workers`` loader workers (0 = reading in the main process = 1 reader) here, in the
-        calling process. Without it the error happens inside the DataLoader workers, and the main
-        process only sees paddle's generic ``SystemError``. A no-op when ``resampled``."""
+        calling process. A no-op when ``resampled``."""
         if self.resampled:
             return
         if world is None:
@@ -476,79 +618,53 @@ class ShardStream(paddle.io.IterableDataset):
         self._check_split(world, max(int(num_workers), 1))
 
     def _check_split(self, world: int, num_workers: int) -> None:
-        consumers = world * num_workers
-        if len(self.shards) < consumers:
-            raise ValueError(
-                f"{len(self.shards)} shard(s) cannot feed {world} rank(s) x {num_workers} loader worker(s) "
-                f"= {consumers} readers without reading a shard twice: write at least {consumers} shards, "
-                f"use fewer loader workers (data.num_workers) or set data.resampled=true to draw shards "
-                f"with replacement (an endless stream)"
-            )
+        message = too_few_shards(len(self.shards), world, num_workers)
+        if message:
+            raise ValueError(message)
 
     def shards_for(self, rank: int, world: int, worker_id: int, num_workers: int) -> list[str]:
         """The shards one (rank, worker) reads this epoch, in reading order (without ``resampled``)."""
-        consumers = world * num_workers
         self._check_split(world, num_workers)
         order = list(self.shards)
         if self.shuffle_shards:
             perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(order))
             order = [order[i] for i in perm]
-        return order[rank * num_workers + worker_id :: consumers]
-
-    def _skip(self, url: str, key: str, exn: Exception) -> None:
-        self.skipped += 1
-        if self.skipped <= _MAX_LOGGED_SKIPS:
-            logger.warning("skipping sample %s from shard %s: %s", key, url, exn)
-        elif self.skipped == _MAX_LOGGED_SKIPS + 1:
-            logger.warning("more samples skipped; further ones are only counted")
+        return order[rank * num_workers + worker_id :: world * num_workers]
 
     def _decoded(self, shards: Iterable[str]) -> Iterator[tuple[str, RawSample]]:
-        raw_iter = tariterators.tarfile_samples(({"url": u} for u in shards), handler=_log_and_continue)
-        for raw in raw_iter:
-            url = str(raw.get("__url__", "?"))
-            try:
-                yield url, decode_sample(raw)
-            except ValueError as exn:
-                self._skip(url, str(raw.get("__key__", "?")), exn)
+        def damaged(url: str, exn: Exception) -> None:
+            self.skips.add("truncated_tar", url, "-", repr(exn))
+
+        for shard in shards:
+            for raw in shard_samples(shard, damaged):
+                url = str(raw.get("__url__", shard))
+                try:
+                    yield url, decode_sample(raw)
+                except ValueError as exn:
+                    self.skips.add_error(url, str(raw.get("__key__", "?")), exn)
 
     def _resampled(self, gid: int) -> Iterator[tuple[str, RawSample]]:
         """Endless: shards drawn with replacement by reader ``gid``'s own generator."""
         # The trailing 1 keeps this generator apart from the shuffle buffer's ([seed, epoch, gid]).
         rng = np.random.default_rng([self.seed, self.epoch, gid, 1])
-        barren: set[str] = set()  # shards that gave no sample, while no shard has given one
-        produced = False
-        while True:
-            url = self.shards[int(rng.integers(len(self.shards)))]
-            got = False
-            for item in self._decoded([url]):
-                got = produced = True
-                yield item
-            if not got and not produced:
-                barren.add(url)
-                if len(barren) == len(self.shards):
-                    raise ValueError(f"resampled stream: none of the {len(self.shards)} shard(s) yields a "
-                                     f"readable sample (first: {self.shards[0]})")
+        return draw_shards(self.shards, rng, lambda url: self._decoded([url]))
 
     def __iter__(self) -> Iterator[Any]:
         rank, world = rank_and_world() if self.split_by_rank else (0, 1)
         worker_id, num_workers = loader_worker()
         gid = rank * num_workers + worker_id
-        self.skipped = 0
+        self.skips = SkipCounter()
         if self.resampled:
             samples: Iterator[tuple[str, RawSample]] = self._resampled(gid)
         else:
             try:
                 mine = self.shards_for(rank, world, worker_id, num_workers)
             except ValueError as exn:
-                if paddle.io.get_worker_info() is not None:
-                    # Paddle re-raises a worker's exception in a daemon thread of the main process,
-                    # which may exit (on the generic "Blocking queue is killed" SystemError) before
-                    # that thread prints it: say it here, from the worker, first.
-                    logger.error("rank %d, loader worker %d: %s", rank, worker_id, exn)
+                log_in_worker(f"rank {rank}: {exn}")
                 raise
             samples = self._decoded(mine)
         if self.shuffle_buffer > 1:
-            samples = _buffer_shuffle(samples, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, gid]))
+            samples = buffer_shuffle(samples, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, gid]))
         for url, sample in samples:
             if self.transform is None:
                 yield sample
@@ -556,11 +672,11 @@ class ShardStream(paddle.io.IterableDataset):
             try:
                 out = self.transform(sample, self.epoch)
             except ValueError as exn:
-                self._skip(url, sample.key, exn)
+                self.skips.add_error(url, sample.key, exn)
                 continue
             yield out
         if self.skipped:
-            logger.info("rank %d worker %d skipped %d sample(s) this epoch", rank, worker_id, self.skipped)
+            logger.info("rank %d worker %d skipped %s this epoch", rank, worker_id, self.skips.by_kind())
 
 
 class ExitWithParent:

@@ -13,7 +13,12 @@ From one :class:`~ernievil2.data.sample.RawSample` :class:`MultiViewTransform` m
 
 Images are float32 CHW, scaled to [0, 1] and normalised with the ImageNet mean/std.
 Images are decoded with OpenCV and augmented with numpy/cv2 (crop + resize is one ``cv2.resize``
-of the crop; colour jitter runs in float32 at the output size).
+of the crop; colour jitter runs in float32 at the output size). Before decoding, the header (read
+by PIL, no pixels) is checked against ``ViewConfig.max_image_pixels`` (decompression bombs) and
+``min_image_side`` (1x1 placeholders); a JPEG much larger than the views is decoded at 1/2, 1/4 or
+1/8 scale by libjpeg (``reduce_on_decode``). Bad images raise
+:class:`~ernievil2.data.sample.BadSample`; :meth:`MultiViewTransform.validate` runs the same checks
+without making views (what a resumed stream uses to skip consumed samples cheaply).
 
 Determinism: all randomness for a sample derives from
 ``np.random.SeedSequence([seed, epoch, stable_hash(key)])`` (the same entropy as
@@ -23,28 +28,32 @@ epochs give different views, and computing fewer views never changes the ones th
 """
 from __future__ import annotations
 
+import io
 import math
+import warnings
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import cv2
 import numpy as np
+from PIL import Image
 
-from ernievil2.data.sample import RawSample
+from ernievil2.data.sample import BadSample, RawSample
 from ernievil2.tokenizer import WordPieceTokenizer
 
 __all__ = [
     "ALL_VIEWS",
-    "VIEW_ALIASES",
+    "DEFAULT_OBJECTS_JOINERS",
+    "DEFAULT_OBJECTS_TEMPLATES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "DEFAULT_OBJECTS_TEMPLATES",
-    "DEFAULT_OBJECTS_JOINERS",
-    "ViewConfig",
-    "MultiViewTransform",
+    "VIEW_ALIASES",
     "EvalTransform",
+    "MultiViewTransform",
+    "ViewConfig",
     "augment_text_ids",
+    "decode_for_views",
     "decode_rgb",
     "objects_text",
     "random_resized_crop_box",
@@ -92,8 +101,50 @@ def decode_rgb(data: bytes, key: str = "?") -> np.ndarray:
         except cv2.error:
             img = None
     if img is None or img.ndim != 3 or img.shape[0] == 0 or img.shape[1] == 0:
-        raise ValueError(f"cannot decode image of sample {key!r} ({len(data) if data else 0} bytes)")
+        raise BadSample("corrupt_image", f"cannot decode image of sample {key!r} ({len(data) if data else 0} bytes)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+_REDUCED_READS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def decode_for_views(
+    data: bytes,
+    key: str = "?",
+    max_pixels: int = 40_000_000,
+    min_side: int = 10,
+    keep_short_side: int = 0,
+) -> np.ndarray:
+    """Decode training image bytes into RGB uint8 ``[H, W, 3]``, checking the header first.
+
+    The header (PIL, no pixel data) gives the size: more than ``max_pixels`` pixels raises
+    :class:`BadSample` ``image_too_large`` and a side under ``min_side`` ``image_too_small``,
+    before anything is decoded; bytes PIL cannot identify raise ``corrupt_image``. A JPEG whose
+    short side is at least twice ``keep_short_side`` is decoded at the smallest libjpeg scale
+    (1/2, 1/4, 1/8) that keeps the short side ``>= keep_short_side`` (0: always full size).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+                fmt = header.format
+    except Image.DecompressionBombError as exn:
+        raise BadSample("image_too_large", f"sample {key!r}: {exn}") from exn
+    except (OSError, SyntaxError, ValueError) as exn:
+        raise BadSample("corrupt_image", f"cannot read the image header of sample {key!r}: {exn}") from exn
+    if width * height > max_pixels:
+        raise BadSample("image_too_large", f"sample {key!r}: {width}x{height} image has more than {max_pixels} pixels")
+    if min(width, height) < min_side:
+        raise BadSample("image_too_small", f"sample {key!r}: {width}x{height} image has a side under {min_side} px")
+    if fmt == "JPEG" and keep_short_side > 0:
+        for factor, flag in _REDUCED_READS:
+            if min(width, height) >= factor * keep_short_side:
+                img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+                if img is None or img.ndim != 3:
+                    raise BadSample("corrupt_image", f"cannot decode image of sample {key!r} ({len(data)} bytes)")
+                return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return decode_rgb(data, key)
 
 
 def random_resized_crop_box(
@@ -220,6 +271,9 @@ def augment_text_ids(
 class ViewConfig:
     """Settings of :class:`MultiViewTransform` (defaults: SPEC §4 / SLIP).
 
+    ``max_image_pixels`` / ``min_image_side`` reject decompression bombs and tiny placeholders
+    (counted skips); ``reduce_on_decode`` (0 disables) lets a JPEG be decoded at 1/2-1/8 scale
+    while its short side stays ``>= reduce_on_decode * image_size`` (see :func:`decode_for_views`).
     ``blur_kernel`` ``None`` scales the 5×5 kernel of a 224 image to ``image_size`` (odd, ≥ 3);
     ``blur_sigma`` is the range σ is drawn from. Text-view probabilities apply only when the
     sample has a single caption (see :func:`augment_text_ids`). ``objects_templates`` hold
@@ -244,6 +298,9 @@ class ViewConfig:
     objects_joiners: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OBJECTS_JOINERS))
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    max_image_pixels: int = 40_000_000
+    min_image_side: int = 10
+    reduce_on_decode: float = 2.0
 
 
 class _Normalizer:
@@ -381,7 +438,7 @@ class MultiViewTransform:
     def _texts(self, sample: RawSample, rng: np.random.Generator, out: dict[str, np.ndarray]) -> None:
         captions = sample.captions
         if not captions:
-            raise ValueError(f"sample {sample.key!r} has no captions")
+            raise BadSample("no_caption", f"sample {sample.key!r} has no captions")
         n = len(captions)
         ci = int(rng.integers(n)) if n > 1 else 0
         cap_ids = self.tokenizer.encode(captions[ci], self.max_length)
@@ -417,14 +474,28 @@ class MultiViewTransform:
         root = np.random.SeedSequence([self.seed, int(epoch), stable_hash(key)])
         return {name: np.random.default_rng(child) for name, child in zip(_STREAMS, root.spawn(len(_STREAMS)))}
 
+    def _decode(self, sample: RawSample) -> np.ndarray | None:
+        """The decoded image when an image view is wanted (None otherwise); :class:`BadSample` if unusable."""
+        if not {"image", "image_view1", "image_view2"} & set(self.views):
+            return None
+        cfg = self.cfg
+        return decode_for_views(sample.image, sample.key, cfg.max_image_pixels, cfg.min_image_side,
+                                math.ceil(cfg.reduce_on_decode * cfg.image_size))
+
+    def validate(self, sample: RawSample) -> None:
+        """Raise the :class:`BadSample` that ``self(sample, epoch)`` would raise, without making views."""
+        self._decode(sample)
+        if not sample.captions and ({"caption_ids", "text_view_ids"} & set(self.views)):
+            raise BadSample("no_caption", f"sample {sample.key!r} has no captions")
+
     def __call__(self, sample: RawSample, epoch: int = 0) -> dict[str, np.ndarray]:
         """The selected views of ``sample`` as arrays (images float32 ``[3, S, S]``, ids int64
         ``[max_length]``, ``has_objects`` float32 scalar), keyed as in :data:`ALL_VIEWS`."""
         rngs = self.rngs(sample.key, epoch)
         out: dict[str, np.ndarray] = {}
         views = self.views
-        if {"image", "image_view1", "image_view2"} & set(views):
-            img = decode_rgb(sample.image, sample.key)
+        img = self._decode(sample)
+        if img is not None:
             if "image" in views:
                 out["image"] = self._caption_view(img, rngs["image"])
             if "image_view1" in views:
