@@ -225,7 +225,7 @@ def test_launch_train_two_ranks(tmp_path):
     records = _jsonl(run_dir / "metrics.jsonl")
     assert [(r["step"], r["dataset"]) for r in records] == [(20, "demo_val")]
     ckpts = sorted((run_dir / "checkpoints").iterdir())
-    assert [p.name for p in ckpts] == ["step_0000020"]
+    assert [p.name for p in ckpts] == ["latest", "step_0000020"]
     # A log file per rank (Hydra job name); the .hydra config copy (rank 0 writes it, the others skip it).
     assert sorted(p.name for p in run_dir.glob("*.log")) == ["train_rank0.log", "train_rank1.log"]
     assert (run_dir / ".hydra" / "config.yaml").exists()
@@ -240,7 +240,7 @@ def test_launch_train_two_ranks(tmp_path):
         digests.append(found[0])
         # Every rank's console log shows its training lines.
         assert "step 20 | loss" in text
-    assert digests[0] == digests[1] == parameter_digest(load_checkpoint(ckpts[0]))
+    assert digests[0] == digests[1] == parameter_digest(load_checkpoint(run_dir / "checkpoints" / "step_0000020"))
 
 
 # ------------------------------------------------------------------------------------------------

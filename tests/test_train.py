@@ -103,11 +103,12 @@ def test_metrics_records(multiview_run):
 @pytest.mark.timeout(300)
 def test_checkpoint_written_and_loadable(multiview_run):
     run_dir = multiview_run["run_dir"]
-    ckpts = sorted(p for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
-    assert [p.name for p in ckpts] == ["step_0000030"]
-    ckpt = ckpts[0]
+    entries = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert entries == ["latest", "step_0000030"]
+    assert (run_dir / "checkpoints" / "latest").read_text(encoding="utf-8").strip() == "step_0000030"
+    ckpt = run_dir / "checkpoints" / "step_0000030"
     names = {p.name for p in ckpt.iterdir()}
-    assert {WEIGHTS, MODEL_CONFIG, "vocab.txt"} <= names
+    assert {WEIGHTS, MODEL_CONFIG, "vocab.txt", "optimizer.safetensors", "trainer_state.json"} <= names
     assert (ckpt / "vocab.txt").read_bytes() == (run_dir / "vocab.txt").read_bytes()
     model = load_checkpoint(ckpt)
     assert isinstance(model.cfg, DualEncoderConfig)
@@ -116,8 +117,8 @@ def test_checkpoint_written_and_loadable(multiview_run):
     assert model.cfg.vision.width == 64
     # The checkpoint is the final model: re-evaluating it reproduces the final metrics.
     cfg = OmegaConf.to_object(multiview_run["cfg"])
-    _, evals = resolve_data(cfg)
-    data = load_retrieval_set(evals["demo_val"], model.cfg.vision.image_size, tokenizer, cfg.model.text_max_length)
+    _, demo_val = resolve_data(cfg)
+    data = load_retrieval_set(demo_val, model.cfg.vision.image_size, tokenizer, cfg.model.text_max_length)
     record = RetrievalEvaluator("demo_val", data, "multi")(model, 30)[0]
     final = multiview_run["final"][0]
     for k in RECALL_KEYS:

@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from ernievil2.data.demo import DemoDataSpec
+from ernievil2.data.loader import StreamSource
 from ernievil2.data.views import ViewConfig
 from ernievil2.losses import LossConfig
 from ernievil2.models.config import DualEncoderConfig, TextConfig, VisionConfig, model_config
@@ -61,21 +62,54 @@ class DemoSchema(DemoDataSpec):
 
 
 @dataclass
+class SourceSchema:
+    """One training source of ``data.sources``: shards (dir, brace pattern, glob, ``http(s)://`` or
+    ``pipe:`` URL), its probability weight in the mix and whether its shards are resampled
+    (``None``: ``data.resampled``)."""
+
+    name: str = MISSING
+    shards: str = MISSING
+    weight: float = 1.0
+    resampled: Optional[bool] = None
+
+
+@dataclass
 class DataSchema:
-    """Training stream and loader settings. ``source=demo`` uses the embedded demo data."""
+    """Training stream and loader settings. ``source=demo`` uses the embedded demo data;
+    ``source=shards`` reads ``train_shards`` (one source) or ``sources`` (a weighted mix)."""
 
     source: str = "demo"  # "demo" or "shards"
-    train_shards: Optional[str] = None  # dir, brace pattern, glob (source=shards)
+    train_shards: Optional[str] = None  # one source: dir, brace pattern, glob, http(s):// or pipe: URL
+    sources: list[SourceSchema] = field(default_factory=list)  # several sources, mixed by weight
     batch_size: int = 128
     num_workers: int = 1
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples shuffled in a buffer per loader worker
     # Draw training shards with replacement, per rank and loader worker (an endless stream that
     # max_steps ends): for fewer shards than ranks x workers, or LAION-style training. False: each
-    # epoch reads every shard once across the job, and too few shards is an error.
+    # epoch reads every shard once across the job, and too few shards is an error. The default of
+    # every source.
     resampled: bool = False
     demo: DemoSchema = field(default_factory=DemoSchema)
     # image_size of the views always follows the model's vision.image_size.
     views: ViewConfig = field(default_factory=ViewConfig)
+
+    def stream_sources(self, demo_shards: Optional[list[str]] = None) -> list[StreamSource]:
+        """The training sources this config names (``demo_shards``: the demo's, for ``source=demo``)."""
+        if self.source == "demo":
+            if self.train_shards or self.sources:
+                raise ValueError("data.train_shards / data.sources need data.source=shards")
+            if not demo_shards:
+                raise ValueError("data.source=demo needs the demo shards")
+            return [StreamSource.of("demo", demo_shards, 1.0, self.resampled)]
+        if self.source != "shards":
+            raise ValueError(f"data.source must be 'demo' or 'shards', got {self.source!r}")
+        if bool(self.train_shards) == bool(self.sources):
+            raise ValueError("data.source=shards needs exactly one of data.train_shards (one source) and "
+                             "data.sources (a list of {name, shards, weight, resampled})")
+        if self.train_shards:
+            return [StreamSource.of("train", self.train_shards, 1.0, self.resampled)]
+        return [StreamSource.of(s.name, s.shards, s.weight, self.resampled if s.resampled is None else s.resampled)
+                for s in self.sources]
 
 
 @dataclass
@@ -146,6 +180,20 @@ class TrainerSchema:
     device: str = "auto"  # auto, cpu, gpu
     max_minutes: Optional[float] = None  # stop early (and evaluate) when the wall budget is spent
     save_checkpoint: bool = True
+    # Gradient accumulation: one optimizer step per accum_steps loader batches, the loss over all
+    # of them (features of the other micro-batches cached; see ernievil2.train.trainer).
+    accum_steps: int = 1
+    checkpoint_every: int = 0  # also save every N steps (0: only at the end)
+    keep_last: int = 3  # step checkpoints kept (plus the best one)
+    best_metric: Optional[str] = None  # e.g. "demo_val/multi/mean_recall": keep the best checkpoint by it
+    best_mode: str = "max"  # max or min
+    nan_patience: int = 5  # stop after this many non-finite losses in a row (each skips its update)
+    # Precision and memory (GPU): amp none|bf16|fp16 (CPU always trains in fp32), level O1|O2;
+    # recompute each transformer block in backward; shard optimizer state (1) and gradients (2).
+    amp: str = "none"
+    amp_level: str = "O1"
+    recompute: bool = False
+    sharding_stage: int = 0
 
 
 @dataclass
@@ -158,6 +206,9 @@ class Config:
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     name: str = "demo"  # run name (output folder, wandb run name default)
+    mode: str = "train"  # train, or eval: evaluate ``ckpt`` with every configured evaluator, no training
+    ckpt: Optional[str] = None  # mode=eval: our checkpoint/run dir, a .safetensors file, .pdparams or PaddleNLP dir
+    resume: Optional[str] = None  # "latest" (this run dir's newest checkpoint) or a checkpoint/run dir
 
 
 RUN_TIME_ENV = "ERNIEVIL2_RUN_TIME"

@@ -22,16 +22,35 @@ import numpy as np
 import paddle
 from omegaconf import DictConfig, OmegaConf
 
+from ernievil2 import evaluation
+from ernievil2.atomic import atomic_write
 from ernievil2.data.demo import DemoDataSpec, ensure_demo_data
 from ernievil2.data.loader import build_train_data
-from ernievil2.data.shards import ShardStream, list_shards
+from ernievil2.data.shards import ShardStream
 from ernievil2.data.views import MultiViewTransform
-from ernievil2.distributed import DistInfo, DistributedExchange, broadcast_object, init_distributed, main_process_first
-from ernievil2.evaluation import RetrievalEvaluator, load_retrieval_set
+from ernievil2.distributed import (
+    DistInfo,
+    DistributedExchange,
+    broadcast_object,
+    init_distributed,
+    main_process_first,
+)
+from ernievil2.evaluation import Evaluator
 from ernievil2.losses import MultiViewLoss
 from ernievil2.models import build_model
-from ernievil2.pretrained import load_pretrained
+from ernievil2.pretrained import (
+    LAYOUT_OURS,
+    PretrainedSource,
+    build_from_pretrained,
+    load_pretrained,
+    resolve_source,
+)
 from ernievil2.tokenizer import WordPieceTokenizer
+from ernievil2.train.checkpointing import (
+    TRAINER_STATE,
+    CheckpointManager,
+    read_trainer_state,
+)
 from ernievil2.train.config import Config, resolve_model, validate
 from ernievil2.train.loggers import RunLogger
 from ernievil2.train.optim import build_optimizer
@@ -81,23 +100,28 @@ def prepare_tokenizer(cfg: Config, train_shards: list[str], run_dir: Path,
         return WordPieceTokenizer(vocab, max_length=m.text_max_length)
 
 
-def resolve_data(cfg: Config) -> tuple[list[str], dict[str, list[str]]]:
-    """Training shards and named evaluation shard lists (generating the demo data when used)."""
+def resolve_data(cfg: Config) -> tuple[list[str], Optional[list[str]]]:
+    """Training shards and the demo validation shards (None unless an evaluation set uses them),
+    generating the demo data when it is used."""
     d = cfg.data
     demo_val: Optional[list[str]] = None
-    if d.source == "demo" or any(s.shards is None for s in cfg.eval.datasets):
+    if d.source == "demo" or any(s.format == "demo" and not s.shards for s in cfg.eval.datasets):
         spec = DemoDataSpec(**{f.name: getattr(d.demo, f.name) for f in dataclasses.fields(DemoDataSpec)})
         demo = ensure_demo_data(os.path.expanduser(d.demo.cache_dir), spec)
         demo_val = demo.val_shards
         train = demo.train_shards if d.source == "demo" else None
     if d.source == "shards":
-        if not d.train_shards:
-            raise ValueError("data.source=shards needs data.train_shards (a dir, brace pattern or glob)")
-        train = list_shards(d.train_shards)
+        train = [shard for src in d.stream_sources() for shard in src.shards]
     elif d.source != "demo":
         raise ValueError(f"data.source must be 'demo' or 'shards', got {d.source!r}")
-    evals = {s.name: (demo_val if s.shards is None else list_shards(s.shards)) for s in cfg.eval.datasets}
-    return train, evals
+    return train, demo_val
+
+
+def build_evaluators(cfg: Config, image_size: int, tokenizer: WordPieceTokenizer, demo_val: Optional[list[str]],
+                     info: DistInfo) -> list[Evaluator]:
+    """The configured evaluation sets as evaluators (every rank holds them and embeds its share; rank 0 logs)."""
+    return evaluation.build_evaluators(cfg.eval, image_size=image_size, tokenizer=tokenizer,
+                                       text_max_length=cfg.model.text_max_length, demo_val_shards=demo_val, info=info)
 
 
 def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
@@ -116,7 +140,7 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     set_seed(cfg.trainer.seed)  # the same on every rank: identical model init
 
     with main_process_first():  # rank 0 generates the demo data once; the others find it cached
-        train_shards, eval_shards = resolve_data(cfg)
+        train_shards, demo_val = resolve_data(cfg)
     tokenizer = prepare_tokenizer(cfg, train_shards, run_dir, info)
     model_cfg = resolve_model(cfg.model, tokenizer.vocab_size, built_vocab=not cfg.model.vocab_file)
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
@@ -135,27 +159,94 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     views_cfg = dataclasses.replace(cfg.data.views, image_size=model_cfg.vision.image_size)
     transform = MultiViewTransform(views_cfg, tokenizer, cfg.model.text_max_length, cfg.trainer.seed,
                                    views=loss.required_views)
-    data = build_train_data(train_shards, transform, batch_size=cfg.data.batch_size,
-                            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                            seed=cfg.trainer.seed, resampled=cfg.data.resampled, world_size=info.world_size)
+    data = build_train_data(cfg.data.stream_sources(demo_shards=train_shards), transform,
+                            batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                            shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.trainer.seed, world_size=info.world_size)
 
-    # Evaluation runs on rank 0 only (the other ranks wait at their next collective).
-    evaluators = [
-        RetrievalEvaluator(s.name, load_retrieval_set(eval_shards[s.name], model_cfg.vision.image_size, tokenizer,
-                                                      cfg.model.text_max_length), s.protocol, cfg.eval.batch_size)
-        for s in cfg.eval.datasets
-    ] if info.is_main else []
+    evaluators = build_evaluators(cfg, model_cfg.vision.image_size, tokenizer, demo_val, info)
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.trainer.max_steps)
-    logger = RunLogger(run_dir, cfg.logger, resolved, write_files=info.is_main)
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    logger = RunLogger(run_dir, cfg.logger, resolved, write_files=info.is_main,
+                       resume_id=saved_wandb_run_id(resume_from))
     vocab_path = Path(tokenizer.vocab_file)
     trainer = Trainer(
-        model, loss, optimizer, scheduler, data, evaluators, logger, run_dir,
-        max_steps=cfg.trainer.max_steps, log_every=cfg.logger.log_every, eval_every=cfg.eval.every_n_steps,
-        eval_at_end=cfg.eval.at_end, max_minutes=cfg.trainer.max_minutes,
-        save_checkpoint=cfg.trainer.save_checkpoint,
-        checkpoint_files={"vocab.txt": vocab_path, "train_config.json": resolved}, dist=info,
+        model, loss, optimizer, scheduler, data, evaluators, logger, run_dir, cfg.trainer,
+        log_every=cfg.logger.log_every, eval_every=cfg.eval.every_n_steps, eval_at_end=cfg.eval.at_end,
+        checkpoint_files={"vocab.txt": vocab_path, "train_config.json": resolved}, config=resolved, dist=info,
     )
     try:
+        if resume_from is not None:
+            trainer.resume(str(resume_from))
         return trainer.fit()
     finally:
         logger.close()
+
+
+def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
+    """The checkpoint ``resume`` names: ``latest`` = this run dir's newest (None when the run dir
+    has none yet: a fresh start, so that the same command line restarts a killed job), else a
+    checkpoint folder or a run dir (its latest checkpoint)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        manager = CheckpointManager(run_dir / "checkpoints")
+        latest = manager.latest()
+        if latest is None:
+            log.info("resume=latest: no checkpoint in %s yet, starting fresh", run_dir)
+        return latest
+    return CheckpointManager(run_dir / "checkpoints").resolve(resume)
+
+
+def saved_wandb_run_id(ckpt: Optional[Path]) -> Optional[str]:
+    """The wandb run id a checkpoint recorded (so that a resumed run continues the same wandb run)."""
+    return read_trainer_state(ckpt)["extra"].get("wandb_run_id") if ckpt is not None else None
+
+
+def _eval_vocab(cfg: Config, src: PretrainedSource) -> Path:
+    """``model.vocab_file``, else the ``vocab.txt`` beside the checkpoint's weights."""
+    if cfg.model.vocab_file:
+        return Path(os.path.expanduser(cfg.model.vocab_file))
+    beside = src.weights.parent / "vocab.txt"
+    if beside.is_file():
+        return beside
+    raise ValueError(f"mode=eval: no vocab.txt beside {src.weights}; pass model.vocab_file=PATH (the vocab the "
+                     "checkpoint was trained with)")
+
+
+def run_evaluation(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
+    """``mode=eval``: load ``ckpt`` (any supported layout), run every configured evaluator once,
+    print the tables and write ``eval_results.json`` into the run dir. No optimizer is built."""
+    resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dataclasses.asdict(cfg)
+    cfg = validate(cfg) if isinstance(cfg, DictConfig) else cfg
+    if not cfg.ckpt:
+        raise ValueError("mode=eval needs ckpt=PATH (a checkpoint or run dir of ours, a .safetensors file, an "
+                         "official .pdparams or a PaddleNLP folder)")
+    if not cfg.eval.datasets:
+        raise ValueError("mode=eval: no evaluation set configured (eval.datasets is empty; e.g. eval=demo)")
+    if cfg.trainer.device != "auto":
+        paddle.set_device(cfg.trainer.device)
+    info = init_distributed()
+    run_dir = Path(run_dir)
+    src = resolve_source(cfg.ckpt)
+    tokenizer = WordPieceTokenizer(_eval_vocab(cfg, src), max_length=cfg.model.text_max_length)
+    config = None
+    if src.config is None and src.layout == LAYOUT_OURS:  # a bare .safetensors file: the architecture from cfg
+        config = resolve_model(cfg.model, tokenizer.vocab_size, built_vocab=False)
+    model = build_from_pretrained(cfg.ckpt, config)
+    state_file = src.weights.parent
+    step = read_trainer_state(state_file)["step"] if (state_file / TRAINER_STATE).is_file() else 0
+    with main_process_first():
+        _, demo_val = resolve_data(cfg)
+    evaluators = build_evaluators(cfg, model.cfg.vision.image_size, tokenizer, demo_val, info)
+    logger = RunLogger(run_dir, cfg.logger, resolved, write_files=info.is_main)
+    try:
+        records = [r for ev in evaluators for r in ev(model, step)]
+        logger.log_eval(records)
+    finally:
+        logger.close()
+    if info.is_main:
+        out = {"checkpoint": str(src.weights), "layout": src.layout, "step": step, "records": records}
+        with atomic_write(run_dir / "eval_results.json") as f:
+            f.write(json.dumps(out, indent=2, ensure_ascii=False))
+        log.info("evaluation results written to %s", run_dir / "eval_results.json")
+    return records
