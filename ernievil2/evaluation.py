@@ -41,6 +41,7 @@ import paddle
 from ernievil2.data.shards import ShardStream, list_shards
 from ernievil2.data.views import EvalTransform
 from ernievil2.distributed import DistInfo
+from ernievil2.jsonl import jsonl_objects
 from ernievil2.models import ErnieViL2
 from ernievil2.retrieval import multi_caption_recall, official_recall
 from ernievil2.tokenizer import WordPieceTokenizer
@@ -188,24 +189,19 @@ def read_jsonl(spec: EvalSetSpec) -> Iterator[EvalItem]:
     ``image_id`` (optional; default the image path) and a caption list under ``caption_key``."""
     path = Path(_need(spec, "path"))
     root = Path(spec.image_root) if spec.image_root else path.parent
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            where = f"{path}: line {lineno}"
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalDataError(f"{where}: malformed JSON: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(obj, dict) or "image" not in obj:
-                raise EvalDataError(f"{where}: expected an object with an 'image' key")
-            captions = obj.get(spec.caption_key)
-            if isinstance(captions, str):
-                captions = [captions]
-            if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
-                raise EvalDataError(f"{where}: '{spec.caption_key}' must be a non-empty list of captions")
-            image = _require_file(root / str(obj["image"]), where)
-            yield EvalItem(str(obj.get("image_id", obj["image"])), _read_bytes(image, where), captions, where)
+    for lineno, obj in jsonl_objects(path):
+        where = f"{path}: line {lineno}"
+        if isinstance(obj, str):
+            raise EvalDataError(f"{where}: malformed JSON line: {obj}")
+        if "image" not in obj:
+            raise EvalDataError(f"{where}: expected an object with an 'image' key")
+        captions = obj.get(spec.caption_key)
+        if isinstance(captions, str):
+            captions = [captions]
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+            raise EvalDataError(f"{where}: '{spec.caption_key}' must be a non-empty list of captions")
+        image = _require_file(root / str(obj["image"]), where)
+        yield EvalItem(str(obj.get("image_id", obj["image"])), _read_bytes(image, where), captions, where)
 
 
 def _need(spec: EvalSetSpec, key: str) -> Any:

@@ -13,7 +13,6 @@ scalar (``lr.png``, ``logit_scale.png``, ``grad_norm.png``, ``samples_per_s.png`
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -29,6 +28,7 @@ from matplotlib.ticker import MaxNLocator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from ernievil2.jsonl import jsonl_objects
 from ernievil2.losses import TERMS
 
 TRAIN_LOG, METRICS = "train_log.jsonl", "metrics.jsonl"
@@ -50,17 +50,12 @@ class LogFormatError(ValueError):
 def read_jsonl(path: Path) -> list[dict]:
     """The JSON objects of ``path``, one per non-empty line; each must hold an integer ``step``."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LogFormatError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise LogFormatError(f"{path}:{lineno}: expected an object with an integer 'step'")
-            records.append(record)
+    for lineno, record in jsonl_objects(path):
+        if isinstance(record, str):
+            raise LogFormatError(f"{path}:{lineno}: not JSON: {record}")
+        if not isinstance(record.get("step"), int):
+            raise LogFormatError(f"{path}:{lineno}: expected an object with an integer 'step'")
+        records.append(record)
     return records
 
 

@@ -137,3 +137,16 @@ def test_loaded_vocab_keeps_the_released_embedding_size():
     # A larger loaded vocab enlarges the tiny preset; a built vocab sizes it exactly.
     assert resolve_model(ModelSchema(preset="tiny"), 39980, built_vocab=False).text.vocab_size == 39980
     assert resolve_model(ModelSchema(preset="tiny"), 321, built_vocab=True).text.vocab_size == 321
+
+
+def test_real_mix_experiment_mixes_two_packed_sources(monkeypatch):
+    """experiment=real_mix: Flickr8k-CN and COCO-mini at 3:1, resampled, the released vocab, the
+    Flickr8k-CN retrieval set; REAL_MIX_ROOT / ERNIEVIL2_SHARED move the folders."""
+    monkeypatch.setenv("REAL_MIX_ROOT", "/data/packed")
+    monkeypatch.setenv("ERNIEVIL2_SHARED", "/data/shared")
+    cfg = validate(_compose("experiment=real_mix"))
+    assert cfg.data.source == "shards" and cfg.data.train_shards is None and cfg.data.resampled
+    assert [(s.name, s.shards, s.weight) for s in cfg.data.sources] == [
+        ("flickr8k_cn", "/data/packed/flickr8k-cn", 3.0), ("coco_mini", "/data/packed/coco-mini", 1.0)]
+    assert cfg.model.vocab_file == "/data/shared/assets/ernie-3.0-base-zh/vocab.txt"
+    assert [d.name for d in cfg.eval.datasets] == ["flickr8k_cn"]

@@ -90,7 +90,7 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert plot.main([str(tmp_path)]) == 2
     assert f"{tmp_path}: no train_log.jsonl or metrics.jsonl" in capsys.readouterr().err
     (tmp_path / "metrics.jsonl").write_text('{"step": 5, "dataset": "d", "protocol": "multi"}\n{oops\n')
-    with pytest.raises(plot.LogFormatError, match=r"metrics\.jsonl:2: not JSON"):
+    with pytest.raises(plot.LogFormatError, match=r"metrics\.jsonl:2: not JSON: invalid JSON"):
         plot.plot_run(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"dataset": "d"}\n')
     with pytest.raises(plot.LogFormatError, match=r"metrics\.jsonl:1: expected an object with an integer 'step'"):

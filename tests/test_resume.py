@@ -171,3 +171,19 @@ def test_non_finite_losses_skip_updates_then_stop(tmp_path, demo_cache, monkeypa
     b = load_file(str(tmp_path / "checkpoints" / "step_0000004" / WEIGHTS))
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_out_of_memory_names_the_knobs(tmp_path, demo_cache, monkeypatch):
+    """A device out-of-memory error stops the run with the settings that lower memory."""
+    from ernievil2.train import trainer as trainer_module
+
+    def oom(self, batches):
+        raise MemoryError("ResourceExhaustedError: Out of memory error on GPU 0. Cannot allocate 2.0GB")
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", oom)
+    cfg = _compose(f"data.demo.cache_dir={demo_cache}", "trainer.max_steps=2", "eval=none", "data.num_workers=0")
+    with pytest.raises(RuntimeError, match="step 1: out of device memory") as info:
+        run_training(cfg, tmp_path)
+    for knob in ("data.batch_size", "trainer.accum_steps", "trainer.recompute", "trainer.sharding_stage", "trainer.amp"):
+        assert knob in str(info.value)
+    assert isinstance(info.value.__cause__, MemoryError)

@@ -336,7 +336,7 @@ class Trainer:
     def _fit(self) -> list[dict]:
         s = self.settings
         start = time.perf_counter()
-        window_start, window_samples, window_wait = start, 0, 0.0
+        window_start, window_samples, window_wait, window_tagged = start, 0, 0.0, 0.0
         self.model.train()
         final: list[dict] = []
         k = s.accum_steps
@@ -355,6 +355,7 @@ class Trainer:
                     continue
                 terms = self.train_step(pending)
                 rows = sum(int(np.asarray(b["caption_ids"]).shape[0]) for b in pending if "caption_ids" in b)
+                window_tagged += sum(float(np.asarray(b["has_objects"]).sum()) for b in pending if "has_objects" in b)
                 pending = []
                 finite = math.isfinite(terms["loss"])
                 if finite:
@@ -376,12 +377,14 @@ class Trainer:
                                "grad_norm": grad_norm if grad_norm is not None else float("nan"),
                                "samples_per_s": window_samples / (now - window_start),
                                "data_wait_s": window_wait, "epoch": self.epoch, "samples_seen": self.samples_seen,
+                               # share of this rank's samples with object tags (the objects term's rows)
+                               "objects_frac": window_tagged * self.dist.world_size / max(1, window_samples),
                                "nonfinite_steps": self.nan_total,
                                **{f"bad/{kind}": n for kind, n in sorted(self.bad_samples.items())}}
                     self.history.append({"step": self.step, **scalars})
                     if self.logger is not None:
                         self.logger.log_train(self.step, scalars)
-                    window_start, window_samples, window_wait = now, 0, 0.0
+                    window_start, window_samples, window_wait, window_tagged = now, 0, 0.0, 0.0
                 out_of_time = s.max_minutes is not None and self._agree(time.perf_counter() - start > 60 * s.max_minutes)
                 if out_of_time:
                     log.info("time budget of %.1f min spent at step %d: stopping", s.max_minutes, self.step)

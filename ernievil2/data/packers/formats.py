@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ernievil2.jsonl import jsonl_objects
+
 from .images import ImageSource
 
 # Skip reasons produced by readers.
@@ -146,20 +148,6 @@ def _load_json(path: Path, required: tuple[str, ...]) -> dict:
     return data
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[int, dict | str]]:
-    """``(line number, parsed object or error text)`` for each non-blank line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exn:
-                yield lineno, f"invalid JSON ({exn})"
-                continue
-            yield lineno, obj if isinstance(obj, dict) else f"a {type(obj).__name__}, not an object"
-
-
 # --------------------------------------------------------------------------------------------
 # seed-tsv: text \t image_id \t base64, several lines per image allowed
 # --------------------------------------------------------------------------------------------
@@ -224,7 +212,7 @@ def read_chinese_clip(spec: SourceSpec) -> Source:
     imgs, texts_path = _chinese_clip_paths(spec)
     lang = spec.language or "zh"
     captions: dict[str, list[str]] = {}
-    for lineno, obj in _jsonl_lines(texts_path):
+    for lineno, obj in jsonl_objects(texts_path):
         where = f"{texts_path}:{lineno}"
         if isinstance(obj, str):
             raise PackError(f"{where}: {obj}")
@@ -416,7 +404,7 @@ def read_jsonl(spec: SourceSpec) -> Source:
         total = sum(1 for line in f if line.strip())
 
     def records() -> Iterator[Record]:
-        for lineno, rec in _jsonl_lines(path):
+        for lineno, rec in jsonl_objects(path):
             where = f"{path}:{lineno}"
             if isinstance(rec, str):
                 yield Skipped(BAD_RECORD, f"{where}: {rec}")
