@@ -10,7 +10,7 @@ Output, the seed embeddings format: one line per kept input line, in input order
 
 * ``O.ids.txt``: the image id of every output line (always written; ``launch/eval_retri.py
   --protocol multi`` reads it; it is the only correct id list when lines were skipped);
-* ``O.text.npy`` / ``O.image.npy`` (float32 ``[N, D]``) with ``write_npy=true``;
+* ``O.text.npy`` / ``O.image.npy`` (float32 ``[N, D]``) unless ``write_npy=false``;
 * ``O.skipped.tsv`` (``line \\t image_id \\t reason \\t detail``) when lines were skipped.
 
 Every file is written to a temporary file in its folder and renamed into place (``os.replace``)
@@ -75,7 +75,7 @@ class InferSchema:
     text_max_length: int = 48  # [CLS] + 46 word pieces + [SEP], as the official release
     # WordPiece vocab; null: model.vocab_file, then vocab.txt beside model.init_from, else an error
     vocab_file: Optional[str] = None
-    write_npy: bool = False  # also O.text.npy and O.image.npy
+    write_npy: bool = True  # also O.text.npy and O.image.npy (launch/eval_retri.py reads them, verified)
     skip_bad_lines: bool = False  # false: stop at the first bad line; true: skip, count, list
     device: str = "auto"  # auto | cpu | gpu | gpu:N
     seed: int = 0  # initialisation of a model without model.init_from

@@ -445,7 +445,8 @@ def test_infer_then_eval_retri_cli(tmp_path, seed_file, vocab):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "official 1:1 protocol: 10 texts, 10 images"
+    # infer.py wrote the .npy sidecars too (the default), and eval_retri read them after verifying.
+    assert lines[0] == "official 1:1 protocol: 10 texts, 10 images (read from the verified .npy sidecars)"
     assert lines[1].startswith("| Name ") and [ln.split("|")[1].strip() for ln in lines[3:]] == [
         "Text2Image", "Image2Text", "MeanRecall"]
     t2i, i2t = reference_official(out)
