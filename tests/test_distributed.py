@@ -336,3 +336,31 @@ def test_sharded_optimizer_state_trains_like_data_parallel(tmp_path):
     for name in names:
         np.testing.assert_array_equal(sharded[0][name], sharded[1][name], err_msg=name)
         np.testing.assert_allclose(sharded[0][name], dp[0][name], rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_ranks_resume_from_a_checkpoint(tmp_path):
+    """2 ranks × 2 loader workers: a run resumed from its step-4 checkpoint (new run dir,
+    ``resume=PATH``) logs the same loss at every later step and ends with the same parameters as
+    the uninterrupted run: weights, AdamW state, schedule and each rank's data position restore."""
+    common = [
+        "trainer.max_steps=10", "trainer.checkpoint_every=4", "trainer.keep_last=5", "trainer.device=cpu",
+        "logger.log_every=1", "eval=none", "data.demo.n_train=400", "data.demo.n_val=40",
+        "data.demo.samples_per_shard=50", f"data.demo.cache_dir={tmp_path / 'cache'}", "data.batch_size=8",
+        "data.num_workers=2", "model.vision.layers=1", "model.text.layers=1",
+    ]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _launch(REPO_ROOT / "launch" / "train.py", [*common, f"hydra.run.dir={full}"], tmp_path / "log_full", cwd=tmp_path)
+    start = full / "checkpoints" / "step_0000004"
+    _launch(REPO_ROOT / "launch" / "train.py", [*common, f"hydra.run.dir={resumed}", f"resume={start}"],
+            tmp_path / "log_resumed", cwd=tmp_path)
+    want = {r["step"]: r for r in _jsonl(full / "train_log.jsonl")}
+    got = {r["step"]: r for r in _jsonl(resumed / "train_log.jsonl")}
+    assert sorted(got) == list(range(5, 11))
+    for step, r in got.items():
+        for key in ("loss", "image_caption", "image_objects", "image_image", "text_text", "lr", "samples_seen"):
+            assert r[key] == pytest.approx(want[step][key], rel=1e-6), (key, step)
+    a = load_checkpoint(full / "checkpoints" / "step_0000010")
+    b = load_checkpoint(resumed / "checkpoints" / "step_0000010")
+    assert parameter_digest(a) == parameter_digest(b)
