@@ -150,3 +150,18 @@ def test_real_mix_experiment_mixes_two_packed_sources(monkeypatch):
         ("flickr8k_cn", "/data/packed/flickr8k-cn", 3.0), ("coco_mini", "/data/packed/coco-mini", 1.0)]
     assert cfg.model.vocab_file == "/data/shared/assets/ernie-3.0-base-zh/vocab.txt"
     assert [d.name for d in cfg.eval.datasets] == ["flickr8k_cn"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_validates(name):
+    cfg = validate(_compose(f"experiment={name}"))
+    assert cfg.name == name
+    assert cfg.trainer.max_steps > 0 and cfg.data.batch_size > 0
+
+
+def test_pretrain_base_uses_the_memory_settings():
+    cfg = validate(_compose("experiment=pretrain_base"))
+    assert cfg.model.preset == "base" and cfg.data.source == "shards" and cfg.data.resampled
+    t = cfg.trainer
+    assert (t.amp, t.amp_level, t.recompute, t.sharding_stage) == ("bf16", "O2", True, 1)
+    assert t.best_metric == "flickr30k/multi/mean_recall" and cfg.logger.backend == "wandb"
