@@ -284,3 +284,29 @@ def test_demo_training_run_logs_to_offline_wandb(tmp_path, wandb_env):
     config = {item.key: json.loads(item.value_json) for r in records
               if r.WhichOneof("record_type") == "config" for item in r.config.update}
     assert config["trainer"]["max_steps"] == 4 and config["logger"]["backend"] == "wandb"
+
+
+def test_resumed_training_continues_the_wandb_run_of_its_checkpoint(tmp_path, wandb_env):
+    """A run resumed from a checkpoint into another run dir logs to the wandb run that wrote the
+    checkpoint (its id travels in trainer_state.json)."""
+    from ernievil2.train.run import run_training
+
+    overrides = [
+        "logger=wandb", "logger.log_every=1", "trainer.max_steps=4", "trainer.checkpoint_every=2", "eval=none",
+        "data.demo.n_train=64", "data.demo.n_val=16", "data.demo.samples_per_shard=32",
+        f"data.demo.cache_dir={tmp_path / 'demo'}", "data.batch_size=8", "data.num_workers=0",
+        "data.shuffle_buffer=16", "trainer.device=cpu",
+    ]
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        first = compose(config_name="config", overrides=overrides)
+        again = compose(config_name="config", overrides=[
+            *overrides, f"resume={tmp_path / 'a' / 'checkpoints' / 'step_0000002'}"])
+    run_training(first, tmp_path / "a")
+    run_id = (tmp_path / "a" / RUN_ID_FILE).read_text().strip()
+    state = json.loads((tmp_path / "a" / "checkpoints" / "step_0000002" / "trainer_state.json").read_text())
+    assert state["extra"]["wandb_run_id"] == run_id
+    run_training(again, tmp_path / "b")
+    assert (tmp_path / "b" / RUN_ID_FILE).read_text().strip() == run_id
+    _, records = finished_run_records(tmp_path / "b", run_id)
+    steps = sorted(row[STEP_METRIC] for row in history_rows(records) if "train/loss" in row)
+    assert steps == [3, 4]
