@@ -27,7 +27,6 @@ one text per image; multi-caption sets use the FIRST caption of each image, in f
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 import paddle
 
+from ernievil2.data.b64 import decode_base64
 from ernievil2.data.shards import ShardStream, list_shards
 from ernievil2.data.views import EvalTransform
 from ernievil2.distributed import DistInfo
@@ -109,16 +109,6 @@ def _require_file(path: Path, where: str) -> Path:
     return path
 
 
-def _decode_base64(data: str) -> bytes:
-    """Standard or URL-safe base64, padding optional (the seed's files use either)."""
-    s = "".join(data.split())
-    if not s:
-        raise ValueError("empty image column")
-    s += "=" * (-len(s) % 4)
-    altchars = b"-_" if ("-" in s or "_" in s) else None
-    return base64.b64decode(s, altchars=altchars, validate=True)
-
-
 def read_shards(spec: EvalSetSpec, shards: Sequence[str] | None = None) -> Iterator[EvalItem]:
     """Packed WebDataset shards (``spec.path``, or the given list): every caption of every sample."""
     urls = list(shards) if shards is not None else list_shards(_need(spec, "path"))
@@ -173,7 +163,7 @@ def read_seed_tsv(spec: EvalSetSpec) -> Iterator[EvalItem]:
             if not text or not image_id:
                 raise EvalDataError(f"{where}: empty {'text' if not text else 'image id'}")
             try:
-                data = _decode_base64(cols[2])
+                data = decode_base64(cols[2])
             except (binascii.Error, ValueError) as exc:
                 raise EvalDataError(f"{where} (image id {image_id!r}): invalid base64: {exc}") from None
             item = items.get(image_id)

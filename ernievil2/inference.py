@@ -22,8 +22,6 @@ stop the run with :class:`BadLineError` naming the 1-based line number and the r
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import os
@@ -39,6 +37,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ernievil2.atomic import atomic_dir, atomic_write
+from ernievil2.data.b64 import decode_base64
 from ernievil2.data.preprocess import PROFILES, preprocess
 from ernievil2.train.config import ModelSchema, resolve_model
 
@@ -133,19 +132,6 @@ def parse_seed_line(raw: bytes | str, lineno: int) -> SeedRecord:
     if not text.strip():
         raise BadLineError(lineno, "text", "", image_id or None)
     return SeedRecord(lineno, text, image_id, b64)
-
-
-def decode_base64(data: str) -> bytes:
-    """Standard or URL-safe base64 (missing ``=`` padding tolerated); ``ValueError`` otherwise."""
-    s = "".join(data.split())
-    if not s:
-        raise ValueError("empty image column")
-    s += "=" * (-len(s) % 4)
-    altchars = b"-_" if ("-" in s or "_" in s) else None
-    try:
-        return base64.b64decode(s, altchars=altchars, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(str(exc)) from None
 
 
 def load_record_image(record: SeedRecord, profile: str, size: int) -> np.ndarray:

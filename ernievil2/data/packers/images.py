@@ -4,13 +4,13 @@ Runs inside the packer's worker processes, so it imports nothing heavier than Pi
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
+
+from ernievil2.data.b64 import decode_base64
 
 # Skip reasons produced here (the pipeline counts them by name).
 MISSING_IMAGE = "missing_image"
@@ -61,21 +61,6 @@ class ImageFailure:
 
     reason: str
     detail: str
-
-
-def decode_base64(text: str) -> bytes:
-    """Bytes of a base64 string in either alphabet (``+/`` or URL-safe ``-_``); missing padding is fine.
-
-    Raises ``ValueError`` when ``text`` is not base64.
-    """
-    s = text.strip()
-    if "-" in s or "_" in s:
-        s = s.replace("-", "+").replace("_", "/")
-    s += "=" * (-len(s) % 4)
-    try:
-        return base64.b64decode(s, validate=True)
-    except binascii.Error as exn:
-        raise ValueError(f"not base64 ({exn})") from exn
 
 
 def _load_bytes(source: ImageSource) -> bytes | ImageFailure:
