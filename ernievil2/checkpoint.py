@@ -21,7 +21,20 @@ MODEL_CONFIG = "model_config.json"
 
 
 def state_to_numpy(model: paddle.nn.Layer) -> dict[str, np.ndarray]:
-    return {k: np.ascontiguousarray(v.numpy()) for k, v in model.state_dict().items()}
+    """The model's state as NumPy arrays; half-precision tensors (AMP O2 weights) widened to float32,
+    so a weights file always holds plain floats whatever precision trained it."""
+    return {k: np.ascontiguousarray((v.astype("float32") if v.dtype in (paddle.bfloat16, paddle.float16) else v).numpy())
+            for k, v in model.state_dict().items()}
+
+
+def as_param_tensor(value: np.ndarray, target: paddle.Tensor) -> paddle.Tensor:
+    """``value`` as a tensor of ``target``'s dtype (e.g. float32 weights into a bf16 AMP O2 model)."""
+    if value.dtype == np.uint16:
+        # paddle.save stores bfloat16 tensors as uint16 bit patterns (no parameter here is uint16):
+        # widen them to float32 exactly, then cast to the parameter's dtype.
+        value = (value.astype(np.uint32) << 16).view(np.float32)
+    tensor = paddle.to_tensor(np.ascontiguousarray(value))
+    return tensor if tensor.dtype == target.dtype else tensor.astype(target.dtype)
 
 
 def write_model_files(model: ErnieViL2, folder: Path, files: dict[str, Any] | None = None) -> None:
@@ -63,7 +76,7 @@ def load_weights(model: ErnieViL2, weights_file: str | os.PathLike) -> None:
     for k, v in own.items():
         if list(v.shape) != list(state[k].shape):
             raise ValueError(f"{weights_file}: shape mismatch for {k}: checkpoint {list(state[k].shape)}, model {list(v.shape)}")
-    model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
+    model.set_state_dict({k: as_param_tensor(v, own[k]) for k, v in state.items()})
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike) -> ErnieViL2:

@@ -50,7 +50,7 @@ import numpy as np
 import paddle
 
 from ernievil2.atomic import atomic_dir
-from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, config_from_dict, state_to_numpy
+from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, as_param_tensor, config_from_dict, state_to_numpy
 from ernievil2.models import ErnieViL2, build_model
 from ernievil2.models.config import INIT_TEMPERATURE, DualEncoderConfig, TextConfig, VisionConfig
 from ernievil2.safe_pickle import load_pdparams
@@ -544,15 +544,6 @@ def read_pretrained_state(path: str | os.PathLike) -> tuple[PretrainedSource, di
 # --------------------------------------------------------------------------------------------
 # Loading into a model.
 
-def _as_param_array(value: np.ndarray, target: paddle.Tensor) -> paddle.Tensor:
-    if value.dtype == np.uint16:
-        # paddle.save stores bfloat16 tensors as uint16 bit patterns (no parameter here is uint16):
-        # widen them to float32 exactly, then cast to the parameter's dtype.
-        value = (value.astype(np.uint32) << 16).view(np.float32)
-    tensor = paddle.to_tensor(np.ascontiguousarray(value))
-    return tensor if tensor.dtype == target.dtype else tensor.astype(target.dtype)
-
-
 def load_state_into(model: paddle.nn.Layer, state: Mapping[str, np.ndarray], where: str, strict: bool = True) -> LoadReport:
     """Copy an our-named ``state`` into ``model``. Strict: one :class:`PretrainedLoadError` naming
     ``where`` lists every missing key, unexpected key and shape mismatch. Non-strict: loads what
@@ -584,7 +575,7 @@ def load_state_into(model: paddle.nn.Layer, state: Mapping[str, np.ndarray], whe
     with paddle.no_grad():
         for k, param in own.items():  # state_dict() holds the live parameters
             if k in state and k not in bad:
-                param.set_value(_as_param_array(np.asarray(state[k]), param))
+                param.set_value(as_param_tensor(np.asarray(state[k]), param))
                 loaded += 1
     report.loaded = loaded
     return report

@@ -441,3 +441,30 @@ def test_manager_rejects_bad_settings(tmp_path):
         CheckpointManager(tmp_path, keep_last=0)
     with pytest.raises(ValueError, match="best_mode must be 'max' or 'min'"):
         CheckpointManager(tmp_path, best_mode="highest")
+
+
+def test_half_precision_weights_are_saved_as_float32_and_load_back(tmp_path):
+    """AMP O2 keeps weights in bf16: the weights file holds float32 (readable by any loader), and
+    loading casts back to the model's dtype."""
+    from safetensors.numpy import load_file
+
+    from ernievil2.checkpoint import WEIGHTS, load_weights, save_checkpoint
+    from ernievil2.models import build_model
+    from ernievil2.models.config import model_config
+
+    cfg = model_config("tiny", text={"vocab_size": 64})
+    model = build_model(cfg)
+    model.to(dtype="bfloat16")
+    assert model.vision.blocks[0].fc1.weight.dtype == paddle.bfloat16
+    save_checkpoint(model, tmp_path / "ckpt")
+    arrays = load_file(str(tmp_path / "ckpt" / WEIGHTS))
+    assert {a.dtype for a in arrays.values()} == {np.dtype("float32")}
+    want = {k: v.astype("float32").numpy() for k, v in model.state_dict().items()}
+    for k, a in arrays.items():
+        np.testing.assert_array_equal(a, want[k], err_msg=k)
+    other = build_model(cfg)
+    other.to(dtype="bfloat16")
+    load_weights(other, tmp_path / "ckpt" / WEIGHTS)
+    for k, v in other.state_dict().items():
+        assert v.dtype == paddle.bfloat16, k
+        np.testing.assert_array_equal(v.astype("float32").numpy(), want[k], err_msg=k)

@@ -41,7 +41,7 @@ from paddle.base.core import GeneratorState
 from safetensors.numpy import load_file, save_file
 
 from ernievil2.atomic import atomic_dir, atomic_write, fsync_dir
-from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, write_model_files
+from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, as_param_tensor, write_model_files
 from ernievil2.models import ErnieViL2
 
 log = logging.getLogger("ernievil2")
@@ -363,7 +363,8 @@ def load_training_checkpoint(
         raise ValueError(f"{ckpt / TRAINER_STATE}: no LR scheduler state saved, but a scheduler was given")
     restore = _rng_restorer(saved.get("rng") or {}, str(ckpt / TRAINER_STATE)) if restore_rng else None
 
-    model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights.items()})
+    own = model.state_dict()
+    model.set_state_dict({k: as_param_tensor(v, own[k]) for k, v in weights.items()})
     for key, tensor in live_moments.items():
         tensor.set_value(moments[key])
     if scheduler is not None:
