@@ -39,7 +39,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from ernievil2.atomic import atomic_dir, atomic_write
 from ernievil2.data.b64 import decode_base64
 from ernievil2.data.preprocess import PROFILES, preprocess
-from ernievil2.train.config import ModelSchema, resolve_model
+from ernievil2.models.schema import ModelSchema, check_keys, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -446,9 +446,8 @@ def run_inference(
 def infer_main(cfg: DictConfig | InferSchema) -> InferResult:
     """``launch/infer.py``: validate ``cfg``, build the model, run :func:`run_inference`, report."""
     if isinstance(cfg, DictConfig):
-        from ernievil2.train.config import _check_keys
 
-        _check_keys(cfg, "")
+        check_keys(cfg)
         cfg = OmegaConf.to_object(cfg)
     if cfg.profile not in PROFILES:
         raise InferError(f"unknown profile {cfg.profile!r}; choose one of {list(PROFILES)}")

@@ -32,15 +32,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from hydra import compose, initialize_config_dir
 
     from ernievil2.inference import (
-        InferError, build_inference_model, export_inference, register_infer_schema, resolve_vocab_file,
+        InferError,
+        build_inference_model,
+        export_inference,
+        register_infer_schema,
+        resolve_vocab_file,
     )
-    from ernievil2.train.config import _check_keys
+    from ernievil2.models.schema import check_keys
 
     register_infer_schema()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("infer", overrides=list(args.overrides))
     try:
-        _check_keys(cfg, "")
+        check_keys(cfg)
         paddle.set_device("cpu")
         model, tokenizer = build_inference_model(cfg, require_vocab=False)
         vocab = resolve_vocab_file(cfg, required=False)

@@ -10,13 +10,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ernievil2.losses import LossConfig
+from ernievil2.models.schema import ModelSchema, resolve_model
 from ernievil2.train.config import (
     Config,
     EvalSetSchema,
-    ModelSchema,
     OptimSchema,
     register_schemas,
-    resolve_model,
     validate,
 )
 

@@ -275,7 +275,8 @@ def test_init_from_through_run_training(tmp_path, released_vocab):
     """``model.init_from=CKPT``: with lr 0 the run's final checkpoint equals the one it started from."""
     from hydra import compose, initialize_config_dir
 
-    from ernievil2.train.config import register_schemas, resolve_model, validate
+    from ernievil2.models.schema import resolve_model
+    from ernievil2.train.config import register_schemas, validate
     from ernievil2.train.run import run_training
 
     register_schemas()

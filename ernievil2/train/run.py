@@ -38,6 +38,7 @@ from ernievil2.distributed import (
 from ernievil2.evaluation import Evaluator
 from ernievil2.losses import MultiViewLoss
 from ernievil2.models import build_model
+from ernievil2.models.schema import resolve_model
 from ernievil2.pretrained import (
     LAYOUT_OURS,
     PretrainedSource,
@@ -51,7 +52,7 @@ from ernievil2.train.checkpointing import (
     CheckpointManager,
     read_trainer_state,
 )
-from ernievil2.train.config import Config, resolve_model, validate
+from ernievil2.train.config import Config, validate
 from ernievil2.train.loggers import RunLogger
 from ernievil2.train.optim import build_optimizer
 from ernievil2.train.trainer import Trainer
