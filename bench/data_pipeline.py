@@ -4,7 +4,7 @@ One run measures, through the real training loader (``ernievil2.data.loader.buil
 samples/s of
 
 - ``decode``: the JPEG decode that the views start from (``decode_for_views``), nothing else;
-- ``decode + ship``: the same decode, then arrays of the full sample's shapes and dtypes (three
+- ``decode + ship``: the same decode, then filled arrays of the full sample's shapes and dtypes (three
   float32 ``[3, S, S]`` images, three int64 ``[48]`` id rows) sent through the loader: the cost
   of moving a sample from a worker to the trainer, whatever makes the views;
 - ``full``: the whole ERNIE-ViL 2.0 sample (decode, caption view, two SimCLR views, caption, text
@@ -88,13 +88,14 @@ class DecodeOnly:
 
 
 class DecodeAndShip(DecodeOnly):
-    """The decode, then zero arrays of the full sample's shapes: what the loader's transport costs."""
+    """The decode, then filled arrays of the full sample's shapes: what the loader's transport costs."""
 
     def __call__(self, sample: RawSample, epoch: int) -> dict[str, np.ndarray]:
         self.decode(sample)
         s = self.cfg.image_size
-        out = {k: np.zeros((3, s, s), np.float32) for k in IMAGE_VIEWS}
-        out.update({k: np.zeros(MAX_LENGTH, np.int64) for k in ID_VIEWS})
+        # written like the views' outputs (np.zeros' untouched pages would be cheaper to read)
+        out = {k: np.full((3, s, s), 0.5, np.float32) for k in IMAGE_VIEWS}
+        out.update({k: np.ones(MAX_LENGTH, np.int64) for k in ID_VIEWS})
         out["has_objects"] = np.array(1.0, dtype=np.float32)
         return out
 
