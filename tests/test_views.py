@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ernievil2.data.sample import BadSample, RawSample
+from ernievil2.data.sample import RawSample
 from ernievil2.data.views import (
     ALL_VIEWS,
     IMAGENET_MEAN,
@@ -20,8 +20,6 @@ from ernievil2.data.views import (
     MultiViewTransform,
     ViewConfig,
     augment_text_ids,
-    color_jitter,
-    decode_for_views,
     decode_rgb,
     objects_text,
     random_resized_crop_box,
@@ -178,25 +176,11 @@ def test_constant_colour_normalisation(tok):
     for k in ("image", "image_view1", "image_view2"):
         for c in range(3):
             np.testing.assert_allclose(out[k][c], expected[c], atol=1e-5)
-    # blur and grayscale keep a constant image constant; grayscale makes channels equal, the grey
-    # level rounded to uint8 like every augmentation step: 0.299*200 + 0.587*100 + 0.114*50 = 124.2 -> 124
+    # blur and grayscale keep a constant image constant; grayscale makes channels equal
     t_gray = _transform(tok, color_jitter_prob=0.0, grayscale_prob=1.0, blur_prob=1.0)
     raw = _unnormalise(t_gray(s)["image_view1"])
-    np.testing.assert_allclose(raw, 124 / 255.0, atol=1e-6)
-
-
-def test_large_crops_are_box_averaged(tok):
-    """A crop shrinking 2x or more is averaged, not sampled: a 1-pixel checkerboard becomes flat grey."""
-    yy, xx = np.mgrid[0:480, 0:640]
-    board = np.repeat((((yy + xx) % 2) * 255).astype(np.uint8)[..., None], 3, axis=2)
-    s = RawSample(key="board", image=_encode(board), captions=["a"])
-    t = _transform(tok, color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
-    for epoch in range(3):
-        out = t(s, epoch)
-        raw = _unnormalise(out["image"])  # caption view: crops of >= half the area, shrunk >= 5x
-        assert np.abs(raw - 0.5).max() <= 1 / 255 + 1e-4
-        # the SimCLR views' crops (8-100 % of the area) shrink at least 2x too
-        assert np.abs(_unnormalise(out["image_view1"]) - 0.5).max() <= 1 / 255 + 1e-4
+    gray = (0.299 * 200 + 0.587 * 100 + 0.114 * 50) / 255.0
+    np.testing.assert_allclose(raw, gray, atol=1e-4)
 
 
 def test_grayscale_and_jitter_effects(tok, sample):
@@ -208,118 +192,6 @@ def test_grayscale_and_jitter_effects(tok, sample):
     plain = _transform(tok, color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)(sample)["image_view1"]
     jit = _transform(tok, color_jitter_prob=1.0, grayscale_prob=0.0, blur_prob=0.0)(sample)["image_view1"]
     assert np.abs(plain - jit).mean() > 0.02
-
-
-def _plain_crop(tok, sample: RawSample, view: str) -> np.ndarray:
-    """The uint8 crop + flip of a SimCLR view (no jitter, grey or blur), recovered from its output."""
-    plain = _unnormalise(_transform(tok, color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)(sample)[view])
-    crop = np.rint(plain * 255.0)
-    assert np.abs(crop - plain * 255.0).max() < 1e-3  # the crop was uint8
-    return crop.astype(np.uint8)
-
-
-def test_simclr_view_steps_replayed(tok, sample):
-    """A SimCLR view is crop + flip, then color_jitter, grey, blur on uint8, drawing from its stream in that order."""
-    crop = _plain_crop(tok, sample, "image_view1")
-    t = _transform(tok, color_jitter_prob=1.0, grayscale_prob=0.0, blur_prob=0.0)
-    rng = t.rngs(sample.key)["image_view1"]
-    random_resized_crop_box(rng, 120, 160, t.cfg.simclr_crop_scale, t.cfg.crop_ratio)
-    rng.random()  # flip
-    rng.random(3)  # jitter / grey / blur coins
-    expected = color_jitter(crop, rng, t.cfg.color_jitter).astype(np.float32) / 255.0
-    np.testing.assert_allclose(_unnormalise(t(sample)["image_view1"]), expected, atol=1e-6)
-
-    # grey: one uint8 plane (cv2's ITU-R 601 weights), the same in all three channels
-    grey = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
-    raw = _unnormalise(_transform(tok, color_jitter_prob=0.0, grayscale_prob=1.0, blur_prob=0.0)(sample)["image_view1"])
-    for c in range(3):
-        np.testing.assert_allclose(raw[..., c], grey, atol=1e-6)
-
-
-def _float_jitter(img: np.ndarray, rng: np.random.Generator, strengths) -> np.ndarray:
-    """Reference: the same draws as color_jitter, computed in float32 on [0, 1] (torchvision on tensors), x255."""
-    b, c, s, h = strengths
-    order = rng.permutation(4)
-    factors = (rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
-               rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-h, h))
-    x = img.astype(np.float32) / 255.0
-    for op in order:
-        f = factors[op]
-        if op == 0 and b > 0:
-            x = x * f
-        elif op == 1 and c > 0:
-            x = x * f + (1 - f) * cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).mean()
-        elif op == 2 and s > 0:
-            x = x * f + (1 - f) * cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)[..., None]
-        elif op == 3 and h > 0:
-            hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)  # H in degrees
-            hsv[..., 0] = np.mod(hsv[..., 0] + f * 360.0, 360.0)
-            x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-        else:
-            continue
-        x = np.clip(x, 0.0, 1.0)
-    return x * 255.0
-
-
-@pytest.mark.parametrize(
-    ("strengths", "max_diff", "p99_diff", "mean_diff"),
-    [
-        ((0.4, 0.0, 0.0, 0.0), 0.5, 0.5, 0.3),  # LUT steps: rounding to uint8 only
-        ((0.0, 0.4, 0.0, 0.0), 0.5, 0.5, 0.3),
-        ((0.0, 0.0, 0.4, 0.0), 1.0, 1.0, 0.3),  # cv2.transform: rounding, within one level
-        # 8-bit hue (as torchvision on PIL images): one hue step of 360/256 degrees moves a channel of
-        # a saturated colour by up to 255 * 1.41 / 60 = 6 levels; input and shift are each rounded
-        ((0.0, 0.0, 0.0, 0.1), 12.0, 7.0, 1.0),
-        ((0.4, 0.4, 0.4, 0.1), 12.0, 7.0, 1.2),
-    ],
-)
-def test_color_jitter_matches_float_reference(strengths, max_diff, p99_diff, mean_diff):
-    images = [_textured(96, 128, seed) for seed in range(4)]
-    changed = 0.0
-    for seed in range(16):
-        img = images[seed % 4]
-        out = color_jitter(img, np.random.default_rng(seed), strengths)
-        assert out.dtype == np.uint8 and out.shape == img.shape
-        diff = np.abs(out - _float_jitter(img, np.random.default_rng(seed), strengths))
-        assert diff.max() <= max_diff + 1e-3
-        assert np.quantile(diff, 0.99) <= p99_diff and diff.mean() <= mean_diff
-        changed = max(changed, float(np.abs(out.astype(np.float64) - img).mean()))
-    assert changed > 5.0  # the factors do act (mean change of several levels)
-    # strengths 0: the image comes back unchanged, and all four factors are still drawn
-    rng = np.random.default_rng(0)
-    np.testing.assert_array_equal(color_jitter(images[0], rng, (0.0, 0.0, 0.0, 0.0)), images[0])
-    ref = np.random.default_rng(0)
-    ref.permutation(4)
-    ref.random(4)
-    assert rng.random() == ref.random()
-
-
-def _vectorised_crop_box(rng, height, width, scale, ratio=(3 / 4, 4 / 3), attempts=10):
-    """The rule written with numpy arrays (as released before the per-attempt loop), for comparison."""
-    area = height * width
-    targets = area * rng.uniform(scale[0], scale[1], attempts)
-    aspects = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), attempts))
-    cws = np.rint(np.sqrt(targets * aspects)).astype(np.int64)
-    chs = np.rint(np.sqrt(targets / aspects)).astype(np.int64)
-    offsets = rng.random(2)
-    ok = (cws > 0) & (cws <= width) & (chs > 0) & (chs <= height)
-    if not ok.any():
-        return None
-    k = int(np.argmax(ok))
-    ch, cw = int(chs[k]), int(cws[k])
-    return (min(int(offsets[0] * (height - ch + 1)), height - ch), min(int(offsets[1] * (width - cw + 1)), width - cw),
-            ch, cw)
-
-
-def test_random_resized_crop_box_matches_vectorised_rule():
-    sizes = np.random.default_rng(1).integers(1, 700, size=(300, 2))
-    for i, (h, w) in enumerate(sizes.tolist()):
-        for scale in ((0.08, 1.0), (0.5, 1.0)):
-            a, b = np.random.default_rng([i, 7]), np.random.default_rng([i, 7])
-            got, want = random_resized_crop_box(a, h, w, scale), _vectorised_crop_box(b, h, w, scale)
-            if want is not None:
-                assert got == want
-            assert a.random() == b.random()  # the same number of draws either way
 
 
 def test_random_resized_crop_box_bounds():
@@ -355,29 +227,8 @@ def test_decode_variants():
     bgra[..., 1] = 200  # green, half transparent
     bgra[..., 3] = 128
     ok, buf = cv2.imencode(".png", bgra)
-    assert ok
     dec = decode_rgb(buf.tobytes())
     assert dec.shape == (16, 12, 3) and (dec[..., 1] == 200).all()
-
-
-def test_decode_for_views_reduces_and_checks():
-    rgb = np.zeros((800, 1000, 3), np.uint8)
-    rgb[:, :500, 0] = 255  # left half red, right half blue
-    rgb[:, 500:, 2] = 255
-    jpeg = _encode(rgb, ".jpg")
-    assert decode_for_views(jpeg, "big").shape == (800, 1000, 3)
-    # short side 800 >= 2 x 224 but < 4 x 224: libjpeg's 1/2 scale, still RGB
-    half = decode_for_views(jpeg, "big", keep_short_side=224)
-    assert half.shape == (400, 500, 3)
-    assert half[200, 100, 0] > 240 and half[200, 100, 2] < 15 and half[200, 400, 2] > 240 and half[200, 400, 0] < 15
-    assert decode_for_views(jpeg, "big", keep_short_side=150).shape == (200, 250, 3)  # 1/4
-    assert decode_for_views(_encode(rgb), "png", keep_short_side=100).shape == (800, 1000, 3)  # only JPEGs shrink
-    with pytest.raises(BadSample, match="big.*more than 500000 pixels") as info:
-        decode_for_views(jpeg, "big", max_pixels=500_000)
-    assert info.value.kind == "image_too_large"
-    with pytest.raises(BadSample, match="tiny") as info:
-        decode_for_views(_encode(rgb[:8, :30]), "tiny")
-    assert info.value.kind == "image_too_small"
 
 
 def test_undecodable_image_names_key(tok):

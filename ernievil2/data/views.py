@@ -12,14 +12,8 @@ From one :class:`~ernievil2.data.sample.RawSample` :class:`MultiViewTransform` m
   padding and 0.0 when the sample carries no tags.
 
 Images are float32 CHW, scaled to [0, 1] and normalised with the ImageNet mean/std.
-Images are decoded straight to RGB by OpenCV (libjpeg-turbo) and every augmentation works on
-uint8 at the output size, as PIL-based torchvision does (each step rounded and clipped to
-0..255): crop + resize is a ``cv2.resize`` of the crop (after 2x box averages while it shrinks 2x or
-more); brightness and contrast are 256-entry
-lookup tables, saturation a ``cv2.addWeighted`` blend with the grey image, hue a shift of the
-8-bit hue of ``cv2``'s full-range HSV; a grey view stays one channel through blur and
-normalisation. The only float work is the final normalisation, one multiply-add per channel
-into a float32 CHW array. Before decoding, the header (read
+Images are decoded with OpenCV and augmented with numpy/cv2 (crop + resize is one ``cv2.resize``
+of the crop; colour jitter runs in float32 at the output size). Before decoding, the header (read
 by PIL, no pixels) is checked against ``ViewConfig.max_image_pixels`` (decompression bombs) and
 ``min_image_side`` (1x1 placeholders); a JPEG much larger than the views is decoded at 1/2, 1/4 or
 1/8 scale by libjpeg (``reduce_on_decode``). Bad images raise
@@ -59,7 +53,6 @@ __all__ = [
     "MultiViewTransform",
     "ViewConfig",
     "augment_text_ids",
-    "color_jitter",
     "decode_for_views",
     "decode_rgb",
     "objects_text",
@@ -95,32 +88,24 @@ def stable_hash(key: str) -> int:
 
 
 def decode_rgb(data: bytes, key: str = "?") -> np.ndarray:
-    """Decode image bytes into an RGB uint8 ``[H, W, 3]`` array with OpenCV (``IMREAD_COLOR_RGB``).
+    """Decode image bytes into an RGB uint8 ``[H, W, 3]`` array with OpenCV.
 
-    Grayscale and alpha images become 3-channel. Raises ``ValueError`` naming
+    Grayscale and alpha images become 3-channel (``IMREAD_COLOR``). Raises ``ValueError`` naming
     ``key`` when the bytes are not a decodable image.
     """
     buf = np.frombuffer(data, dtype=np.uint8) if data else np.empty(0, np.uint8)
     img = None
     if buf.size:
         try:
-            img = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
+            img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
         except cv2.error:
             img = None
     if img is None or img.ndim != 3 or img.shape[0] == 0 or img.shape[1] == 0:
         raise BadSample("corrupt_image", f"cannot decode image of sample {key!r} ({len(data) if data else 0} bytes)")
-    return img
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def _rgb_flag(flag: int) -> int:
-    """The ``cv2.imdecode`` flag that reads as ``flag`` does but gives RGB instead of BGR."""
-    return (flag & ~cv2.IMREAD_COLOR) | cv2.IMREAD_COLOR_RGB
-
-
-_REDUCED_READS = tuple(
-    (factor, _rgb_flag(flag))
-    for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
-)
+_REDUCED_READS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
 
 
 def decode_for_views(
@@ -158,7 +143,7 @@ def decode_for_views(
                 img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
                 if img is None or img.ndim != 3:
                     raise BadSample("corrupt_image", f"cannot decode image of sample {key!r} ({len(data)} bytes)")
-                return img
+                return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return decode_rgb(data, key)
 
 
@@ -174,25 +159,25 @@ def random_resized_crop_box(
 
     Tries ``attempts`` (area fraction in ``scale``, log-uniform aspect ratio in ``ratio``) pairs
     and takes the first that fits; otherwise a centre crop with the ratio clamped into ``ratio``.
-    Always consumes ``2 * attempts + 2`` doubles of ``rng``: the area fractions, the log-ratios,
-    then the two offsets.
     """
     area = height * width
-    u = rng.random(2 * attempts + 2).tolist()
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for k in range(attempts):
-        target = area * (scale[0] + (scale[1] - scale[0]) * u[k])
-        aspect = math.exp(log_lo + (log_hi - log_lo) * u[attempts + k])
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < cw <= width and 0 < ch <= height:
-            top = min(int(u[-2] * (height - ch + 1)), height - ch)
-            left = min(int(u[-1] * (width - cw + 1)), width - cw)
-            return top, left, ch, cw
+    targets = area * rng.uniform(scale[0], scale[1], attempts)
+    aspects = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), attempts))
+    cws = np.rint(np.sqrt(targets * aspects)).astype(np.int64)
+    chs = np.rint(np.sqrt(targets / aspects)).astype(np.int64)
+    offsets = rng.random(2)
+    ok = (cws > 0) & (cws <= width) & (chs > 0) & (chs <= height)
+    if ok.any():
+        k = int(np.argmax(ok))
+        ch, cw = int(chs[k]), int(cws[k])
+        top = min(int(offsets[0] * (height - ch + 1)), height - ch)
+        left = min(int(offsets[1] * (width - cw + 1)), width - cw)
+        return top, left, ch, cw
     in_ratio = width / height
     if in_ratio < ratio[0]:
-        cw, ch = width, max(1, round(width / ratio[0]))
+        cw, ch = width, max(1, int(round(width / ratio[0])))
     elif in_ratio > ratio[1]:
-        ch, cw = height, max(1, round(height * ratio[1]))
+        ch, cw = height, max(1, int(round(height * ratio[1])))
     else:
         ch, cw = height, width
     ch, cw = min(ch, height), min(cw, width)
@@ -200,17 +185,10 @@ def random_resized_crop_box(
 
 
 def _resize(img: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
-    """Resize to ``out_w x out_h``: halve by 2x2 box averages while both sides stay at least twice
-    the output (anti-aliasing; an odd last row or column is dropped), then bilinear.
-
-    OpenCV's ``INTER_AREA`` is fast only at exactly 2x; at other factors it is 5-10x slower.
-    """
-    while img.shape[0] >= 2 * out_h and img.shape[1] >= 2 * out_w:
-        h, w = img.shape[0] // 2, img.shape[1] // 2
-        img = cv2.resize(img[: 2 * h, : 2 * w], (w, h), interpolation=cv2.INTER_AREA)
-    if img.shape[:2] == (out_h, out_w):
-        return img
-    return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+    h, w = img.shape[:2]
+    # area averaging when shrinking a lot (less aliasing), bilinear otherwise
+    interp = cv2.INTER_AREA if (h >= 2 * out_h and w >= 2 * out_w) else cv2.INTER_LINEAR
+    return cv2.resize(img, (out_w, out_h), interpolation=interp)
 
 
 def _resolve_lang(table: Mapping[str, str], lang: str, what: str) -> str:
@@ -288,56 +266,6 @@ def augment_text_ids(
     return [int(ids[0]), *pieces.tolist(), int(ids[-1])]
 
 
-_LEVELS = np.arange(256, dtype=np.float64)
-_GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as cv2.COLOR_RGB2GRAY and torchvision
-
-
-def _affine_lut(gain: float, offset: float) -> np.ndarray:
-    """uint8 lookup table of ``clip(round(gain * v + offset), 0, 255)``."""
-    return np.clip(np.rint(_LEVELS * gain + offset), 0, 255).astype(np.uint8)
-
-
-def color_jitter(
-    img: np.ndarray,
-    rng: np.random.Generator,
-    strengths: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-) -> np.ndarray:
-    """torchvision's ``ColorJitter(brightness, contrast, saturation, hue)`` on a uint8 RGB image.
-
-    Draws the order of the four operations (``rng.permutation(4)``), then the brightness,
-    contrast and saturation factors ``U(max(0, 1 - s), 1 + s)`` and the hue shift ``U(-h, h)``
-    (a fraction of the colour circle), all four whatever the strengths. Operations of strength 0
-    are skipped. Each operation rounds and clips to uint8: brightness ``v * f``; contrast
-    ``v * f + (1 - f) * mean(grey)``; saturation ``v * f + (1 - f) * grey`` (one 3x3 colour
-    matrix; grey = 0.299 R + 0.587 G + 0.114 B, unrounded); hue: the 8-bit hue of full-range HSV
-    shifted by ``round(256 * shift)`` modulo 256.
-    Returns a new uint8 ``[H, W, 3]`` array.
-    """
-    b, c, s, h = strengths
-    order = rng.permutation(4)
-    factors = (
-        rng.uniform(max(0.0, 1 - b), 1 + b),
-        rng.uniform(max(0.0, 1 - c), 1 + c),
-        rng.uniform(max(0.0, 1 - s), 1 + s),
-        rng.uniform(-h, h),
-    )
-    for op in order:
-        f = float(factors[op])
-        if op == 0 and b > 0:
-            img = cv2.LUT(img, _affine_lut(f, 0.0))
-        elif op == 1 and c > 0:
-            mean = float(np.dot(cv2.mean(img)[:3], _GREY_WEIGHTS))
-            img = cv2.LUT(img, _affine_lut(f, (1 - f) * mean))
-        elif op == 2 and s > 0:
-            img = cv2.transform(img, f * np.eye(3) + (1 - f) * _GREY_WEIGHTS[None, :])
-        elif op == 3 and h > 0:
-            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)
-            hue = hsv[..., 0]
-            np.add(hue, np.uint8(round(f * 256) % 256), out=hue)  # uint8 wraps: modulo the circle
-            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
-    return img
-
-
 # --------------------------------------------------------------------------- config
 @dataclass
 class ViewConfig:
@@ -376,25 +304,22 @@ class ViewConfig:
 
 
 class _Normalizer:
-    """``(x / 255 - mean) / std`` of a uint8 image as one multiply-add per channel.
-
-    In: RGB ``[H, W, 3]``, or grey ``[H, W]`` (the same plane for all three channels); out:
-    contiguous float32 ``[3, H, W]``.
-    """
+    """``(x / 255 - mean) / std`` as one multiply-add, HWC in, contiguous float32 CHW out."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         mean_a = np.asarray(mean, dtype=np.float64)
         std_a = np.asarray(std, dtype=np.float64)
         if mean_a.shape != (3,) or std_a.shape != (3,) or (std_a <= 0).any():
             raise ValueError(f"mean/std must be 3 values with std > 0, got {mean}, {std}")
-        self.scale = (1.0 / (255.0 * std_a)).astype(np.float32)
+        self.scale_u8 = (1.0 / (255.0 * std_a)).astype(np.float32)
+        self.scale_f = (1.0 / std_a).astype(np.float32)
         self.shift = (-mean_a / std_a).astype(np.float32)
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
+        scale = self.scale_u8 if img.dtype == np.uint8 else self.scale_f
         out = np.empty((3,) + img.shape[:2], dtype=np.float32)
-        planes = (img, img, img) if img.ndim == 2 else cv2.split(img)  # contiguous planes read faster
-        for c, plane in enumerate(planes):
-            np.multiply(plane, self.scale[c], out=out[c], casting="unsafe")
+        for c in range(3):
+            np.multiply(img[..., c], scale[c], out=out[c], casting="unsafe")
             out[c] += self.shift[c]
         return out
 
@@ -436,7 +361,7 @@ class MultiViewTransform:
         self.views: tuple[str, ...] = tuple(v for v in ALL_VIEWS if v in wanted)
         self._norm = _Normalizer(cfg.mean, cfg.std)
         if cfg.blur_kernel is None:
-            k = max(3, round(5 * cfg.image_size / 224))
+            k = max(3, int(round(5 * cfg.image_size / 224)))
         else:
             k = int(cfg.blur_kernel)
         self.blur_kernel = k if k % 2 == 1 else k + 1
@@ -453,15 +378,55 @@ class MultiViewTransform:
     def _caption_view(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return self._norm(self._crop_flip(img, rng, self.cfg.caption_crop_scale))
 
+    def _color_jitter(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        b, c, s, h = self.cfg.color_jitter
+        order = rng.permutation(4)
+        factors = (
+            rng.uniform(max(0.0, 1 - b), 1 + b),
+            rng.uniform(max(0.0, 1 - c), 1 + c),
+            rng.uniform(max(0.0, 1 - s), 1 + s),
+            rng.uniform(-h, h),
+        )
+        for op in order:
+            f = factors[op]
+            if op == 0 and b > 0:
+                x *= f
+            elif op == 1 and c > 0:
+                m = float(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).mean())
+                x *= f
+                x += (1 - f) * m
+            elif op == 2 and s > 0:
+                g = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)[..., None]
+                x *= f
+                x += (1 - f) * g
+            elif op == 3 and h > 0:
+                hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)  # float: H in [0, 360)
+                hue = hsv[..., 0]
+                hue += f * 360.0
+                np.mod(hue, 360.0, out=hue)
+                x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+            else:
+                continue
+            np.clip(x, 0.0, 1.0, out=x)
+        return x
+
     def _simclr_view(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         cfg = self.cfg
-        x = self._crop_flip(img, rng, cfg.simclr_crop_scale)
+        out = self._crop_flip(img, rng, cfg.simclr_crop_scale)
         u = rng.random(3)
-        if u[0] < cfg.color_jitter_prob and any(v > 0 for v in cfg.color_jitter):
-            x = color_jitter(x, rng, cfg.color_jitter)
-        if u[1] < cfg.grayscale_prob:
-            x = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)  # one plane from here on
-        if u[2] < cfg.blur_prob:
+        jitter = u[0] < cfg.color_jitter_prob and any(v > 0 for v in cfg.color_jitter)
+        gray = u[1] < cfg.grayscale_prob
+        blur = u[2] < cfg.blur_prob
+        if not (jitter or gray or blur):
+            return self._norm(out)
+        x = out.astype(np.float32)
+        x *= 1.0 / 255.0
+        if jitter:
+            x = self._color_jitter(x, rng)
+        if gray:
+            g = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)
+            x = cv2.merge([g, g, g])
+        if blur:
             sigma = float(rng.uniform(cfg.blur_sigma[0], cfg.blur_sigma[1]))
             x = cv2.GaussianBlur(x, (self.blur_kernel, self.blur_kernel), sigmaX=sigma, sigmaY=sigma)
         return self._norm(x)
