@@ -148,6 +148,22 @@ def _load_json(path: Path, required: tuple[str, ...]) -> dict:
     return data
 
 
+def _tsv_rows(path: Path, n_fields: int, maxsplit: int = -1) -> Iterator[tuple[str, list[str] | Skipped]]:
+    """``("path:line", fields)`` per non-blank line of a tab-separated file (split at most
+    ``maxsplit`` times; -1: at every tab); a line with another number of fields comes as a
+    :class:`Skipped` record instead."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\r\n").split("\t", maxsplit)
+            where = f"{path}:{lineno}"
+            if len(parts) != n_fields:
+                yield where, Skipped(BAD_RECORD, f"{where}: {len(parts)} tab-separated field(s), expected {n_fields}")
+                continue
+            yield where, parts
+
+
 # --------------------------------------------------------------------------------------------
 # seed-tsv: text \t image_id \t base64, several lines per image allowed
 # --------------------------------------------------------------------------------------------
@@ -167,21 +183,16 @@ def read_seed_tsv(spec: SourceSpec) -> Source:
 
     def records() -> Iterator[Record]:
         emitted: set[str] = set()
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                parts = line.rstrip("\r\n").split("\t", 2)
-                where = f"{path}:{lineno}"
-                if len(parts) != 3:
-                    yield Skipped(BAD_RECORD, f"{where}: {len(parts)} tab-separated field(s), expected 3")
-                    continue
-                image_id = parts[1].strip()
-                if image_id in emitted:
-                    continue
-                emitted.add(image_id)
-                yield _item(image_id, captions[image_id], lang, ImageSource(b64=parts[2]), where,
-                            meta={"image_id": image_id})
+        for where, parts in _tsv_rows(path, 3, maxsplit=2):
+            if isinstance(parts, Skipped):
+                yield parts
+                continue
+            image_id = parts[1].strip()
+            if image_id in emitted:
+                continue
+            emitted.add(image_id)
+            yield _item(image_id, captions[image_id], lang, ImageSource(b64=parts[2]), where,
+                        meta={"image_id": image_id})
 
     return Source(records(), total=len(captions))
 
@@ -225,19 +236,14 @@ def read_chinese_clip(spec: SourceSpec) -> Source:
 
     def records() -> Iterator[Record]:
         seen: set[str] = set()
-        with open(imgs, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                parts = line.rstrip("\r\n").split("\t")
-                where = f"{imgs}:{lineno}"
-                if len(parts) != 2:
-                    yield Skipped(BAD_RECORD, f"{where}: {len(parts)} tab-separated field(s), expected 2")
-                    continue
-                image_id = parts[0].strip()
-                seen.add(image_id)
-                yield _item(image_id, captions.get(image_id, []), lang, ImageSource(b64=parts[1]), where,
-                            meta={"image_id": image_id})
+        for where, parts in _tsv_rows(imgs, 2):
+            if isinstance(parts, Skipped):
+                yield parts
+                continue
+            image_id = parts[0].strip()
+            seen.add(image_id)
+            yield _item(image_id, captions.get(image_id, []), lang, ImageSource(b64=parts[1]), where,
+                        meta={"image_id": image_id})
         notes["text_image_ids_without_image"] = len(set(captions) - seen)
 
     return Source(records(), total=None, notes=notes)
