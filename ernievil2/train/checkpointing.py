@@ -20,6 +20,7 @@ folders of a run under one root with a ``latest`` and a ``best`` pointer and rem
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import logging
@@ -43,6 +44,7 @@ from safetensors.numpy import load_file, save_file
 from ernievil2.atomic import atomic_dir, atomic_write, fsync_dir
 from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, as_param_tensor, write_model_files
 from ernievil2.models import ErnieViL2
+from ernievil2.train.parallel import unwrap
 
 log = logging.getLogger("ernievil2")
 
@@ -102,6 +104,7 @@ def _jsonable(value: Any, where: str) -> Any:
                     "safetensors only)")
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> dict[str, str | None]:
     """The installed package version and ``git describe --always --dirty`` of the package's folder
     (None where unavailable: not a git checkout, or no git)."""
@@ -181,10 +184,6 @@ def _rng_restorer(saved: dict[str, Any], where: str) -> Callable[[], None]:
 # --------------------------------------------------------------------------- optimizer state
 
 
-def _unwrap(model: paddle.nn.Layer) -> paddle.nn.Layer:
-    return model._layers if isinstance(model, paddle.DataParallel) else model
-
-
 def _accumulator_kind(var_name: str, owner: str) -> str:
     """``linear_3.w_0_moment1_0`` owned by ``linear_3.w_0`` → ``moment1``: the counters Paddle's
     unique-name generator appends (``_0``, also inside ``fp32_master_0_moment1_0``) are dropped."""
@@ -195,7 +194,7 @@ def _optimizer_entries(optimizer: paddle.optimizer.Optimizer, model: paddle.nn.L
                        ) -> tuple[dict[str, paddle.Tensor], dict[str, Any]]:
     """``optimizer.state_dict()`` split into its tensors, keyed ``<structured name>@<kind>`` (the live
     tensors: setting their values sets the optimizer's state), and its other entries."""
-    structured = {p.name: name for name, p in _unwrap(model).named_parameters()}
+    structured = {p.name: name for name, p in unwrap(model).named_parameters()}
     by_length = sorted(structured, key=len, reverse=True)  # the longest generated name that prefixes wins
     tensors: dict[str, paddle.Tensor] = {}
     other: dict[str, Any] = {}
@@ -267,7 +266,7 @@ def write_training_checkpoint(
         value = getattr(state, name)
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"TrainingState.{name} must be an int >= 0, got {value!r}")
-    model = _unwrap(model)
+    model = unwrap(model)
     tensors, other = _optimizer_entries(optimizer, model)
     # Everything JSON is built before the first file is written: a bad value fails with nothing on disk.
     trainer_state = {
@@ -333,7 +332,7 @@ def load_training_checkpoint(
     is creating ``optimizer``'s not-yet-existing accumulators of the checkpoint's parameters)."""
     ckpt = Path(ckpt_dir)
     saved = read_trainer_state(ckpt)
-    model = _unwrap(model)
+    model = unwrap(model)
     weights = load_file(str(ckpt / WEIGHTS))
     live_weights = model.state_dict()
     _check_same_keys({k: list(v.shape) for k, v in weights.items()},

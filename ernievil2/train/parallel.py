@@ -147,6 +147,13 @@ def setup_parallel(model: ErnieViL2, optimizer: Any, info: DistInfo, *, sharding
     return ParallelModel(model, forward_model, optimizer, scaler, precision)
 
 
+def unwrap(model: paddle.nn.Layer) -> ErnieViL2:
+    """The dual encoder inside a parallel wrapper (or the model itself)."""
+    while not isinstance(model, ErnieViL2) and hasattr(model, "_layers"):
+        model = model._layers
+    return model
+
+
 def is_out_of_memory(exn: BaseException) -> bool:
     """True for a device allocation failure (Paddle raises MemoryError or a ResourceExhausted error)."""
     text = f"{type(exn).__name__}: {exn}"

@@ -173,7 +173,7 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     trainer = Trainer(
         model, loss, optimizer, scheduler, data, evaluators, logger, run_dir, cfg.trainer,
         log_every=cfg.logger.log_every, eval_every=cfg.eval.every_n_steps, eval_at_end=cfg.eval.at_end,
-        checkpoint_files={"vocab.txt": vocab_path, "train_config.json": resolved}, config=resolved, dist=info,
+        checkpoint_files={"vocab.txt": vocab_path}, config=resolved, dist=info,
     )
     try:
         if resume_from is not None:

@@ -41,7 +41,7 @@ from ernievil2.train.checkpointing import (
 )
 from ernievil2.train.config import TrainerSchema
 from ernievil2.train.loggers import RunLogger
-from ernievil2.train.parallel import ParallelModel, is_out_of_memory, out_of_memory_hint, setup_parallel
+from ernievil2.train.parallel import ParallelModel, is_out_of_memory, out_of_memory_hint, setup_parallel, unwrap
 
 log = logging.getLogger("ernievil2")
 
@@ -56,13 +56,6 @@ class NonFiniteLossError(RuntimeError):
 
 def _tensor(x: Any) -> paddle.Tensor:
     return x if isinstance(x, paddle.Tensor) else paddle.to_tensor(np.asarray(x))
-
-
-def unwrap(model: paddle.nn.Layer) -> ErnieViL2:
-    """The dual encoder inside a parallel wrapper (or the model itself)."""
-    while not isinstance(model, ErnieViL2) and hasattr(model, "_layers"):
-        model = model._layers
-    return model
 
 
 def encode_views(
@@ -100,9 +93,8 @@ def global_grad_norm(model: paddle.nn.Layer) -> float:
 
 
 def _bad_sample_counts(batch: dict) -> dict[str, int]:
-    """Remove and return the ``skipped`` counts a batch carries (``{kind: count or array}``)."""
-    counts = batch.pop(SKIPPED_KEY, None) or {}
-    return {str(k): int(np.asarray(v).sum()) for k, v in counts.items()}
+    """Remove and return the ``skipped`` counts a batch carries (``{kind: count}``, ernievil2.data.loader)."""
+    return batch.pop(SKIPPED_KEY, None) or {}
 
 
 class Trainer:
@@ -354,7 +346,7 @@ class Trainer:
                 if len(pending) < k:
                     continue
                 terms = self.train_step(pending)
-                rows = sum(int(np.asarray(b["caption_ids"]).shape[0]) for b in pending if "caption_ids" in b)
+                rows = sum(int(b["caption_ids"].shape[0]) for b in pending if "caption_ids" in b)
                 window_tagged += sum(float(np.asarray(b["has_objects"]).sum()) for b in pending if "has_objects" in b)
                 pending = []
                 finite = math.isfinite(terms["loss"])
