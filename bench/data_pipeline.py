@@ -5,7 +5,7 @@ samples/s of
 
 - ``decode``: the JPEG decode that the views start from (``decode_for_views``), nothing else;
 - ``decode + ship``: the same decode, then filled arrays of the full sample's shapes and dtypes (three
-  float32 ``[3, S, S]`` images, three int64 ``[48]`` id rows) sent through the loader: the cost
+  uint8 ``[S, S, 3]`` images, three int64 ``[48]`` id rows) sent through the loader: the cost
   of moving a sample from a worker to the trainer, whatever makes the views;
 - ``full``: the whole ERNIE-ViL 2.0 sample (decode, caption view, two SimCLR views, caption, text
   view and objects text tokenized, collated),
@@ -94,7 +94,7 @@ class DecodeAndShip(DecodeOnly):
         self.decode(sample)
         s = self.cfg.image_size
         # written like the views' outputs (np.zeros' untouched pages would be cheaper to read)
-        out = {k: np.full((3, s, s), 0.5, np.float32) for k in IMAGE_VIEWS}
+        out = {k: np.full((s, s, 3), 128, np.uint8) for k in IMAGE_VIEWS}
         out.update({k: np.ones(MAX_LENGTH, np.int64) for k in ID_VIEWS})
         out["has_objects"] = np.array(1.0, dtype=np.float32)
         return out

@@ -48,7 +48,7 @@ def forward_flops_per_sample(cfg: DualEncoderConfig, text_len: int) -> float:
 
 def make_batch(cfg: DualEncoderConfig, batch: int, text_len: int, rng: np.random.Generator) -> dict:
     size = cfg.vision.image_size
-    out = {k: paddle.to_tensor(rng.standard_normal((batch, 3, size, size), dtype=np.float32)) for k in IMAGE_VIEWS}
+    out = {k: paddle.to_tensor(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)) for k in IMAGE_VIEWS}
     for k in TEXT_VIEWS:
         ids = rng.integers(5, cfg.text.vocab_size, (batch, text_len))
         ids[:, 0], ids[:, -1] = 1, 2

@@ -67,11 +67,11 @@ def make_model():
 
 
 def make_batch(name: str) -> dict[str, np.ndarray]:
-    """The fixed global batch ``name``: random pixels and token ids with ragged lengths."""
+    """The fixed global batch ``name``: random uint8 pixels and token ids with ragged lengths."""
     rng = np.random.default_rng(0 if name == "a" else 1)
     batch: dict[str, np.ndarray] = {}
     for key in ("image", "image_view1", "image_view2"):
-        batch[key] = rng.standard_normal((GLOBAL_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE))
+        batch[key] = rng.integers(0, 256, (GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for key in ("caption_ids", "text_view_ids", "objects_ids"):
         ids = np.zeros((GLOBAL_BATCH, MAX_LEN), dtype=np.int64)
         for i in range(GLOBAL_BATCH):

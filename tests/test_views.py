@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import paddle
 import pytest
 
 from ernievil2.data.sample import RawSample
@@ -18,6 +19,7 @@ from ernievil2.data.views import (
     IMAGENET_STD,
     EvalTransform,
     MultiViewTransform,
+    PixelNormalizer,
     ViewConfig,
     augment_text_ids,
     decode_rgb,
@@ -47,8 +49,9 @@ def _textured(h: int = 120, w: int = 160, seed: int = 1) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _unnormalise(chw: np.ndarray) -> np.ndarray:
-    return chw.transpose(1, 2, 0) * STD + MEAN
+def _diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference of two uint8 images, in grey levels."""
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +79,7 @@ def test_shapes_and_dtypes(tok, sample):
     out = _transform(tok)(sample)
     assert tuple(out) == ALL_VIEWS
     for k in ("image", "image_view1", "image_view2"):
-        assert out[k].shape == (3, SIZE, SIZE) and out[k].dtype == np.float32
-        assert out[k].flags.c_contiguous and np.isfinite(out[k]).all()
-        raw = _unnormalise(out[k])
-        assert raw.min() >= -1e-4 and raw.max() <= 1 + 1e-4  # a [0, 1] image before normalising
+        assert out[k].shape == (SIZE, SIZE, 3) and out[k].dtype == np.uint8 and out[k].flags.c_contiguous
     for k in ("caption_ids", "text_view_ids", "objects_ids"):
         assert out[k].shape == (16,) and out[k].dtype == np.int64
         assert out[k][0] == tok.cls_id and tok.sep_id in out[k]
@@ -90,7 +90,7 @@ def test_shapes_and_dtypes(tok, sample):
 def test_views_differ(tok, sample):
     out = _transform(tok)(sample)
     a, b, c = out["image"], out["image_view1"], out["image_view2"]
-    assert np.abs(a - b).mean() > 0.05 and np.abs(a - c).mean() > 0.05 and np.abs(b - c).mean() > 0.05
+    assert _diff(a, b) > 3 and _diff(a, c) > 3 and _diff(b, c) > 3
     assert not np.array_equal(out["caption_ids"], out["text_view_ids"])
 
 
@@ -170,28 +170,85 @@ def test_constant_colour_normalisation(tok):
     s = RawSample(key="const", image=_encode(img), captions=["a"])
     t = _transform(tok, color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
     out = t(s)
+    for k in ("image", "image_view1", "image_view2"):
+        assert (out[k] == colour).all()  # crop, resize and flip of a constant image change no pixel
     expected = (colour / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     # hand computed: R (200/255-.485)/.229, G (100/255-.456)/.224, B (50/255-.406)/.225
     np.testing.assert_allclose(expected, [1.30712, -0.28501, -0.93289], atol=1e-4)
-    for k in ("image", "image_view1", "image_view2"):
-        for c in range(3):
-            np.testing.assert_allclose(out[k][c], expected[c], atol=1e-5)
+    pixels = PixelNormalizer()(paddle.to_tensor(np.stack([out["image"], out["image_view1"]]))).numpy()
+    assert pixels.shape == (2, 3, SIZE, SIZE) and pixels.dtype == np.float32
+    for c in range(3):
+        np.testing.assert_allclose(pixels[:, c], expected[c], atol=1e-5)
     # blur and grayscale keep a constant image constant; grayscale makes channels equal
     t_gray = _transform(tok, color_jitter_prob=0.0, grayscale_prob=1.0, blur_prob=1.0)
-    raw = _unnormalise(t_gray(s)["image_view1"])
-    gray = (0.299 * 200 + 0.587 * 100 + 0.114 * 50) / 255.0
-    np.testing.assert_allclose(raw, gray, atol=1e-4)
+    gray = 0.299 * 200 + 0.587 * 100 + 0.114 * 50  # 124.2
+    assert (t_gray(s)["image_view1"] == round(gray)).all()
+
+
+def test_pixel_normalizer_matches_eval_arithmetic():
+    """The trainer's on-device normalisation of uint8 views computes what the eval transform's
+    normalisation computes on the host, and refuses anything but uint8 NHWC, naming the views."""
+    from ernievil2.data.views import _Normalizer
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    got = PixelNormalizer(mean, std)(paddle.to_tensor(pixels)).numpy()
+    want = np.stack([_Normalizer(mean, std)(p) for p in pixels])
+    assert got.shape == (4, 3, SIZE, SIZE) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, (pixels / 255.0 - mean).transpose(0, 3, 1, 2) / np.reshape(std, (1, 3, 1, 1)),
+                               atol=1e-5)
+    with pytest.raises(TypeError, match="image_view1: expected RGB uint8"):
+        PixelNormalizer()(paddle.to_tensor(pixels.astype(np.float32)), "image_view1")
+    with pytest.raises(TypeError, match="uint8 pixels"):
+        PixelNormalizer()(paddle.to_tensor(pixels.transpose(0, 3, 1, 2).copy()))
+
+
+def _reference_jitter(x: np.ndarray, order, factors) -> np.ndarray:
+    """torchvision's ColorJitter written plainly (per-pixel grey broadcast, hue mod 360)."""
+    x = x.copy()
+    grey = lambda y: cv2.cvtColor(y, cv2.COLOR_RGB2GRAY)  # noqa: E731
+    for op in order:
+        f = factors[op]
+        if op == 0:
+            x = x * f
+        elif op == 1:
+            x = x * f + (1 - f) * float(grey(x).mean())
+        elif op == 2:
+            x = x * f + (1 - f) * grey(x)[..., None]
+        else:
+            hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
+            hsv[..., 0] = np.mod(hsv[..., 0] + f * 360.0, 360.0)
+            x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        x = np.clip(x, 0.0, 1.0).astype(np.float32)
+    return x
+
+
+def test_color_jitter_matches_plain_reference(tok):
+    """The fused cv2 colour jitter (one colour matrix for saturation, channel means for contrast,
+    OpenCV's own hue wrap-around) equals the plain formulas for the same random draws."""
+    t = _transform(tok, color_jitter=(0.4, 0.4, 0.4, 0.1))
+    x0 = (_textured(SIZE, SIZE, seed=3) / 255.0).astype(np.float32)
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        got = t._color_jitter(x0.copy(), rng)
+        rng = np.random.default_rng(seed)  # the same draws, in the method's order
+        order = rng.permutation(4)
+        factors = (rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(-0.1, 0.1))
+        want = _reference_jitter(x0, order, factors)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=f"seed {seed}, order {order}")
+        assert np.abs(got - x0).mean() > 1e-3  # it did change the image
 
 
 def test_grayscale_and_jitter_effects(tok, sample):
     t = _transform(tok, color_jitter_prob=0.0, grayscale_prob=1.0, blur_prob=0.0)
-    raw = _unnormalise(t(sample)["image_view2"])
-    np.testing.assert_allclose(raw[..., 0], raw[..., 1], atol=1e-5)
-    np.testing.assert_allclose(raw[..., 1], raw[..., 2], atol=1e-5)
+    raw = t(sample)["image_view2"]
+    assert (raw[..., 0] == raw[..., 1]).all() and (raw[..., 1] == raw[..., 2]).all()
     # with jitter always on, the SimCLR view's colours differ from the plain crop of the same box
     plain = _transform(tok, color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)(sample)["image_view1"]
     jit = _transform(tok, color_jitter_prob=1.0, grayscale_prob=0.0, blur_prob=0.0)(sample)["image_view1"]
-    assert np.abs(plain - jit).mean() > 0.02
+    assert _diff(plain, jit) > 3
 
 
 def test_random_resized_crop_box_bounds():
@@ -344,8 +401,8 @@ def test_real_images(tok, flickr8k_dir: Path, coco_mini_dir: Path):
     for s in samples:
         out = t(s)
         for k in ("image", "image_view1", "image_view2"):
-            assert out[k].shape == (3, 224, 224) and np.isfinite(out[k]).all()
-        assert np.abs(out["image"] - out["image_view1"]).mean() > 0.05
+            assert out[k].shape == (224, 224, 3) and out[k].dtype == np.uint8
+        assert _diff(out["image"], out["image_view1"]) > 3
         e = ev(s.image)
         assert e.shape == (3, 224, 224) and -2.2 < e.min() < e.max() < 2.7
     assert float(t(samples[0])["has_objects"]) == 0.0 and float(t(samples[1])["has_objects"]) == 1.0

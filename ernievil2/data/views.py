@@ -11,9 +11,12 @@ From one :class:`~ernievil2.data.sample.RawSample` :class:`MultiViewTransform` m
 * ``objects_ids`` / ``has_objects``: the object-tags text (see :func:`objects_text`), or all
   padding and 0.0 when the sample carries no tags.
 
-Images are float32 CHW, scaled to [0, 1] and normalised with the ImageNet mean/std.
-Images are decoded with OpenCV and augmented with numpy/cv2 (crop + resize is one ``cv2.resize``
-of the crop; colour jitter runs in float32 at the output size). Before decoding, the header (read
+Training image views are RGB uint8 ``[S, S, 3]`` pixels: the loader ships a quarter of the bytes
+of float32, and the trainer normalises them with the ImageNet mean/std where the model runs
+(:class:`PixelNormalizer`). Images are decoded with OpenCV and augmented with numpy/cv2 (crop +
+resize is one ``cv2.resize`` of the crop; colour jitter, grayscale and blur run in float32 at the
+output size, rounded to uint8 once at the end). The eval transform returns normalised float32 CHW,
+the input of the released inference code. Before decoding, the header (read
 by PIL, no pixels) is checked against ``ViewConfig.max_image_pixels`` (decompression bombs) and
 ``min_image_side`` (1x1 placeholders); a JPEG much larger than the views is decoded at 1/2, 1/4 or
 1/8 scale by libjpeg (``reduce_on_decode``). Bad images raise
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+import paddle
 from PIL import Image
 
 from ernievil2.data.sample import BadSample, RawSample
@@ -51,6 +55,7 @@ __all__ = [
     "VIEW_ALIASES",
     "EvalTransform",
     "MultiViewTransform",
+    "PixelNormalizer",
     "ViewConfig",
     "augment_text_ids",
     "decode_for_views",
@@ -64,6 +69,8 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_OBJECTS_TEMPLATES: dict[str, str] = {"en": "the picture contains {objects}", "zh": "图中有{objects}"}
 DEFAULT_OBJECTS_JOINERS: dict[str, str] = {"en": ", ", "zh": "、"}
+# OpenCV's RGB -> gray weights (ITU-R BT.601), the grey of contrast, saturation and grayscale
+_GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 #: Every output key of :class:`MultiViewTransform`, in output order.
 ALL_VIEWS: tuple[str, ...] = (
@@ -277,7 +284,8 @@ class ViewConfig:
     ``blur_kernel`` ``None`` scales the 5×5 kernel of a 224 image to ``image_size`` (odd, ≥ 3);
     ``blur_sigma`` is the range σ is drawn from. Text-view probabilities apply only when the
     sample has a single caption (see :func:`augment_text_ids`). ``objects_templates`` hold
-    ``{objects}``; ``objects_joiners`` join the tags; both are keyed by language.
+    ``{objects}``; ``objects_joiners`` join the tags; both are keyed by language. ``mean`` / ``std``
+    are the normalisation the trainer applies to the uint8 views (:class:`PixelNormalizer`).
     """
 
     image_size: int = 224
@@ -303,25 +311,51 @@ class ViewConfig:
     reduce_on_decode: float = 2.0
 
 
+def _scale_shift(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``scale``, ``shift`` with ``(u8 / 255 - mean) / std == u8 * scale + shift``."""
+    mean_a = np.asarray(mean, dtype=np.float64)
+    std_a = np.asarray(std, dtype=np.float64)
+    if mean_a.shape != (3,) or std_a.shape != (3,) or (std_a <= 0).any():
+        raise ValueError(f"mean/std must be 3 values with std > 0, got {mean}, {std}")
+    return (1.0 / (255.0 * std_a)).astype(np.float32), (-mean_a / std_a).astype(np.float32)
+
+
 class _Normalizer:
-    """``(x / 255 - mean) / std`` as one multiply-add, HWC in, contiguous float32 CHW out."""
+    """``(x / 255 - mean) / std`` as one multiply-add, uint8 HWC in, contiguous float32 CHW out."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        mean_a = np.asarray(mean, dtype=np.float64)
-        std_a = np.asarray(std, dtype=np.float64)
-        if mean_a.shape != (3,) or std_a.shape != (3,) or (std_a <= 0).any():
-            raise ValueError(f"mean/std must be 3 values with std > 0, got {mean}, {std}")
-        self.scale_u8 = (1.0 / (255.0 * std_a)).astype(np.float32)
-        self.scale_f = (1.0 / std_a).astype(np.float32)
-        self.shift = (-mean_a / std_a).astype(np.float32)
+        self.scale, self.shift = _scale_shift(mean, std)
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
-        scale = self.scale_u8 if img.dtype == np.uint8 else self.scale_f
         out = np.empty((3,) + img.shape[:2], dtype=np.float32)
         for c in range(3):
-            np.multiply(img[..., c], scale[c], out=out[c], casting="unsafe")
+            np.multiply(img[..., c], self.scale[c], out=out[c], casting="unsafe")
             out[c] += self.shift[c]
         return out
+
+
+class PixelNormalizer:
+    """The trainer's side of the uint8 image views: RGB uint8 ``[N, S, S, 3]`` pixels in,
+    ``(x / 255 - mean) / std`` as ``[N, 3, S, S]`` in paddle's default float dtype out, computed on
+    the current device (the uint8 batch is moved there first: a quarter of float32's bytes).
+    Same arithmetic as the eval transform's normalisation (``x * scale + shift``, float32 constants).
+    """
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.scale, self.shift = _scale_shift(mean, std)
+
+    def __call__(self, pixels: paddle.Tensor, name: str = "image") -> paddle.Tensor:
+        if pixels.dtype != paddle.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise TypeError(f"{name}: expected RGB uint8 pixels [N, S, S, 3] (MultiViewTransform's views), "
+                            f"got {pixels.dtype} {list(pixels.shape)}")
+        device = paddle.get_device()
+        if device != "cpu":
+            pixels = pixels.to(device)
+        dtype = paddle.get_default_dtype()
+        x = pixels.transpose([0, 3, 1, 2]).astype(dtype)
+        scale = paddle.to_tensor(self.scale.reshape(1, 3, 1, 1)).astype(dtype)
+        shift = paddle.to_tensor(self.shift.reshape(1, 3, 1, 1)).astype(dtype)
+        return x * scale + shift
 
 
 # --------------------------------------------------------------------------- transforms
@@ -359,7 +393,6 @@ class MultiViewTransform:
         if wanted & {"objects_ids", "has_objects"}:
             wanted |= {"objects_ids", "has_objects"}
         self.views: tuple[str, ...] = tuple(v for v in ALL_VIEWS if v in wanted)
-        self._norm = _Normalizer(cfg.mean, cfg.std)
         if cfg.blur_kernel is None:
             k = max(3, int(round(5 * cfg.image_size / 224)))
         else:
@@ -376,9 +409,11 @@ class MultiViewTransform:
         return out
 
     def _caption_view(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return self._norm(self._crop_flip(img, rng, self.cfg.caption_crop_scale))
+        return self._crop_flip(img, rng, self.cfg.caption_crop_scale)
 
     def _color_jitter(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """torchvision's ColorJitter on a float32 RGB image in [0, 1]: the four adjustments in a
+        random order, each clipped to [0, 1]; hue is shifted in HSV. Returns ``x`` or a new array."""
         b, c, s, h = self.cfg.color_jitter
         order = rng.permutation(4)
         factors = (
@@ -389,21 +424,18 @@ class MultiViewTransform:
         )
         for op in order:
             f = factors[op]
-            if op == 0 and b > 0:
+            if op == 0 and b > 0:  # brightness: f * x
                 x *= f
-            elif op == 1 and c > 0:
-                m = float(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).mean())
+            elif op == 1 and c > 0:  # contrast: blend with the mean grey
+                grey = float(_GRAY_WEIGHTS @ np.asarray(cv2.mean(x)[:3], dtype=np.float32))
                 x *= f
-                x += (1 - f) * m
-            elif op == 2 and s > 0:
-                g = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)[..., None]
-                x *= f
-                x += (1 - f) * g
-            elif op == 3 and h > 0:
-                hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)  # float: H in [0, 360)
-                hue = hsv[..., 0]
-                hue += f * 360.0
-                np.mod(hue, 360.0, out=hue)
+                x += (1 - f) * grey
+            elif op == 2 and s > 0:  # saturation: blend with the pixel's grey, one colour matrix
+                mix = f * np.eye(3, dtype=np.float32) + (1 - f) * np.tile(_GRAY_WEIGHTS, (3, 1))
+                x = cv2.transform(x, mix)
+            elif op == 3 and h > 0:  # hue: rotate H (degrees); OpenCV wraps H >= 360 itself
+                hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
+                hsv = cv2.add(hsv, ((f % 1.0) * 360.0, 0.0, 0.0, 0.0))
                 x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
             else:
                 continue
@@ -418,18 +450,17 @@ class MultiViewTransform:
         gray = u[1] < cfg.grayscale_prob
         blur = u[2] < cfg.blur_prob
         if not (jitter or gray or blur):
-            return self._norm(out)
+            return out
         x = out.astype(np.float32)
         x *= 1.0 / 255.0
         if jitter:
             x = self._color_jitter(x, rng)
         if gray:
-            g = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)
-            x = cv2.merge([g, g, g])
+            x = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
         if blur:
             sigma = float(rng.uniform(cfg.blur_sigma[0], cfg.blur_sigma[1]))
             x = cv2.GaussianBlur(x, (self.blur_kernel, self.blur_kernel), sigmaX=sigma, sigmaY=sigma)
-        return self._norm(x)
+        return cv2.convertScaleAbs(x, alpha=255.0)  # round to nearest; x >= 0
 
     # ------------------------------------------------------------------ texts
     def _pad(self, ids: Sequence[int]) -> np.ndarray:
@@ -489,7 +520,7 @@ class MultiViewTransform:
             raise BadSample("no_caption", f"sample {sample.key!r} has no captions")
 
     def __call__(self, sample: RawSample, epoch: int = 0) -> dict[str, np.ndarray]:
-        """The selected views of ``sample`` as arrays (images float32 ``[3, S, S]``, ids int64
+        """The selected views of ``sample`` as arrays (images RGB uint8 ``[S, S, 3]``, ids int64
         ``[max_length]``, ``has_objects`` float32 scalar), keyed as in :data:`ALL_VIEWS`."""
         rngs = self.rngs(sample.key, epoch)
         out: dict[str, np.ndarray] = {}
