@@ -90,6 +90,11 @@ class DecodeOnly:
 class DecodeAndShip(DecodeOnly):
     """The decode, then filled arrays of the full sample's shapes: what the loader's transport costs."""
 
+    def fixed_outputs(self) -> dict[str, tuple[tuple[int, int, int], np.dtype]]:
+        """The image arrays travel like the full sample's (shared batch slots)."""
+        s = self.cfg.image_size
+        return {k: ((s, s, 3), np.dtype(np.uint8)) for k in IMAGE_VIEWS}
+
     def __call__(self, sample: RawSample, epoch: int) -> dict[str, np.ndarray]:
         self.decode(sample)
         s = self.cfg.image_size

@@ -208,7 +208,9 @@ def test_pixel_normalizer_matches_eval_arithmetic():
 def _reference_jitter(x: np.ndarray, order, factors) -> np.ndarray:
     """torchvision's ColorJitter written plainly (per-pixel grey broadcast, hue mod 360)."""
     x = x.copy()
-    grey = lambda y: cv2.cvtColor(y, cv2.COLOR_RGB2GRAY)  # noqa: E731
+    def grey(y: np.ndarray) -> np.ndarray:
+        return cv2.cvtColor(y, cv2.COLOR_RGB2GRAY)
+
     for op in order:
         f = factors[op]
         if op == 0:

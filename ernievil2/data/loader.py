@@ -34,6 +34,11 @@ DataLoader:
   equals ``batches(e, 0)[k:]``.
 - An endless stream (every source resampled) is instead reseeded from ``skip_batches``: the
   resumed run continues with new draws rather than repeating the start of its epoch.
+
+Transport: the outputs a transform declares fixed (``transform.fixed_outputs()``, the image views
+of :class:`~ernievil2.data.views.MultiViewTransform`) travel from the workers through shared
+:class:`~ernievil2.data.slots.BatchSlots` rather than through paddle's per-batch shared-memory
+files; the batches the trainer sees are the same.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ import numpy as np
 import paddle
 
 from ernievil2.data.sample import SKIP_KINDS, BadSample, RawSample
+from ernievil2.data.slots import SLOT_KEY, BatchSlots, SlotsClosed, slots_supported
 from ernievil2.data.shards import (
     ExitWithParent,
     SkipCounter,
@@ -187,6 +193,7 @@ class TrainStream(paddle.io.IterableDataset):
         self.split_by_rank = bool(split_by_rank)
         self.epoch = 0
         self.skip_batches = 0
+        self.slots: BatchSlots | None = None  # set by ShardLoader for its loader workers
         self.endless = all(s.resampled for s in self.sources)
         # Samples per shard of the exact sources (what fixes each worker's batch count).
         self.sizes: dict[str, int] = {}
@@ -381,13 +388,24 @@ class TrainStream(paddle.io.IterableDataset):
         take(done * self.batch_size)
         checking[0] = False
         skips.take()  # the skipped batches' bad samples were reported before the checkpoint
+        slots = self.slots if paddle.io.get_worker_info() is not None else None
+        sent = 0
         while n_batches is None or done < n_batches:
             samples = take(self.batch_size)
             if len(samples) < self.batch_size:
                 break
-            batch = collate_arrays(samples)
+            if slots is None:
+                batch = collate_arrays(samples)
+            else:
+                try:
+                    descriptor = slots.put(wid, sent, samples)
+                except SlotsClosed:
+                    return
+                batch = collate_arrays([{k: v for k, v in s.items() if k not in slots.layout} for s in samples])
+                batch[SLOT_KEY] = descriptor
             batch["skipped"] = skips.take()
             done += 1
+            sent += 1
             yield batch
         # The bad data of the samples left unread (e.g. a damaged end of shard) is still reported:
         # check them without making views, then send the counts alone (ShardLoader.batches adds
@@ -448,8 +466,36 @@ def _with_skip_dicts(batches: Iterator[dict]) -> Iterator[dict]:
             close()
 
 
+def _from_slots(items: Iterator[dict], slots: BatchSlots) -> Iterator[dict]:
+    """Put each batch's slot arrays back in the batch as it arrives (copied out; the slot is reused)."""
+    for item in items:
+        descriptor = item.pop(SLOT_KEY, None)
+        if descriptor is not None:
+            item.update(slots.take(descriptor))
+        yield item
+
+
+def _closing(batches: Iterator[dict], slots: BatchSlots | None) -> Iterator[dict]:
+    """``batches``, closing ``slots`` before the loader shuts down (a worker waiting for a slot stops)."""
+    try:
+        for batch in batches:
+            yield batch
+    finally:
+        if slots is not None:
+            slots.close()
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
 class ShardLoader:
-    """:class:`TrainData` of ``stream`` read by ``num_workers`` loader workers (0: in this process)."""
+    """:class:`TrainData` of ``stream`` read by ``num_workers`` loader workers (0: in this process).
+
+    With workers, the transform's fixed outputs travel through :class:`BatchSlots` of ``slot_depth``
+    slots per worker (the DataLoader's prefetch of 2 batches per worker, plus 2).
+    """
+
+    slot_depth = 4
 
     def __init__(self, stream: TrainStream, num_workers: int, world_size: int = 1):
         self.stream, self.num_workers = stream, int(num_workers)
@@ -468,9 +514,21 @@ class ShardLoader:
         self.stream.set_position(epoch, skip_batches)
         # A loader worker must not outlive its rank (e.g. a rank killed by SIGKILL): ExitWithParent.
         # The trainer leaves the loader mid-stream at max_steps: iterate_loader shuts it down cleanly.
+        slots = self._slots()
+        self.stream.slots = slots  # before the DataLoader forks its workers
         loader = paddle.io.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                                       worker_init_fn=ExitWithParent())
-        return _with_skip_dicts(iterate_loader(loader))
+        items = iterate_loader(loader)
+        if slots is not None:
+            items = _from_slots(items, slots)
+        return _closing(_with_skip_dicts(items), slots)
+
+    def _slots(self) -> BatchSlots | None:
+        fixed = getattr(self.stream.transform, "fixed_outputs", None)
+        layout = fixed() if fixed is not None and self.num_workers > 0 and slots_supported() else None
+        if not layout:
+            return None
+        return BatchSlots(self.num_workers, self.slot_depth, self.stream.batch_size, layout)
 
 
 def build_train_data(sources: Sequence[StreamSource], transform: Callable[[RawSample, int], dict], *,

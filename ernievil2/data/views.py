@@ -86,6 +86,7 @@ ALL_VIEWS: tuple[str, ...] = (
 VIEW_ALIASES: dict[str, str] = {"caption": "caption_ids", "text_view": "text_view_ids", "objects": "objects_ids"}
 # independent random streams, fixed order (changing it changes every sample's views)
 _STREAMS = ("image", "image_view1", "image_view2", "text")
+_IMAGE_VIEWS = ("image", "image_view1", "image_view2")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -498,6 +499,12 @@ class MultiViewTransform:
             out["has_objects"] = np.array(1.0, dtype=np.float32)
 
     # ------------------------------------------------------------------ main
+    def fixed_outputs(self) -> dict[str, tuple[tuple[int, int, int], np.dtype]]:
+        """The outputs whose shape and dtype never change, the image views (``(S, S, 3)`` uint8):
+        what the training loader ships through shared slots (:mod:`ernievil2.data.slots`)."""
+        s = self.cfg.image_size
+        return {k: ((s, s, 3), np.dtype(np.uint8)) for k in self.views if k in _IMAGE_VIEWS}
+
     def rngs(self, key: str, epoch: int = 0) -> dict[str, np.random.Generator]:
         """The per-view random generators of sample ``key`` at ``epoch``."""
         if int(epoch) < 0:
@@ -507,7 +514,7 @@ class MultiViewTransform:
 
     def _decode(self, sample: RawSample) -> np.ndarray | None:
         """The decoded image when an image view is wanted (None otherwise); :class:`BadSample` if unusable."""
-        if not {"image", "image_view1", "image_view2"} & set(self.views):
+        if not set(_IMAGE_VIEWS) & set(self.views):
             return None
         cfg = self.cfg
         return decode_for_views(sample.image, sample.key, cfg.max_image_pixels, cfg.min_image_side,
