@@ -5,13 +5,15 @@ samples/s of
 
 - ``decode``: the JPEG decode that the views start from (``decode_for_views``), nothing else;
 - ``decode + ship``: the same decode, then filled arrays of the full sample's shapes and dtypes (three
-  uint8 ``[S, S, 3]`` images, three int64 ``[48]`` id rows) sent through the loader: the cost
-  of moving a sample from a worker to the trainer, whatever makes the views;
-- ``full``: the whole ERNIE-ViL 2.0 sample (decode, caption view, two SimCLR views, caption, text
-  view and objects text tokenized, collated),
+  uint8 ``[S, S, 3]`` images, three int64 ``[48]`` id rows, two photometric draws) sent through the
+  loader: the cost of moving a sample from a worker to the trainer, whatever makes the views;
+- ``full``: the loader worker's whole share of the ERNIE-ViL 2.0 sample (decode, caption view,
+  two SimCLR views, every random draw, caption, text view and objects text tokenized, collated),
 
 with 1 and 2 loader workers, over the same shards; and, in this process without a loader, the
-milliseconds per sample of the decode and of each part of the full sample. Image sets:
+milliseconds per sample of the decode and of each part of the full sample, and of the trainer's
+share (``ViewFinisher``: the SimCLR views' colour jitter, grayscale and blur, and the
+normalisation, batched; on the GPU in a real run, timed here on this CPU). Image sets:
 
 - ``small``: the shared real JPEGs as they are (``../shared/data/*/images``; Flickr8k-CN
   150x200, COCO-mini up to 640x480), else synthetic 500x375 JPEGs;
@@ -33,11 +35,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import paddle
 
+from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.loader import StreamSource, build_train_data
 from ernievil2.data.sample import RawSample
-from ernievil2.data.shards import ShardWriter
-from ernievil2.data.views import MultiViewTransform, ViewConfig, decode_for_views
+from ernievil2.data.shards import ShardWriter, collate_arrays
+from ernievil2.data.views import PHOTOMETRIC_SUFFIX, MultiViewTransform, ViewConfig, decode_for_views
 from ernievil2.tokenizer import WordPieceTokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -90,19 +94,18 @@ class DecodeOnly:
 class DecodeAndShip(DecodeOnly):
     """The decode, then filled arrays of the full sample's shapes: what the loader's transport costs."""
 
-    def fixed_outputs(self) -> dict[str, tuple[tuple[int, int, int], np.dtype]]:
-        """The image arrays travel like the full sample's (shared batch slots)."""
-        s = self.cfg.image_size
-        return {k: ((s, s, 3), np.dtype(np.uint8)) for k in IMAGE_VIEWS}
+    def __init__(self, cfg: ViewConfig, full: MultiViewTransform):
+        super().__init__(cfg)
+        self.layout = full.fixed_outputs()
+
+    def fixed_outputs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """The full sample's layout: the arrays travel as the full sample's do (shared batch slots)."""
+        return self.layout
 
     def __call__(self, sample: RawSample, epoch: int) -> dict[str, np.ndarray]:
         self.decode(sample)
-        s = self.cfg.image_size
         # written like the views' outputs (np.zeros' untouched pages would be cheaper to read)
-        out = {k: np.full((s, s, 3), 128, np.uint8) for k in IMAGE_VIEWS}
-        out.update({k: np.ones(MAX_LENGTH, np.int64) for k in ID_VIEWS})
-        out["has_objects"] = np.array(1.0, dtype=np.float32)
-        return out
+        return {k: np.full(shape, 1, dtype) for k, (shape, dtype) in self.layout.items()}
 
 
 def rate(shards: Path, transform: Callable[[RawSample, int], dict], workers: int, batch_size: int,
@@ -142,8 +145,29 @@ def in_process_ms(samples: list[RawSample], cfg: ViewConfig, tok: WordPieceToken
         parts[name] = per_sample(MultiViewTransform(cfg, tok, MAX_LENGTH, seed=0, views=views)) - decode
     parts["caption + text view"] = per_sample(MultiViewTransform(cfg, tok, MAX_LENGTH, seed=0, views=list(ID_VIEWS[:2])))
     parts["objects text"] = per_sample(MultiViewTransform(cfg, tok, MAX_LENGTH, seed=0, views=["objects_ids"]))
-    parts["full sample"] = per_sample(MultiViewTransform(cfg, tok, MAX_LENGTH, seed=0))
+    full = MultiViewTransform(cfg, tok, MAX_LENGTH, seed=0)
+    parts["full sample"] = per_sample(full)
+    parts["device share, on this CPU"] = device_share_ms(samples, full)
     return parts
+
+
+def device_share_ms(samples: list[RawSample], full: MultiViewTransform, batch: int = 32) -> float:
+    """Milliseconds per sample of the trainer's share of the image views (``ViewFinisher`` on
+    batches of ``batch``), here on this CPU."""
+    finish = ViewFinisher()
+    batches = [collate_arrays([full(s, 0) for s in samples[i:i + batch]])
+               for i in range(0, len(samples) - batch + 1, batch)][:8]
+    tensors = [{k: paddle.to_tensor(v) for k, v in b.items()} for b in batches]
+
+    def run(b: dict) -> None:
+        for view in IMAGE_VIEWS:
+            finish(b[view], b.get(view + PHOTOMETRIC_SUFFIX), view).numpy()
+
+    run(tensors[0])  # warm-up
+    start = time.perf_counter()
+    for b in tensors:
+        run(b)
+    return (time.perf_counter() - start) / (len(tensors) * batch) * 1e3
 
 
 def measure_set(images: list[bytes], tok: WordPieceTokenizer, cfg: ViewConfig, args: argparse.Namespace,
@@ -160,7 +184,7 @@ def measure_set(images: list[bytes], tok: WordPieceTokenizer, cfg: ViewConfig, a
     rows = []
     for workers in (1, 2):
         dec = rate(shards, DecodeOnly(cfg), workers, args.batch_size, args.epochs)
-        ship = rate(shards, DecodeAndShip(cfg), workers, args.batch_size, args.epochs)
+        ship = rate(shards, DecodeAndShip(cfg, full), workers, args.batch_size, args.epochs)
         ful = rate(shards, full, workers, args.batch_size, args.epochs)
         rows.append((workers, dec, ship, ful))
     return rows, in_process_ms(samples, cfg, tok)

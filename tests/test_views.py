@@ -12,6 +12,7 @@ import numpy as np
 import paddle
 import pytest
 
+from ernievil2.data.device_views import ViewFinisher, gaussian_kernels
 from ernievil2.data.sample import RawSample
 from ernievil2.data.views import (
     ALL_VIEWS,
@@ -19,7 +20,6 @@ from ernievil2.data.views import (
     IMAGENET_STD,
     EvalTransform,
     MultiViewTransform,
-    PixelNormalizer,
     ViewConfig,
     augment_text_ids,
     decode_rgb,
@@ -76,8 +76,12 @@ def _transform(tok, seed: int = 0, **cfg) -> MultiViewTransform:
 
 # --------------------------------------------------------------------------- shapes / differences
 def test_shapes_and_dtypes(tok, sample):
-    out = _transform(tok)(sample)
-    assert tuple(out) == ALL_VIEWS
+    t = _transform(tok)
+    out = t(sample)
+    assert tuple(out) == t.output_keys
+    assert [k for k in out if not k.endswith("_photometric")] == list(ALL_VIEWS)
+    for k in ("image_view1_photometric", "image_view2_photometric"):
+        assert out[k].shape == (12,) and out[k].dtype == np.float32
     for k in ("image", "image_view1", "image_view2"):
         assert out[k].shape == (SIZE, SIZE, 3) and out[k].dtype == np.uint8 and out[k].flags.c_contiguous
     for k in ("caption_ids", "text_view_ids", "objects_ids"):
@@ -104,7 +108,7 @@ def test_objects_output(tok, sample):
 def test_deterministic_per_seed_epoch_key(tok, sample):
     a = _transform(tok, seed=3)(sample, epoch=2)
     b = _transform(tok, seed=3)(sample, epoch=2)  # a fresh instance: nothing carried in state
-    for k in ALL_VIEWS:
+    for k in a:
         np.testing.assert_array_equal(a[k], b[k])
 
     def differs(x, y):
@@ -146,6 +150,7 @@ def test_same_views_in_another_process(tok, sample, released_vocab, tmp_path):
     img_file.write_bytes(sample.image)
     code = f"""
 import numpy as np
+from ernievil2.data.device_views import ViewFinisher, gaussian_kernels
 from ernievil2.data.sample import RawSample
 from ernievil2.data.views import MultiViewTransform, ViewConfig
 from ernievil2.tokenizer import WordPieceTokenizer
@@ -158,99 +163,143 @@ np.savez({str(tmp_path / "out.npz")!r}, **out)
     env = dict(os.environ, PYTHONHASHSEED="12345")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
     there = np.load(tmp_path / "out.npz")
-    for k in ALL_VIEWS:
+    for k in here:
         np.testing.assert_array_equal(here[k], there[k])
     assert stable_hash("synthetic/0001") == stable_hash("synthetic/0001") != stable_hash("synthetic/0002")
 
 
 # --------------------------------------------------------------------------- images
+def _finish(view: np.ndarray, params: np.ndarray | None = None) -> np.ndarray:
+    """One view finished as the trainer does (photometric draws applied, normalised), as [0, 1] HWC."""
+    out = ViewFinisher(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(
+        paddle.to_tensor(view[None]), None if params is None else params[None])
+    return out.numpy()[0].transpose(1, 2, 0)
+
+
 def test_constant_colour_normalisation(tok):
     colour = np.array([200, 100, 50], dtype=np.uint8)
     img = np.broadcast_to(colour, (90, 70, 3)).copy()
     s = RawSample(key="const", image=_encode(img), captions=["a"])
-    t = _transform(tok, color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
+    t = _transform(tok, color_jitter_prob=1.0, grayscale_prob=0.0, blur_prob=1.0)
     out = t(s)
     for k in ("image", "image_view1", "image_view2"):
         assert (out[k] == colour).all()  # crop, resize and flip of a constant image change no pixel
     expected = (colour / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     # hand computed: R (200/255-.485)/.229, G (100/255-.456)/.224, B (50/255-.406)/.225
     np.testing.assert_allclose(expected, [1.30712, -0.28501, -0.93289], atol=1e-4)
-    pixels = PixelNormalizer()(paddle.to_tensor(np.stack([out["image"], out["image_view1"]]))).numpy()
+    pixels = ViewFinisher()(paddle.to_tensor(np.stack([out["image"], out["image"]]))).numpy()
     assert pixels.shape == (2, 3, SIZE, SIZE) and pixels.dtype == np.float32
     for c in range(3):
         np.testing.assert_allclose(pixels[:, c], expected[c], atol=1e-5)
-    # blur and grayscale keep a constant image constant; grayscale makes channels equal
+    # blur keeps a constant image constant; grayscale makes it the grey of the colour
     t_gray = _transform(tok, color_jitter_prob=0.0, grayscale_prob=1.0, blur_prob=1.0)
-    gray = 0.299 * 200 + 0.587 * 100 + 0.114 * 50  # 124.2
-    assert (t_gray(s)["image_view1"] == round(gray)).all()
+    v = t_gray(s)
+    assert v["image_view1_photometric"][9] == 1.0 and v["image_view1_photometric"][10] > 0  # grey and blur drawn
+    gray = (0.299 * 200 + 0.587 * 100 + 0.114 * 50) / 255.0
+    np.testing.assert_allclose(_finish(v["image_view1"], v["image_view1_photometric"]), gray, atol=1e-5)
 
 
-def test_pixel_normalizer_matches_eval_arithmetic():
-    """The trainer's on-device normalisation of uint8 views computes what the eval transform's
-    normalisation computes on the host, and refuses anything but uint8 NHWC, naming the views."""
+def test_view_finisher_matches_eval_arithmetic():
+    """Views without photometric draws are normalised on the device as the eval transform does on
+    the host; anything but uint8 NHWC is refused, naming the view."""
     from ernievil2.data.views import _Normalizer
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    got = PixelNormalizer(mean, std)(paddle.to_tensor(pixels)).numpy()
+    got = ViewFinisher(mean, std)(paddle.to_tensor(pixels)).numpy()
     want = np.stack([_Normalizer(mean, std)(p) for p in pixels])
     assert got.shape == (4, 3, SIZE, SIZE) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     np.testing.assert_allclose(got, (pixels / 255.0 - mean).transpose(0, 3, 1, 2) / np.reshape(std, (1, 3, 1, 1)),
                                atol=1e-5)
     with pytest.raises(TypeError, match="image_view1: expected RGB uint8"):
-        PixelNormalizer()(paddle.to_tensor(pixels.astype(np.float32)), "image_view1")
+        ViewFinisher()(paddle.to_tensor(pixels.astype(np.float32)), name="image_view1")
     with pytest.raises(TypeError, match="uint8 pixels"):
-        PixelNormalizer()(paddle.to_tensor(pixels.transpose(0, 3, 1, 2).copy()))
+        ViewFinisher()(paddle.to_tensor(pixels.transpose(0, 3, 1, 2).copy()))
+    with pytest.raises(ValueError, match=r"draws must be \[4, 12\]"):
+        ViewFinisher()(paddle.to_tensor(pixels), np.zeros((4, 11), np.float32))
 
 
-def _reference_jitter(x: np.ndarray, order, factors) -> np.ndarray:
-    """torchvision's ColorJitter written plainly (per-pixel grey broadcast, hue mod 360)."""
-    x = x.copy()
+def _reference_photometric(img: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """The photometric part written plainly on the host with OpenCV (float64 [0, 1] HWC in and out):
+    torchvision's ColorJitter formulas clipped after each step, hue through cv2's HSV, then grey,
+    then cv2.GaussianBlur."""
+    x = img.astype(np.float32) / 255.0
+
     def grey(y: np.ndarray) -> np.ndarray:
         return cv2.cvtColor(y, cv2.COLOR_RGB2GRAY)
 
-    for op in order:
-        f = factors[op]
-        if op == 0:
-            x = x * f
-        elif op == 1:
-            x = x * f + (1 - f) * float(grey(x).mean())
-        elif op == 2:
-            x = x * f + (1 - f) * grey(x)[..., None]
-        else:
-            hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
-            hsv[..., 0] = np.mod(hsv[..., 0] + f * 360.0, 360.0)
-            x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-        x = np.clip(x, 0.0, 1.0).astype(np.float32)
-    return x
+    if params[0] > 0.5:
+        for op in params[1:5].astype(int):
+            f = float(params[5 + op])
+            if op == 0:
+                x = x * f
+            elif op == 1:
+                x = x * f + (1 - f) * float(grey(x).mean())
+            elif op == 2:
+                x = x * f + (1 - f) * grey(x)[..., None]
+            else:
+                hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
+                hsv[..., 0] = np.mod(hsv[..., 0] + f * 360.0, 360.0)
+                x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+            x = np.clip(x, 0.0, 1.0).astype(np.float32)
+    if params[9] > 0.5:
+        x = cv2.cvtColor(grey(x), cv2.COLOR_GRAY2RGB)
+    if params[10] > 0:
+        k = int(params[11])
+        x = cv2.GaussianBlur(x, (k, k), sigmaX=float(params[10]), sigmaY=float(params[10]))
+    return x.astype(np.float64)
 
 
-def test_color_jitter_matches_plain_reference(tok):
-    """The fused cv2 colour jitter (one colour matrix for saturation, channel means for contrast,
-    OpenCV's own hue wrap-around) equals the plain formulas for the same random draws."""
-    t = _transform(tok, color_jitter=(0.4, 0.4, 0.4, 0.1))
-    x0 = (_textured(SIZE, SIZE, seed=3) / 255.0).astype(np.float32)
-    for seed in range(12):
-        rng = np.random.default_rng(seed)
-        got = t._color_jitter(x0.copy(), rng)
-        rng = np.random.default_rng(seed)  # the same draws, in the method's order
-        order = rng.permutation(4)
-        factors = (rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(-0.1, 0.1))
-        want = _reference_jitter(x0, order, factors)
-        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=f"seed {seed}, order {order}")
-        assert np.abs(got - x0).mean() > 1e-3  # it did change the image
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_photometric_on_device_matches_opencv_reference(tok, dtype):
+    """A batch of SimCLR views finished on the device equals each view's photometric part done
+    with OpenCV on the host, for the transform's own draws (all four jitter orders, grey, blur)."""
+    t = _transform(tok, color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_prob=0.8, grayscale_prob=0.3, blur_prob=0.5)
+    views, draws = [], []
+    for i in range(24):
+        s = RawSample(key=f"k{i}", image=_encode(_textured(seed=i)), captions=["a"])
+        out = t(s, epoch=i)
+        for v in ("image_view1", "image_view2"):
+            views.append(out[v])
+            draws.append(out[v + "_photometric"])
+    draws = np.stack(draws)
+    assert {0.0, 1.0} <= set(draws[:, 0]) and {0.0, 1.0} <= set(draws[:, 9]) and (draws[:, 10] == 0).any()
+    previous = paddle.get_default_dtype()
+    paddle.set_default_dtype(dtype)
+    try:
+        got = ViewFinisher(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(
+            paddle.to_tensor(np.stack(views)), paddle.to_tensor(draws)).numpy().transpose(0, 2, 3, 1)
+    finally:
+        paddle.set_default_dtype(previous)
+    for i, (view, params) in enumerate(zip(views, draws)):
+        want = _reference_photometric(view, params)
+        np.testing.assert_allclose(got[i], want, rtol=0, atol=2e-5, err_msg=f"view {i}, draws {params}")
+    assert np.abs(got - np.stack(views) / 255.0).mean() > 0.01  # the draws did change the views
+
+
+def test_gaussian_kernels_match_opencv():
+    for sigma in (0.1, 0.7, 2.0):
+        np.testing.assert_allclose(gaussian_kernels(np.array([sigma]), 5)[0],
+                                   cv2.getGaussianKernel(5, sigma, cv2.CV_64F).ravel(), atol=1e-12)
+    np.testing.assert_array_equal(gaussian_kernels(np.array([0.0]), 3)[0], [0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="odd"):
+        gaussian_kernels(np.array([1.0]), 4)
 
 
 def test_grayscale_and_jitter_effects(tok, sample):
     t = _transform(tok, color_jitter_prob=0.0, grayscale_prob=1.0, blur_prob=0.0)
-    raw = t(sample)["image_view2"]
-    assert (raw[..., 0] == raw[..., 1]).all() and (raw[..., 1] == raw[..., 2]).all()
+    out = t(sample)
+    raw = _finish(out["image_view2"], out["image_view2_photometric"])
+    np.testing.assert_allclose(raw[..., 0], raw[..., 1], atol=1e-6)
+    np.testing.assert_allclose(raw[..., 1], raw[..., 2], atol=1e-6)
     # with jitter always on, the SimCLR view's colours differ from the plain crop of the same box
-    plain = _transform(tok, color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)(sample)["image_view1"]
-    jit = _transform(tok, color_jitter_prob=1.0, grayscale_prob=0.0, blur_prob=0.0)(sample)["image_view1"]
-    assert _diff(plain, jit) > 3
+    plain = _transform(tok, color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)(sample)
+    jit = _transform(tok, color_jitter_prob=1.0, grayscale_prob=0.0, blur_prob=0.0)(sample)
+    np.testing.assert_array_equal(plain["image_view1"], jit["image_view1"])  # same crop: the draws are separate
+    assert np.abs(_finish(plain["image_view1"], plain["image_view1_photometric"])
+                  - _finish(jit["image_view1"], jit["image_view1_photometric"])).mean() > 0.01
 
 
 def test_random_resized_crop_box_bounds():

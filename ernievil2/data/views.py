@@ -11,12 +11,15 @@ From one :class:`~ernievil2.data.sample.RawSample` :class:`MultiViewTransform` m
 * ``objects_ids`` / ``has_objects``: the object-tags text (see :func:`objects_text`), or all
   padding and 0.0 when the sample carries no tags.
 
-Training image views are RGB uint8 ``[S, S, 3]`` pixels: the loader ships a quarter of the bytes
-of float32, and the trainer normalises them with the ImageNet mean/std where the model runs
-(:class:`PixelNormalizer`). Images are decoded with OpenCV and augmented with numpy/cv2 (crop +
-resize is one ``cv2.resize`` of the crop; colour jitter, grayscale and blur run in float32 at the
-output size, rounded to uint8 once at the end). The eval transform returns normalised float32 CHW,
-the input of the released inference code. Before decoding, the header (read
+The work is split the way GPU input pipelines (DALI, kornia) split it. Here, in the loader worker:
+decode, every random draw, and the geometry (crop + resize is one ``cv2.resize`` of the crop, then
+the flip), giving RGB uint8 ``[S, S, 3]`` pixels, a quarter of float32's bytes to ship. On the
+device, batched (:class:`~ernievil2.data.device_views.ViewFinisher`): the SimCLR views'
+photometric part (colour jitter, grayscale, blur), whose draws travel with the pixels as
+``image_view1_photometric`` / ``image_view2_photometric`` (float32 ``[12]``, see
+:mod:`ernievil2.data.device_views`), then the normalisation with the ImageNet mean/std. The eval
+transform returns normalised float32 CHW, the input of the released inference code. Images are
+decoded with OpenCV. Before decoding, the header (read
 by PIL, no pixels) is checked against ``ViewConfig.max_image_pixels`` (decompression bombs) and
 ``min_image_side`` (1x1 placeholders); a JPEG much larger than the views is decoded at 1/2, 1/4 or
 1/8 scale by libjpeg (``reduce_on_decode``). Bad images raise
@@ -40,7 +43,6 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-import paddle
 from PIL import Image
 
 from ernievil2.data.sample import BadSample, RawSample
@@ -55,12 +57,14 @@ __all__ = [
     "VIEW_ALIASES",
     "EvalTransform",
     "MultiViewTransform",
-    "PixelNormalizer",
+    "PHOTOMETRIC_PARAMS",
+    "PHOTOMETRIC_SUFFIX",
     "ViewConfig",
     "augment_text_ids",
     "decode_for_views",
     "decode_rgb",
     "objects_text",
+    "photometric_params",
     "random_resized_crop_box",
     "stable_hash",
 ]
@@ -69,8 +73,6 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_OBJECTS_TEMPLATES: dict[str, str] = {"en": "the picture contains {objects}", "zh": "图中有{objects}"}
 DEFAULT_OBJECTS_JOINERS: dict[str, str] = {"en": ", ", "zh": "、"}
-# OpenCV's RGB -> gray weights (ITU-R BT.601), the grey of contrast, saturation and grayscale
-_GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 #: Every output key of :class:`MultiViewTransform`, in output order.
 ALL_VIEWS: tuple[str, ...] = (
@@ -87,6 +89,8 @@ VIEW_ALIASES: dict[str, str] = {"caption": "caption_ids", "text_view": "text_vie
 # independent random streams, fixed order (changing it changes every sample's views)
 _STREAMS = ("image", "image_view1", "image_view2", "text")
 _IMAGE_VIEWS = ("image", "image_view1", "image_view2")
+#: Suffix of the key holding a SimCLR view's photometric draws (``image_view1`` + suffix).
+PHOTOMETRIC_SUFFIX = "_photometric"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -169,18 +173,18 @@ def random_resized_crop_box(
     and takes the first that fits; otherwise a centre crop with the ratio clamped into ``ratio``.
     """
     area = height * width
-    targets = area * rng.uniform(scale[0], scale[1], attempts)
-    aspects = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), attempts))
-    cws = np.rint(np.sqrt(targets * aspects)).astype(np.int64)
-    chs = np.rint(np.sqrt(targets / aspects)).astype(np.int64)
-    offsets = rng.random(2)
-    ok = (cws > 0) & (cws <= width) & (chs > 0) & (chs <= height)
-    if ok.any():
-        k = int(np.argmax(ok))
-        ch, cw = int(chs[k]), int(cws[k])
-        top = min(int(offsets[0] * (height - ch + 1)), height - ch)
-        left = min(int(offsets[1] * (width - cw + 1)), width - cw)
-        return top, left, ch, cw
+    # all draws first (a fixed number per call), then plain Python arithmetic: 10 elements are
+    # cheaper as floats than as numpy arrays
+    fractions = rng.uniform(scale[0], scale[1], attempts).tolist()
+    log_aspects = rng.uniform(math.log(ratio[0]), math.log(ratio[1]), attempts).tolist()
+    off_top, off_left = rng.random(2).tolist()
+    for fraction, log_aspect in zip(fractions, log_aspects):
+        target, aspect = area * fraction, math.exp(log_aspect)
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= width and 0 < ch <= height:
+            top = min(int(off_top * (height - ch + 1)), height - ch)
+            left = min(int(off_left * (width - cw + 1)), width - cw)
+            return top, left, ch, cw
     in_ratio = width / height
     if in_ratio < ratio[0]:
         cw, ch = width, max(1, int(round(width / ratio[0])))
@@ -190,6 +194,24 @@ def random_resized_crop_box(
         ch, cw = height, width
     ch, cw = min(ch, height), min(cw, width)
     return (height - ch) // 2, (width - cw) // 2, ch, cw
+
+
+#: Length of a SimCLR view's photometric draws; see :func:`photometric_params`.
+PHOTOMETRIC_PARAMS = 12
+
+
+def photometric_params(order: Sequence[int] | None, factors: Sequence[float] | None, grayscale: bool,
+                       blur_sigma: float, blur_kernel: int) -> np.ndarray:
+    """A SimCLR view's photometric draws as float32 ``[12]``: ``[jitter on, order of the four
+    adjustments (4), brightness, contrast, saturation factors, hue shift (fraction of a turn),
+    grayscale, blur sigma (0: no blur), blur kernel size]``. ``order`` / ``factors`` None: no
+    colour jitter. Applied on the device by :func:`ernievil2.data.device_views.apply_photometric`.
+    """
+    jitter = order is not None
+    if jitter and (sorted(int(o) for o in order) != [0, 1, 2, 3] or factors is None or len(factors) != 4):
+        raise ValueError(f"order must be a permutation of 0..3 with 4 factors, got {order}, {factors}")
+    return np.array([float(jitter), *(order if jitter else (0, 1, 2, 3)), *(factors if jitter else (1.0, 1.0, 1.0, 0.0)),
+                     float(grayscale), float(blur_sigma), float(blur_kernel)], dtype=np.float32)
 
 
 def _resize(img: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
@@ -286,7 +308,7 @@ class ViewConfig:
     ``blur_sigma`` is the range σ is drawn from. Text-view probabilities apply only when the
     sample has a single caption (see :func:`augment_text_ids`). ``objects_templates`` hold
     ``{objects}``; ``objects_joiners`` join the tags; both are keyed by language. ``mean`` / ``std``
-    are the normalisation the trainer applies to the uint8 views (:class:`PixelNormalizer`).
+    are the normalisation the trainer applies to the uint8 views (``ViewFinisher``).
     """
 
     image_size: int = 224
@@ -335,30 +357,6 @@ class _Normalizer:
         return out
 
 
-class PixelNormalizer:
-    """The trainer's side of the uint8 image views: RGB uint8 ``[N, S, S, 3]`` pixels in,
-    ``(x / 255 - mean) / std`` as ``[N, 3, S, S]`` in paddle's default float dtype out, computed on
-    the current device (the uint8 batch is moved there first: a quarter of float32's bytes).
-    Same arithmetic as the eval transform's normalisation (``x * scale + shift``, float32 constants).
-    """
-
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.scale, self.shift = _scale_shift(mean, std)
-
-    def __call__(self, pixels: paddle.Tensor, name: str = "image") -> paddle.Tensor:
-        if pixels.dtype != paddle.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
-            raise TypeError(f"{name}: expected RGB uint8 pixels [N, S, S, 3] (MultiViewTransform's views), "
-                            f"got {pixels.dtype} {list(pixels.shape)}")
-        device = paddle.get_device()
-        if device != "cpu":
-            pixels = pixels.to(device)
-        dtype = paddle.get_default_dtype()
-        x = pixels.transpose([0, 3, 1, 2]).astype(dtype)
-        scale = paddle.to_tensor(self.scale.reshape(1, 3, 1, 1)).astype(dtype)
-        shift = paddle.to_tensor(self.shift.reshape(1, 3, 1, 1)).astype(dtype)
-        return x * scale + shift
-
-
 # --------------------------------------------------------------------------- transforms
 class MultiViewTransform:
     """Make the ERNIE-ViL 2.0 views of a :class:`RawSample` (see the module docstring).
@@ -394,6 +392,9 @@ class MultiViewTransform:
         if wanted & {"objects_ids", "has_objects"}:
             wanted |= {"objects_ids", "has_objects"}
         self.views: tuple[str, ...] = tuple(v for v in ALL_VIEWS if v in wanted)
+        #: the keys of a sample's output, in order: the views, each SimCLR view followed by its draws
+        self.output_keys: tuple[str, ...] = tuple(
+            k for v in self.views for k in ((v, v + PHOTOMETRIC_SUFFIX) if v in ("image_view1", "image_view2") else (v,)))
         if cfg.blur_kernel is None:
             k = max(3, int(round(5 * cfg.image_size / 224)))
         else:
@@ -412,56 +413,20 @@ class MultiViewTransform:
     def _caption_view(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return self._crop_flip(img, rng, self.cfg.caption_crop_scale)
 
-    def _color_jitter(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """torchvision's ColorJitter on a float32 RGB image in [0, 1]: the four adjustments in a
-        random order, each clipped to [0, 1]; hue is shifted in HSV. Returns ``x`` or a new array."""
-        b, c, s, h = self.cfg.color_jitter
-        order = rng.permutation(4)
-        factors = (
-            rng.uniform(max(0.0, 1 - b), 1 + b),
-            rng.uniform(max(0.0, 1 - c), 1 + c),
-            rng.uniform(max(0.0, 1 - s), 1 + s),
-            rng.uniform(-h, h),
-        )
-        for op in order:
-            f = factors[op]
-            if op == 0 and b > 0:  # brightness: f * x
-                x *= f
-            elif op == 1 and c > 0:  # contrast: blend with the mean grey
-                grey = float(_GRAY_WEIGHTS @ np.asarray(cv2.mean(x)[:3], dtype=np.float32))
-                x *= f
-                x += (1 - f) * grey
-            elif op == 2 and s > 0:  # saturation: blend with the pixel's grey, one colour matrix
-                mix = f * np.eye(3, dtype=np.float32) + (1 - f) * np.tile(_GRAY_WEIGHTS, (3, 1))
-                x = cv2.transform(x, mix)
-            elif op == 3 and h > 0:  # hue: rotate H (degrees); OpenCV wraps H >= 360 itself
-                hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
-                hsv = cv2.add(hsv, ((f % 1.0) * 360.0, 0.0, 0.0, 0.0))
-                x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-            else:
-                continue
-            np.clip(x, 0.0, 1.0, out=x)
-        return x
-
-    def _simclr_view(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _simclr_view(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The SimCLR view's crop (uint8) and the draws of its photometric part (``photometric_params``)."""
         cfg = self.cfg
         out = self._crop_flip(img, rng, cfg.simclr_crop_scale)
         u = rng.random(3)
         jitter = u[0] < cfg.color_jitter_prob and any(v > 0 for v in cfg.color_jitter)
-        gray = u[1] < cfg.grayscale_prob
-        blur = u[2] < cfg.blur_prob
-        if not (jitter or gray or blur):
-            return out
-        x = out.astype(np.float32)
-        x *= 1.0 / 255.0
+        order, factors = None, None
         if jitter:
-            x = self._color_jitter(x, rng)
-        if gray:
-            x = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-        if blur:
-            sigma = float(rng.uniform(cfg.blur_sigma[0], cfg.blur_sigma[1]))
-            x = cv2.GaussianBlur(x, (self.blur_kernel, self.blur_kernel), sigmaX=sigma, sigmaY=sigma)
-        return cv2.convertScaleAbs(x, alpha=255.0)  # round to nearest; x >= 0
+            b, c, s, h = cfg.color_jitter
+            order = rng.permutation(4)
+            factors = (rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
+                       rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-h, h))
+        sigma = float(rng.uniform(cfg.blur_sigma[0], cfg.blur_sigma[1])) if u[2] < cfg.blur_prob else 0.0
+        return out, photometric_params(order, factors, u[1] < cfg.grayscale_prob, sigma, self.blur_kernel)
 
     # ------------------------------------------------------------------ texts
     def _pad(self, ids: Sequence[int]) -> np.ndarray:
@@ -499,11 +464,16 @@ class MultiViewTransform:
             out["has_objects"] = np.array(1.0, dtype=np.float32)
 
     # ------------------------------------------------------------------ main
-    def fixed_outputs(self) -> dict[str, tuple[tuple[int, int, int], np.dtype]]:
-        """The outputs whose shape and dtype never change, the image views (``(S, S, 3)`` uint8):
-        what the training loader ships through shared slots (:mod:`ernievil2.data.slots`)."""
-        s = self.cfg.image_size
-        return {k: ((s, s, 3), np.dtype(np.uint8)) for k in self.views if k in _IMAGE_VIEWS}
+    def fixed_outputs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shape and dtype of every output (they never change): what the training loader ships
+        through shared slots (:mod:`ernievil2.data.slots`)."""
+        s, n = self.cfg.image_size, self.max_length
+        layout = {"image": ((s, s, 3), np.uint8), "image_view1": ((s, s, 3), np.uint8),
+                  "image_view2": ((s, s, 3), np.uint8), "caption_ids": ((n,), np.int64),
+                  "text_view_ids": ((n,), np.int64), "objects_ids": ((n,), np.int64), "has_objects": ((), np.float32)}
+        for view in ("image_view1", "image_view2"):
+            layout[view + PHOTOMETRIC_SUFFIX] = ((PHOTOMETRIC_PARAMS,), np.float32)
+        return {k: (layout[k][0], np.dtype(layout[k][1])) for k in self.output_keys}
 
     def rngs(self, key: str, epoch: int = 0) -> dict[str, np.random.Generator]:
         """The per-view random generators of sample ``key`` at ``epoch``."""
@@ -527,8 +497,9 @@ class MultiViewTransform:
             raise BadSample("no_caption", f"sample {sample.key!r} has no captions")
 
     def __call__(self, sample: RawSample, epoch: int = 0) -> dict[str, np.ndarray]:
-        """The selected views of ``sample`` as arrays (images RGB uint8 ``[S, S, 3]``, ids int64
-        ``[max_length]``, ``has_objects`` float32 scalar), keyed as in :data:`ALL_VIEWS`."""
+        """The selected views of ``sample`` as arrays keyed by :attr:`output_keys`: images RGB uint8
+        ``[S, S, 3]`` (a SimCLR view with its ``*_photometric`` float32 ``[12]`` draws), ids int64
+        ``[max_length]``, ``has_objects`` a float32 scalar."""
         rngs = self.rngs(sample.key, epoch)
         out: dict[str, np.ndarray] = {}
         views = self.views
@@ -536,15 +507,14 @@ class MultiViewTransform:
         if img is not None:
             if "image" in views:
                 out["image"] = self._caption_view(img, rngs["image"])
-            if "image_view1" in views:
-                out["image_view1"] = self._simclr_view(img, rngs["image_view1"])
-            if "image_view2" in views:
-                out["image_view2"] = self._simclr_view(img, rngs["image_view2"])
+            for view in ("image_view1", "image_view2"):
+                if view in views:
+                    out[view], out[view + PHOTOMETRIC_SUFFIX] = self._simclr_view(img, rngs[view])
         if "caption_ids" in views or "text_view_ids" in views:
             self._texts(sample, rngs["text"], out)
         if "objects_ids" in views:
             self._objects(sample, out)
-        return {k: out[k] for k in views}
+        return {k: out[k] for k in self.output_keys}
 
 
 class EvalTransform:

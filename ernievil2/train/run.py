@@ -27,7 +27,8 @@ from ernievil2.atomic import atomic_write
 from ernievil2.data.demo import DemoDataSpec, ensure_demo_data
 from ernievil2.data.loader import build_train_data
 from ernievil2.data.shards import ShardStream
-from ernievil2.data.views import MultiViewTransform, PixelNormalizer
+from ernievil2.data.device_views import ViewFinisher
+from ernievil2.data.views import MultiViewTransform
 from ernievil2.distributed import (
     DistInfo,
     DistributedExchange,
@@ -174,7 +175,7 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
         model, loss, optimizer, scheduler, data, evaluators, logger, run_dir, cfg.trainer,
         log_every=cfg.logger.log_every, eval_every=cfg.eval.every_n_steps, eval_at_end=cfg.eval.at_end,
         checkpoint_files={"vocab.txt": vocab_path}, config=resolved, dist=info,
-        normalize=PixelNormalizer(views_cfg.mean, views_cfg.std),
+        finish_views=ViewFinisher(views_cfg.mean, views_cfg.std),
     )
     try:
         if resume_from is not None:

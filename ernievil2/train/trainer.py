@@ -29,7 +29,8 @@ import numpy as np
 import paddle
 
 from ernievil2.data.loader import TrainData
-from ernievil2.data.views import PixelNormalizer
+from ernievil2.data.device_views import ViewFinisher
+from ernievil2.data.views import PHOTOMETRIC_SUFFIX
 from ernievil2.distributed import DistInfo, check_parameters_in_sync
 from ernievil2.evaluation import Evaluator, trim_padding
 from ernievil2.losses import MultiViewLoss
@@ -61,18 +62,20 @@ def _tensor(x: Any) -> paddle.Tensor:
 
 def encode_views(
     model: paddle.nn.Layer, batch: dict, views: Sequence[str], with_logit_scale: bool = True,
-    normalize: Optional[PixelNormalizer] = None,
+    finish: Optional[ViewFinisher] = None,
 ) -> tuple[dict[str, paddle.Tensor], Optional[paddle.Tensor]]:
     """Embed the requested views in one ``model(pixels, ids)`` call: all image views (uint8
-    pixels, normalised here by ``normalize``, default ImageNet's) go through the image tower
-    together, all text views through the text tower together (padding columns trimmed). Returns
-    the features by view and the logit scale (None unless ``with_logit_scale``). Going through
-    ``forward`` lets a ``paddle.DataParallel`` wrapper prepare its gradient all-reduce."""
+    pixels, finished here on the device by ``finish``, default ImageNet normalisation, with the
+    photometric draws a SimCLR view carries) go through the image tower together, all text views
+    through the text tower together (padding columns trimmed). Returns the features by view and
+    the logit scale (None unless ``with_logit_scale``). Going through ``forward`` lets a
+    ``paddle.DataParallel`` wrapper prepare its gradient all-reduce."""
     img_keys = [v for v in IMAGE_VIEWS if v in views]
     txt_keys = [v for v in TEXT_VIEWS if v in views]
-    normalize = normalize or PixelNormalizer()
-    pixels = (normalize(paddle.concat([_tensor(batch[k]) for k in img_keys]), "+".join(img_keys))
-              if img_keys else None)
+    finish = finish or ViewFinisher()
+    pixels = None
+    if img_keys:
+        pixels = paddle.concat([finish(_tensor(batch[k]), batch.get(k + PHOTOMETRIC_SUFFIX), k) for k in img_keys])
     ids = None
     if txt_keys:
         ids = np.concatenate([np.asarray(_tensor(batch[TEXT_VIEWS[k]]).numpy()) for k in txt_keys])
@@ -114,8 +117,8 @@ class Trainer:
     ``dist`` (default: one process) with ``world_size > 1``: ``data`` must yield this rank's share
     of the data and ``logger`` must write no file except on rank 0. Parameters are checked to be
     identical on all ranks at the end (:func:`ernievil2.distributed.check_parameters_in_sync`).
-    Image views arrive as uint8 pixels; ``normalize`` (default: ImageNet mean/std) turns them into
-    the model's input on the device.
+    Image views arrive as uint8 pixels; ``finish_views`` (default: ImageNet mean/std) turns them
+    into the model's input on the device.
     """
 
     def __init__(
@@ -136,7 +139,7 @@ class Trainer:
         checkpoint_files: Optional[dict] = None,
         config: Optional[dict] = None,
         dist: Optional[DistInfo] = None,
-        normalize: Optional[PixelNormalizer] = None,
+        finish_views: Optional[ViewFinisher] = None,
     ):
         self.settings = settings or TrainerSchema()
         s = self.settings
@@ -157,7 +160,7 @@ class Trainer:
         self.forward_model = self.parallel.forward_model
         self.optimizer = self.parallel.optimizer
         self.data, self.evaluators, self.logger = data, list(evaluators), logger
-        self.normalize = normalize or PixelNormalizer()
+        self.finish_views = finish_views or ViewFinisher()
         self.run_dir = Path(run_dir)
         self.max_steps = s.max_steps
         self.log_every, self.eval_every, self.eval_at_end = log_every, eval_every, eval_at_end
@@ -195,7 +198,7 @@ class Trainer:
                 for b in micro:
                     rng_states.append(paddle.get_rng_state())
                     with precision.autocast():
-                        feats, _ = encode_views(self.model, b, views, False, self.normalize)
+                        feats, _ = encode_views(self.model, b, views, False, self.finish_views)
                     cached.append({k: v.detach() for k, v in feats.items()})
         out: dict[str, paddle.Tensor] = {}
         for j, b in enumerate(micro):
@@ -204,7 +207,7 @@ class Trainer:
                 paddle.set_rng_state(rng_states[j])
             with (contextlib.nullcontext() if last else self.parallel.no_sync()):
                 with precision.autocast():
-                    feats, scale = encode_views(self.forward_model, b, views, uses_scale and last, self.normalize)
+                    feats, scale = encode_views(self.forward_model, b, views, uses_scale and last, self.finish_views)
                 if cached:
                     feats = {k: paddle.concat([feats[k] if i == j else c[k] for i, c in enumerate(cached)])
                              for k in feats}
