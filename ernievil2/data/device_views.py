@@ -14,8 +14,7 @@ batch of them into the model's input:
    edge pixel (OpenCV's default ``BORDER_REFLECT_101``), as ``cv2.GaussianBlur``;
 4. ``(x - mean) / std``.
 
-A view whose draws turn a step off gets that step as the identity (factor 1, hue 0, sigma 0): the
-batch runs every step it needs once, for all its images.
+Each step runs only on the images whose draws turn it on, all of them at once.
 """
 from __future__ import annotations
 
@@ -38,28 +37,21 @@ def _grey(x: paddle.Tensor) -> paddle.Tensor:
 
 
 def _rotate_hue(x: paddle.Tensor, turns: paddle.Tensor) -> paddle.Tensor:
-    """Rotate the hue of RGB ``[N, 3, H, W]`` in [0, 1] by ``turns`` ``[N]`` (RGB -> HSV -> RGB)."""
+    """Rotate the hue of RGB ``[N, 3, H, W]`` in [0, 1] by ``turns`` ``[N]`` (RGB -> HSV -> RGB,
+    the hue in sixths of a turn; the way back is the branch-free form of the HSV sectors)."""
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
     v = paddle.max(x, axis=1)
-    delta = v - paddle.min(x, axis=1)
-    s = paddle.where(v > 0, delta / paddle.where(v > 0, v, paddle.ones_like(v)), paddle.zeros_like(v))
-    d = paddle.where(delta > 0, delta, paddle.ones_like(delta))
-    rc, gc, bc = (v - r) / d, (v - g) / d, (v - b) / d
-    h = paddle.where(v == r, bc - gc, paddle.where(v == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = paddle.where(delta > 0, h, paddle.zeros_like(h)) / 6.0
-    h = paddle.remainder(h + turns.reshape([-1, 1, 1]), paddle.ones_like(h)) * 6.0
-    sector = paddle.floor(h)
-    frac = h - sector
-    sector = paddle.remainder(sector, paddle.full_like(sector, 6.0))
-    p, q, t = v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))
-    # (R, G, B) per hue sector 0..5
-    table = ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))
+    chroma = v - paddle.min(x, axis=1)
+    grey = chroma <= 0
+    safe = paddle.where(grey, paddle.ones_like(chroma), chroma)
+    h = paddle.where(v == r, (g - b) / safe, paddle.where(v == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    h = paddle.where(grey, paddle.zeros_like(h), h) + 6.0 * turns.reshape([-1, 1, 1])
+    six = paddle.full_like(h, 6.0)
+    # channel = v - chroma * clip(min(k, 4 - k), 0, 1), k = (n + h) mod 6 with n = 5, 3, 1 for R, G, B
     out = []
-    for channel in range(3):
-        c = table[5][channel]
-        for k in range(4, -1, -1):
-            c = paddle.where(sector == k, table[k][channel], c)
-        out.append(c)
+    for n in (5.0, 3.0, 1.0):
+        k = paddle.remainder(h + n, six)
+        out.append(v - chroma * paddle.clip(paddle.minimum(k, 4.0 - k), 0.0, 1.0))
     return paddle.stack(out, axis=1)
 
 
@@ -87,41 +79,56 @@ def _blur(x: paddle.Tensor, kernels: np.ndarray) -> paddle.Tensor:
     return y.reshape([n, c, h, w])
 
 
+def _rows(x: paddle.Tensor, rows: np.ndarray) -> paddle.Tensor:
+    return x if len(rows) == x.shape[0] else paddle.gather(x, paddle.to_tensor(rows), axis=0)
+
+
+def _put(x: paddle.Tensor, rows: np.ndarray, values: paddle.Tensor) -> paddle.Tensor:
+    return values if len(rows) == x.shape[0] else paddle.scatter(x, paddle.to_tensor(rows), values, overwrite=True)
+
+
+def _blend(x: paddle.Tensor, op: np.ndarray, f: np.ndarray) -> paddle.Tensor:
+    """Brightness (op 0), contrast (1) or saturation (2) with factors ``f``, one per image of ``x``
+    ``[m, 3, H, W]``, as a per-image colour matrix and offset, clipped to [0, 1]."""
+    m, c, h, w = x.shape
+    grey = np.asarray(_GREY)
+    mats = f[:, None, None] * np.eye(3)[None] + ((1 - f) * (op == 2))[:, None, None] * np.tile(grey, (3, 1))[None]
+    y = paddle.bmm(paddle.to_tensor(mats.astype(np.float32)).astype(x.dtype), x.reshape([m, c, h * w]))
+    if (op == 1).any():  # contrast blends with the image's mean grey
+        mean_grey = (x.mean(axis=[2, 3]) * paddle.to_tensor(grey.astype(np.float32)).astype(x.dtype)).sum(axis=1)
+        weight = paddle.to_tensor(((1 - f) * (op == 1)).astype(np.float32)).astype(x.dtype)
+        y = y + (weight * mean_grey).reshape([m, 1, 1])
+    return paddle.clip(y, 0.0, 1.0).reshape([m, c, h, w])
+
+
 def apply_photometric(x: paddle.Tensor, params: paddle.Tensor | np.ndarray) -> paddle.Tensor:
     """The photometric part of SimCLR views: RGB ``[N, 3, H, W]`` in [0, 1] and their draws
-    ``[N, 12]`` (:func:`~ernievil2.data.views.photometric_params`) -> ``[N, 3, H, W]`` in [0, 1]."""
+    ``[N, 12]`` (:func:`~ernievil2.data.views.photometric_params`) -> ``[N, 3, H, W]`` in [0, 1].
+
+    Each step runs on the images it changes only (the draws are read on the host): in each of the
+    four jitter positions the blends (brightness, contrast, saturation) of all images together as
+    per-image colour matrices, then the hue rotations; then grayscale; then the blurs."""
     host = np.asarray(params.numpy() if isinstance(params, paddle.Tensor) else params, dtype=np.float64)
     if host.ndim != 2 or host.shape != (x.shape[0], PHOTOMETRIC_PARAMS):
         raise ValueError(f"photometric draws must be [{x.shape[0]}, {PHOTOMETRIC_PARAMS}], got {list(host.shape)}")
-    dtype = x.dtype
+    n = x.shape[0]
     jitter = host[:, 0] > 0.5
-    order = host[:, 1:5].astype(np.int64)
-    factors = np.where(jitter[:, None], host[:, 5:9], [1.0, 1.0, 1.0, 0.0])
-
-    def column(values: np.ndarray) -> paddle.Tensor:
-        return paddle.to_tensor(values.reshape(-1, 1, 1, 1).astype(np.float32)).astype(dtype)
-
-    if jitter.any():
-        for position in range(4):
-            op = order[:, position]
-            # brightness, contrast and saturation all blend x with a grey level: 0, the mean grey, the grey
-            f = np.where(op == 3, 1.0, factors[np.arange(len(op)), np.minimum(op, 2)])
-            f = np.where(jitter, f, 1.0)
-            if (f != 1.0).any():
-                grey = _grey(x)
-                target = paddle.where(column(op == 1) > 0, grey.mean(axis=[2, 3], keepdim=True), grey)
-                target = target * column(op != 0)
-                x = paddle.clip(column(f) * x + column(1.0 - f) * target, 0.0, 1.0)
-            turns = np.where(jitter & (op == 3), factors[:, 3], 0.0)
-            if (turns != 0).any():
-                rotated = paddle.clip(_rotate_hue(x, paddle.to_tensor(turns.astype(np.float32)).astype(dtype)), 0.0, 1.0)
-                x = paddle.where(column(turns != 0) > 0, rotated, x)
-    grey_views = host[:, 9] > 0.5
-    if grey_views.any():
-        x = paddle.where(column(grey_views) > 0, _grey(x).expand_as(x), x)
-    sigmas = host[:, 10]
-    if (sigmas > 0).any():
-        x = _blur(x, gaussian_kernels(sigmas, int(host[0, 11])))
+    for position in range(4):
+        op = np.where(jitter, host[:, 1 + position], -1).astype(np.int64)
+        factor = host[np.arange(n), 5 + np.clip(op, 0, 3)]
+        rows = np.nonzero((op >= 0) & (op <= 2) & (factor != 1.0))[0]
+        if len(rows):
+            x = _put(x, rows, _blend(_rows(x, rows), op[rows], factor[rows]))
+        rows = np.nonzero((op == 3) & (factor != 0.0))[0]
+        if len(rows):
+            turns = paddle.to_tensor(factor[rows].astype(np.float32)).astype(x.dtype)
+            x = _put(x, rows, paddle.clip(_rotate_hue(_rows(x, rows), turns), 0.0, 1.0))
+    rows = np.nonzero(host[:, 9] > 0.5)[0]
+    if len(rows):
+        x = _put(x, rows, _grey(_rows(x, rows)).expand([len(rows), *x.shape[1:]]))
+    rows = np.nonzero(host[:, 10] > 0)[0]
+    if len(rows):
+        x = _put(x, rows, _blur(_rows(x, rows), gaussian_kernels(host[rows, 10], int(host[rows[0], 11]))))
     return x
 
 
