@@ -97,6 +97,8 @@ def test_slot_rules():
     np.testing.assert_array_equal(slots.take(d0)["x"].numpy(), [[1, 2, 3], [4, 5, 6]])
     with pytest.raises(ValueError, match="batches of 2 rows"):
         slots.put(0, 0, rows[:1])
+    with pytest.raises(ValueError, match=r"output 'x' is int64 \[3\], but the transform's fixed_outputs\(\) declares uint8 \[3\]"):
+        slots.put(0, 0, [rows[0], {"x": np.array([1, 2, 3])}])
     with pytest.raises(TypeError, match="shared by forking"):
         pickle.dumps(slots)
     # batch 3 of worker 1 needs the slot of batch 1, not taken yet: put waits until close()

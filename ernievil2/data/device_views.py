@@ -152,11 +152,16 @@ class ViewFinisher:
         device = paddle.get_device()
         if device != "cpu":
             pixels = pixels.to(device)
-        dtype = paddle.get_default_dtype()
-        x = pixels.transpose([0, 3, 1, 2]).astype(dtype)
-        scale = self.scale.reshape(1, 3, 1, 1)
-        shift = paddle.to_tensor(self.shift.reshape(1, 3, 1, 1)).astype(dtype)
+        x = pixels.astype(paddle.get_default_dtype())  # [N, S, S, 3]
         if photometric is None:
-            return x * paddle.to_tensor(scale).astype(dtype) + shift
-        x = apply_photometric(x * (1.0 / 255.0), photometric)
-        return x * paddle.to_tensor(scale * 255.0).astype(dtype) + shift
+            return _channel_affine(x, self.scale, self.shift, channels_last=True)
+        x = apply_photometric(_channel_affine(x, np.full(3, 1.0 / 255.0), np.zeros(3), channels_last=True), photometric)
+        return _channel_affine(x, self.scale * 255.0, self.shift)
+
+
+def _channel_affine(x: paddle.Tensor, scale: np.ndarray, shift: np.ndarray, channels_last: bool = False) -> paddle.Tensor:
+    """``x * scale[c] + shift[c]`` per channel as ``[N, 3, H, W]`` (from NHWC when ``channels_last``):
+    one scalar multiply-add per channel (much faster on the CPU than a broadcast, same arithmetic)."""
+    planes = [x[..., c] if channels_last else x[:, c] for c in range(3)]
+    return paddle.stack([paddle.scale(p, float(np.float32(a)), float(np.float32(b))) for p, a, b in zip(planes, scale, shift)],
+                        axis=1)

@@ -110,7 +110,12 @@ class BatchSlots:
             time.sleep(pause)
             pause = min(2 * pause, 5e-3)
         for key, out in self.arrays(worker, n).items():
-            np.stack([s[key] for s in samples], out=out)
+            rows = [s[key] for s in samples]
+            for row in rows:
+                if row.shape != out.shape[1:] or row.dtype != out.dtype:
+                    raise ValueError(f"sample output {key!r} is {row.dtype} {list(row.shape)}, but the transform's "
+                                     f"fixed_outputs() declares {out.dtype} {list(out.shape[1:])}")
+            np.stack(rows, out=out)
         return np.array([worker, n], dtype=np.int64)
 
     def take(self, descriptor: np.ndarray | paddle.Tensor) -> dict[str, paddle.Tensor]:
