@@ -136,8 +136,8 @@ class ViewFinisher:
     """Training image views from the loader -> the model's input, on the current device.
 
     ``pixels``: RGB uint8 ``[N, S, S, 3]``; ``photometric`` (SimCLR views): their ``[N, 12]``
-    draws. Returns ``[N, 3, S, S]`` in paddle's default float dtype: the photometric part applied
-    (:func:`apply_photometric`), then ``(x - mean) / std``. Views without draws are normalised with
+    draws. Returns ``[N, 3, S, S]`` in paddle's default float dtype (also under AMP autocast): the
+    photometric part applied (:func:`apply_photometric`), then ``(x - mean) / std``. Views without draws are normalised with
     the eval transform's arithmetic (``x * scale + shift``, float32 constants).
     """
 
@@ -152,11 +152,13 @@ class ViewFinisher:
         device = paddle.get_device()
         if device != "cpu":
             pixels = pixels.to(device)
-        x = pixels.astype(paddle.get_default_dtype())  # [N, S, S, 3]
-        if photometric is None:
-            return _channel_affine(x, self.scale, self.shift, channels_last=True)
-        x = apply_photometric(_channel_affine(x, np.full(3, 1.0 / 255.0), np.zeros(3), channels_last=True), photometric)
-        return _channel_affine(x, self.scale * 255.0, self.shift)
+        # full precision even inside the trainer's autocast (which would run bmm / conv in half)
+        with paddle.amp.auto_cast(enable=False):
+            x = pixels.astype(paddle.get_default_dtype())  # [N, S, S, 3]
+            if photometric is None:
+                return _channel_affine(x, self.scale, self.shift, channels_last=True)
+            x = _channel_affine(x, np.full(3, 1.0 / 255.0), np.zeros(3), channels_last=True)
+            return _channel_affine(apply_photometric(x, photometric), self.scale * 255.0, self.shift)
 
 
 def _channel_affine(x: paddle.Tensor, scale: np.ndarray, shift: np.ndarray, channels_last: bool = False) -> paddle.Tensor:
