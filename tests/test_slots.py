@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import paddle
 import pytest
 
 import ernievil2.data.loader as loader_mod
 from ernievil2.data.loader import StreamSource, build_train_data
+from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.slots import BatchSlots, SlotsClosed
 from ernievil2.data.views import MultiViewTransform, ViewConfig
 from ernievil2.tokenizer import WordPieceTokenizer
@@ -38,9 +40,10 @@ def _numpy(batch: dict) -> dict[str, np.ndarray]:
     return {k: np.asarray(v.numpy()) for k, v in batch.items() if k != "skipped"}
 
 
-def _epoch(shards: Path, transform, epoch: int = 0, skip: int = 0, workers: int = 2) -> list[dict[str, np.ndarray]]:
+def _epoch(shards: Path, transform, epoch: int = 0, skip: int = 0, workers: int = 2,
+           finisher: ViewFinisher | None = None) -> list[dict[str, np.ndarray]]:
     data = build_train_data([StreamSource.of("s", shards)], transform, batch_size=BATCH, num_workers=workers,
-                            shuffle_buffer=3, seed=0, world_size=1)
+                            shuffle_buffer=3, seed=0, world_size=1, finisher=finisher)
     return [_numpy(b) for b in data.batches(epoch, skip)]
 
 
@@ -63,6 +66,28 @@ def test_slots_carry_the_same_batches_as_paddle_transport(shards, transform, mon
         assert b["image_view1"].dtype == np.uint8 and b["image_view1"].shape == (BATCH, 16, 16, 3)
     monkeypatch.setattr(loader_mod, "slots_supported", lambda: False)
     _assert_same(with_slots, _epoch(shards, transform, epoch=1))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("slots", [True, False])
+def test_views_finished_by_the_loader_equal_the_trainers(shards, transform, monkeypatch, slots):
+    """For a model on the CPU the loader workers finish the views (``finisher``): the batches then
+    hold exactly what the trainer's ViewFinisher makes of the plain batches."""
+    plain = _epoch(shards, transform)
+    if not slots:
+        monkeypatch.setattr(loader_mod, "slots_supported", lambda: False)
+    finished = _epoch(shards, transform, finisher=ViewFinisher())
+    assert len(finished) == len(plain)
+    finish = ViewFinisher()
+    for f, p in zip(finished, plain):
+        assert not any(k.endswith("_photometric") for k in f)
+        for view in ("image", "image_view1", "image_view2"):
+            assert f[view].dtype == np.float32 and f[view].shape == (BATCH, 3, 16, 16)
+            want = finish(paddle.to_tensor(p[view]), p.get(view + "_photometric"), view).numpy()
+            np.testing.assert_array_equal(f[view], want, err_msg=view)
+            # the trainer takes finished views as they are
+            np.testing.assert_array_equal(finish(paddle.to_tensor(f[view]), None, view).numpy(), f[view])
+        np.testing.assert_array_equal(f["caption_ids"], p["caption_ids"])
 
 
 @pytest.mark.timeout(180)
@@ -97,7 +122,7 @@ def test_slot_rules():
     np.testing.assert_array_equal(slots.take(d0)["x"].numpy(), [[1, 2, 3], [4, 5, 6]])
     with pytest.raises(ValueError, match="batches of 2 rows"):
         slots.put(0, 0, rows[:1])
-    with pytest.raises(ValueError, match=r"output 'x' is int64 \[3\], but the transform's fixed_outputs\(\) declares uint8 \[3\]"):
+    with pytest.raises(ValueError, match=r"output 'x' is int64 \[3\], but the layout \(the transform's fixed_outputs\(\)\) declares uint8 \[3\]"):
         slots.put(0, 0, [rows[0], {"x": np.array([1, 2, 3])}])
     with pytest.raises(TypeError, match="shared by forking"):
         pickle.dumps(slots)

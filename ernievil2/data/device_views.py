@@ -24,7 +24,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from ernievil2.data.views import IMAGENET_MEAN, IMAGENET_STD, PHOTOMETRIC_PARAMS, _scale_shift
+from ernievil2.data.views import IMAGENET_MEAN, IMAGENET_STD, PHOTOMETRIC_PARAMS, PHOTOMETRIC_SUFFIX, _scale_shift
 
 __all__ = ["ViewFinisher", "apply_photometric", "gaussian_kernels"]
 
@@ -132,13 +132,26 @@ def apply_photometric(x: paddle.Tensor, params: paddle.Tensor | np.ndarray) -> p
     return x
 
 
+def _channel_affine(x: paddle.Tensor, scale: np.ndarray, shift: np.ndarray, channels_last: bool = False) -> paddle.Tensor:
+    """``x * scale[c] + shift[c]`` per channel as ``[N, 3, H, W]`` (from NHWC when ``channels_last``):
+    one scalar multiply-add per channel (much faster on the CPU than a broadcast, same arithmetic)."""
+    planes = [x[..., c] if channels_last else x[:, c] for c in range(3)]
+    return paddle.stack([paddle.scale(p, float(np.float32(a)), float(np.float32(b))) for p, a, b in zip(planes, scale, shift)],
+                        axis=1)
+
+
 class ViewFinisher:
     """Training image views from the loader -> the model's input, on the current device.
 
     ``pixels``: RGB uint8 ``[N, S, S, 3]``; ``photometric`` (SimCLR views): their ``[N, 12]``
     draws. Returns ``[N, 3, S, S]`` in paddle's default float dtype (also under AMP autocast): the
-    photometric part applied (:func:`apply_photometric`), then ``(x - mean) / std``. Views without draws are normalised with
-    the eval transform's arithmetic (``x * scale + shift``, float32 constants).
+    photometric part applied (:func:`apply_photometric`), then ``(x - mean) / std``. Views without
+    draws are normalised with the eval transform's arithmetic (``x * scale + shift``, float32
+    constants).
+
+    When the model runs on the CPU, the loader workers have idle CPU time and the trainer none:
+    there the loader finishes each batch (:meth:`finish_batch`, the same computation in the worker
+    process) and the trainer receives float32 ``[N, 3, S, S]`` views, which it takes as they are.
     """
 
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
@@ -146,9 +159,12 @@ class ViewFinisher:
 
     def __call__(self, pixels: paddle.Tensor, photometric: paddle.Tensor | np.ndarray | None = None,
                  name: str = "image") -> paddle.Tensor:
+        finished = pixels.dtype == paddle.float32 and pixels.ndim == 4 and pixels.shape[1] == 3
+        if finished and photometric is None:  # finished by the loader (finish_batch)
+            return pixels.to(paddle.get_device()).astype(paddle.get_default_dtype())
         if pixels.dtype != paddle.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
-            raise TypeError(f"{name}: expected RGB uint8 pixels [N, S, S, 3] (MultiViewTransform's views), "
-                            f"got {pixels.dtype} {list(pixels.shape)}")
+            raise TypeError(f"{name}: expected RGB uint8 pixels [N, S, S, 3] (MultiViewTransform's views) or "
+                            f"float32 [N, 3, S, S] finished by the loader, got {pixels.dtype} {list(pixels.shape)}")
         device = paddle.get_device()
         if device != "cpu":
             pixels = pixels.to(device)
@@ -161,9 +177,32 @@ class ViewFinisher:
             return _channel_affine(apply_photometric(x, photometric), self.scale * 255.0, self.shift)
 
 
-def _channel_affine(x: paddle.Tensor, scale: np.ndarray, shift: np.ndarray, channels_last: bool = False) -> paddle.Tensor:
-    """``x * scale[c] + shift[c]`` per channel as ``[N, 3, H, W]`` (from NHWC when ``channels_last``):
-    one scalar multiply-add per channel (much faster on the CPU than a broadcast, same arithmetic)."""
-    planes = [x[..., c] if channels_last else x[:, c] for c in range(3)]
-    return paddle.stack([paddle.scale(p, float(np.float32(a)), float(np.float32(b))) for p, a, b in zip(planes, scale, shift)],
-                        axis=1)
+    @staticmethod
+    def finished_layout(layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """The per-sample layout of a batch after :meth:`finish_batch`: image views float32
+        ``(3, S, S)``, their photometric draws gone, everything else as it was."""
+        out = {}
+        for key, (shape, dtype) in layout.items():
+            if key.endswith(PHOTOMETRIC_SUFFIX):
+                continue
+            if np.dtype(dtype) == np.uint8 and len(shape) == 3 and shape[-1] == 3:
+                out[key] = ((3, shape[0], shape[1]), np.dtype(np.float32))
+            else:
+                out[key] = (tuple(shape), np.dtype(dtype))
+        return out
+
+    def finish_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Finish the image views of a collated batch in this process, on the CPU: the loader's side
+        when the model runs on the CPU. Image views become float32 ``[N, 3, S, S]`` numpy arrays and
+        their photometric draws leave the batch; other entries pass through."""
+        out = {k: v for k, v in batch.items() if not k.endswith(PHOTOMETRIC_SUFFIX)}
+        previous = paddle.get_default_dtype()
+        paddle.set_default_dtype("float32")
+        try:
+            for key, value in batch.items():
+                if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 4 and value.shape[-1] == 3:
+                    draws = batch.get(key + PHOTOMETRIC_SUFFIX)
+                    out[key] = self(paddle.to_tensor(value, place=paddle.CPUPlace()), draws, key).numpy()
+        finally:
+            paddle.set_default_dtype(previous)
+        return out

@@ -51,6 +51,7 @@ from typing import Any, Protocol
 import numpy as np
 import paddle
 
+from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.sample import SKIP_KINDS, BadSample, RawSample
 from ernievil2.data.slots import SLOT_KEY, BatchSlots, SlotsClosed, slots_supported
 from ernievil2.data.shards import (
@@ -175,6 +176,7 @@ class TrainStream(paddle.io.IterableDataset):
         shuffle_buffer: int = 0,
         seed: int = 0,
         split_by_rank: bool = True,
+        finisher: ViewFinisher | None = None,
     ) -> None:
         super().__init__()
         if not sources:
@@ -194,6 +196,7 @@ class TrainStream(paddle.io.IterableDataset):
         self.epoch = 0
         self.skip_batches = 0
         self.slots: BatchSlots | None = None  # set by ShardLoader for its loader workers
+        self.finisher = finisher
         self.endless = all(s.resampled for s in self.sources)
         # Samples per shard of the exact sources (what fixes each worker's batch count).
         self.sizes: dict[str, int] = {}
@@ -394,15 +397,10 @@ class TrainStream(paddle.io.IterableDataset):
             samples = take(self.batch_size)
             if len(samples) < self.batch_size:
                 break
-            if slots is None:
-                batch = collate_arrays(samples)
-            else:
-                try:
-                    descriptor = slots.put(wid, sent, samples)
-                except SlotsClosed:
-                    return
-                batch = collate_arrays([{k: v for k, v in s.items() if k not in slots.layout} for s in samples])
-                batch[SLOT_KEY] = descriptor
+            try:
+                batch = self._ship(samples, slots, wid, sent)
+            except SlotsClosed:
+                return
             batch["skipped"] = skips.take()
             done += 1
             sent += 1
@@ -416,6 +414,23 @@ class TrainStream(paddle.io.IterableDataset):
         pending = skips.take()
         if pending.any():
             yield {"skipped": pending}
+
+
+    def _ship(self, samples: list[dict], slots: BatchSlots | None, worker: int, n: int) -> dict:
+        """Batch ``n`` of this reader as it leaves it: finished by ``finisher`` when set, its fixed
+        arrays written into ``slots`` (only their ``[worker, n]`` left in the batch) when given."""
+        if self.finisher is None:
+            if slots is None:
+                return collate_arrays(samples)
+            descriptor = slots.put(worker, n, samples)
+            batch = collate_arrays([{k: v for k, v in s.items() if k not in slots.layout} for s in samples])
+        else:
+            batch = self.finisher.finish_batch(collate_arrays(samples))
+            if slots is None:
+                return batch
+            descriptor = slots.put_batch(worker, n, {k: batch.pop(k) for k in slots.layout})
+        batch[SLOT_KEY] = descriptor
+        return batch
 
 
 def _known_sizes(src: StreamSource) -> dict[str, int]:
@@ -530,6 +545,8 @@ class ShardLoader:
         layout = fixed() if fixed is not None and self.num_workers > 0 and slots_supported() else None
         if not layout:
             return None
+        if self.stream.finisher is not None:
+            layout = self.stream.finisher.finished_layout(layout)
         slots = BatchSlots(self.num_workers, self.slot_depth, self.stream.batch_size, layout)
         if not self._slots_logged:
             self._slots_logged = True
@@ -540,7 +557,9 @@ class ShardLoader:
 
 def build_train_data(sources: Sequence[StreamSource], transform: Callable[[RawSample, int], dict], *,
                      batch_size: int, num_workers: int, shuffle_buffer: int, seed: int,
-                     world_size: int) -> ShardLoader:
-    """The configured training data of this rank."""
-    stream = TrainStream(sources, transform, batch_size, shuffle_buffer=shuffle_buffer, seed=seed)
+                     world_size: int, finisher: ViewFinisher | None = None) -> ShardLoader:
+    """The configured training data of this rank (``finisher``: finish the image views in the
+    reader, for a model on the CPU; see :class:`~ernievil2.data.device_views.ViewFinisher`)."""
+    stream = TrainStream(sources, transform, batch_size, shuffle_buffer=shuffle_buffer, seed=seed,
+                         finisher=finisher)
     return ShardLoader(stream, num_workers, world_size)

@@ -44,6 +44,12 @@ def slots_supported() -> bool:
     return multiprocessing.get_start_method(allow_none=False) == "fork"
 
 
+def _check(key: str, array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:
+    if array.shape != tuple(shape) or array.dtype != dtype:
+        raise ValueError(f"{what} {key!r} is {array.dtype} {list(array.shape)}, but the layout "
+                         f"(the transform's fixed_outputs()) declares {dtype} {list(shape)}")
+
+
 def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
@@ -103,20 +109,28 @@ class BatchSlots:
         Raises :class:`SlotsClosed` when the main process closed the slots while waiting."""
         if len(samples) != self.batch_size:
             raise ValueError(f"a slot holds batches of {self.batch_size} rows, got {len(samples)}")
+        for key, out in self._wait_for(worker, n).items():
+            rows = [s[key] for s in samples]
+            for row in rows:
+                _check(key, row, out.shape[1:], out.dtype, "sample output")
+            np.stack(rows, out=out)
+        return np.array([worker, n], dtype=np.int64)
+
+    def put_batch(self, worker: int, n: int, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        """:meth:`put` for arrays already collated (``[batch_size, ...]`` each)."""
+        for key, out in self._wait_for(worker, n).items():
+            _check(key, arrays[key], out.shape, out.dtype, "batch array")
+            out[...] = arrays[key]
+        return np.array([worker, n], dtype=np.int64)
+
+    def _wait_for(self, worker: int, n: int) -> dict[str, np.ndarray]:
         pause = 1e-4
         while self._taken(worker) < n - self.depth + 1:
             if self.closed:
                 raise SlotsClosed("the loader is shutting down")
             time.sleep(pause)
             pause = min(2 * pause, 5e-3)
-        for key, out in self.arrays(worker, n).items():
-            rows = [s[key] for s in samples]
-            for row in rows:
-                if row.shape != out.shape[1:] or row.dtype != out.dtype:
-                    raise ValueError(f"sample output {key!r} is {row.dtype} {list(row.shape)}, but the transform's "
-                                     f"fixed_outputs() declares {out.dtype} {list(out.shape[1:])}")
-            np.stack(rows, out=out)
-        return np.array([worker, n], dtype=np.int64)
+        return self.arrays(worker, n)
 
     def take(self, descriptor: np.ndarray | paddle.Tensor) -> dict[str, paddle.Tensor]:
         """Main process: copy the arrays of the batch ``descriptor`` names out of its slot (as paddle

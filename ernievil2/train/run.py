@@ -161,9 +161,14 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     views_cfg = dataclasses.replace(cfg.data.views, image_size=model_cfg.vision.image_size)
     transform = MultiViewTransform(views_cfg, tokenizer, cfg.model.text_max_length, cfg.trainer.seed,
                                    views=loss.required_views)
+    finish_views = ViewFinisher(views_cfg.mean, views_cfg.std)
+    # A model on the CPU leaves no time to finish the views in this process, and the loader workers
+    # have plenty: they finish them there (the same computation).
+    finish_in_loader = paddle.get_device() == "cpu" and cfg.data.num_workers > 0
     data = build_train_data(cfg.data.stream_sources(demo_shards=train_shards), transform,
                             batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                            shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.trainer.seed, world_size=info.world_size)
+                            shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.trainer.seed, world_size=info.world_size,
+                            finisher=finish_views if finish_in_loader else None)
 
     evaluators = build_evaluators(cfg, model_cfg.vision.image_size, tokenizer, demo_val, info)
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.trainer.max_steps)
@@ -175,7 +180,7 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
         model, loss, optimizer, scheduler, data, evaluators, logger, run_dir, cfg.trainer,
         log_every=cfg.logger.log_every, eval_every=cfg.eval.every_n_steps, eval_at_end=cfg.eval.at_end,
         checkpoint_files={"vocab.txt": vocab_path}, config=resolved, dist=info,
-        finish_views=ViewFinisher(views_cfg.mean, views_cfg.std),
+        finish_views=finish_views,
     )
     try:
         if resume_from is not None:
