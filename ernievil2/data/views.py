@@ -407,7 +407,7 @@ class MultiViewTransform:
         top, left, ch, cw = random_resized_crop_box(rng, img.shape[0], img.shape[1], scale, self.cfg.crop_ratio)
         out = _resize(img[top : top + ch, left : left + cw], s, s)
         if rng.random() < self.cfg.flip_prob:
-            out = cv2.flip(out, 1)
+            cv2.flip(out, 1, dst=out)  # in place: no second 150 KB array
         return out
 
     def _caption_view(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
