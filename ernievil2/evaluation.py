@@ -39,7 +39,7 @@ import paddle
 
 from ernievil2.data.b64 import decode_base64
 from ernievil2.data.shards import ShardStream, list_shards
-from ernievil2.data.views import EvalTransform
+from ernievil2.data.views import EvalTransform, decode_rgb
 from ernievil2.distributed import DistInfo
 from ernievil2.jsonl import jsonl_objects
 from ernievil2.models import ErnieViL2
@@ -63,11 +63,24 @@ class EvalDataError(ValueError):
 
 @dataclass
 class RetrievalSet:
-    """Preprocessed evaluation set: images, tokenized texts and the image index of each text."""
+    """An evaluation set ready to embed: this process's share of the images, every text tokenized
+    and the image index of each text.
 
-    images: np.ndarray  # float32 [N_img, 3, S, S]
+    ``images`` are the eval transform's resized centre crops (RGB uint8 ``[n, S, S, 3]``, a quarter
+    of float32's memory; normalised batch by batch when embedded) of images ``image_start`` to
+    ``image_start + n - 1`` of the ``n_images`` of the set: all of them in one process, the rank's
+    :func:`shard_range` when built for several ranks.
+    """
+
+    images: np.ndarray  # uint8 [n, S, S, 3]
     text_ids: np.ndarray  # int64 [N_txt, L]
     text_image: np.ndarray  # int64 [N_txt]
+    n_images: int = -1  # -1: len(images)
+    image_start: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_images < 0:
+            self.n_images = len(self.images)
 
 
 @dataclass
@@ -235,24 +248,47 @@ def _take(spec: EvalSetSpec, items: Iterator[EvalItem]) -> list[EvalItem]:
     return out
 
 
-def items_to_set(items: Sequence[EvalItem], image_size: int, tokenizer: WordPieceTokenizer, max_length: int) -> RetrievalSet:
-    """Decode and preprocess (:class:`EvalTransform`) every image and tokenize every caption."""
+def items_to_set(items: Sequence[EvalItem], image_size: int, tokenizer: WordPieceTokenizer, max_length: int,
+                 info: DistInfo | None = None) -> RetrievalSet:
+    """Decode and resize + centre-crop (:class:`EvalTransform`) the images, and tokenize every caption.
+
+    With several ranks (``info``) each rank prepares only its :func:`shard_range` of the images
+    (every rank must call it: a bad image anywhere raises the same :class:`EvalDataError`, naming
+    it, on every rank)."""
+    info = info or DistInfo()
+    start, stop = shard_range(len(items), info)
     transform = EvalTransform(image_size)
-    images, texts, owner = [], [], []
-    for k, item in enumerate(items):
+    crops: list[np.ndarray] = []
+    error = None
+    for item in items[start:stop]:
         try:
-            images.append(transform(item.load_image(), item.key))
+            crops.append(transform.resize_crop(decode_rgb(item.load_image(), item.key)))
         except ValueError as exc:
-            raise EvalDataError(f"{item.where}: {exc}") from None
-        texts.extend(item.captions)
-        owner.extend([k] * len(item.captions))
-    return RetrievalSet(np.stack(images), tokenizer(texts, max_length), np.asarray(owner, dtype=np.int64))
+            error = f"{item.where}: {exc}"
+            break
+    error = _first_error(error, info)
+    if error is not None:
+        raise EvalDataError(error)
+    texts = [c for item in items for c in item.captions]
+    owner = [k for k, item in enumerate(items) for _ in item.captions]
+    images = np.stack(crops) if crops else np.empty((0, image_size, image_size, 3), dtype=np.uint8)
+    return RetrievalSet(images, tokenizer(texts, max_length), np.asarray(owner, dtype=np.int64),
+                        n_images=len(items), image_start=start)
+
+
+def _first_error(error: str | None, info: DistInfo) -> str | None:
+    """The first rank's error, on every rank (``all_gather_object``), so that all ranks stop alike."""
+    if not info.distributed:
+        return error
+    errors: list[str | None] = []
+    paddle.distributed.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
 
 
 def load_eval_set(spec: EvalSetSpec, image_size: int, tokenizer: WordPieceTokenizer, max_length: int,
-                  demo_val_shards: Sequence[str] | None = None) -> RetrievalSet:
+                  demo_val_shards: Sequence[str] | None = None, info: DistInfo | None = None) -> RetrievalSet:
     """Read ``spec`` with its reader and preprocess it (:func:`read_items` + :func:`items_to_set`)."""
-    return items_to_set(read_items(spec, demo_val_shards), image_size, tokenizer, max_length)
+    return items_to_set(read_items(spec, demo_val_shards), image_size, tokenizer, max_length, info)
 
 
 def load_retrieval_set(
@@ -292,7 +328,8 @@ def _embed_slices(model: ErnieViL2, images: np.ndarray, text_ids: np.ndarray, ba
     model.eval()
     try:
         pad = model.cfg.text.pad_id
-        img = [model.encode_image(paddle.to_tensor(images[i : i + batch_size])).numpy()
+        normalize = EvalTransform(images.shape[1]).normalize
+        img = [model.encode_image(paddle.to_tensor(normalize(images[i : i + batch_size]))).numpy()
                for i in range(0, len(images), batch_size)]
         txt = [model.encode_text(paddle.to_tensor(trim_padding(text_ids[i : i + batch_size], pad))).numpy()
                for i in range(0, len(text_ids), batch_size)]
@@ -310,9 +347,18 @@ def embed(model: ErnieViL2, data: RetrievalSet, batch_size: int = 256,
     With several ranks each embeds its slice of the images and of the texts and every rank
     receives all rows, in order; every rank must call it (a collective)."""
     info = info or DistInfo()
-    ia, ib = shard_range(len(data.images), info)
+    ia, ib = shard_range(data.n_images, info)
+    held = (data.image_start, len(data.images))
+    if held == (ia, ib - ia):
+        images = data.images  # this rank's share (prepared with the same DistInfo), or the whole set in one process
+    elif held == (0, data.n_images):
+        images = data.images[ia:ib]  # the whole set: this rank's slice of it
+    else:
+        raise ValueError(f"this evaluation set holds images {held[0]}..{held[0] + held[1] - 1} of {data.n_images}, but "
+                         f"rank {info.rank} of {info.world_size} embeds {ia}..{ib - 1}: prepare it with the same "
+                         "DistInfo (items_to_set(..., info))")
     ta, tb = shard_range(len(data.text_ids), info)
-    img, txt = _embed_slices(model, data.images[ia:ib], data.text_ids[ta:tb], batch_size, model.cfg.text.width)
+    img, txt = _embed_slices(model, images, data.text_ids[ta:tb], batch_size, model.cfg.text.width)
     return _gather_rows(img, info), _gather_rows(txt, info)
 
 
@@ -372,6 +418,6 @@ def build_evaluators(eval_cfg: Any, *, image_size: int, tokenizer: WordPieceToke
     evaluators: list[Evaluator] = []
     for entry in eval_cfg.datasets:
         spec = eval_set_spec(entry)
-        data = load_eval_set(spec, image_size, tokenizer, text_max_length, demo_val_shards)
+        data = load_eval_set(spec, image_size, tokenizer, text_max_length, demo_val_shards, info)
         evaluators.append(RetrievalEvaluator(spec.name, data, entry.protocol, eval_cfg.batch_size, info))
     return evaluators

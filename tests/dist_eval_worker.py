@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ernievil2.distributed import DistInfo, init_distributed
-from ernievil2.evaluation import build_evaluators
+from ernievil2.evaluation import EvalDataError, build_evaluators, eval_set_spec, load_eval_set
 from ernievil2.models import build_model, model_config
 from ernievil2.tokenizer import WordPieceTokenizer
 from ernievil2.train.config import EvalSchema, EvalSetSchema
@@ -50,12 +50,36 @@ def evaluate_sets(work: Path, info: DistInfo) -> list[dict]:
     return [record for evaluator in evaluators for record in evaluator(model, STEP)]
 
 
+def held_images(work: Path, info: DistInfo) -> list[list[int]]:
+    """``[image_start, images held, n_images]`` of each set in ``work/sets.json`` as this rank prepares it."""
+    tokenizer = WordPieceTokenizer(work / "vocab.txt", max_length=MAX_LEN)
+    out = []
+    for entry in json.loads((work / "sets.json").read_text(encoding="utf-8")):
+        data = load_eval_set(eval_set_spec(EvalSetSchema(**entry)), IMAGE_SIZE, tokenizer, MAX_LEN, info=info)
+        out.append([data.image_start, len(data.images), data.n_images])
+    return out
+
+
+def bad_set_error(work: Path, info: DistInfo) -> str:
+    """The error this rank raises preparing ``work/bad_set.json`` (a set with an undecodable image)."""
+    tokenizer = WordPieceTokenizer(work / "vocab.txt", max_length=MAX_LEN)
+    entry = json.loads((work / "bad_set.json").read_text(encoding="utf-8"))
+    try:
+        load_eval_set(eval_set_spec(EvalSetSchema(**entry)), IMAGE_SIZE, tokenizer, MAX_LEN, info=info)
+    except EvalDataError as exc:
+        return str(exc)
+    return "no error"
+
+
 def main() -> None:
     work = Path(sys.argv[1])
     paddle.set_device("cpu")
     info = init_distributed()
     records = evaluate_sets(work, info)
     (work / f"records_rank{info.rank}.json").write_text(json.dumps(records), encoding="utf-8")
+    (work / f"held_rank{info.rank}.json").write_text(json.dumps(held_images(work, info)), encoding="utf-8")
+    if (work / "bad_set.json").exists():
+        (work / f"bad_rank{info.rank}.txt").write_text(bad_set_error(work, info), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import subprocess
@@ -166,7 +167,8 @@ def test_shards_reader_and_legacy_loader(tmp_path, tokenizer):
     items = read_items(EvalSetSpec("sh", "shards", str(tmp_path / "shards")))
     assert [i.key for i in items] == ["s000", "s001", "s002"] and items[1].captions == _captions(1, 2)
     data = load_retrieval_set(str(tmp_path / "shards"), 32, tokenizer, 12)
-    assert data.images.shape == (3, 3, 32, 32) and data.text_image.tolist() == [0, 0, 1, 1, 2, 2]
+    assert data.images.shape == (3, 32, 32, 3) and data.images.dtype == np.uint8
+    assert data.n_images == 3 and data.text_image.tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_eval_set_spec_from_config():
@@ -212,6 +214,11 @@ def test_protocol_both_gives_multi_and_official_records(tmp_path, tokenizer):
     assert {k: records[1][k] for k in expected_official} == expected_official
     with pytest.raises(ValueError, match="unknown protocol 'all'"):
         RetrievalEvaluator("x", data, "all")
+    # a set holds uint8 crops; one prepared for another rank layout is refused before any collective
+    assert data.images.dtype == np.uint8 and (data.image_start, data.n_images) == (0, 3)
+    share = dataclasses.replace(data, images=data.images[:1])
+    with pytest.raises(ValueError, match=r"holds images 0\.\.0 of 3, but rank 1 of 2 embeds 1\.\.2"):
+        embed(model, share, info=DistInfo(rank=1, world_size=2))
 
 
 def _clean_env() -> dict[str, str]:
@@ -235,6 +242,10 @@ def test_two_ranks_give_the_same_records_as_one_process(tmp_path, tokenizer):
         {"name": "s", "format": "seed_tsv", "path": str(seed), "protocol": "multi"},
     ]
     (work / "sets.json").write_text(json.dumps(sets), encoding="utf-8")
+    bad = _write_jsonl(tmp_path / "bad")
+    (tmp_path / "bad" / "images" / "im4.jpg").write_bytes(b"not an image")  # line 5: rank 1's share
+    (work / "bad_set.json").write_text(json.dumps({"name": "bad", "format": "jsonl", "path": str(bad),
+                                                   "caption_key": "captions_en"}), encoding="utf-8")
     single = dist_eval_worker.evaluate_sets(work, DistInfo())
     assert [(r["dataset"], r["protocol"]) for r in single] == [("j", "multi"), ("j", "official"), ("s", "multi")]
 
@@ -253,3 +264,9 @@ def test_two_ranks_give_the_same_records_as_one_process(tmp_path, tokenizer):
             for key, value in want.items():
                 if not isinstance(value, str):
                     assert got[key] == pytest.approx(value, abs=1e-6), (rank, want["dataset"], want["protocol"], key)
+    # each rank decoded only its share of the images (5 = 2 + 3, 3 = 1 + 2)
+    held = [json.loads((work / f"held_rank{rank}.json").read_text(encoding="utf-8")) for rank in (0, 1)]
+    assert held == [[[0, 2, 5], [0, 1, 3]], [[2, 3, 5], [1, 2, 3]]]
+    # an undecodable image in rank 1's share stops both ranks, naming it
+    errors = [(work / f"bad_rank{rank}.txt").read_text(encoding="utf-8") for rank in (0, 1)]
+    assert errors[0] == errors[1] and f"{bad}: line 5: " in errors[0], errors

@@ -361,6 +361,10 @@ def test_eval_transform(tok):
     assert ev(_encode(_textured(300, 200))).shape == (3, SIZE, SIZE)
     assert ev(_encode(_textured(50, 50))).shape == (3, SIZE, SIZE)
     np.testing.assert_array_equal(ev(_encode(img)), out)  # deterministic
+    # the evaluation's stored crops, normalised batch-wise, give exactly the same input
+    crops = np.stack([ev.resize_crop(decode_rgb(_encode(img))), ev.resize_crop(decode_rgb(_encode(_textured(50, 50))))])
+    assert crops.dtype == np.uint8 and crops.shape == (2, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(ev.normalize(crops)[0], out)
 
 
 # --------------------------------------------------------------------------- texts

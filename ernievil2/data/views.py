@@ -550,6 +550,13 @@ class EvalTransform:
         y0 = math.ceil((new_h - s) / 2)
         return resized[y0 : y0 + s, x0 : x0 + s]
 
+    def normalize(self, crops: np.ndarray) -> np.ndarray:
+        """Normalise resized crops (uint8 ``[N, S, S, 3]`` from :meth:`resize_crop`) into float32
+        ``[N, 3, S, S]``, exactly as :meth:`__call__` does one image."""
+        if len(crops) == 0:
+            return np.empty((0, 3, *crops.shape[1:3]), dtype=np.float32)
+        return np.stack([self._norm(c) for c in crops])
+
     def __call__(self, image_bytes: bytes, key: str = "?") -> np.ndarray:
         """Preprocess encoded image bytes; ``ValueError`` naming ``key`` when undecodable."""
         return self._norm(self.resize_crop(decode_rgb(image_bytes, key)))
