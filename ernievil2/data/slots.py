@@ -134,10 +134,11 @@ class BatchSlots:
 
     def take(self, descriptor: np.ndarray | paddle.Tensor) -> dict[str, paddle.Tensor]:
         """Main process: copy the arrays of the batch ``descriptor`` names out of its slot (as paddle
-        Tensors, like the rest of the batch) and mark it taken. Batches of a worker must be taken in order."""
+        CPU Tensors; the trainer moves what it needs to the device) and mark it taken. Batches of a worker must be taken in order."""
         worker, n = (int(v) for v in np.asarray(descriptor.numpy() if hasattr(descriptor, "numpy") else descriptor))
         if n != self._taken(worker):
             raise RuntimeError(f"batch {n} of loader worker {worker} arrived, expected batch {self._taken(worker)}")
-        out = {key: paddle.to_tensor(view) for key, view in self.arrays(worker, n).items()}
+        # on the host: the ids are trimmed and the photometric draws read there before anything moves
+        out = {key: paddle.to_tensor(view, place=paddle.CPUPlace()) for key, view in self.arrays(worker, n).items()}
         self._words[worker * self._stride] = n + 1
         return out
