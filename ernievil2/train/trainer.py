@@ -57,7 +57,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _tensor(x: Any) -> paddle.Tensor:
-    return x if isinstance(x, paddle.Tensor) else paddle.to_tensor(np.asarray(x))
+    """``x`` as a tensor on the current device (loader batches may hold host tensors)."""
+    t = x if isinstance(x, paddle.Tensor) else paddle.to_tensor(np.asarray(x))
+    device = paddle.get_device()
+    return t.to(device) if device != "cpu" and t.place.is_cpu_place() else t
+
+
+def _host(x: Any) -> np.ndarray:
+    return np.asarray(x.numpy() if isinstance(x, paddle.Tensor) else x)
 
 
 def encode_views(
@@ -75,10 +82,11 @@ def encode_views(
     finish = finish or ViewFinisher()
     pixels = None
     if img_keys:
-        pixels = paddle.concat([finish(_tensor(batch[k]), batch.get(k + PHOTOMETRIC_SUFFIX), k) for k in img_keys])
+        pixels = paddle.concat([finish(batch[k] if isinstance(batch[k], paddle.Tensor) else paddle.to_tensor(batch[k]),
+                                       batch.get(k + PHOTOMETRIC_SUFFIX), k) for k in img_keys])
     ids = None
     if txt_keys:
-        ids = np.concatenate([np.asarray(_tensor(batch[TEXT_VIEWS[k]]).numpy()) for k in txt_keys])
+        ids = np.concatenate([_host(batch[TEXT_VIEWS[k]]) for k in txt_keys])
         ids = paddle.to_tensor(trim_padding(ids, unwrap(model).cfg.text.pad_id))
     image_emb, text_emb, logit_scale = model(pixels, ids, with_logit_scale=with_logit_scale)
     feats: dict[str, paddle.Tensor] = {}
