@@ -41,12 +41,11 @@ from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.loader import StreamSource, build_train_data
 from ernievil2.data.sample import RawSample
 from ernievil2.data.shards import ShardWriter, collate_arrays
-from ernievil2.data.views import PHOTOMETRIC_SUFFIX, MultiViewTransform, ViewConfig, decode_for_views
+from ernievil2.data.views import IMAGE_VIEWS, PHOTOMETRIC_SUFFIX, MultiViewTransform, ViewConfig, decode_for_views
 from ernievil2.tokenizer import WordPieceTokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MAX_LENGTH = 48
-IMAGE_VIEWS = ("image", "image_view1", "image_view2")
 ID_VIEWS = ("caption_ids", "text_view_ids", "objects_ids")
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import paddle
 
 from ernievil2.losses import LossConfig, MultiViewLoss
+from ernievil2.data.views import IMAGE_VIEWS
 from ernievil2.models import build_model
 from ernievil2.models.config import DualEncoderConfig, model_config
 from ernievil2.train.config import OptimSchema, TrainerSchema
@@ -31,7 +32,6 @@ from ernievil2.train.optim import build_optimizer
 from ernievil2.train.parallel import is_out_of_memory
 from ernievil2.train.trainer import Trainer
 
-IMAGE_VIEWS = ("image", "image_view1", "image_view2")
 TEXT_VIEWS = ("caption_ids", "text_view_ids", "objects_ids")
 
 

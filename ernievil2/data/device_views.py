@@ -24,7 +24,14 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from ernievil2.data.views import IMAGENET_MEAN, IMAGENET_STD, PHOTOMETRIC_PARAMS, PHOTOMETRIC_SUFFIX, _scale_shift
+from ernievil2.data.views import (
+    IMAGE_VIEWS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PHOTOMETRIC_PARAMS,
+    PHOTOMETRIC_SUFFIX,
+    _scale_shift,
+)
 
 __all__ = ["ViewFinisher", "apply_photometric", "gaussian_kernels"]
 
@@ -143,7 +150,7 @@ def _channel_affine(x: paddle.Tensor, scale: np.ndarray, shift: np.ndarray, chan
 class ViewFinisher:
     """Training image views from the loader -> the model's input, on the current device.
 
-    ``pixels``: RGB uint8 ``[N, S, S, 3]``; ``photometric`` (SimCLR views): their ``[N, 12]``
+    ``pixels``: RGB uint8 ``[N, S, S, 3]`` (tensor or array); ``photometric`` (SimCLR views): their ``[N, 12]``
     draws. Returns ``[N, 3, S, S]`` in paddle's default float dtype (also under AMP autocast): the
     photometric part applied (:func:`apply_photometric`), then ``(x - mean) / std``. Views without
     draws are normalised with the eval transform's arithmetic (``x * scale + shift``, float32
@@ -157,8 +164,10 @@ class ViewFinisher:
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.scale, self.shift = _scale_shift(mean, std)
 
-    def __call__(self, pixels: paddle.Tensor, photometric: paddle.Tensor | np.ndarray | None = None,
+    def __call__(self, pixels: paddle.Tensor | np.ndarray, photometric: paddle.Tensor | np.ndarray | None = None,
                  name: str = "image") -> paddle.Tensor:
+        if not isinstance(pixels, paddle.Tensor):
+            pixels = paddle.to_tensor(pixels)
         finished = pixels.dtype == paddle.float32 and pixels.ndim == 4 and pixels.shape[1] == 3
         if finished and photometric is None:  # finished by the loader (finish_batch)
             return pixels.to(paddle.get_device()).astype(paddle.get_default_dtype())
@@ -176,7 +185,6 @@ class ViewFinisher:
             x = _channel_affine(x, np.full(3, 1.0 / 255.0), np.zeros(3), channels_last=True)
             return _channel_affine(apply_photometric(x, photometric), self.scale * 255.0, self.shift)
 
-
     @staticmethod
     def finished_layout(layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """The per-sample layout of a batch after :meth:`finish_batch`: image views float32
@@ -185,24 +193,20 @@ class ViewFinisher:
         for key, (shape, dtype) in layout.items():
             if key.endswith(PHOTOMETRIC_SUFFIX):
                 continue
-            if np.dtype(dtype) == np.uint8 and len(shape) == 3 and shape[-1] == 3:
-                out[key] = ((3, shape[0], shape[1]), np.dtype(np.float32))
-            else:
-                out[key] = (tuple(shape), np.dtype(dtype))
+            out[key] = ((3, shape[0], shape[1]), np.dtype(np.float32)) if key in IMAGE_VIEWS else (tuple(shape), np.dtype(dtype))
         return out
 
     def finish_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Finish the image views of a collated batch in this process, on the CPU: the loader's side
+        """Finish the image views of a collated batch in this process (a loader worker: on the CPU),
         when the model runs on the CPU. Image views become float32 ``[N, 3, S, S]`` numpy arrays and
         their photometric draws leave the batch; other entries pass through."""
         out = {k: v for k, v in batch.items() if not k.endswith(PHOTOMETRIC_SUFFIX)}
         previous = paddle.get_default_dtype()
-        paddle.set_default_dtype("float32")
+        paddle.set_default_dtype("float32")  # what finished_layout declares
         try:
-            for key, value in batch.items():
-                if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 4 and value.shape[-1] == 3:
-                    draws = batch.get(key + PHOTOMETRIC_SUFFIX)
-                    out[key] = self(paddle.to_tensor(value, place=paddle.CPUPlace()), draws, key).numpy()
+            for key in IMAGE_VIEWS:
+                if key in batch:
+                    out[key] = self(batch[key], batch.get(key + PHOTOMETRIC_SUFFIX), key).numpy()
         finally:
             paddle.set_default_dtype(previous)
         return out

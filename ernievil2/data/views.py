@@ -55,6 +55,8 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "VIEW_ALIASES",
+    "IMAGE_VIEWS",
+    "SIMCLR_VIEWS",
     "EvalTransform",
     "MultiViewTransform",
     "PHOTOMETRIC_PARAMS",
@@ -87,8 +89,10 @@ ALL_VIEWS: tuple[str, ...] = (
 #: Loss-side view names (``ernievil2.losses.TERM_VIEWS``) accepted as aliases in ``views``.
 VIEW_ALIASES: dict[str, str] = {"caption": "caption_ids", "text_view": "text_view_ids", "objects": "objects_ids"}
 # independent random streams, fixed order (changing it changes every sample's views)
-_STREAMS = ("image", "image_view1", "image_view2", "text")
-_IMAGE_VIEWS = ("image", "image_view1", "image_view2")
+#: The image views, in output order, and the two of them that are SimCLR views (with photometric draws).
+IMAGE_VIEWS: tuple[str, ...] = ("image", "image_view1", "image_view2")
+SIMCLR_VIEWS: tuple[str, ...] = ("image_view1", "image_view2")
+_STREAMS = (*IMAGE_VIEWS, "text")
 #: Suffix of the key holding a SimCLR view's photometric draws (``image_view1`` + suffix).
 PHOTOMETRIC_SUFFIX = "_photometric"
 
@@ -394,7 +398,7 @@ class MultiViewTransform:
         self.views: tuple[str, ...] = tuple(v for v in ALL_VIEWS if v in wanted)
         #: the keys of a sample's output, in order: the views, each SimCLR view followed by its draws
         self.output_keys: tuple[str, ...] = tuple(
-            k for v in self.views for k in ((v, v + PHOTOMETRIC_SUFFIX) if v in ("image_view1", "image_view2") else (v,)))
+            k for v in self.views for k in ((v, v + PHOTOMETRIC_SUFFIX) if v in SIMCLR_VIEWS else (v,)))
         if cfg.blur_kernel is None:
             k = max(3, int(round(5 * cfg.image_size / 224)))
         else:
@@ -471,7 +475,7 @@ class MultiViewTransform:
         layout = {"image": ((s, s, 3), np.uint8), "image_view1": ((s, s, 3), np.uint8),
                   "image_view2": ((s, s, 3), np.uint8), "caption_ids": ((n,), np.int64),
                   "text_view_ids": ((n,), np.int64), "objects_ids": ((n,), np.int64), "has_objects": ((), np.float32)}
-        for view in ("image_view1", "image_view2"):
+        for view in SIMCLR_VIEWS:
             layout[view + PHOTOMETRIC_SUFFIX] = ((PHOTOMETRIC_PARAMS,), np.float32)
         return {k: (layout[k][0], np.dtype(layout[k][1])) for k in self.output_keys}
 
@@ -484,7 +488,7 @@ class MultiViewTransform:
 
     def _decode(self, sample: RawSample) -> np.ndarray | None:
         """The decoded image when an image view is wanted (None otherwise); :class:`BadSample` if unusable."""
-        if not set(_IMAGE_VIEWS) & set(self.views):
+        if not set(IMAGE_VIEWS) & set(self.views):
             return None
         cfg = self.cfg
         return decode_for_views(sample.image, sample.key, cfg.max_image_pixels, cfg.min_image_side,
@@ -507,7 +511,7 @@ class MultiViewTransform:
         if img is not None:
             if "image" in views:
                 out["image"] = self._caption_view(img, rngs["image"])
-            for view in ("image_view1", "image_view2"):
+            for view in SIMCLR_VIEWS:
                 if view in views:
                     out[view], out[view + PHOTOMETRIC_SUFFIX] = self._simclr_view(img, rngs[view])
         if "caption_ids" in views or "text_view_ids" in views:

@@ -30,7 +30,7 @@ import paddle
 
 from ernievil2.data.loader import TrainData
 from ernievil2.data.device_views import ViewFinisher
-from ernievil2.data.views import PHOTOMETRIC_SUFFIX
+from ernievil2.data.views import IMAGE_VIEWS, PHOTOMETRIC_SUFFIX
 from ernievil2.distributed import DistInfo, check_parameters_in_sync
 from ernievil2.evaluation import Evaluator, trim_padding
 from ernievil2.losses import MultiViewLoss
@@ -47,7 +47,6 @@ from ernievil2.train.parallel import ParallelModel, is_out_of_memory, out_of_mem
 
 log = logging.getLogger("ernievil2")
 
-IMAGE_VIEWS = ("image", "image_view1", "image_view2")
 TEXT_VIEWS = {"caption": "caption_ids", "text_view": "text_view_ids", "objects": "objects_ids"}
 SKIPPED_KEY = "skipped"  # bad-sample counts a batch may carry (ernievil2.data.loader)
 
@@ -82,8 +81,7 @@ def encode_views(
     finish = finish or ViewFinisher()
     pixels = None
     if img_keys:
-        pixels = paddle.concat([finish(batch[k] if isinstance(batch[k], paddle.Tensor) else paddle.to_tensor(batch[k]),
-                                       batch.get(k + PHOTOMETRIC_SUFFIX), k) for k in img_keys])
+        pixels = paddle.concat([finish(batch[k], batch.get(k + PHOTOMETRIC_SUFFIX), k) for k in img_keys])
     ids = None
     if txt_keys:
         ids = np.concatenate([_host(batch[TEXT_VIEWS[k]]) for k in txt_keys])
