@@ -231,9 +231,15 @@ def test_killed_rank_ends_the_job(tmp_path):
             if launcher.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the job did not start training (launcher rc {launcher.poll()}){_logs(log_dir)}")
             time.sleep(0.5)
-        job = _descendants(launcher.pid)
         ranks = {_trainer_id(pid): pid for pid in _children(launcher.pid)}
         assert set(ranks) == {0, 1}, ranks
+        # A tiny epoch lasts a fraction of a second and its loader workers are replaced at each
+        # epoch's end: look again until the snapshot catches them.
+        snapshot_deadline = time.monotonic() + 20
+        job = _descendants(launcher.pid)
+        while not any(pid not in ranks.values() for pid in job) and time.monotonic() < snapshot_deadline:
+            time.sleep(0.02)
+            job = _descendants(launcher.pid)
         assert any(pid not in ranks.values() for pid in job), "expected data-loader worker processes too"
 
         os.kill(ranks[1], signal.SIGKILL)
