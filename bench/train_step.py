@@ -27,23 +27,13 @@ from ernievil2.losses import LossConfig, MultiViewLoss
 from ernievil2.data.views import IMAGE_VIEWS
 from ernievil2.models import build_model
 from ernievil2.models.config import DualEncoderConfig, model_config
+from ernievil2.models.flops import view_flops_per_sample
 from ernievil2.train.config import OptimSchema, TrainerSchema
 from ernievil2.train.optim import build_optimizer
 from ernievil2.train.parallel import is_out_of_memory
 from ernievil2.train.trainer import Trainer
 
 TEXT_VIEWS = ("caption_ids", "text_view_ids", "objects_ids")
-
-
-def forward_flops_per_sample(cfg: DualEncoderConfig, text_len: int) -> float:
-    """Matmul FLOPs of one forward of both towers for one image and one text (2 per multiply-add)."""
-    v, t = cfg.vision, cfg.text
-    n = v.num_patches + 1
-    vision = v.layers * (2 * n * (4 * v.width**2 + 2 * v.width * v.mlp_dim) + 4 * n * n * v.width)
-    vision += 2 * v.num_patches * 3 * v.patch_size**2 * v.width  # patch embedding
-    text = t.layers * (2 * text_len * (4 * t.width**2 + 2 * t.width * t.ffn_dim) + 4 * text_len**2 * t.width)
-    text += 2 * t.width**2  # pooler
-    return float(vision + text)
 
 
 def make_batch(cfg: DualEncoderConfig, batch: int, text_len: int, rng: np.random.Generator) -> dict:
@@ -90,7 +80,9 @@ def measure(args: argparse.Namespace, batch: int) -> dict:
     synchronize()
     seconds = time.perf_counter() - start
     samples_per_s = batch * args.steps / seconds
-    flops = 3 * 3 * forward_flops_per_sample(cfg, args.text_len)  # 3 views per tower, forward + backward
+    loss_cfg = LossConfig()
+    views = {v: 1.0 for v in MultiViewLoss(loss_cfg).required_views}
+    flops = sum(view_flops_per_sample(cfg, views, text_len=args.text_len).values())  # forward + backward
     mfu = flops * samples_per_s / (args.peak_tflops * 1e12) if args.peak_tflops else None
     return {"batch": batch, "samples_per_s": samples_per_s, "step_s": seconds / args.steps,
             "peak_memory_gb": peak_memory_gb(), "mfu": mfu, "model_tflop_per_sample": flops / 1e12,

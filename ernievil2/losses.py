@@ -15,7 +15,8 @@ gradient of the global batch; ``tests/test_distributed.py`` checks both against 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 import paddle
@@ -29,7 +30,21 @@ TERM_VIEWS: dict[str, tuple[str, ...]] = {
     "image_image": ("image_view1", "image_view2"),
     "text_text": ("caption", "text_view"),
 }
+#: With ``shared_image_view`` the image-image term contrasts the caption view with one SimCLR view.
+SHARED_IMAGE_IMAGE_VIEWS: tuple[str, str] = ("image", "image_view2")
+#: Views made and encoded only for the first ``aux_rows`` rows of a batch (``LossConfig.aux_fraction``).
+AUX_VIEWS: tuple[str, ...] = ("image_view1", "image_view2", "text_view", "objects")
+#: Image views a ``patch_dropout`` entry may name.
+PATCH_DROPOUT_VIEWS: tuple[str, ...] = ("image", "image_view1", "image_view2")
 NEG_INF = -1e9
+
+
+def aux_rows(batch_rows: int, fraction: float) -> int:
+    """Rows of a batch of ``batch_rows`` that carry the auxiliary views: ``ceil(fraction · B)``,
+    at least 1."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"loss.aux_fraction must be in (0, 1], got {fraction}")
+    return max(1, min(batch_rows, math.ceil(fraction * batch_rows - 1e-9)))
 
 
 class FeatureExchange:
@@ -148,8 +163,11 @@ def nt_xent(
 
 @dataclass
 class LossConfig:
-    """Weights of the four terms (0 switches a term off) and the intra-modal temperature."""
+    """Weights of the four terms (0 switches a term off), the intra-modal temperature, and the
+    economies of a multi-view step (``shared_image_view``, ``aux_fraction``, ``patch_dropout``;
+    ``data.views.aux_image_size`` is the fourth). ``conf/loss/*.yaml`` documents each recipe."""
 
+    name: str = "custom"  # the recipe's name (conf/loss/NAME.yaml); reports group runs by it
     image_caption: float = 1.0
     image_objects: float = 1.0
     image_image: float = 1.0
@@ -161,6 +179,22 @@ class LossConfig:
     # rank); False scores all gathered rows on every rank (W·B × W·B, W times the compute). Both
     # give the single-process gradient (module docstring); the local loss is the scalable one.
     local_loss: bool = True
+    # DeCLIP-style shared view: the image-image term contrasts the caption view ("image") with
+    # "image_view2" instead of two extra SimCLR views, so a step runs 2 image forwards, not 3.
+    shared_image_view: bool = False
+    # image_image, text_text and image_objects on the first ceil(f·B) rows of each batch only;
+    # their views are neither made (loader) nor encoded for the other rows.
+    aux_fraction: float = 1.0
+    # FLIP patch dropout per image view in training: {view: fraction of patch tokens dropped}.
+    patch_dropout: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        aux_rows(1, self.aux_fraction)  # range check
+        for view, p in self.patch_dropout.items():
+            if view not in PATCH_DROPOUT_VIEWS:
+                raise ValueError(f"loss.patch_dropout: unknown image view {view!r} (one of {list(PATCH_DROPOUT_VIEWS)})")
+            if not 0.0 <= float(p) < 1.0:
+                raise ValueError(f"loss.patch_dropout.{view} must be in [0, 1), got {p}")
 
 
 class MultiViewLoss:
@@ -181,32 +215,59 @@ class MultiViewLoss:
         intra = any(t in self.weights for t in ("image_image", "text_text"))
         return inter or (intra and self.cfg.intra_temperature is None)
 
+    def term_views(self, term: str) -> tuple[str, ...]:
+        """The model outputs ``term`` contrasts (``shared_image_view`` changes the image-image pair)."""
+        if term == "image_image" and self.cfg.shared_image_view:
+            return SHARED_IMAGE_IMAGE_VIEWS
+        return TERM_VIEWS[term]
+
     @property
     def required_views(self) -> tuple[str, ...]:
         """Model outputs the active terms need, e.g. ``("image", "caption")`` for CLIP-only."""
         views: list[str] = []
         for term in self.weights:
-            views += [v for v in TERM_VIEWS[term] if v not in views]
+            views += [v for v in self.term_views(term) if v not in views]
         return tuple(views)
+
+    @property
+    def aux_views(self) -> tuple[str, ...]:
+        """The required views made only for the first :meth:`rows` rows (all rows: ``aux_fraction`` 1)."""
+        if self.cfg.aux_fraction >= 1.0:
+            return ()
+        return tuple(v for v in self.required_views if v in AUX_VIEWS)
+
+    def rows(self, view: str, batch_rows: int) -> int:
+        """How many leading rows of a ``batch_rows`` batch carry ``view``."""
+        return aux_rows(batch_rows, self.cfg.aux_fraction) if view in self.aux_views else batch_rows
 
     def __call__(
         self, feats: Mapping[str, paddle.Tensor], logit_scale: paddle.Tensor,
         objects_mask: Optional[paddle.Tensor] = None,
     ) -> dict[str, paddle.Tensor]:
+        """``feats``: each view's features, an auxiliary view (:attr:`aux_views`) holding only the
+        first :meth:`rows` rows; ``objects_mask`` covers all rows of the batch."""
         ex, local = self.exchange, self.cfg.local_loss
         intra = logit_scale if self.cfg.intra_temperature is None else 1.0 / self.cfg.intra_temperature
+
+        def pair(term: str) -> tuple[paddle.Tensor, paddle.Tensor]:
+            # both views of a term cut to the rows they share (an auxiliary view's)
+            a, b = (feats[v] for v in self.term_views(term))
+            n = min(a.shape[0], b.shape[0])
+            return a[:n], b[:n]
+
         terms: dict[str, paddle.Tensor] = {}
         if "image_caption" in self.weights:
-            terms["image_caption"] = info_nce(feats["image"], feats["caption"], logit_scale, ex, local)
+            terms["image_caption"] = info_nce(*pair("image_caption"), logit_scale, ex, local)
         if "image_objects" in self.weights:
             if objects_mask is None:
                 raise ValueError("the image_objects term needs objects_mask (1 for samples with tags)")
+            images, objects = pair("image_objects")
             terms["image_objects"] = masked_info_nce(
-                feats["image"], feats["objects"], objects_mask, logit_scale, ex, local
+                images, objects, objects_mask[: objects.shape[0]], logit_scale, ex, local
             )
         if "image_image" in self.weights:
-            terms["image_image"] = nt_xent(feats["image_view1"], feats["image_view2"], intra, ex, local)
+            terms["image_image"] = nt_xent(*pair("image_image"), intra, ex, local)
         if "text_text" in self.weights:
-            terms["text_text"] = nt_xent(feats["caption"], feats["text_view"], intra, ex, local)
+            terms["text_text"] = nt_xent(*pair("text_text"), intra, ex, local)
         total = paddle.add_n([self.weights[t] * v for t, v in terms.items()])
         return {"loss": total, **terms}

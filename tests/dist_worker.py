@@ -36,7 +36,10 @@ SEED = 7
 # the second half (rank 1 of 2) has none.
 MASKS = {"a": [1, 0, 1, 1, 0, 1, 0, 1], "b": [1, 1, 0, 1, 0, 0, 0, 0]}
 ALL_TERMS = ("image_caption", "image_objects", "image_image", "text_text")
-# case name -> (batch, local_loss, exchange with a gradient-free gather, active loss terms, micro-batches)
+# The cheaper multi-view step: image-image on the caption view, auxiliary terms on half the rows.
+SHARED_AUX = (("aux_fraction", 0.5), ("shared_image_view", True))
+# case name -> (batch, local_loss, exchange with a gradient-free gather, active loss terms, micro-batches
+# [, LossConfig settings])
 CASES = {
     "local_a": ("a", True, False, ALL_TERMS, 1),
     "local_b": ("b", True, False, ALL_TERMS, 1),
@@ -49,6 +52,10 @@ CASES = {
     # the last); the reference is the whole batch in one process, in one piece.
     "accum_local_b": ("b", True, False, ALL_TERMS, 2),
     "accum_global_a": ("a", False, False, ALL_TERMS, 2),
+    # Auxiliary terms on the first half of each rank's rows; the one-process reference accumulates
+    # the two ranks' shares as two micro-batches (whose first halves are then the auxiliary rows).
+    "aux_local_b": ("b", True, False, ALL_TERMS, 1, SHARED_AUX),
+    "aux_accum_local_b": ("b", True, False, ALL_TERMS, 2, SHARED_AUX),
     # Negative control: paddle's all_gather returns no gradient (SPEC §8); the test expects this
     # case to disagree with one process, which shows the comparison can fail.
     "nograd_gather_a": ("a", True, True, ALL_TERMS, 1),
@@ -104,22 +111,24 @@ class NoGradGatherExchange(DistributedExchange):
         return paddle.concat(parts, axis=0)
 
 
-def make_trainer(info: DistInfo, terms: tuple[str, ...] = ALL_TERMS) -> Trainer:
-    """A trainer (fresh model, same init every time) whose loss has the active ``terms``."""
+def make_trainer(info: DistInfo, terms: tuple[str, ...] = ALL_TERMS, settings: tuple = ()) -> Trainer:
+    """A trainer (fresh model, same init every time) whose loss has the active ``terms`` (and the
+    other ``LossConfig`` ``settings``)."""
     weights = {t: 1.0 if t in terms else 0.0 for t in ALL_TERMS}
-    loss = MultiViewLoss(LossConfig(**weights), DistributedExchange(info))
+    loss = MultiViewLoss(LossConfig(**weights, **dict(settings)), DistributedExchange(info))
     return Trainer(make_model(), loss, None, None, None, [], None, "unused", TrainerSchema(max_steps=1), dist=info)
 
 
 def run_cases(info: DistInfo) -> dict[str, tuple[dict[str, float], dict[str, np.ndarray]]]:
     """Loss terms (as the trainer reports them) and parameter gradients of every case on this
     rank's share of its batch. Gradients a case does not produce are absent."""
-    trainers: dict[tuple[str, ...], Trainer] = {}
+    trainers: dict[tuple, Trainer] = {}
     results = {}
-    for case, (batch_name, local_loss, nograd, terms, accum) in CASES.items():
-        if terms not in trainers:  # one DataParallel wrapper per model, made once
-            trainers[terms] = make_trainer(info, terms)
-        trainer = trainers[terms]
+    for case, (batch_name, local_loss, nograd, terms, accum, *extra) in CASES.items():
+        key = (terms, *extra)
+        if key not in trainers:  # one DataParallel wrapper per model, made once
+            trainers[key] = make_trainer(info, terms, *extra)
+        trainer = trainers[key]
         trainer.loss.cfg.local_loss = local_loss
         trainer.loss.exchange = NoGradGatherExchange(info) if nograd else DistributedExchange(info)
         trainer.model.clear_gradients(set_to_zero=False)

@@ -196,17 +196,24 @@ class ViewFinisher:
             out[key] = ((3, shape[0], shape[1]), np.dtype(np.float32)) if key in IMAGE_VIEWS else (tuple(shape), np.dtype(dtype))
         return out
 
-    def finish_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def finish_batch(self, batch: dict[str, np.ndarray], rows: dict[str, int] | None = None) -> dict[str, np.ndarray]:
         """Finish the image views of a collated batch in this process (a loader worker: on the CPU),
         when the model runs on the CPU. Image views become float32 ``[N, 3, S, S]`` numpy arrays and
-        their photometric draws leave the batch; other entries pass through."""
+        their photometric draws leave the batch; other entries pass through. ``rows`` ``{view: n}``:
+        only the first n rows of that view are real (auxiliary views); the rest become zeros."""
+        rows = rows or {}
         out = {k: v for k, v in batch.items() if not k.endswith(PHOTOMETRIC_SUFFIX)}
         previous = paddle.get_default_dtype()
         paddle.set_default_dtype("float32")  # what finished_layout declares
         try:
             for key in IMAGE_VIEWS:
                 if key in batch:
-                    out[key] = self(batch[key], batch.get(key + PHOTOMETRIC_SUFFIX), key).numpy()
+                    n = rows.get(key, len(batch[key]))
+                    photometric = batch.get(key + PHOTOMETRIC_SUFFIX)
+                    done = self(batch[key][:n], None if photometric is None else photometric[:n], key).numpy()
+                    if n < len(batch[key]):
+                        done = np.concatenate([done, np.zeros((len(batch[key]) - n, *done.shape[1:]), done.dtype)])
+                    out[key] = done
         finally:
             paddle.set_default_dtype(previous)
         return out

@@ -301,9 +301,15 @@ class TrainStream(paddle.io.IterableDataset):
                 streams.append(itertools.chain.from_iterable(map(read, self._exact_shards(i, epoch, gid, readers))))
         return self._mix(streams, epoch, gid, salt)
 
+    def _aux_rows(self) -> int | None:
+        """Leading rows of each batch that get the transform's auxiliary views (None: every row)."""
+        return getattr(self.transform, "aux_rows", None)
+
     def _pass(self, epoch: int, gid: int, readers: int, salt: int, skips: SkipCounter,
-              checking: list[bool]) -> Iterator[dict | None]:
-        """One pass of good samples: their views, or None for each while ``checking[0]`` (validated only)."""
+              checking: list[bool], position: list[int]) -> Iterator[dict | None]:
+        """One pass of good samples: their views, or None for each while ``checking[0]`` (validated
+        only). ``position[0]`` counts the samples yielded by this reader (their row in a batch is
+        it modulo the batch size), told to a transform with auxiliary rows."""
         def decoded() -> Iterator[tuple[str, RawSample]]:
             for url, key, sample in self._items(epoch, gid, readers, salt, skips):
                 if isinstance(sample, RawSample):
@@ -315,24 +321,31 @@ class TrainStream(paddle.io.IterableDataset):
         if self.shuffle_buffer > 1:
             samples = buffer_shuffle(samples, self.shuffle_buffer, self._rng(epoch, gid, 3, salt))
         validate = getattr(self.transform, "validate", None)
+        by_row = self._aux_rows() is not None
         for url, sample in samples:
             try:
                 if checking[0] and validate is not None:
                     validate(sample)
-                    yield None
+                    out = None
                 elif checking[0]:
                     self.transform(sample, epoch)
-                    yield None
+                    out = None
+                elif by_row:
+                    out = self.transform(sample, epoch, row=position[0] % self.batch_size)
                 else:
-                    yield self.transform(sample, epoch)
+                    out = self.transform(sample, epoch)
             except ValueError as exn:
                 skips.add_error(url, sample.key, exn)
+                continue
+            position[0] += 1
+            yield out
 
     def _good_samples(self, epoch: int, gid: int, readers: int, salt: int, skips: SkipCounter,
                       checking: list[bool], needed: int | None) -> Iterator[dict | None]:
         """The first pass, then (exact mode) further passes over the same stream as long as needed."""
         got = 0
-        for out in self._pass(epoch, gid, readers, salt, skips, checking):
+        position = [0]
+        for out in self._pass(epoch, gid, readers, salt, skips, checking, position):
             got += 1
             yield out
         yield _PASS_END
@@ -346,7 +359,7 @@ class TrainStream(paddle.io.IterableDataset):
                        self.batch_size, epoch, needed - got)
         skips.muted = True  # the bad samples of a repeated pass were counted the first time
         while True:
-            yield from self._pass(epoch, gid, readers, salt, skips, checking)
+            yield from self._pass(epoch, gid, readers, salt, skips, checking, position)
 
     def __iter__(self) -> Iterator[dict]:
         rank, world = self._rank_world()
@@ -425,7 +438,9 @@ class TrainStream(paddle.io.IterableDataset):
             descriptor = slots.put(worker, n, samples)
             batch = collate_arrays([{k: v for k, v in s.items() if k not in slots.layout} for s in samples])
         else:
-            batch = self.finisher.finish_batch(collate_arrays(samples))
+            aux_rows = self._aux_rows()
+            rows = {} if aux_rows is None else {v: aux_rows for v in getattr(self.transform, "aux_views", ())}
+            batch = self.finisher.finish_batch(collate_arrays(samples), rows)
             if slots is None:
                 return batch
             descriptor = slots.put_batch(worker, n, {k: batch.pop(k) for k in slots.layout})

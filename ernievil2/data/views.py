@@ -316,6 +316,10 @@ class ViewConfig:
     """
 
     image_size: int = 224
+    # Side of the SimCLR views (image_view1/2) when smaller than image_size: low-resolution
+    # auxiliary views (multi-crop, SwAV/DINO); the model resamples its position embeddings to their
+    # patch grid. None: image_size. A multiple of the model's patch size.
+    aux_image_size: int | None = None
     caption_crop_scale: tuple[float, float] = (0.5, 1.0)
     simclr_crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -377,6 +381,8 @@ class MultiViewTransform:
         max_length: int = 48,
         seed: int = 0,
         views: Sequence[str] | None = None,
+        aux_views: Sequence[str] = (),
+        aux_rows: int | None = None,
     ):
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
@@ -396,18 +402,30 @@ class MultiViewTransform:
         if wanted & {"objects_ids", "has_objects"}:
             wanted |= {"objects_ids", "has_objects"}
         self.views: tuple[str, ...] = tuple(v for v in ALL_VIEWS if v in wanted)
+        aux = {VIEW_ALIASES.get(v, v) for v in aux_views}
+        if aux & {"objects_ids", "has_objects"}:
+            aux |= {"objects_ids", "has_objects"}
+        if aux - set(ALL_VIEWS) or aux & {"image", "caption_ids"}:
+            raise ValueError(f"aux_views must be among image_view1/2, text_view, objects; got {sorted(aux_views)}")
+        #: views made only for rows ``< aux_rows`` of a batch (placeholders elsewhere); see ``__call__``
+        self.aux_views: tuple[str, ...] = tuple(v for v in self.views if v in aux)
+        self.aux_rows = None if not self.aux_views else aux_rows
+        self.simclr_size = int(cfg.aux_image_size or cfg.image_size)
+        if not 1 <= self.simclr_size <= cfg.image_size:
+            raise ValueError(f"data.views.aux_image_size must be in [1, image_size={cfg.image_size}], got {cfg.aux_image_size}")
         #: the keys of a sample's output, in order: the views, each SimCLR view followed by its draws
         self.output_keys: tuple[str, ...] = tuple(
             k for v in self.views for k in ((v, v + PHOTOMETRIC_SUFFIX) if v in SIMCLR_VIEWS else (v,)))
         if cfg.blur_kernel is None:
-            k = max(3, int(round(5 * cfg.image_size / 224)))
+            k = max(3, int(round(5 * self.simclr_size / 224)))
         else:
             k = int(cfg.blur_kernel)
         self.blur_kernel = k if k % 2 == 1 else k + 1
 
     # ------------------------------------------------------------------ images
-    def _crop_flip(self, img: np.ndarray, rng: np.random.Generator, scale: tuple[float, float]) -> np.ndarray:
-        s = self.cfg.image_size
+    def _crop_flip(self, img: np.ndarray, rng: np.random.Generator, scale: tuple[float, float],
+                   size: int | None = None) -> np.ndarray:
+        s = size or self.cfg.image_size
         top, left, ch, cw = random_resized_crop_box(rng, img.shape[0], img.shape[1], scale, self.cfg.crop_ratio)
         out = _resize(img[top : top + ch, left : left + cw], s, s)
         if rng.random() < self.cfg.flip_prob:
@@ -420,7 +438,7 @@ class MultiViewTransform:
     def _simclr_view(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """The SimCLR view's crop (uint8) and the draws of its photometric part (``photometric_params``)."""
         cfg = self.cfg
-        out = self._crop_flip(img, rng, cfg.simclr_crop_scale)
+        out = self._crop_flip(img, rng, cfg.simclr_crop_scale, self.simclr_size)
         u = rng.random(3)
         jitter = u[0] < cfg.color_jitter_prob and any(v > 0 for v in cfg.color_jitter)
         order, factors = None, None
@@ -436,16 +454,17 @@ class MultiViewTransform:
     def _pad(self, ids: Sequence[int]) -> np.ndarray:
         return self.tokenizer.pad([ids], self.max_length)[0]
 
-    def _texts(self, sample: RawSample, rng: np.random.Generator, out: dict[str, np.ndarray]) -> None:
+    def _texts(self, sample: RawSample, rng: np.random.Generator, out: dict[str, np.ndarray],
+               views: Sequence[str]) -> None:
         captions = sample.captions
         if not captions:
             raise BadSample("no_caption", f"sample {sample.key!r} has no captions")
         n = len(captions)
         ci = int(rng.integers(n)) if n > 1 else 0
         cap_ids = self.tokenizer.encode(captions[ci], self.max_length)
-        if "caption_ids" in self.views:
+        if "caption_ids" in views:
             out["caption_ids"] = self._pad(cap_ids)
-        if "text_view_ids" in self.views:
+        if "text_view_ids" in views:
             if n > 1:
                 j = int(rng.integers(n - 1))
                 j += j >= ci
@@ -471,9 +490,9 @@ class MultiViewTransform:
     def fixed_outputs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Shape and dtype of every output (they never change): what the training loader ships
         through shared slots (:mod:`ernievil2.data.slots`)."""
-        s, n = self.cfg.image_size, self.max_length
-        layout = {"image": ((s, s, 3), np.uint8), "image_view1": ((s, s, 3), np.uint8),
-                  "image_view2": ((s, s, 3), np.uint8), "caption_ids": ((n,), np.int64),
+        s, a, n = self.cfg.image_size, self.simclr_size, self.max_length
+        layout = {"image": ((s, s, 3), np.uint8), "image_view1": ((a, a, 3), np.uint8),
+                  "image_view2": ((a, a, 3), np.uint8), "caption_ids": ((n,), np.int64),
                   "text_view_ids": ((n,), np.int64), "objects_ids": ((n,), np.int64), "has_objects": ((), np.float32)}
         for view in SIMCLR_VIEWS:
             layout[view + PHOTOMETRIC_SUFFIX] = ((PHOTOMETRIC_PARAMS,), np.float32)
@@ -500,13 +519,29 @@ class MultiViewTransform:
         if not sample.captions and ({"caption_ids", "text_view_ids"} & set(self.views)):
             raise BadSample("no_caption", f"sample {sample.key!r} has no captions")
 
-    def __call__(self, sample: RawSample, epoch: int = 0) -> dict[str, np.ndarray]:
+    def placeholders(self) -> dict[str, np.ndarray]:
+        """What a row without the auxiliary views carries in their place: zero pixels and draws,
+        all-padding ids, ``has_objects`` 0 (fixed shapes for batching; never encoded)."""
+        out: dict[str, np.ndarray] = {}
+        for key, (shape, dtype) in self.fixed_outputs().items():
+            view = key[: -len(PHOTOMETRIC_SUFFIX)] if key.endswith(PHOTOMETRIC_SUFFIX) else key
+            if view in self.aux_views:
+                fill = self.tokenizer.pad_id if key.endswith("_ids") else 0
+                out[key] = np.full(shape, fill, dtype=dtype)
+        return out
+
+    def __call__(self, sample: RawSample, epoch: int = 0, row: int | None = None) -> dict[str, np.ndarray]:
         """The selected views of ``sample`` as arrays keyed by :attr:`output_keys`: images RGB uint8
         ``[S, S, 3]`` (a SimCLR view with its ``*_photometric`` float32 ``[12]`` draws), ids int64
-        ``[max_length]``, ``has_objects`` a float32 scalar."""
+        ``[max_length]``, ``has_objects`` a float32 scalar. ``row``: the sample's row in its batch
+        (the loader's); a row ``>= aux_rows`` gets :meth:`placeholders` for the auxiliary views,
+        which are not made. The other views do not depend on ``row``."""
         rngs = self.rngs(sample.key, epoch)
         out: dict[str, np.ndarray] = {}
         views = self.views
+        if row is not None and self.aux_rows is not None and row >= self.aux_rows:
+            out.update(self.placeholders())
+            views = tuple(v for v in views if v not in self.aux_views)
         img = self._decode(sample)
         if img is not None:
             if "image" in views:
@@ -515,7 +550,7 @@ class MultiViewTransform:
                 if view in views:
                     out[view], out[view + PHOTOMETRIC_SUFFIX] = self._simclr_view(img, rngs[view])
         if "caption_ids" in views or "text_view_ids" in views:
-            self._texts(sample, rngs["text"], out)
+            self._texts(sample, rngs["text"], out, views)
         if "objects_ids" in views:
             self._objects(sample, out)
         return {k: out[k] for k in self.output_keys}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import paddle
 import paddle.nn as nn
@@ -29,8 +29,9 @@ class ErnieViL2(nn.Layer):
             [1], default_initializer=nn.initializer.Constant(cfg.init_temperature)
         )
 
-    def encode_image(self, pixels: paddle.Tensor, normalize: bool = True) -> paddle.Tensor:
-        emb = self.vision(pixels)
+    def encode_image(self, pixels: paddle.Tensor, normalize: bool = True, patch_dropout: float = 0.0) -> paddle.Tensor:
+        """Image embeddings of ``pixels`` [B, 3, H, W]; ``patch_dropout`` applies in training only."""
+        emb = self.vision(pixels, patch_dropout)
         return F.normalize(emb, axis=-1) if normalize else emb
 
     def encode_text(self, input_ids: paddle.Tensor, normalize: bool = True) -> paddle.Tensor:
@@ -51,13 +52,24 @@ class ErnieViL2(nn.Layer):
         """Clamp ``t`` in place so the logit scale stays ≤ ``max_scale`` (call after each step)."""
         self.temperature.set_value(paddle.clip(self.temperature, 0.0, math.log(max_scale)))
 
-    def forward(self, pixels: Optional[paddle.Tensor] = None, input_ids: Optional[paddle.Tensor] = None,
-                with_logit_scale: bool = True):
+    def forward(self, pixels: Union[None, paddle.Tensor, Sequence[paddle.Tensor]] = None,
+                input_ids: Optional[paddle.Tensor] = None, with_logit_scale: bool = True,
+                patch_dropout: Union[float, Sequence[float]] = 0.0):
         """``(image embeddings, text embeddings, logit scale)``; an embedding is ``None`` when its
-        input is, the logit scale when ``with_logit_scale`` is false. The trainer goes through
-        ``forward`` so that ``paddle.DataParallel`` sees it; every tensor it returns must then
-        receive a gradient, hence the option to leave out a logit scale the loss does not use."""
-        image = None if pixels is None else self.encode_image(pixels)
+        input is, the logit scale when ``with_logit_scale`` is false. ``pixels`` may be a list of
+        image groups (e.g. views at different resolutions), each its own tower pass with its own
+        ``patch_dropout`` (a list of the same length), the embeddings concatenated in order. The
+        trainer goes through ``forward`` so that ``paddle.DataParallel`` sees it; every tensor it
+        returns must then receive a gradient, hence the option to leave out a logit scale the loss
+        does not use."""
+        image = None
+        if isinstance(pixels, paddle.Tensor):
+            image = self.encode_image(pixels, patch_dropout=float(patch_dropout))
+        elif pixels is not None:
+            drops = [float(patch_dropout)] * len(pixels) if isinstance(patch_dropout, (int, float)) else list(patch_dropout)
+            if len(drops) != len(pixels):
+                raise ValueError(f"{len(pixels)} image groups but {len(drops)} patch dropout values")
+            image = paddle.concat([self.encode_image(p, patch_dropout=d) for p, d in zip(pixels, drops)])
         text = None if input_ids is None else self.encode_text(input_ids)
         return image, text, self.logit_scale if with_logit_scale else None
 

@@ -1,5 +1,8 @@
-"""ViT image tower of ERNIE-ViL 2.0 (SPEC §2)."""
+"""ViT image tower of ERNIE-ViL 2.0 (SPEC §2), with two training-time economies: inputs at another
+resolution than the native one (position embeddings resampled on the patch grid, multi-crop
+style) and patch dropout (FLIP)."""
 from __future__ import annotations
+
 
 import paddle
 import paddle.nn as nn
@@ -79,13 +82,52 @@ class VisionTransformer(nn.Layer):
                 init(layer.weight)
                 nn.initializer.Constant(0.0)(layer.bias)
 
-    def forward(self, pixels: paddle.Tensor) -> paddle.Tensor:
-        """``pixels`` [B, 3, H, W] → image embedding [B, width] (not normalised)."""
+    def position_embeddings(self, grid_h: int, grid_w: int) -> paddle.Tensor:
+        """``[1 + grid_h·grid_w, width]`` position embeddings for a ``grid_h × grid_w`` patch grid:
+        the stored ones at the native grid, else the patch part resampled bicubically on the
+        grid (the class token's row kept). The stored parameter never changes shape."""
+        pos = self.positional_embedding
+        native = self.cfg.image_size // self.cfg.patch_size
+        if (grid_h, grid_w) == (native, native):
+            return pos
+        w = pos.shape[-1]
+        grid = pos[1:].reshape([1, native, native, w]).transpose([0, 3, 1, 2])
+        grid = F.interpolate(grid, size=[grid_h, grid_w], mode="bicubic", align_corners=False)
+        return paddle.concat([pos[:1], grid.transpose([0, 2, 3, 1]).reshape([grid_h * grid_w, w])], axis=0)
+
+    def forward(self, pixels: paddle.Tensor, patch_dropout: float = 0.0) -> paddle.Tensor:
+        """``pixels`` [B, 3, H, W] (any multiple of the patch size) → image embedding [B, width]
+        (not normalised). In training, ``patch_dropout`` p keeps a random
+        ``max(1, round((1 - p)·N))`` of the ``N`` patch tokens of each image (FLIP), after the
+        position embeddings are added; the class token is always kept. Ignored in ``eval()``."""
         x = self.patch_embed(pixels)  # [B, W, h, w]
+        grid_h, grid_w = x.shape[2], x.shape[3]
         x = x.flatten(2).transpose([0, 2, 1])  # [B, N, W]
-        cls = self.class_embedding.astype(x.dtype).reshape([1, 1, -1]).expand([x.shape[0], 1, -1])
-        x = paddle.concat([cls, x], axis=1) + self.positional_embedding.astype(x.dtype)
-        x = self.ln_pre(x)
+        pos = self.position_embeddings(grid_h, grid_w).astype(x.dtype)
+        x = x + pos[1:]
+        if self.training and patch_dropout > 0:
+            x = drop_patches(x, patch_dropout)
+        cls = (self.class_embedding.astype(x.dtype) + pos[0]).reshape([1, 1, -1]).expand([x.shape[0], 1, -1])
+        x = self.ln_pre(paddle.concat([cls, x], axis=1))
         for block in self.blocks:
             x = run_block(block, self.recompute, x)
         return self.ln_post(x[:, 0])
+
+
+def kept_patches(n: int, dropout: float) -> int:
+    """How many of ``n`` patch tokens patch dropout ``dropout`` keeps: ``max(1, round((1 - p)·n))``."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"patch dropout must be in [0, 1), got {dropout}")
+    return max(1, int(round((1.0 - dropout) * n)))
+
+
+def drop_patches(x: paddle.Tensor, dropout: float) -> paddle.Tensor:
+    """A random subset of :func:`kept_patches` tokens of each row of ``x`` ``[B, N, W]``, drawn
+    independently per row from paddle's generator, in their original order."""
+    b, n, _ = x.shape
+    keep = kept_patches(n, dropout)
+    if keep >= n:
+        return x
+    idx = paddle.argsort(paddle.rand([b, n]), axis=1)[:, :keep]
+    idx = paddle.sort(idx, axis=1)
+    return paddle.take_along_axis(x, idx.unsqueeze(-1).expand([b, keep, x.shape[-1]]), axis=1)

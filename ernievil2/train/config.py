@@ -91,6 +91,8 @@ class OptimSchema:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # global-norm clip; 0 disables
+    # learning-rate factor of the temperature (logit scale) alone; < 1 slows it, as a stabiliser
+    temperature_lr_scale: float = 1.0
 
 
 @dataclass
@@ -113,6 +115,7 @@ class EvalSchema:
     """When to evaluate and on which sets; every rank embeds its share of each set."""
 
     every_n_steps: int = 0  # 0: only at the end
+    every_n_seconds: float = 0.0  # also every N training seconds (0: off); points of runs of different speeds align
     at_end: bool = True
     batch_size: int = 256  # images / texts per forward pass on each rank
     datasets: list[EvalSetSchema] = field(default_factory=list)
@@ -145,7 +148,10 @@ class TrainerSchema:
     max_steps: int = 600
     seed: int = 0
     device: str = "auto"  # auto, cpu, gpu
-    max_minutes: Optional[float] = None  # stop early (and evaluate) when the wall budget is spent
+    # Training-time budget in seconds (evaluation, checkpoints and start-up excluded): the run stops
+    # when it is spent (max_steps stays a cap) and the LR schedule runs on its elapsed fraction.
+    # Several ranks follow rank 0's clock.
+    time_budget_s: Optional[float] = None
     save_checkpoint: bool = True
     # Gradient accumulation: one optimizer step per accum_steps loader batches, the loss over all
     # of them (features of the other micro-batches cached; see ernievil2.train.trainer).

@@ -1,7 +1,9 @@
-"""AdamW with the CLIP decay rule and a cosine schedule with linear warm-up."""
+"""AdamW with the CLIP decay rule and a cosine schedule with linear warm-up, run on steps or on
+the elapsed fraction of a training-time budget."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import paddle
 
@@ -25,18 +27,63 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: paddle.nn.Layer, cfg: OptimSchema, total_steps: int):
-    """Returns ``(optimizer, scheduler)``; call ``scheduler.step()`` after each optimizer step."""
-    scheduler = paddle.optimizer.lr.LambdaDecay(
-        cfg.lr, lambda s: cosine_with_warmup(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-    )
+def cosine_on_budget(step: int, warmup: int, fraction: float, min_ratio: float) -> float:
+    """LR multiplier of a run with a training-time budget: linear 0→1 over ``warmup`` steps, times
+    the cosine 1→``min_ratio`` over the elapsed ``fraction`` of the budget (clipped to [0, 1]), so a
+    run stopped by time has annealed like one stopped by steps, however fast its steps are."""
+    ramp = (step + 1) / warmup if warmup > 0 and step < warmup else 1.0
+    progress = min(1.0, max(0.0, fraction))
+    return ramp * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class WarmupCosine(paddle.optimizer.lr.LRScheduler):
+    """Cosine schedule with linear warm-up: over ``total_steps`` steps (:func:`cosine_with_warmup`),
+    or, with ``time_budget_s``, over the training seconds the trainer reports in
+    :attr:`elapsed_s` before each ``step()`` (:func:`cosine_on_budget`). ``elapsed_s`` is part of
+    the state, so a resumed run continues the schedule."""
+
+    def __init__(self, lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.0,
+                 time_budget_s: Optional[float] = None):
+        if time_budget_s is not None and time_budget_s <= 0:
+            raise ValueError(f"trainer.time_budget_s must be > 0, got {time_budget_s}")
+        self.warmup_steps, self.total_steps, self.min_ratio = int(warmup_steps), int(total_steps), float(min_ratio)
+        self.time_budget_s = time_budget_s
+        self.elapsed_s = 0.0
+        super().__init__(lr)
+
+    def state_keys(self) -> None:
+        self.keys = ["last_epoch", "last_lr", "elapsed_s"]
+
+    def set_state_dict(self, state_dict: dict) -> None:
+        # a checkpoint written before the time budget existed has no elapsed_s
+        super().set_state_dict({"elapsed_s": 0.0, **state_dict})
+
+    def multiplier(self, step: int) -> float:
+        if self.time_budget_s is None:
+            return cosine_with_warmup(step, self.warmup_steps, self.total_steps, self.min_ratio)
+        return cosine_on_budget(step, self.warmup_steps, self.elapsed_s / self.time_budget_s, self.min_ratio)
+
+    def get_lr(self) -> float:
+        return self.base_lr * self.multiplier(self.last_epoch)
+
+
+def build_optimizer(model: paddle.nn.Layer, cfg: OptimSchema, total_steps: int, time_budget_s: Optional[float] = None):
+    """Returns ``(optimizer, scheduler)``; call ``scheduler.step()`` after each optimizer step (with a
+    time budget, after setting ``scheduler.elapsed_s``). ``optim.temperature_lr_scale`` scales the
+    learning rate of the logit scale's parameter."""
+    scheduler = WarmupCosine(cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, time_budget_s)
     decay_names = {p.name for n, p in model.named_parameters() if decays(n, p)}
+    params: list = list(model.parameters())
+    if cfg.temperature_lr_scale != 1.0:
+        temperature = [p for n, p in model.named_parameters() if n.split(".")[-1] == "temperature"]
+        rest = [p for p in params if all(p is not t for t in temperature)]
+        params = [{"params": rest}, {"params": temperature, "learning_rate": cfg.temperature_lr_scale}]
     optimizer = paddle.optimizer.AdamW(
         learning_rate=scheduler,
         beta1=cfg.beta1,
         beta2=cfg.beta2,
         epsilon=cfg.eps,
-        parameters=model.parameters(),
+        parameters=params,
         weight_decay=cfg.weight_decay,
         apply_decay_param_fun=lambda n: n in decay_names,
         grad_clip=paddle.nn.ClipGradByGlobalNorm(cfg.grad_clip) if cfg.grad_clip > 0 else None,

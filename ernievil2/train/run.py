@@ -159,8 +159,13 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
 
     loss = MultiViewLoss(cfg.loss, DistributedExchange(info))
     views_cfg = dataclasses.replace(cfg.data.views, image_size=model_cfg.vision.image_size)
+    if views_cfg.aux_image_size and views_cfg.aux_image_size % model_cfg.vision.patch_size:
+        raise ValueError(f"data.views.aux_image_size={views_cfg.aux_image_size} is not a multiple of the model's "
+                         f"patch size {model_cfg.vision.patch_size}")
+    aux_views = loss.aux_views
     transform = MultiViewTransform(views_cfg, tokenizer, cfg.model.text_max_length, cfg.trainer.seed,
-                                   views=loss.required_views)
+                                   views=loss.required_views, aux_views=aux_views,
+                                   aux_rows=loss.rows(aux_views[0], cfg.data.batch_size) if aux_views else None)
     finish_views = ViewFinisher(views_cfg.mean, views_cfg.std)
     # A model on the CPU leaves no time to finish the views in this process, and the loader workers
     # have plenty: they finish them there (the same computation).
@@ -171,14 +176,15 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
                             finisher=finish_views if finish_in_loader else None)
 
     evaluators = build_evaluators(cfg, model_cfg.vision.image_size, tokenizer, demo_val, info)
-    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.trainer.max_steps)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.trainer.max_steps, cfg.trainer.time_budget_s)
     resume_from = resolve_resume(cfg.resume, run_dir)
     logger = RunLogger(run_dir, cfg.logger, resolved, write_files=info.is_main,
                        resume_id=saved_wandb_run_id(resume_from))
     vocab_path = Path(tokenizer.vocab_file)
     trainer = Trainer(
         model, loss, optimizer, scheduler, data, evaluators, logger, run_dir, cfg.trainer,
-        log_every=cfg.logger.log_every, eval_every=cfg.eval.every_n_steps, eval_at_end=cfg.eval.at_end,
+        log_every=cfg.logger.log_every, eval_every=cfg.eval.every_n_steps,
+        eval_every_s=cfg.eval.every_n_seconds, eval_at_end=cfg.eval.at_end,
         checkpoint_files={"vocab.txt": vocab_path}, config=resolved, dist=info,
         finish_views=finish_views,
     )

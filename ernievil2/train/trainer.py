@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import paddle
@@ -68,31 +68,59 @@ def _host(x: Any) -> np.ndarray:
 
 def encode_views(
     model: paddle.nn.Layer, batch: dict, views: Sequence[str], with_logit_scale: bool = True,
-    finish: Optional[ViewFinisher] = None,
+    finish: Optional[ViewFinisher] = None, rows: Optional[Mapping[str, int]] = None,
+    patch_dropout: Optional[Mapping[str, float]] = None,
 ) -> tuple[dict[str, paddle.Tensor], Optional[paddle.Tensor]]:
-    """Embed the requested views in one ``model(pixels, ids)`` call: all image views (uint8
-    pixels, finished here on the device by ``finish``, default ImageNet normalisation, with the
-    photometric draws a SimCLR view carries) go through the image tower together, all text views
-    through the text tower together (padding columns trimmed). Returns the features by view and
-    the logit scale (None unless ``with_logit_scale``). Going through ``forward`` lets a
-    ``paddle.DataParallel`` wrapper prepare its gradient all-reduce."""
+    """Embed the requested views in one ``model(pixels, ids)`` call. Image views (uint8 pixels,
+    finished here on the device by ``finish``, default ImageNet normalisation, with the
+    photometric draws a SimCLR view carries) of one resolution and one ``patch_dropout`` go
+    through the image tower together (one pass per such group), all text views through the text
+    tower together (padding columns trimmed). ``rows`` limits a view to its first N rows (the
+    auxiliary views of ``loss.aux_fraction``). Returns the features by view and the logit scale
+    (None unless ``with_logit_scale``). Going through ``forward`` lets a ``paddle.DataParallel``
+    wrapper prepare its gradient all-reduce."""
+    rows, drops = rows or {}, patch_dropout or {}
     img_keys = [v for v in IMAGE_VIEWS if v in views]
     txt_keys = [v for v in TEXT_VIEWS if v in views]
     finish = finish or ViewFinisher()
-    pixels = None
-    if img_keys:
-        pixels = paddle.concat([finish(batch[k], batch.get(k + PHOTOMETRIC_SUFFIX), k) for k in img_keys])
+    groups: dict[tuple, list[str]] = {}
+    finished: dict[str, paddle.Tensor] = {}
+    for k in img_keys:
+        n = rows.get(k)
+        photometric = batch.get(k + PHOTOMETRIC_SUFFIX)
+        finished[k] = finish(batch[k][:n], None if photometric is None else photometric[:n], k)
+        groups.setdefault((tuple(finished[k].shape[2:]), float(drops.get(k, 0.0))), []).append(k)
+    img_order = [k for keys in groups.values() for k in keys]
+    pixels = [paddle.concat([finished[k] for k in keys]) for keys in groups.values()] or None
     ids = None
     if txt_keys:
-        ids = np.concatenate([_host(batch[TEXT_VIEWS[k]]) for k in txt_keys])
-        ids = paddle.to_tensor(trim_padding(ids, unwrap(model).cfg.text.pad_id))
-    image_emb, text_emb, logit_scale = model(pixels, ids, with_logit_scale=with_logit_scale)
+        parts = [_host(batch[TEXT_VIEWS[k]])[: rows.get(k)] for k in txt_keys]
+        ids = paddle.to_tensor(trim_padding(np.concatenate(parts), unwrap(model).cfg.text.pad_id))
+    image_emb, text_emb, logit_scale = model(pixels, ids, with_logit_scale=with_logit_scale,
+                                             patch_dropout=[key[1] for key in groups])
     feats: dict[str, paddle.Tensor] = {}
     if img_keys:
-        feats.update(zip(img_keys, paddle.split(_full_precision(image_emb), len(img_keys))))
+        sizes = [finished[k].shape[0] for k in img_order]
+        feats.update(zip(img_order, paddle.split(_full_precision(image_emb), sizes)))
     if txt_keys:
-        feats.update(zip(txt_keys, paddle.split(_full_precision(text_emb), len(txt_keys))))
+        sizes = [len(p) for p in parts]
+        feats.update(zip(txt_keys, paddle.split(_full_precision(text_emb), sizes)))
     return feats, logit_scale
+
+
+def merge_micro_batches(parts: Sequence[Mapping[str, paddle.Tensor]], lead: int) -> dict[str, paddle.Tensor]:
+    """Features of ``k`` micro-batches as one batch whose first ``k · lead`` rows are the micro-batches'
+    first ``lead`` rows (the rows an auxiliary view has), in micro-batch order, then the rest; a view
+    with only ``lead`` rows per micro-batch is concatenated as it is. Every view gets the same row
+    order, so paired rows stay paired."""
+    out = {}
+    for key in parts[0]:
+        views = [p[key] for p in parts]
+        if all(v.shape[0] <= lead for v in views):
+            out[key] = paddle.concat(views)
+        else:
+            out[key] = paddle.concat([v[:lead] for v in views] + [v[lead:] for v in views])
+    return out
 
 
 def _full_precision(x: paddle.Tensor) -> paddle.Tensor:
@@ -110,11 +138,37 @@ def _bad_sample_counts(batch: dict) -> dict[str, int]:
     return batch.pop(SKIPPED_KEY, None) or {}
 
 
+class TrainClock:
+    """Training seconds: wall time inside the loop, minus the time :meth:`paused` (evaluation,
+    checkpoints). Starts at ``elapsed`` (a resumed run's)."""
+
+    def __init__(self, elapsed: float = 0.0):
+        self.elapsed = float(elapsed)
+        self._since: Optional[float] = None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def seconds(self) -> float:
+        running = 0.0 if self._since is None else time.perf_counter() - self._since
+        return self.elapsed + running
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.elapsed, self._since = self.seconds(), None
+        try:
+            yield
+        finally:
+            self.start()
+
+
 class Trainer:
     """Runs ``settings.max_steps`` optimizer steps over ``data.batches(epoch, skip)``.
 
     One step consumes ``settings.accum_steps`` loader batches. Evaluators run every
-    ``eval_every`` steps (0: never mid-run) and at the end (``eval_at_end``); checkpoints are written
+    ``eval_every`` steps and every ``eval_every_s`` training seconds (0: never mid-run) and at the
+    end (``eval_at_end``); with ``settings.time_budget_s`` the run stops when that many training
+    seconds (:class:`TrainClock`) are spent and the scheduler is told the elapsed seconds; checkpoints are written
     every ``settings.checkpoint_every`` steps and at the end (``save_checkpoint``), the last
     ``keep_last`` and the best by ``best_metric`` kept, with a ``latest`` pointer; ``resume``
     (``"latest"`` or a path) continues from one. A non-finite loss skips its update; after
@@ -141,6 +195,7 @@ class Trainer:
         *,
         log_every: int = 20,
         eval_every: int = 0,
+        eval_every_s: float = 0.0,
         eval_at_end: bool = True,
         checkpoint_files: Optional[dict] = None,
         config: Optional[dict] = None,
@@ -170,6 +225,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.max_steps = s.max_steps
         self.log_every, self.eval_every, self.eval_at_end = log_every, eval_every, eval_at_end
+        self.eval_every_s = float(eval_every_s)
+        self.clock = TrainClock()
         self.checkpoint_files, self.config = checkpoint_files or {}, config
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=s.keep_last,
                                              best_metric=s.best_metric, best_mode=s.best_mode)
@@ -193,9 +250,17 @@ class Trainer:
         micro = [batches] if isinstance(batches, dict) else list(batches)
         views = self.loss.required_views
         uses_scale = self.loss.uses_logit_scale
+        b_rows = int(micro[0][TEXT_VIEWS.get(views[0], views[0])].shape[0])
+        rows = {v: self.loss.rows(v, b_rows) for v in self.loss.aux_views}
+        lead = min(rows.values(), default=b_rows)
+        drops = self.loss.cfg.patch_dropout
+
+        def encode(model: paddle.nn.Layer, b: dict, with_scale: bool):
+            return encode_views(model, b, views, with_scale, self.finish_views, rows, drops)
+
         mask = None
         if "objects" in views:
-            mask = paddle.concat([_tensor(b["has_objects"]) for b in micro])
+            mask = merge_micro_batches([{"m": _tensor(b["has_objects"])} for b in micro], lead)["m"]
         precision = self.parallel.precision
         cached: list[dict[str, paddle.Tensor]] = []
         rng_states: list[Any] = []
@@ -204,7 +269,7 @@ class Trainer:
                 for b in micro:
                     rng_states.append(paddle.get_rng_state())
                     with precision.autocast():
-                        feats, _ = encode_views(self.model, b, views, False, self.finish_views)
+                        feats, _ = encode(self.model, b, False)
                     cached.append({k: v.detach() for k, v in feats.items()})
         out: dict[str, paddle.Tensor] = {}
         for j, b in enumerate(micro):
@@ -213,10 +278,9 @@ class Trainer:
                 paddle.set_rng_state(rng_states[j])
             with (contextlib.nullcontext() if last else self.parallel.no_sync()):
                 with precision.autocast():
-                    feats, scale = encode_views(self.forward_model, b, views, uses_scale and last, self.finish_views)
+                    feats, scale = encode(self.forward_model, b, uses_scale and last)
                 if cached:
-                    feats = {k: paddle.concat([feats[k] if i == j else c[k] for i, c in enumerate(cached)])
-                             for k in feats}
+                    feats = merge_micro_batches([feats if i == j else c for i, c in enumerate(cached)], lead)
                 if scale is None:
                     scale = self.model.logit_scale.detach()
                 out = self.loss(feats, _full_precision(scale), mask)
@@ -236,6 +300,15 @@ class Trainer:
         self.optimizer.clear_grad()
         self.model.clamp_logit_scale()
 
+    def train_seconds(self) -> float:
+        """Training seconds so far: rank 0's clock on every rank (so that all ranks follow one
+        schedule and stop at the same step)."""
+        seconds = self.clock.seconds()
+        if not self.dist.distributed:
+            return seconds
+        mine = paddle.to_tensor([seconds if self.dist.is_main else 0.0], dtype="float64")
+        return float(self.loss.exchange.sum(mine).item())
+
     def _agree(self, flag: bool) -> bool:
         """True when ``flag`` is true on any rank (so that all ranks stop at the same step)."""
         if not self.dist.distributed:
@@ -246,7 +319,8 @@ class Trainer:
 
     def evaluate(self) -> list[dict]:
         """Run every evaluator (on every rank; they shard and gather); rank 0's logger records."""
-        records = [r for ev in self.evaluators for r in ev(self.model, self.step)]
+        seconds = round(self.train_seconds(), 3)
+        records = [{**r, "train_seconds": seconds} for ev in self.evaluators for r in ev(self.model, self.step)]
         if self.logger is not None:
             self.logger.log_eval(records)
         return records
@@ -257,7 +331,8 @@ class Trainer:
             data_state={"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch},
             extra={"nan_total": self.nan_total, "bad_samples": dict(self.bad_samples),
                    "wandb_run_id": getattr(self.logger, "run_id", None),
-                   "world_size": self.dist.world_size, "accum_steps": self.settings.accum_steps},
+                   "world_size": self.dist.world_size, "accum_steps": self.settings.accum_steps,
+                   "train_seconds": self.clock.seconds()},  # rank 0's (save runs there alone)
         )
 
     def save(self, records: Sequence[dict] = ()) -> Optional[Path]:
@@ -299,6 +374,7 @@ class Trainer:
         self.epoch = int(state.data_state.get("epoch", 0))
         self.batches_in_epoch = int(state.data_state.get("batches_in_epoch", 0))
         self.nan_total = int(state.extra.get("nan_total", 0))
+        self.clock = TrainClock(float(state.extra.get("train_seconds", 0.0)))
         self.bad_samples = {k: int(v) for k, v in state.extra.get("bad_samples", {}).items()}
         self.last_checkpoint = path
         log.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, self.step, self.epoch,
@@ -345,6 +421,9 @@ class Trainer:
     def _fit(self) -> list[dict]:
         s = self.settings
         start = time.perf_counter()
+        self.clock.start()
+        budget = s.time_budget_s
+        next_eval_s = self._next_eval_s(self.clock.elapsed)
         window_start, window_samples, window_wait, window_tagged = start, 0, 0.0, 0.0
         self.model.train()
         final: list[dict] = []
@@ -375,6 +454,9 @@ class Trainer:
                     grad_norm = None
                     self._handle_non_finite(terms)
                 lr = self.scheduler.get_lr()
+                seconds = self.train_seconds() if (budget or self.eval_every_s) else None
+                if budget:
+                    self.scheduler.elapsed_s = seconds
                 self.scheduler.step()
                 self.step += 1
                 # Samples of the whole job (every rank steps through batches of the same size).
@@ -383,6 +465,7 @@ class Trainer:
                 if self.step % self.log_every == 0:
                     now = time.perf_counter()
                     scalars = {**terms, "lr": lr, "logit_scale": self.model.logit_scale.item(),
+                               "train_seconds": self.clock.seconds(),
                                "grad_norm": grad_norm if grad_norm is not None else float("nan"),
                                "samples_per_s": window_samples / (now - window_start),
                                "data_wait_s": window_wait, "epoch": self.epoch, "samples_seen": self.samples_seen,
@@ -394,31 +477,41 @@ class Trainer:
                     if self.logger is not None:
                         self.logger.log_train(self.step, scalars)
                     window_start, window_samples, window_wait, window_tagged = now, 0, 0.0, 0.0
-                out_of_time = s.max_minutes is not None and self._agree(time.perf_counter() - start > 60 * s.max_minutes)
-                if out_of_time:
-                    log.info("time budget of %.1f min spent at step %d: stopping", s.max_minutes, self.step)
+                if budget and seconds >= budget:
+                    log.info("training-time budget of %.1f s spent at step %d: stopping", budget, self.step)
                     self.max_steps = self.step
                 if self.step >= self.max_steps:
                     break
                 records: list[dict] = []
-                if self.eval_every and self.step % self.eval_every == 0:
-                    records = self.evaluate()
-                if s.save_checkpoint and s.checkpoint_every and self.step % s.checkpoint_every == 0:
-                    self.save(records)
+                due_by_time = next_eval_s is not None and seconds >= next_eval_s
+                with self.clock.paused():
+                    if (self.eval_every and self.step % self.eval_every == 0) or due_by_time:
+                        records = self.evaluate()
+                        next_eval_s = self._next_eval_s(seconds)
+                    if s.save_checkpoint and s.checkpoint_every and self.step % s.checkpoint_every == 0:
+                        self.save(records)
             if self.step >= self.max_steps:
                 break
             if not got_batch and not resumed_mid_epoch:
                 raise RuntimeError("the training stream yielded no batch: check data.train_shards and bad-sample logs")
             self.epoch += 1
             self.batches_in_epoch = 0
-        if self.eval_at_end and self.evaluators:
-            final = self.evaluate()
-        if s.save_checkpoint:
-            self.save(final)
+        with self.clock.paused():
+            if self.eval_at_end and self.evaluators:
+                final = self.evaluate()
+            if s.save_checkpoint:
+                self.save(final)
         if self.dist.distributed:
             # Also the point where the other ranks wait for rank 0's checkpoint.
             digest = check_parameters_in_sync(self.model)
             log.info("rank %d: parameters identical on all %d ranks (digest %s)", self.dist.rank,
                      self.dist.world_size, digest)
-        log.info("trained %d steps in %.1f s", self.step, time.perf_counter() - start)
+        log.info("trained %d steps in %.1f s (%.1f s of training)", self.step, time.perf_counter() - start,
+                 self.clock.elapsed)
         return final
+
+    def _next_eval_s(self, now: float) -> Optional[float]:
+        """The training second of the next time-scheduled evaluation after ``now`` (None: off)."""
+        if not self.eval_every_s:
+            return None
+        return (math.floor(now / self.eval_every_s + 1e-9) + 1) * self.eval_every_s

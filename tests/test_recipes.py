@@ -1,0 +1,331 @@
+"""The economies of a multi-view step and the recipes built from them: shared image view, patch
+dropout, low-resolution auxiliary views, auxiliary terms on a fraction of the batch, the paper's
+computation kept as ``loss=multiview_paper``, and the training-time budget with its schedule."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+from hydra import compose, initialize_config_dir
+
+from ernievil2.data.sample import RawSample
+from ernievil2.data.views import MultiViewTransform, ViewConfig, photometric_params
+from ernievil2.losses import LossConfig, MultiViewLoss, aux_rows, nt_xent, FeatureExchange
+from ernievil2.models import build_model
+from ernievil2.models.config import model_config
+from ernievil2.models.vision import drop_patches, kept_patches
+from ernievil2.train.config import register_schemas, validate
+from ernievil2.train.optim import WarmupCosine, cosine_on_budget
+from ernievil2.train.trainer import encode_views, merge_micro_batches
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+register_schemas()
+
+
+def _loss_cfg(name: str) -> LossConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return validate(compose(config_name="config", overrides=[f"loss={name}"])).loss
+
+
+def fixed_batch(b: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
+    """A deterministic batch of every view: random uint8 pixels, SimCLR draws (jitter, grey, blur),
+    ids ``[CLS] pieces [SEP]`` padded with 0, tags on rows 0, 2, 3, 5."""
+    rng = np.random.default_rng(seed)
+    batch = {k: rng.integers(0, 256, (b, 64, 64, 3), dtype=np.uint8) for k in ("image", "image_view1", "image_view2")}
+    for v in ("image_view1", "image_view2"):
+        batch[v + "_photometric"] = np.stack([
+            photometric_params(rng.permutation(4), (1.2, 0.8, 1.1, 0.05), i % 2 == 0, 0.8 if i % 3 == 0 else 0.0, 3)
+            for i in range(b)])
+    for k in ("caption_ids", "text_view_ids", "objects_ids"):
+        ids = np.zeros((b, 12), dtype=np.int64)
+        for i in range(b):
+            n = int(rng.integers(3, 10))
+            ids[i, 0], ids[i, 1:n + 1], ids[i, n + 1] = 2, rng.integers(5, 200, n), 3
+        batch[k] = ids
+    batch["has_objects"] = np.array([1, 0, 1, 1, 0, 1], dtype=np.float32)[:b]
+    return batch
+
+
+def _tiny_model(seed: int = 0):
+    paddle.seed(seed)
+    return build_model(model_config("tiny", text={"vocab_size": 200}))
+
+
+# ------------------------------------------------------------------ the paper's computation
+
+
+def test_multiview_paper_reproduces_the_published_four_term_values():
+    """``loss=multiview_paper`` on a fixed batch and seed gives the values the four-term loss gave
+    before the economies existed (computed at commit 53c0532 with the same batch, model seed and
+    ``LossConfig()``)."""
+    cfg = _loss_cfg("multiview_paper")
+    assert (cfg.shared_image_view, cfg.aux_fraction, dict(cfg.patch_dropout)) == (False, 1.0, {})
+    model = _tiny_model()
+    model.train()
+    batch = fixed_batch()
+    loss = MultiViewLoss(cfg)
+    feats, scale = encode_views(model, batch, loss.required_views, True)
+    out = {k: float(v) for k, v in loss(feats, scale, paddle.to_tensor(batch["has_objects"])).items()}
+    before = {"loss": 8.174830436706543, "image_caption": 1.792022705078125, "image_objects": 1.587785243988037,
+              "image_image": 2.3972504138946533, "text_text": 2.3977715969085693}
+    assert out == pytest.approx(before, rel=1e-6)
+
+
+# ------------------------------------------------------------------ shared image view
+
+
+def test_shared_view_step_equals_separate_views_on_the_same_pixels():
+    """With ``image_view1`` carrying exactly the caption view's pixels (no photometric change),
+    the shared-view step (2 image forwards) gives every term the separate-view step gives (3)."""
+    model = _tiny_model()
+    model.eval()
+    batch = fixed_batch()
+    batch["image_view1"] = batch["image"].copy()
+    batch["image_view1_photometric"] = np.stack([photometric_params(None, None, False, 0.0, 3)] * 6)
+    mask = paddle.to_tensor(batch["has_objects"])
+    separate = MultiViewLoss(LossConfig(shared_image_view=False))
+    shared = MultiViewLoss(LossConfig(shared_image_view=True))
+    assert separate.required_views == ("image", "caption", "objects", "image_view1", "image_view2", "text_view")
+    assert shared.required_views == ("image", "caption", "objects", "image_view2", "text_view")
+    f_sep, s_sep = encode_views(model, batch, separate.required_views)
+    f_sh, s_sh = encode_views(model, batch, shared.required_views)
+    out_sep = {k: float(v) for k, v in separate(f_sep, s_sep, mask).items()}
+    out_sh = {k: float(v) for k, v in shared(f_sh, s_sh, mask).items()}
+    assert out_sh == pytest.approx(out_sep, rel=1e-5)
+
+
+# ------------------------------------------------------------------ patch dropout
+
+
+def test_drop_patches_keeps_the_requested_count_in_order():
+    x = paddle.arange(2 * 16 * 3, dtype="float32").reshape([2, 16, 3])
+    paddle.seed(3)
+    kept = drop_patches(x, 0.5).numpy()
+    assert kept.shape == (2, kept_patches(16, 0.5), 3) == (2, 8, 3)
+    for b in range(2):
+        rows = kept[b, :, 0] / 3 - 16 * b  # the original token index of each kept row
+        assert np.all(np.diff(rows) > 0) and set(rows) <= set(range(16))
+        np.testing.assert_array_equal(kept[b], x.numpy()[b][rows.astype(int)])
+    assert kept_patches(16, 0.0) == 16 and kept_patches(4, 0.9) == 1
+    with pytest.raises(ValueError, match="patch dropout"):
+        kept_patches(16, 1.0)
+
+
+def test_patch_dropout_keeps_cls_and_is_off_in_eval():
+    model = _tiny_model()
+    vision = model.vision
+    seen: list[paddle.Tensor] = []
+    hook = vision.blocks[0].register_forward_pre_hook(lambda layer, args: seen.append(args[0]))
+    pixels = paddle.to_tensor(np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype("float32"))
+    try:
+        vision.train()
+        vision(pixels, patch_dropout=0.75)
+        tokens = seen[-1]
+        assert tokens.shape[1] == 1 + kept_patches(16, 0.75) == 5
+        cls = vision.ln_pre((vision.class_embedding + vision.positional_embedding[0]).reshape([1, -1])).numpy()[0]
+        np.testing.assert_allclose(tokens[:, 0].numpy(), np.broadcast_to(cls, (3, cls.shape[-1])), rtol=1e-5, atol=1e-6)
+        vision.eval()
+        out_eval = vision(pixels, patch_dropout=0.75).numpy()
+        assert seen[-1].shape[1] == 17
+        np.testing.assert_array_equal(out_eval, vision(pixels).numpy())
+    finally:
+        hook.remove()
+
+
+# ------------------------------------------------------------------ low-resolution views
+
+
+def test_position_embeddings_identity_at_native_size_and_resampled_elsewhere(tmp_path):
+    from ernievil2.checkpoint import load_checkpoint, save_checkpoint
+
+    model = _tiny_model()
+    vision = model.vision
+    assert vision.position_embeddings(4, 4) is vision.positional_embedding  # identity: the parameter itself
+    low = vision.position_embeddings(2, 2)
+    assert list(low.shape) == [5, vision.cfg.width]
+    np.testing.assert_array_equal(low[0].numpy(), vision.positional_embedding[0].numpy())  # class row kept
+    # a constant grid stays constant under bicubic resampling
+    const = paddle.concat([vision.positional_embedding[:1], paddle.full([16, vision.cfg.width], 0.5)])
+    vision.positional_embedding.set_value(const)
+    np.testing.assert_allclose(vision.position_embeddings(2, 2)[1:].numpy(), 0.5, rtol=1e-5)
+    # the tower takes 32 px views, and the checkpoint keeps the native shape and loads into a fresh model
+    emb = model.encode_image(paddle.zeros([2, 3, 32, 32]))
+    assert list(emb.shape) == [2, vision.cfg.width]
+    save_checkpoint(model, tmp_path / "ckpt")
+    fresh = load_checkpoint(tmp_path / "ckpt")
+    assert list(fresh.vision.positional_embedding.shape) == [17, vision.cfg.width]
+    np.testing.assert_array_equal(fresh.vision.positional_embedding.numpy(), const.numpy())
+
+
+# ------------------------------------------------------------------ auxiliary fraction
+
+
+def test_aux_rows_is_the_ceiling_of_the_fraction():
+    assert [aux_rows(64, f) for f in (1.0, 0.5, 0.3, 0.01)] == [64, 32, 20, 1]
+    with pytest.raises(ValueError, match="aux_fraction"):
+        aux_rows(64, 0.0)
+    with pytest.raises(ValueError, match="aux_fraction"):
+        LossConfig(aux_fraction=1.5)
+    with pytest.raises(ValueError, match="patch_dropout"):
+        LossConfig(patch_dropout={"caption": 0.5})
+
+
+class _Tok:
+    """The smallest tokenizer the transform needs: one id per character."""
+
+    pad_id, mask_id = 0, 4
+
+    def encode(self, text, max_length):
+        return [2, *[5 + (ord(c) % 50) for c in text][: max_length - 2], 3]
+
+    def pad(self, rows, length):
+        return np.array([list(r) + [0] * (length - len(r)) for r in rows], dtype=np.int64)
+
+
+def _jpeg(seed: int) -> bytes:
+    import cv2
+
+    img = np.random.default_rng(seed).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    return cv2.imencode(".jpg", img)[1].tobytes()
+
+
+def test_transform_makes_aux_views_only_on_the_rows_it_names():
+    cfg = ViewConfig(image_size=32, aux_image_size=16)
+    views = ("image", "image_view2", "caption", "text_view", "objects")
+    full = MultiViewTransform(cfg, _Tok(), 12, seed=1, views=views)
+    part = MultiViewTransform(cfg, _Tok(), 12, seed=1, views=views, aux_views=("image_view2", "text_view", "objects"),
+                              aux_rows=2)
+    sample = RawSample(key="k1", image=_jpeg(1), captions=["a red ball", "一个红球"], objects=["ball"], lang="en")
+    ref = full(sample)
+    assert ref["image_view2"].shape == (16, 16, 3) and ref["image"].shape == (32, 32, 3)
+    for row in (0, 1):  # rows with the auxiliary views: the same views as without a fraction
+        out = part(sample, row=row)
+        for k in ref:
+            np.testing.assert_array_equal(out[k], ref[k])
+    out = part(sample, row=2)
+    np.testing.assert_array_equal(out["image"], ref["image"])
+    np.testing.assert_array_equal(out["caption_ids"], ref["caption_ids"])
+    assert not out["image_view2"].any() and not out["image_view2_photometric"].any()
+    assert not out["text_view_ids"].any() and not out["objects_ids"].any() and float(out["has_objects"]) == 0.0
+
+
+def test_aux_terms_use_exactly_the_first_rows():
+    """Features of the auxiliary views for the first k rows: each auxiliary term equals the term
+    computed on those k rows alone; image-caption keeps every row."""
+    rng = np.random.default_rng(5)
+
+    def normed(n):
+        x = rng.standard_normal((n, 8))
+        return paddle.to_tensor(x / np.linalg.norm(x, axis=1, keepdims=True))
+
+    b, f = 8, 0.3
+    k = aux_rows(b, f)
+    loss = MultiViewLoss(LossConfig(shared_image_view=True, aux_fraction=f, intra_temperature=0.2))
+    assert loss.aux_views == ("objects", "image_view2", "text_view")
+    assert {v: loss.rows(v, b) for v in loss.required_views} == {
+        "image": b, "caption": b, "objects": k, "image_view2": k, "text_view": k}
+    feats = {"image": normed(b), "caption": normed(b), "objects": normed(k), "image_view2": normed(k), "text_view": normed(k)}
+    mask = paddle.to_tensor(np.array([1, 0, 1, 1, 1, 1, 1, 1], dtype=np.float64))
+    out = loss(feats, paddle.to_tensor(10.0, dtype="float64"), mask)
+    ex = FeatureExchange()
+    full = MultiViewLoss(LossConfig(shared_image_view=True, intra_temperature=0.2))
+    first = {"image": feats["image"][:k], "caption": feats["caption"][:k], "objects": feats["objects"],
+             "image_view2": feats["image_view2"], "text_view": feats["text_view"]}
+    on_k = full(first, paddle.to_tensor(10.0, dtype="float64"), mask[:k])
+    for term in ("image_objects", "image_image", "text_text"):
+        assert float(out[term]) == pytest.approx(float(on_k[term]), rel=1e-12)
+    assert float(out["image_image"]) == pytest.approx(float(nt_xent(feats["image"][:k], feats["image_view2"], 5.0, ex)))
+    assert float(out["image_caption"]) != pytest.approx(float(on_k["image_caption"]))
+
+
+def test_merge_micro_batches_keeps_pairs_aligned():
+    lead = 2
+    parts = [{"image": paddle.to_tensor([[10.0 * j + i] for i in range(4)]),
+              "text_view": paddle.to_tensor([[10.0 * j + i] for i in range(lead)])} for j in range(2)]
+    merged = merge_micro_batches(parts, lead)
+    assert merged["image"].numpy().ravel().tolist() == [0, 1, 10, 11, 2, 3, 12, 13]
+    assert merged["text_view"].numpy().ravel().tolist() == [0, 1, 10, 11]  # row i pairs with image row i
+
+
+# ------------------------------------------------------------------ time budget
+
+
+def test_cosine_on_budget_and_its_scheduler_state():
+    assert cosine_on_budget(0, 4, 0.0, 0.0) == pytest.approx(0.25)
+    assert cosine_on_budget(10, 4, 0.5, 0.0) == pytest.approx(0.5)
+    assert cosine_on_budget(10, 4, 1.7, 0.1) == pytest.approx(0.1)
+    sched = WarmupCosine(2e-3, 0, 10, time_budget_s=100.0)
+    sched.elapsed_s = 25.0
+    sched.step()
+    assert sched.get_lr() == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi / 4)))
+    state = sched.state_dict()
+    again = WarmupCosine(2e-3, 0, 10, time_budget_s=100.0)
+    again.set_state_dict(state)
+    assert again.elapsed_s == 25.0 and again.get_lr() == pytest.approx(sched.get_lr())
+    with pytest.raises(ValueError, match="time_budget_s"):
+        WarmupCosine(1e-3, 0, 10, time_budget_s=0)
+
+
+def test_temperature_learns_at_its_own_rate():
+    from ernievil2.train.config import OptimSchema
+    from ernievil2.train.optim import build_optimizer
+
+    model = _tiny_model()
+    opt, _ = build_optimizer(model, OptimSchema(lr=1e-2, warmup_steps=0, temperature_lr_scale=0.1, grad_clip=0.0), 10)
+    t0 = model.temperature.item()
+    w0 = model.vision.class_embedding.numpy().copy()
+    (model.temperature.sum() + model.vision.class_embedding.sum()).backward()
+    opt.step()
+    # Adam's first step moves each parameter by about its learning rate
+    assert t0 - model.temperature.item() == pytest.approx(1e-3, rel=1e-2)
+    np.testing.assert_allclose(w0 - model.vision.class_embedding.numpy(), 1e-2, rtol=1e-2)
+
+
+# ------------------------------------------------------------------ a sweep and its report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_multirun_of_two_recipes_and_compare(tmp_path):
+    """``launch/train.py -m`` over two recipes and two seeds under one training-time budget, then
+    ``launch/compare.py`` over the jobs: the table has a row per recipe with its seeds, the PNG is
+    written, every job stopped at its budget with its learning rate annealed."""
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    repo = Path(__file__).resolve().parents[1]
+    sweep = tmp_path / "sweep"
+    budget = 3.0
+    small = ["data.demo.n_train=600", "data.demo.n_val=60", "data.demo.samples_per_shard=200",
+             f"data.demo.cache_dir={tmp_path / 'demo'}", "data.batch_size=16", "data.num_workers=0",
+             "trainer.device=cpu", "logger.log_every=1", "trainer.save_checkpoint=false"]
+    cmd = [sys.executable, "launch/train.py", "-m", "loss=clip_only,multiview", "trainer.seed=1,2",
+           f"trainer.time_budget_s={budget}", "trainer.max_steps=100000", "eval.every_n_steps=0",
+           "eval.every_n_seconds=1", f"hydra.sweep.dir={sweep}", *small]
+    subprocess.run(cmd, cwd=repo, check=True, capture_output=True, timeout=500)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 4
+    for job in jobs:
+        log = [json.loads(line) for line in (job / "train_log.jsonl").read_text().splitlines()]
+        metrics = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+        assert budget <= metrics[-1]["train_seconds"] < budget + 2.0
+        assert len(metrics) >= 3  # about every training second, then at the end
+        peak = max(r["lr"] for r in log)
+        assert log[-1]["lr"] < 0.2 * peak, "the schedule follows the budget: annealed when the time is spent"
+    out = tmp_path / "report"
+    shown = subprocess.run([sys.executable, "launch/compare.py", *map(str, sweep.iterdir()), "--out", str(out)],
+                           cwd=repo, check=True, capture_output=True, text=True, timeout=120).stdout
+    table = (out / "compare.md").read_text()
+    assert table in shown
+    rows = [line for line in table.splitlines() if line.startswith("| clip_only") or line.startswith("| multiview")]
+    assert len(rows) == 2
+    clip_row = next(r for r in rows if r.startswith("| clip_only"))
+    assert "| 2 |" in clip_row and "1.00×" in clip_row and "1: " in clip_row and "2: " in clip_row
+    with Image.open(out / "compare.png") as png:
+        assert png.format == "PNG" and png.size[0] >= 600
