@@ -38,10 +38,10 @@ RECIPES = ("clip_only", "multiview", "multiview_paper")
 
 
 def recipe(name: str):
-    """The loss config and SimCLR view size a ``loss=NAME`` run of the demo uses."""
+    """The loss config and SimCLR view side (fraction of the image side) a ``loss=NAME`` run uses."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = validate(compose(config_name="config", overrides=[f"loss={name}"]))
-    return cfg.loss, cfg.data.views.aux_image_size
+    return cfg.loss, cfg.data.views.aux_image_scale
 
 
 def timed(fn, repeats: int) -> float:
@@ -111,7 +111,7 @@ def recipe_steps(args: argparse.Namespace) -> dict[str, float]:
         opt, sched = build_optimizer(model, OptimSchema(), 10**6)
         trainers[name] = Trainer(model, MultiViewLoss(loss_cfg), opt, sched, None, [], None, "/tmp/bench_step_cost",
                                  TrainerSchema(save_checkpoint=False))
-        batches[name] = synthetic_batch(args.batch, cfg.vision.image_size, aux or cfg.vision.image_size, args.text_len,
+        batches[name] = synthetic_batch(args.batch, cfg.vision.image_size, round(aux * cfg.vision.image_size), args.text_len,
                                         cfg.text.vocab_size, np.random.default_rng(0))
     times: dict[str, list[float]] = {n: [] for n in RECIPES}
     for i in range(args.repeats + 1):
@@ -131,7 +131,7 @@ def recipe_flops(preset: str, text_len: int) -> dict[str, dict[str, float]]:
         loss_cfg, aux = recipe(name)
         loss = MultiViewLoss(loss_cfg)
         shares = {v: loss.rows(v, 10_000) / 10_000 for v in loss.required_views}
-        out[name] = view_flops_per_sample(cfg, shares, text_len=text_len, aux_image_size=aux,
+        out[name] = view_flops_per_sample(cfg, shares, text_len=text_len, aux_image_size=round(aux * cfg.vision.image_size),
                                           patch_dropout=loss_cfg.patch_dropout)
     return out
 

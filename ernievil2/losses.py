@@ -34,6 +34,8 @@ TERM_VIEWS: dict[str, tuple[str, ...]] = {
 SHARED_IMAGE_IMAGE_VIEWS: tuple[str, str] = ("image", "image_view2")
 #: Views made and encoded only for the first ``aux_rows`` rows of a batch (``LossConfig.aux_fraction``).
 AUX_VIEWS: tuple[str, ...] = ("image_view1", "image_view2", "text_view", "objects")
+#: The terms beside image-caption: what ``aux_fraction`` and ``aux_until`` apply to.
+AUX_TERMS: tuple[str, ...] = ("image_objects", "image_image", "text_text")
 #: Image views a ``patch_dropout`` entry may name.
 PATCH_DROPOUT_VIEWS: tuple[str, ...] = ("image", "image_view1", "image_view2")
 NEG_INF = -1e9
@@ -165,9 +167,8 @@ def nt_xent(
 class LossConfig:
     """Weights of the four terms (0 switches a term off), the intra-modal temperature, and the
     economies of a multi-view step (``shared_image_view``, ``aux_fraction``, ``patch_dropout``;
-    ``data.views.aux_image_size`` is the fourth). ``conf/loss/*.yaml`` documents each recipe."""
+    ``data.views.aux_image_scale`` is the fourth). ``conf/loss/*.yaml`` documents each recipe."""
 
-    name: str = "custom"  # the recipe's name (conf/loss/NAME.yaml); reports group runs by it
     image_caption: float = 1.0
     image_objects: float = 1.0
     image_image: float = 1.0
@@ -187,9 +188,18 @@ class LossConfig:
     aux_fraction: float = 1.0
     # FLIP patch dropout per image view in training: {view: fraction of patch tokens dropped}.
     patch_dropout: dict[str, float] = field(default_factory=dict)
+    # None: the auxiliary terms keep their weights all run. f in (0, 1]: their weights fall linearly
+    # from full at the start to 0 at fraction f of training (of trainer.time_budget_s, else of
+    # trainer.max_steps); from then on the steps are image-caption steps and their views are not
+    # encoded. They break the symmetric start (at initialisation every embedding of a tower is
+    # nearly the same vector) much faster than image-caption alone.
+    aux_until: Optional[float] = None
+    name: str = "custom"  # the recipe's name (conf/loss/NAME.yaml), which reports group runs by
 
     def __post_init__(self) -> None:
         aux_rows(1, self.aux_fraction)  # range check
+        if self.aux_until is not None and not 0.0 < self.aux_until <= 1.0:
+            raise ValueError(f"loss.aux_until must be in (0, 1] or null, got {self.aux_until}")
         for view, p in self.patch_dropout.items():
             if view not in PATCH_DROPOUT_VIEWS:
                 raise ValueError(f"loss.patch_dropout: unknown image view {view!r} (one of {list(PATCH_DROPOUT_VIEWS)})")
@@ -206,6 +216,21 @@ class MultiViewLoss:
         if not self.weights:
             raise ValueError("all loss weights are 0: enable at least one of " + ", ".join(TERMS))
         self.exchange = exchange or FeatureExchange()
+        if cfg.aux_until is not None and "image_caption" not in self.weights:
+            raise ValueError("loss.aux_until switches the auxiliary terms off: it needs loss.image_caption > 0")
+
+    def aux_weight(self, progress: float) -> float:
+        """Factor on the auxiliary terms' weights at ``progress`` (fraction of training done)."""
+        if self.cfg.aux_until is None:
+            return 1.0
+        return max(0.0, 1.0 - float(progress) / self.cfg.aux_until)
+
+    def views_at(self, progress: float) -> tuple[str, ...]:
+        """The views the terms active at ``progress`` need (:attr:`required_views` until the
+        auxiliary terms are switched off, then image-caption's)."""
+        if self.aux_weight(progress) > 0.0:
+            return self.required_views
+        return tuple(v for v in self.required_views if v in self.term_views("image_caption"))
 
     @property
     def uses_logit_scale(self) -> bool:
@@ -242,11 +267,15 @@ class MultiViewLoss:
 
     def __call__(
         self, feats: Mapping[str, paddle.Tensor], logit_scale: paddle.Tensor,
-        objects_mask: Optional[paddle.Tensor] = None,
+        objects_mask: Optional[paddle.Tensor] = None, progress: float = 0.0,
     ) -> dict[str, paddle.Tensor]:
         """``feats``: each view's features, an auxiliary view (:attr:`aux_views`) holding only the
-        first :meth:`rows` rows; ``objects_mask`` covers all rows of the batch."""
+        first :meth:`rows` rows; ``objects_mask`` covers all rows of the batch; ``progress`` the
+        fraction of training done (for ``aux_until``)."""
         ex, local = self.exchange, self.cfg.local_loss
+        factor = self.aux_weight(progress)
+        weights = {t: w * (factor if t in AUX_TERMS else 1.0) for t, w in self.weights.items()}
+        weights = {t: w for t, w in weights.items() if w != 0.0}
         intra = logit_scale if self.cfg.intra_temperature is None else 1.0 / self.cfg.intra_temperature
 
         def pair(term: str) -> tuple[paddle.Tensor, paddle.Tensor]:
@@ -256,18 +285,18 @@ class MultiViewLoss:
             return a[:n], b[:n]
 
         terms: dict[str, paddle.Tensor] = {}
-        if "image_caption" in self.weights:
+        if "image_caption" in weights:
             terms["image_caption"] = info_nce(*pair("image_caption"), logit_scale, ex, local)
-        if "image_objects" in self.weights:
+        if "image_objects" in weights:
             if objects_mask is None:
                 raise ValueError("the image_objects term needs objects_mask (1 for samples with tags)")
             images, objects = pair("image_objects")
             terms["image_objects"] = masked_info_nce(
                 images, objects, objects_mask[: objects.shape[0]], logit_scale, ex, local
             )
-        if "image_image" in self.weights:
+        if "image_image" in weights:
             terms["image_image"] = nt_xent(*pair("image_image"), intra, ex, local)
-        if "text_text" in self.weights:
+        if "text_text" in weights:
             terms["text_text"] = nt_xent(*pair("text_text"), intra, ex, local)
-        total = paddle.add_n([self.weights[t] * v for t, v in terms.items()])
+        total = paddle.add_n([weights[t] * v for t, v in terms.items()])
         return {"loss": total, **terms}

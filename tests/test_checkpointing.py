@@ -229,7 +229,7 @@ def test_other_architecture_fails_naming_first_differing_key_and_changes_nothing
             load_training_checkpoint(trained_checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
         assert message in str(err.value)
         assert str(trained_checkpoint / WEIGHTS) in str(err.value)
-        assert optimizer.state_dict() == {"LR_Scheduler": {"last_epoch": 0, "last_lr": scheduler.last_lr}}
+        assert optimizer.state_dict() == {"LR_Scheduler": {"last_epoch": 0, "last_lr": scheduler.last_lr, "elapsed_s": 0.0}}
         assert scheduler.last_epoch == 0
         for key, value in snapshot(model).items():
             np.testing.assert_array_equal(value, before[key])

@@ -53,20 +53,20 @@ def test_real_mix_trains_with_objects_on_coco_rows_only(packed: Path, shared_dir
         cfg = compose(config_name="config", overrides=[
             "experiment=real_mix", "trainer.max_steps=12", "trainer.checkpoint_every=0", "logger.log_every=2",
             "data.batch_size=16", "data.num_workers=0", "eval.datasets.0.max_images=16", "eval.every_n_steps=0",
-            "trainer.device=cpu"])
+            "trainer.device=cpu", "loss.aux_fraction=1.0"])  # objects on every row: the mask shows the mix
     # Every batch the trainer sees: the mask is 1 exactly where the objects text is non-empty.
     from ernievil2.train import trainer as trainer_module
 
     seen = []
     real_step = trainer_module.Trainer.train_step
 
-    def spy(self, batches):
+    def spy(self, batches, *args):
         for b in ([batches] if isinstance(batches, dict) else batches):
             mask = np.asarray(b["has_objects"])
             pad = self.model.cfg.text.pad_id
             has_text = (np.asarray(b["objects_ids"]) != pad).sum(axis=1) > 2  # more than [CLS] [SEP]
             seen.append((mask, has_text))
-        return real_step(self, batches)
+        return real_step(self, batches, *args)
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", spy)
     final = run_training(cfg, tmp_path)

@@ -193,7 +193,7 @@ def _jpeg(seed: int) -> bytes:
 
 
 def test_transform_makes_aux_views_only_on_the_rows_it_names():
-    cfg = ViewConfig(image_size=32, aux_image_size=16)
+    cfg = ViewConfig(image_size=32, aux_image_scale=0.5)
     views = ("image", "image_view2", "caption", "text_view", "objects")
     full = MultiViewTransform(cfg, _Tok(), 12, seed=1, views=views)
     part = MultiViewTransform(cfg, _Tok(), 12, seed=1, views=views, aux_views=("image_view2", "text_view", "objects"),
@@ -329,3 +329,23 @@ def test_multirun_of_two_recipes_and_compare(tmp_path):
     assert "| 2 |" in clip_row and "1.00×" in clip_row and "1: " in clip_row and "2: " in clip_row
     with Image.open(out / "compare.png") as png:
         assert png.format == "PNG" and png.size[0] >= 600
+
+
+def test_aux_until_fades_the_auxiliary_terms_then_drops_their_views():
+    loss = MultiViewLoss(LossConfig(shared_image_view=True, aux_until=0.4))
+    assert [loss.aux_weight(p) for p in (0.0, 0.2, 0.4, 0.9)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert loss.views_at(0.1) == loss.required_views
+    assert loss.views_at(0.5) == ("image", "caption")
+    rng = np.random.default_rng(6)
+    feats = {k: paddle.to_tensor(rng.standard_normal((4, 8))) for k in loss.required_views}
+    feats = {k: v / paddle.linalg.norm(v, axis=1, keepdim=True) for k, v in feats.items()}
+    mask = paddle.ones([4], dtype="float64")
+    scale = paddle.to_tensor(10.0, dtype="float64")
+    full, half = loss(feats, scale, mask, 0.0), loss(feats, scale, mask, 0.2)
+    aux = ("image_objects", "image_image", "text_text")
+    assert float(half["loss"]) == pytest.approx(float(half["image_caption"]) + 0.5 * sum(float(half[t]) for t in aux))
+    assert float(full["loss"]) == pytest.approx(sum(float(full[t]) for t in ("image_caption", *aux)))
+    late = loss({k: feats[k] for k in ("image", "caption")}, scale, mask, 0.6)
+    assert set(late) == {"loss", "image_caption"}
+    with pytest.raises(ValueError, match="aux_until"):
+        MultiViewLoss(LossConfig(image_caption=0.0, aux_until=0.5))

@@ -131,6 +131,8 @@ def test_eval_only_mode_reproduces_in_loop_numbers(tmp_path, demo_cache):
     assert final, "the demo config evaluates at the end"
     eval_dir = tmp_path / "eval"
     records = run_evaluation(_compose(f"data.demo.cache_dir={demo_cache}", "mode=eval", f"ckpt={run_dir}"), eval_dir)
+    # in-loop records also say when they were taken (training seconds); the metrics are the same
+    assert all(r.pop("train_seconds") > 0 for r in final)
     assert records == final
     saved = json.loads((eval_dir / "eval_results.json").read_text(encoding="utf-8"))
     assert saved["step"] == 8 and saved["records"] == final
@@ -151,8 +153,8 @@ def test_non_finite_losses_skip_updates_then_stop(tmp_path, demo_cache, monkeypa
     real_step = trainer_module.Trainer.train_step
     calls = {"n": 0}
 
-    def poisoned(self, batches):
-        terms = real_step(self, batches)
+    def poisoned(self, batches, *args):
+        terms = real_step(self, batches, *args)
         calls["n"] += 1
         if calls["n"] >= 3:
             terms["loss"] = float("nan")
@@ -177,7 +179,7 @@ def test_out_of_memory_names_the_knobs(tmp_path, demo_cache, monkeypatch):
     """A device out-of-memory error stops the run with the settings that lower memory."""
     from ernievil2.train import trainer as trainer_module
 
-    def oom(self, batches):
+    def oom(self, batches, *args):
         raise MemoryError("ResourceExhaustedError: Out of memory error on GPU 0. Cannot allocate 2.0GB")
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", oom)

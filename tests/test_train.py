@@ -25,7 +25,7 @@ from ernievil2.train.run import resolve_data, run_training
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
-RECORD_KEYS = {"step", "dataset", "protocol", *RECALL_KEYS, "mean_recall"}
+RECORD_KEYS = {"step", "dataset", "protocol", *RECALL_KEYS, "mean_recall", "train_seconds"}
 OPTIONAL_RECORD_KEYS = {"i2t_mean", "t2i_mean"}
 
 register_schemas()

@@ -316,10 +316,11 @@ class ViewConfig:
     """
 
     image_size: int = 224
-    # Side of the SimCLR views (image_view1/2) when smaller than image_size: low-resolution
+    # Side of the SimCLR views (image_view1/2) as a fraction of image_size (rounded): low-resolution
     # auxiliary views (multi-crop, SwAV/DINO); the model resamples its position embeddings to their
-    # patch grid. None: image_size. A multiple of the model's patch size.
-    aux_image_size: int | None = None
+    # patch grid. 0.5 gives 32 px at the demo's 64, 112 px at 224. Must give a multiple of the
+    # model's patch size.
+    aux_image_scale: float = 1.0
     caption_crop_scale: tuple[float, float] = (0.5, 1.0)
     simclr_crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -340,6 +341,11 @@ class ViewConfig:
     max_image_pixels: int = 40_000_000
     min_image_side: int = 10
     reduce_on_decode: float = 2.0
+
+
+def simclr_size(cfg: ViewConfig) -> int:
+    """Side of the SimCLR views: ``round(aux_image_scale · image_size)``."""
+    return max(1, int(round(cfg.aux_image_scale * cfg.image_size)))
 
 
 def _scale_shift(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -410,9 +416,10 @@ class MultiViewTransform:
         #: views made only for rows ``< aux_rows`` of a batch (placeholders elsewhere); see ``__call__``
         self.aux_views: tuple[str, ...] = tuple(v for v in self.views if v in aux)
         self.aux_rows = None if not self.aux_views else aux_rows
-        self.simclr_size = int(cfg.aux_image_size or cfg.image_size)
-        if not 1 <= self.simclr_size <= cfg.image_size:
-            raise ValueError(f"data.views.aux_image_size must be in [1, image_size={cfg.image_size}], got {cfg.aux_image_size}")
+        if not 0.0 < cfg.aux_image_scale <= 1.0:
+            raise ValueError(f"data.views.aux_image_scale must be in (0, 1], got {cfg.aux_image_scale}")
+        #: side of the SimCLR views
+        self.simclr_size = simclr_size(cfg)
         #: the keys of a sample's output, in order: the views, each SimCLR view followed by its draws
         self.output_keys: tuple[str, ...] = tuple(
             k for v in self.views for k in ((v, v + PHOTOMETRIC_SUFFIX) if v in SIMCLR_VIEWS else (v,)))

@@ -28,7 +28,7 @@ from ernievil2.data.demo import DemoDataSpec, ensure_demo_data
 from ernievil2.data.loader import build_train_data
 from ernievil2.data.shards import ShardStream
 from ernievil2.data.device_views import ViewFinisher
-from ernievil2.data.views import MultiViewTransform
+from ernievil2.data.views import MultiViewTransform, simclr_size
 from ernievil2.distributed import (
     DistInfo,
     DistributedExchange,
@@ -159,9 +159,9 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
 
     loss = MultiViewLoss(cfg.loss, DistributedExchange(info))
     views_cfg = dataclasses.replace(cfg.data.views, image_size=model_cfg.vision.image_size)
-    if views_cfg.aux_image_size and views_cfg.aux_image_size % model_cfg.vision.patch_size:
-        raise ValueError(f"data.views.aux_image_size={views_cfg.aux_image_size} is not a multiple of the model's "
-                         f"patch size {model_cfg.vision.patch_size}")
+    if simclr_size(views_cfg) % model_cfg.vision.patch_size:
+        raise ValueError(f"data.views.aux_image_scale={views_cfg.aux_image_scale} gives {simclr_size(views_cfg)} px "
+                         f"SimCLR views, not a multiple of the model's patch size {model_cfg.vision.patch_size}")
     aux_views = loss.aux_views
     transform = MultiViewTransform(views_cfg, tokenizer, cfg.model.text_max_length, cfg.trainer.seed,
                                    views=loss.required_views, aux_views=aux_views,

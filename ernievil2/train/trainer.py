@@ -242,16 +242,16 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------
 
-    def train_step(self, batches: dict | Sequence[dict]) -> dict[str, float]:
+    def train_step(self, batches: dict | Sequence[dict], progress: float = 0.0) -> dict[str, float]:
         """Forward and backward of one optimizer step's micro-batches (a batch or a list of
         ``accum_steps`` of them; gradients all-reduced over ranks once, after the last). Returns
         the loss and its terms over all micro-batches, averaged over ranks: the values of the
-        global batch's loss."""
+        global batch's loss. ``progress``: the fraction of training done (``loss.aux_until``)."""
         micro = [batches] if isinstance(batches, dict) else list(batches)
-        views = self.loss.required_views
+        views = self.loss.views_at(progress)
         uses_scale = self.loss.uses_logit_scale
         b_rows = int(micro[0][TEXT_VIEWS.get(views[0], views[0])].shape[0])
-        rows = {v: self.loss.rows(v, b_rows) for v in self.loss.aux_views}
+        rows = {v: self.loss.rows(v, b_rows) for v in self.loss.aux_views if v in views}
         lead = min(rows.values(), default=b_rows)
         drops = self.loss.cfg.patch_dropout
 
@@ -283,7 +283,7 @@ class Trainer:
                     feats = merge_micro_batches([feats if i == j else c for i, c in enumerate(cached)], lead)
                 if scale is None:
                     scale = self.model.logit_scale.detach()
-                out = self.loss(feats, _full_precision(scale), mask)
+                out = self.loss(feats, _full_precision(scale), mask, progress)
                 loss = out["loss"]
                 (self.parallel.scaler.scale(loss) if self.parallel.scaler is not None else loss).backward()
         values = paddle.stack([v.detach().reshape([]) for v in out.values()])
@@ -424,6 +424,7 @@ class Trainer:
         self.clock.start()
         budget = s.time_budget_s
         next_eval_s = self._next_eval_s(self.clock.elapsed)
+        seconds = self.clock.elapsed if self._needs_seconds() else None
         window_start, window_samples, window_wait, window_tagged = start, 0, 0.0, 0.0
         self.model.train()
         final: list[dict] = []
@@ -441,7 +442,7 @@ class Trainer:
                 pending.append(batch)
                 if len(pending) < k:
                     continue
-                terms = self.train_step(pending)
+                terms = self.train_step(pending, self._progress(seconds))
                 rows = sum(int(b["caption_ids"].shape[0]) for b in pending if "caption_ids" in b)
                 window_tagged += sum(float(np.asarray(b["has_objects"]).sum()) for b in pending if "has_objects" in b)
                 pending = []
@@ -454,7 +455,7 @@ class Trainer:
                     grad_norm = None
                     self._handle_non_finite(terms)
                 lr = self.scheduler.get_lr()
-                seconds = self.train_seconds() if (budget or self.eval_every_s) else None
+                seconds = self.train_seconds() if self._needs_seconds() else None
                 if budget:
                     self.scheduler.elapsed_s = seconds
                 self.scheduler.step()
@@ -466,6 +467,8 @@ class Trainer:
                     now = time.perf_counter()
                     scalars = {**terms, "lr": lr, "logit_scale": self.model.logit_scale.item(),
                                "train_seconds": self.clock.seconds(),
+                               **({"aux_weight": self.loss.aux_weight(self._progress(seconds))}
+                                  if self.loss.cfg.aux_until is not None else {}),
                                "grad_norm": grad_norm if grad_norm is not None else float("nan"),
                                "samples_per_s": window_samples / (now - window_start),
                                "data_wait_s": window_wait, "epoch": self.epoch, "samples_seen": self.samples_seen,
@@ -509,6 +512,16 @@ class Trainer:
         log.info("trained %d steps in %.1f s (%.1f s of training)", self.step, time.perf_counter() - start,
                  self.clock.elapsed)
         return final
+
+    def _needs_seconds(self) -> bool:
+        return bool(self.settings.time_budget_s or self.eval_every_s)
+
+    def _progress(self, seconds: Optional[float]) -> float:
+        """Fraction of training done before the next step: of the time budget, else of max_steps."""
+        budget = self.settings.time_budget_s
+        if budget:
+            return min(1.0, (seconds or 0.0) / budget)
+        return self.step / max(1, self.settings.max_steps)
 
     def _next_eval_s(self, now: float) -> Optional[float]:
         """The training second of the next time-scheduled evaluation after ``now`` (None: off)."""
