@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
-    ap.add_argument("--out", default="bench_train_step.json")
+    ap.add_argument("--out", default="outputs/bench/train_step.json")
     ap.add_argument("--out-dir", default="/tmp/bench_train_step")
     args = ap.parse_args()
     if args.device:
@@ -135,7 +135,9 @@ def main() -> None:
         mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "n/a"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None and paddle.get_device().startswith("gpu") else "n/a"
         print(f"| {r['batch']} | {r['samples_per_s']:.1f} | {r['step_s']:.3f} | {mem} | {mfu} |")
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

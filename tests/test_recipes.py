@@ -349,3 +349,31 @@ def test_aux_until_fades_the_auxiliary_terms_then_drops_their_views():
     assert set(late) == {"loss", "image_caption"}
     with pytest.raises(ValueError, match="aux_until"):
         MultiViewLoss(LossConfig(image_caption=0.0, aux_until=0.5))
+
+
+def _readme_sweep_command() -> list[str]:
+    """The arguments of the README's ``launch/train.py -m`` sweep command (continuation lines joined)."""
+    import shlex
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    lines = [line for line in text.splitlines() if line.startswith("python launch/train.py -m ")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0])[3:]
+
+
+def test_readme_sweep_command_composes_for_every_job():
+    """Every job of the README's sweep composes and validates, with the budget it names."""
+    import itertools
+
+    args = _readme_sweep_command()
+    sweeps = [a.split("=", 1) for a in args if "," in a.split("=", 1)[1]]
+    fixed = [a for a in args if "," not in a.split("=", 1)[1]]
+    assert {k for k, _ in sweeps} == {"trainer.seed", "loss"}
+    names = set()
+    for values in itertools.product(*[v.split(",") for _, v in sweeps]):
+        overrides = fixed + [f"{k}={v}" for (k, _), v in zip(sweeps, values)]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = validate(compose(config_name="config", overrides=overrides))
+        assert cfg.trainer.time_budget_s == 240 and cfg.eval.every_n_seconds == 60
+        names.add(cfg.loss.name)
+    assert names == {"clip_only", "multiview", "multiview_paper"}
