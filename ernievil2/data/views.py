@@ -420,6 +420,7 @@ class MultiViewTransform:
             raise ValueError(f"data.views.aux_image_scale must be in (0, 1], got {cfg.aux_image_scale}")
         #: side of the SimCLR views
         self.simclr_size = simclr_size(cfg)
+        self._placeholders = self._make_placeholders()
         #: the keys of a sample's output, in order: the views, each SimCLR view followed by its draws
         self.output_keys: tuple[str, ...] = tuple(
             k for v in self.views for k in ((v, v + PHOTOMETRIC_SUFFIX) if v in SIMCLR_VIEWS else (v,)))
@@ -526,28 +527,30 @@ class MultiViewTransform:
         if not sample.captions and ({"caption_ids", "text_view_ids"} & set(self.views)):
             raise BadSample("no_caption", f"sample {sample.key!r} has no captions")
 
-    def placeholders(self) -> dict[str, np.ndarray]:
+    def _make_placeholders(self) -> dict[str, np.ndarray]:
         """What a row without the auxiliary views carries in their place: zero pixels and draws,
-        all-padding ids, ``has_objects`` 0 (fixed shapes for batching; never encoded)."""
+        all-padding ids, ``has_objects`` 0 (fixed shapes for batching; never encoded). Made once,
+        read-only: batching copies them."""
         out: dict[str, np.ndarray] = {}
         for key, (shape, dtype) in self.fixed_outputs().items():
             view = key[: -len(PHOTOMETRIC_SUFFIX)] if key.endswith(PHOTOMETRIC_SUFFIX) else key
             if view in self.aux_views:
                 fill = self.tokenizer.pad_id if key.endswith("_ids") else 0
                 out[key] = np.full(shape, fill, dtype=dtype)
+                out[key].flags.writeable = False
         return out
 
     def __call__(self, sample: RawSample, epoch: int = 0, row: int | None = None) -> dict[str, np.ndarray]:
         """The selected views of ``sample`` as arrays keyed by :attr:`output_keys`: images RGB uint8
         ``[S, S, 3]`` (a SimCLR view with its ``*_photometric`` float32 ``[12]`` draws), ids int64
         ``[max_length]``, ``has_objects`` a float32 scalar. ``row``: the sample's row in its batch
-        (the loader's); a row ``>= aux_rows`` gets :meth:`placeholders` for the auxiliary views,
+        (the loader's); a row ``>= aux_rows`` gets fixed placeholders for the auxiliary views,
         which are not made. The other views do not depend on ``row``."""
         rngs = self.rngs(sample.key, epoch)
         out: dict[str, np.ndarray] = {}
         views = self.views
         if row is not None and self.aux_rows is not None and row >= self.aux_rows:
-            out.update(self.placeholders())
+            out.update(self._placeholders)
             views = tuple(v for v in views if v not in self.aux_views)
         img = self._decode(sample)
         if img is not None:
