@@ -420,7 +420,6 @@ class MultiViewTransform:
             raise ValueError(f"data.views.aux_image_scale must be in (0, 1], got {cfg.aux_image_scale}")
         #: side of the SimCLR views
         self.simclr_size = simclr_size(cfg)
-        self._placeholders = self._make_placeholders()
         #: the keys of a sample's output, in order: the views, each SimCLR view followed by its draws
         self.output_keys: tuple[str, ...] = tuple(
             k for v in self.views for k in ((v, v + PHOTOMETRIC_SUFFIX) if v in SIMCLR_VIEWS else (v,)))
@@ -429,6 +428,7 @@ class MultiViewTransform:
         else:
             k = int(cfg.blur_kernel)
         self.blur_kernel = k if k % 2 == 1 else k + 1
+        self._placeholders = self._make_placeholders()
 
     # ------------------------------------------------------------------ images
     def _crop_flip(self, img: np.ndarray, rng: np.random.Generator, scale: tuple[float, float],
