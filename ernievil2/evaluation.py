@@ -37,9 +37,9 @@ from typing import Any, Protocol
 import numpy as np
 import paddle
 
+from ernievil2.data import preprocess
 from ernievil2.data.b64 import decode_base64
 from ernievil2.data.shards import ShardStream, list_shards
-from ernievil2.data.views import EvalTransform, decode_rgb
 from ernievil2.distributed import DistInfo
 from ernievil2.jsonl import jsonl_objects
 from ernievil2.models import ErnieViL2
@@ -66,8 +66,9 @@ class RetrievalSet:
     """An evaluation set ready to embed: this process's share of the images, every text tokenized
     and the image index of each text.
 
-    ``images`` are the eval transform's resized centre crops (RGB uint8 ``[n, S, S, 3]``, a quarter
-    of float32's memory; normalised batch by batch when embedded) of images ``image_start`` to
+    ``images`` are the resized centre crops of :mod:`ernievil2.data.preprocess` under ``profile``
+    (RGB uint8 ``[n, S, S, 3]``, a quarter of float32's memory; normalised batch by batch when
+    embedded, exactly as :func:`~ernievil2.data.preprocess.preprocess` does one image) of images ``image_start`` to
     ``image_start + n - 1`` of the ``n_images`` of the set: all of them in one process, the rank's
     :func:`shard_range` when built for several ranks.
     """
@@ -77,6 +78,7 @@ class RetrievalSet:
     text_image: np.ndarray  # int64 [N_txt]
     n_images: int = -1  # -1: len(images)
     image_start: int = 0
+    profile: str = "official"
 
     def __post_init__(self) -> None:
         if self.n_images < 0:
@@ -249,34 +251,35 @@ def _take(spec: EvalSetSpec, items: Iterator[EvalItem]) -> list[EvalItem]:
 
 
 def items_to_set(items: Sequence[EvalItem], image_size: int, tokenizer: WordPieceTokenizer, max_length: int,
-                 info: DistInfo | None = None) -> RetrievalSet:
-    """Decode and resize + centre-crop (:class:`EvalTransform`) the images, and tokenize every caption.
+                 info: DistInfo | None = None, profile: str = "official") -> RetrievalSet:
+    """Decode and resize + centre-crop the images (:mod:`ernievil2.data.preprocess`, ``profile``:
+    the same pixels as inference and search), and tokenize every caption.
 
     With several ranks (``info``) each rank prepares only its :func:`shard_range` of the images
     (every rank must call it: a bad image anywhere raises the same :class:`EvalDataError`, naming
     it, on every rank)."""
     info = info or DistInfo()
     start, stop = shard_range(len(items), info)
-    transform = EvalTransform(image_size)
     crops: list[np.ndarray] = []
     error = None
     for item in items[start:stop]:
         try:
-            crops.append(transform.resize_crop(decode_rgb(item.load_image(), item.key)))
+            image = preprocess.decode(item.load_image(), profile, item.key)
+            crops.append(preprocess.resize_crop(image, image_size, profile))
         except ValueError as exc:
             error = f"{item.where}: {exc}"
             break
-    error = _first_error(error, info)
+    error = first_error(error, info)
     if error is not None:
         raise EvalDataError(error)
     texts = [c for item in items for c in item.captions]
     owner = [k for k, item in enumerate(items) for _ in item.captions]
     images = np.stack(crops) if crops else np.empty((0, image_size, image_size, 3), dtype=np.uint8)
     return RetrievalSet(images, tokenizer(texts, max_length), np.asarray(owner, dtype=np.int64),
-                        n_images=len(items), image_start=start)
+                        n_images=len(items), image_start=start, profile=profile)
 
 
-def _first_error(error: str | None, info: DistInfo) -> str | None:
+def first_error(error: str | None, info: DistInfo) -> str | None:
     """The first rank's error, on every rank (``all_gather_object``), so that all ranks stop alike."""
     if not info.distributed:
         return error
@@ -312,7 +315,7 @@ def shard_range(n: int, info: DistInfo) -> tuple[int, int]:
     return n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size
 
 
-def _gather_rows(local: np.ndarray, info: DistInfo) -> np.ndarray:
+def gather_rows(local: np.ndarray, info: DistInfo) -> np.ndarray:
     """Rows of every rank in rank order (``all_gather_object``: slices may differ in size)."""
     if not info.distributed:
         return local
@@ -322,22 +325,32 @@ def _gather_rows(local: np.ndarray, info: DistInfo) -> np.ndarray:
 
 
 @paddle.no_grad()
-def _embed_slices(model: ErnieViL2, images: np.ndarray, text_ids: np.ndarray, batch_size: int,
-                  dim: int) -> tuple[np.ndarray, np.ndarray]:
+def embed_images(model: ErnieViL2, crops: np.ndarray, batch_size: int = 256, profile: str = "official") -> np.ndarray:
+    """L2-normalised float32 embeddings of resized crops (uint8 ``[n, S, S, 3]``), normalised batch
+    by batch under ``profile``; the model runs in eval mode (its mode is restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = [model.encode_image(paddle.to_tensor(preprocess.normalize_batch(crops[i : i + batch_size], profile))).numpy()
+               for i in range(0, len(crops), batch_size)]
+    finally:
+        model.train(was_training)
+    return np.concatenate(out).astype(np.float32) if out else np.empty((0, model.cfg.text.width), dtype=np.float32)
+
+
+@paddle.no_grad()
+def embed_texts(model: ErnieViL2, text_ids: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """L2-normalised float32 embeddings of token ids ``[n, L]`` (all-padding columns trimmed per
+    batch); the model runs in eval mode (its mode is restored after)."""
     was_training = model.training
     model.eval()
     try:
         pad = model.cfg.text.pad_id
-        normalize = EvalTransform(images.shape[1]).normalize
-        img = [model.encode_image(paddle.to_tensor(normalize(images[i : i + batch_size]))).numpy()
-               for i in range(0, len(images), batch_size)]
-        txt = [model.encode_text(paddle.to_tensor(trim_padding(text_ids[i : i + batch_size], pad))).numpy()
+        out = [model.encode_text(paddle.to_tensor(trim_padding(text_ids[i : i + batch_size], pad))).numpy()
                for i in range(0, len(text_ids), batch_size)]
     finally:
         model.train(was_training)
-    empty = np.empty((0, dim), dtype=np.float32)
-    return (np.concatenate(img).astype(np.float32) if img else empty,
-            np.concatenate(txt).astype(np.float32) if txt else empty)
+    return np.concatenate(out).astype(np.float32) if out else np.empty((0, model.cfg.text.width), dtype=np.float32)
 
 
 def embed(model: ErnieViL2, data: RetrievalSet, batch_size: int = 256,
@@ -358,8 +371,9 @@ def embed(model: ErnieViL2, data: RetrievalSet, batch_size: int = 256,
                          f"rank {info.rank} of {info.world_size} embeds {ia}..{ib - 1}: prepare it with the same "
                          "DistInfo (items_to_set(..., info))")
     ta, tb = shard_range(len(data.text_ids), info)
-    img, txt = _embed_slices(model, images, data.text_ids[ta:tb], batch_size, model.cfg.text.width)
-    return _gather_rows(img, info), _gather_rows(txt, info)
+    img = embed_images(model, images, batch_size, data.profile)
+    txt = embed_texts(model, data.text_ids[ta:tb], batch_size)
+    return gather_rows(img, info), gather_rows(txt, info)
 
 
 def first_caption_per_image(text_image: np.ndarray, n_images: int) -> np.ndarray:
@@ -413,11 +427,23 @@ def eval_set_spec(cfg: Any) -> EvalSetSpec:
 
 
 def build_evaluators(eval_cfg: Any, *, image_size: int, tokenizer: WordPieceTokenizer, text_max_length: int,
-                     demo_val_shards: Sequence[str] | None, info: DistInfo) -> list[Evaluator]:
-    """One :class:`RetrievalEvaluator` per ``eval_cfg.datasets`` entry (``EvalSchema``), on every rank."""
+                     demo_val_shards: Sequence[str] | None, info: DistInfo, demo_spec: Any = None) -> list[Evaluator]:
+    """The evaluators of ``eval_cfg`` (``EvalSchema``), on every rank: one :class:`RetrievalEvaluator`
+    per ``datasets`` entry, then one :class:`~ernievil2.zeroshot.ZeroShotEvaluator` per
+    ``classification`` entry (``demo_spec``: the demo data's spec, for ``format: demo``)."""
+    from ernievil2.zeroshot import ClassificationSetSpec, ZeroShotEvaluator, load_classification_set
+
+    profile = getattr(eval_cfg, "profile", "official")
+    preprocess.check_profile(profile)
     evaluators: list[Evaluator] = []
     for entry in eval_cfg.datasets:
         spec = eval_set_spec(entry)
-        data = load_eval_set(spec, image_size, tokenizer, text_max_length, demo_val_shards, info)
+        data = items_to_set(read_items(spec, demo_val_shards), image_size, tokenizer, text_max_length, info, profile)
         evaluators.append(RetrievalEvaluator(spec.name, data, entry.protocol, eval_cfg.batch_size, info))
+    for entry in getattr(eval_cfg, "classification", ()):
+        spec = ClassificationSetSpec(name=entry.name, format=entry.format, path=entry.path, classnames=entry.classnames,
+                                     templates=entry.templates, label_key=entry.label_key, language=entry.language,
+                                     max_images=entry.max_images)
+        data = load_classification_set(spec, image_size, info, profile, demo_spec)
+        evaluators.append(ZeroShotEvaluator(spec.name, data, tokenizer, text_max_length, eval_cfg.batch_size, info))
     return evaluators

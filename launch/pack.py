@@ -7,6 +7,9 @@
     python launch/pack.py --format chinese-clip --input MUGE --split train --output /data/muge
     python launch/pack.py --format karpathy --input dataset_flickr30k.json --images flickr30k-images \\
         --split train --output /data/f30k --objects tags.jsonl --objects-min-score 0.5 --objects-max 10
+    python launch/pack.py --format coco --input annotations/captions_train2017.json --images train2017 \
+        --detections bbox.json --det-categories annotations/instances_val2017.json --det-min-score 0.5 \
+        --det-max 10 --det-translate coco-zh.tsv --output /data/coco-det
 
 Formats, keys and the output layout: docs/DATA.md. Exit status: 0 done, 1 nothing written,
 2 unusable input or options.
@@ -22,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 # Light imports only at module level: the packer's worker processes are started with ``spawn``,
 # which re-imports this file; the paddle-importing pipeline is imported in main().
+from ernievil2.data.packers.detections import DetectionOptions
 from ernievil2.data.packers.formats import FORMATS, PackError, SourceSpec
 from ernievil2.data.packers.images import ImageOptions
 
@@ -54,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     tags.add_argument("--objects", type=Path, help="JSONL: key -> list of {name, score}; merged into the samples")
     tags.add_argument("--objects-min-score", type=float, default=0.0, help="keep tags scoring at least this (default %(default)s)")
     tags.add_argument("--objects-max", type=int, help="keep at most this many tags per image (best first)")
+    det = p.add_argument_group("object detector results (COCO results format)")
+    det.add_argument("--detections", type=Path,
+                     help="JSON list of {image_id, category_id, bbox, score} (PaddleDetection, mmdetection, "
+                          "detectron2); image_id: the COCO image id, else the sample key or image file name")
+    det.add_argument("--det-categories", type=Path,
+                     help="category names: a COCO instances json or a JSON list of {id, name} "
+                          "(default: the categories of coco --instances)")
+    det.add_argument("--det-min-score", type=float, default=0.5,
+                     help="keep detections scoring at least this (default %(default)s)")
+    det.add_argument("--det-max", type=int, help="keep at most this many detected names per image (best first)")
+    det.add_argument("--det-translate", type=Path,
+                     help="category-name translation: JSON object or 'name<TAB>translation' TSV; "
+                          "names it lacks are kept and counted")
     return p
 
 
@@ -66,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     try:
+        orphans = [flag for flag, value in (("--det-categories", args.det_categories), ("--det-max", args.det_max),
+                                            ("--det-translate", args.det_translate)) if value is not None]
+        if args.detections is None and orphans:
+            raise PackError(f"{', '.join(orphans)} only apply with --detections")
         spec = SourceSpec(format=args.format, input=args.input, images=args.images, texts=args.texts,
                           instances=args.instances, language=args.language,
                           splits=tuple(s for s in args.split.split(",") if s))
@@ -74,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_bytes=None if args.max_shard_mb is None else int(args.max_shard_mb * 2**20),
             prefix=args.prefix, image=ImageOptions(max_side=args.max_side, jpeg_quality=args.jpeg_quality),
             objects_file=args.objects, objects_min_score=args.objects_min_score, objects_max=args.objects_max,
+            detections=None if args.detections is None else DetectionOptions(
+                file=args.detections, categories_file=args.det_categories, min_score=args.det_min_score,
+                max_count=args.det_max, translate_file=args.det_translate),
             limit=args.limit, overwrite=args.overwrite, progress=False if args.no_progress else None)
         summary = pack(spec, args.output, options)
     except (PackError, ValueError) as exn:

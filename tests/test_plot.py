@@ -1,7 +1,6 @@
-"""launch/plot.py: the PNGs of a run dir, from a synthetic train_log.jsonl and metrics.jsonl."""
+"""ernievil2.plots and launch/plot.py: the PNGs of a run dir, from a synthetic train_log.jsonl and metrics.jsonl."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,15 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from ernievil2 import plots as plot
 from ernievil2.losses import TERMS
 
 REPO = Path(__file__).resolve().parents[1]
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
-
-_spec = importlib.util.spec_from_file_location("plot_under_test", REPO / "launch" / "plot.py")
-plot = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plot)
-
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -86,9 +81,12 @@ def test_default_out_dir_and_cli(run_dir):
     assert len(printed) == 9 and all(Path(p).parent == run_dir / "plots" and Path(p).is_file() for p in printed)
 
 
-def test_errors_name_the_problem(tmp_path, capsys):
-    assert plot.main([str(tmp_path)]) == 2
-    assert f"{tmp_path}: no train_log.jsonl or metrics.jsonl" in capsys.readouterr().err
+def test_errors_name_the_problem(tmp_path):
+    proc = subprocess.run([sys.executable, "launch/plot.py", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (f"plot.py: error: {tmp_path}: no train_log.jsonl or metrics.jsonl "
+                                                    "with records (is it a run dir?)")
     (tmp_path / "metrics.jsonl").write_text('{"step": 5, "dataset": "d", "protocol": "multi"}\n{oops\n')
     with pytest.raises(plot.LogFormatError, match=r"metrics\.jsonl:2: not JSON: invalid JSON"):
         plot.plot_run(tmp_path)
@@ -100,3 +98,11 @@ def test_errors_name_the_problem(tmp_path, capsys):
 def test_eval_only_run_dir(tmp_path):
     _write_jsonl(tmp_path / "metrics.jsonl", [_eval_record(7, "demo_val", "multi")])
     assert [p.name for p in plot.plot_run(tmp_path)] == ["recall_demo_val_multi.png"]
+
+
+def test_zeroshot_records_get_their_own_plot(tmp_path):
+    records = [{"step": s, "dataset": "demo_objects_en", "protocol": "zeroshot", "top1": 10.0 + s, "top5": 30.0 + s,
+                "n_images": 500, "n_classes": 24, "chance_top1": 100 / 24} for s in (10, 20)]
+    _write_jsonl(tmp_path / "metrics.jsonl", [_eval_record(10, "demo_val", "multi"), *records])
+    written = plot.plot_run(tmp_path)
+    assert [p.name for p in written] == ["recall_demo_val_multi.png", "zeroshot_demo_objects_en.png"]

@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ernievil2.data.preprocess import crop_offsets, decode, normalize, preprocess, resize_crop, resize_dims
-from ernievil2.data.views import IMAGENET_MEAN, IMAGENET_STD
+from ernievil2.data.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    crop_offsets,
+    decode,
+    normalize,
+    normalize_batch,
+    preprocess,
+    resize_crop,
+    resize_dims,
+)
 
 MEAN = np.asarray(IMAGENET_MEAN).reshape(3, 1, 1)
 STD = np.asarray(IMAGENET_STD).reshape(3, 1, 1)

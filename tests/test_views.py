@@ -1,4 +1,4 @@
-"""Multi-view sample transform and eval transform."""
+"""Multi-view sample transform."""
 from __future__ import annotations
 
 import json
@@ -14,11 +14,9 @@ import pytest
 
 from ernievil2.data.device_views import ViewFinisher, gaussian_kernels
 from ernievil2.data.sample import RawSample
+from ernievil2.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from ernievil2.data.views import (
     ALL_VIEWS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EvalTransform,
     MultiViewTransform,
     ViewConfig,
     augment_text_ids,
@@ -344,27 +342,6 @@ def test_undecodable_image_names_key(tok):
     for data in (b"definitely not an image", b""):
         with pytest.raises(ValueError, match="broken/key-42"):
             t(RawSample(key="broken/key-42", image=data, captions=["a dog"]))
-    with pytest.raises(ValueError, match="evalkey"):
-        EvalTransform(32)(b"\x89PNG garbage", key="evalkey")
-
-
-def test_eval_transform(tok):
-    img = _textured(200, 300)  # h=200, w=300
-    ev = EvalTransform(SIZE)
-    out = ev(_encode(img))
-    assert out.shape == (3, SIZE, SIZE) and out.dtype == np.float32
-    # by hand: short side 200 -> 64, long side int(64 / 200 * 300) + 1 = 97, x offset ceil(33 / 2) = 17
-    resized = cv2.resize(img, (97, 64), interpolation=cv2.INTER_LINEAR)
-    crop = resized[0:64, 17 : 17 + 64].astype(np.float32) / 255.0
-    np.testing.assert_allclose(out, ((crop - MEAN) / STD).transpose(2, 0, 1), atol=1e-5)
-    # portrait and square inputs also give S x S
-    assert ev(_encode(_textured(300, 200))).shape == (3, SIZE, SIZE)
-    assert ev(_encode(_textured(50, 50))).shape == (3, SIZE, SIZE)
-    np.testing.assert_array_equal(ev(_encode(img)), out)  # deterministic
-    # the evaluation's stored crops, normalised batch-wise, give exactly the same input
-    crops = np.stack([ev.resize_crop(decode_rgb(_encode(img))), ev.resize_crop(decode_rgb(_encode(_textured(50, 50))))])
-    assert crops.dtype == np.uint8 and crops.shape == (2, SIZE, SIZE, 3)
-    np.testing.assert_array_equal(ev.normalize(crops)[0], out)
 
 
 # --------------------------------------------------------------------------- texts
@@ -452,12 +429,11 @@ def test_real_images(tok, flickr8k_dir: Path, coco_mini_dir: Path):
                   captions=rec_c["captions_en"], objects=[o["name"] for o in rec_c["objects"]]),
     ]
     t = MultiViewTransform(ViewConfig(), tok)
-    ev = EvalTransform(224)
     for s in samples:
         out = t(s)
         for k in ("image", "image_view1", "image_view2"):
             assert out[k].shape == (224, 224, 3) and out[k].dtype == np.uint8
         assert _diff(out["image"], out["image_view1"]) > 3
-        e = ev(s.image)
+        e = preprocess(s.image, size=224)
         assert e.shape == (3, 224, 224) and -2.2 < e.min() < e.max() < 2.7
     assert float(t(samples[0])["has_objects"]) == 0.0 and float(t(samples[1])["has_objects"]) == 1.0

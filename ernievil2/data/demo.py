@@ -432,3 +432,36 @@ def ensure_demo_data(root: Union[str, Path], spec: DemoDataSpec = DemoDataSpec()
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("generated demo data %s in %.1f s", final, time.perf_counter() - start)
     return _load(final, spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Zero-shot classification set
+# --------------------------------------------------------------------------------------------
+
+OBJECT_CLASSES: tuple[tuple[str, str], ...] = tuple((c, h) for c in COLOURS for h in SHAPES)
+"""The 24 classes of the demo classification set: (colour, shape), the size left open."""
+
+_CLASSIFICATION_CODE = 2  # RNG stream of the classification images (train 0, val 1)
+
+
+def object_class_names(language: str = "en") -> list[str]:
+    """The names of :data:`OBJECT_CLASSES`: ``"red circle"`` (en) or ``"红色圆形"`` (zh)."""
+    if language == "en":
+        return [f"{c} {h}" for c, h in OBJECT_CLASSES]
+    if language == "zh":
+        return [f"{COLOURS_ZH[c]}{SHAPES_ZH[h]}" for c, h in OBJECT_CLASSES]
+    raise ValueError(f"language must be 'en' or 'zh', got {language!r}")
+
+
+def demo_object_images(spec: DemoDataSpec = DemoDataSpec(), language: str = "en") -> tuple[list[bytes], list[int], list[str]]:
+    """The demo classification set: for every held-out (val) scene, its leftmost object drawn alone
+    (deterministic, JPEG bytes); the label is the object's (colour, shape) class. Returns
+    ``(images, labels, class names in language)``."""
+    names = object_class_names(language)
+    images, labels = [], []
+    for i, scene in enumerate(val_scenes(spec.n_val, spec.seed)):
+        obj = scene[0]
+        rng = np.random.default_rng([spec.seed, _CLASSIFICATION_CODE, i])
+        images.append(encode_jpeg(render_scene((obj,), rng, spec.image_size)))
+        labels.append(OBJECT_CLASSES.index((obj.colour, obj.shape)))
+    return images, labels, names

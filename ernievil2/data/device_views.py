@@ -24,10 +24,9 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from ernievil2.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ernievil2.data.views import (
     IMAGE_VIEWS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     PHOTOMETRIC_PARAMS,
     PHOTOMETRIC_SUFFIX,
     _scale_shift,

@@ -1,4 +1,6 @@
-"""Inference image preprocessing profiles (SPEC §4): ``official`` and ``paddlenlp``.
+"""Image preprocessing for evaluation, inference, search and export (SPEC §4): the one module that
+resizes, centre-crops and normalises an image outside training, under one of two profiles,
+``official`` (the default everywhere) and ``paddlenlp``.
 
 Both turn encoded image bytes into a float32 ``[3, S, S]`` array normalised with the ImageNet
 mean/std; they differ in decoder, resampling filter, resize rule and crop rounding, so embeddings
@@ -35,10 +37,11 @@ import warnings
 import cv2
 import numpy as np
 
-from ernievil2.data.views import IMAGENET_MEAN, IMAGENET_STD
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PROFILES", "preprocess", "decode", "resize_dims", "crop_offsets",
+           "resize_crop", "normalize", "normalize_batch", "check_profile"]
 
-__all__ = ["PROFILES", "preprocess", "decode", "resize_dims", "crop_offsets", "resize_crop", "normalize"]
-
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 PROFILES: tuple[str, ...] = ("official", "paddlenlp")
 
 _MEAN64 = np.asarray(IMAGENET_MEAN, dtype=np.float64).reshape(3, 1, 1)
@@ -47,7 +50,8 @@ _MEAN32 = _MEAN64.astype(np.float32)
 _STD32 = _STD64.astype(np.float32)
 
 
-def _check_profile(profile: str) -> str:
+def check_profile(profile: str) -> str:
+    """``profile`` when it is one of :data:`PROFILES`, else ``ValueError`` naming the choices."""
     if profile not in PROFILES:
         raise ValueError(f"unknown preprocessing profile {profile!r}; choose one of {list(PROFILES)}")
     return profile
@@ -62,7 +66,7 @@ def _check_size(size: int) -> int:
 
 def resize_dims(h: int, w: int, size: int = 224, profile: str = "official") -> tuple[int, int]:
     """``(new_h, new_w)`` the profile resizes an ``h × w`` image to before the centre crop."""
-    _check_profile(profile)
+    check_profile(profile)
     s = _check_size(size)
     if h < 1 or w < 1:
         raise ValueError(f"image dims must be positive, got {h}x{w}")
@@ -80,7 +84,7 @@ def resize_dims(h: int, w: int, size: int = 224, profile: str = "official") -> t
 
 def crop_offsets(h: int, w: int, size: int = 224, profile: str = "official") -> tuple[int, int]:
     """``(top, left)`` of the ``size × size`` centre crop of an ``h × w`` (already resized) image."""
-    _check_profile(profile)
+    check_profile(profile)
     s = _check_size(size)
     if h < s or w < s:
         raise ValueError(f"cannot centre-crop {s}x{s} out of a {h}x{w} image")
@@ -94,7 +98,7 @@ def decode(image_bytes: bytes, profile: str = "official", key: str = "?") -> np.
 
     Raises ``ValueError`` naming ``key`` when the bytes are not a decodable image.
     """
-    _check_profile(profile)
+    check_profile(profile)
     n = len(image_bytes) if image_bytes else 0
     if profile == "official":
         img = None
@@ -139,7 +143,7 @@ def resize_crop(img: np.ndarray, size: int = 224, profile: str = "official") -> 
 def normalize(img: np.ndarray, profile: str = "official") -> np.ndarray:
     """uint8 HWC → float32 CHW: scale to [0, 1], subtract the ImageNet mean, divide by the std,
     with the arithmetic (dtypes, order) of the profile's reference implementation."""
-    _check_profile(profile)
+    check_profile(profile)
     chw = np.ascontiguousarray(img.transpose(2, 0, 1))
     if profile == "official":
         x = chw.astype(np.float32) / np.float32(255)
@@ -149,8 +153,17 @@ def normalize(img: np.ndarray, profile: str = "official") -> np.ndarray:
     return np.ascontiguousarray((x - _MEAN32) / _STD32)
 
 
+def normalize_batch(crops: np.ndarray, profile: str = "official") -> np.ndarray:
+    """uint8 ``[N, S, S, 3]`` crops (from :func:`resize_crop`) → float32 ``[N, 3, S, S]``, each
+    exactly as :func:`normalize`."""
+    if len(crops) == 0:
+        check_profile(profile)
+        return np.empty((0, 3, *crops.shape[1:3]), dtype=np.float32)
+    return np.stack([normalize(c, profile) for c in crops])
+
+
 def preprocess(image_bytes: bytes, profile: str = "official", size: int = 224, key: str = "?") -> np.ndarray:
     """Encoded image bytes → float32 ``[3, size, size]`` under ``profile`` (``official`` or
     ``paddlenlp``). Raises ``ValueError`` naming ``key`` when the bytes cannot be decoded."""
-    _check_profile(profile)
+    check_profile(profile)
     return normalize(resize_crop(decode(image_bytes, profile, key), size, profile), profile)

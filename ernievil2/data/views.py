@@ -45,6 +45,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ernievil2.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ernievil2.data.sample import BadSample, RawSample
 from ernievil2.tokenizer import WordPieceTokenizer
 
@@ -52,12 +53,9 @@ __all__ = [
     "ALL_VIEWS",
     "DEFAULT_OBJECTS_JOINERS",
     "DEFAULT_OBJECTS_TEMPLATES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "VIEW_ALIASES",
     "IMAGE_VIEWS",
     "SIMCLR_VIEWS",
-    "EvalTransform",
     "MultiViewTransform",
     "PHOTOMETRIC_PARAMS",
     "PHOTOMETRIC_SUFFIX",
@@ -71,8 +69,6 @@ __all__ = [
     "stable_hash",
 ]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_OBJECTS_TEMPLATES: dict[str, str] = {"en": "the picture contains {objects}", "zh": "图中有{objects}"}
 DEFAULT_OBJECTS_JOINERS: dict[str, str] = {"en": ", ", "zh": "、"}
 
@@ -564,48 +560,3 @@ class MultiViewTransform:
         if "objects_ids" in views:
             self._objects(sample, out)
         return {k: out[k] for k in self.output_keys}
-
-
-class EvalTransform:
-    """Deterministic eval preprocessing (official ERNIE-ViL 2.0 inference, SPEC §4).
-
-    Decode with OpenCV (RGB), resize bilinearly so the short side is ``image_size`` and the long
-    side ``int(image_size / short * long) + 1`` (a square image counts its width as the short
-    side), centre-crop ``image_size`` at offsets ``ceil((w - S) / 2)``, ``ceil((h - S) / 2)``,
-    scale to [0, 1] and normalise. Returns float32 ``[3, S, S]``.
-    """
-
-    def __init__(
-        self,
-        image_size: int,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ):
-        if int(image_size) < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
-        self.image_size = int(image_size)
-        self._norm = _Normalizer(mean, std)
-
-    def resize_crop(self, img: np.ndarray) -> np.ndarray:
-        """Short-side resize + centre crop of an HWC image (uint8 in, uint8 ``[S, S, 3]`` out)."""
-        s = self.image_size
-        h, w = img.shape[:2]
-        if w <= h:
-            new_w, new_h = s, int(s / w * h) + 1
-        else:
-            new_w, new_h = int(s / h * w) + 1, s
-        resized = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-        x0 = math.ceil((new_w - s) / 2)
-        y0 = math.ceil((new_h - s) / 2)
-        return resized[y0 : y0 + s, x0 : x0 + s]
-
-    def normalize(self, crops: np.ndarray) -> np.ndarray:
-        """Normalise resized crops (uint8 ``[N, S, S, 3]`` from :meth:`resize_crop`) into float32
-        ``[N, 3, S, S]``, exactly as :meth:`__call__` does one image."""
-        if len(crops) == 0:
-            return np.empty((0, 3, *crops.shape[1:3]), dtype=np.float32)
-        return np.stack([self._norm(c) for c in crops])
-
-    def __call__(self, image_bytes: bytes, key: str = "?") -> np.ndarray:
-        """Preprocess encoded image bytes; ``ValueError`` naming ``key`` when undecodable."""
-        return self._norm(self.resize_crop(decode_rgb(image_bytes, key)))

@@ -111,6 +111,21 @@ class EvalSetSchema:
 
 
 @dataclass
+class ClassificationSetSchema:
+    """One zero-shot classification set (ernievil2.zeroshot): images with class labels, class names
+    put into prompt templates."""
+
+    name: str = MISSING
+    format: str = "demo"  # demo | imagefolder (path/CLASS/image) | shards (KEY.cls or label_key in KEY.json)
+    path: Optional[str] = None  # imagefolder: the root folder; shards: dir/pattern
+    classnames: Optional[str] = None  # one name per line (label order) or JSON; imagefolder default: folder names
+    templates: str = "en"  # built-in en | zh | demo_en | demo_zh, or a file of templates holding {}
+    label_key: str = "label"  # shards: the label's key in KEY.json (KEY.cls wins when present)
+    language: str = "en"  # demo: class names in en or zh
+    max_images: Optional[int] = None  # keep only the first N images
+
+
+@dataclass
 class EvalSchema:
     """When to evaluate and on which sets; every rank embeds its share of each set."""
 
@@ -118,7 +133,9 @@ class EvalSchema:
     every_n_seconds: float = 0.0  # also every N training seconds (0: off); points of runs of different speeds align
     at_end: bool = True
     batch_size: int = 256  # images / texts per forward pass on each rank
-    datasets: list[EvalSetSchema] = field(default_factory=list)
+    datasets: list[EvalSetSchema] = field(default_factory=list)  # retrieval sets
+    classification: list[ClassificationSetSchema] = field(default_factory=list)  # zero-shot classification sets
+    profile: str = "official"  # image preprocessing of every set (SPEC §4): official | paddlenlp
 
 
 @dataclass

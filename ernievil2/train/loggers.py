@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ernievil2.retrieval import format_table
+from ernievil2.zeroshot import format_record as format_zeroshot
 from ernievil2.train.config import LoggerSchema
 
 log = logging.getLogger("ernievil2")
@@ -127,7 +128,10 @@ class RunLogger:
         for r in records:
             if self.metrics is not None:
                 self.metrics.append(r)
-            log.info("\n" + format_table(r, f"eval {r['dataset']} ({r['protocol']} protocol) at step {r['step']}"))
+            if r["protocol"] == "zeroshot":
+                log.info(format_zeroshot(r))
+            else:
+                log.info("\n" + format_table(r, f"eval {r['dataset']} ({r['protocol']} protocol) at step {r['step']}"))
             if self.wandb is not None:
                 self._log_eval_to_wandb(r)
 

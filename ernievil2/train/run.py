@@ -102,14 +102,18 @@ def prepare_tokenizer(cfg: Config, train_shards: list[str], run_dir: Path,
         return WordPieceTokenizer(vocab, max_length=m.text_max_length)
 
 
+def demo_data_spec(cfg: Config) -> DemoDataSpec:
+    """The demo data's spec from ``data.demo``."""
+    return DemoDataSpec(**{f.name: getattr(cfg.data.demo, f.name) for f in dataclasses.fields(DemoDataSpec)})
+
+
 def resolve_data(cfg: Config) -> tuple[list[str], Optional[list[str]]]:
     """Training shards and the demo validation shards (None unless an evaluation set uses them),
     generating the demo data when it is used."""
     d = cfg.data
     demo_val: Optional[list[str]] = None
     if d.source == "demo" or any(s.format == "demo" and not s.shards for s in cfg.eval.datasets):
-        spec = DemoDataSpec(**{f.name: getattr(d.demo, f.name) for f in dataclasses.fields(DemoDataSpec)})
-        demo = ensure_demo_data(os.path.expanduser(d.demo.cache_dir), spec)
+        demo = ensure_demo_data(os.path.expanduser(d.demo.cache_dir), demo_data_spec(cfg))
         demo_val = demo.val_shards
         train = demo.train_shards if d.source == "demo" else None
     if d.source == "shards":
@@ -123,7 +127,8 @@ def build_evaluators(cfg: Config, image_size: int, tokenizer: WordPieceTokenizer
                      info: DistInfo) -> list[Evaluator]:
     """The configured evaluation sets as evaluators (every rank holds them and embeds its share; rank 0 logs)."""
     return evaluation.build_evaluators(cfg.eval, image_size=image_size, tokenizer=tokenizer,
-                                       text_max_length=cfg.model.text_max_length, demo_val_shards=demo_val, info=info)
+                                       text_max_length=cfg.model.text_max_length, demo_val_shards=demo_val, info=info,
+                                       demo_spec=demo_data_spec(cfg))
 
 
 def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:

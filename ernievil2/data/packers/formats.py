@@ -6,7 +6,8 @@ JSON file without its top-level fields) raise :class:`PackError` naming the file
 
 Sample keys are the dataset's image ids (or file stems) with every character outside letters,
 digits, ``_`` and ``-`` replaced by ``_`` (see :func:`sample_key`); ``--objects`` files are
-matched on these keys.
+matched on these keys, ``--detections`` files too (through :attr:`Source.image_keys` where the
+key is not the image id: COCO).
 """
 from __future__ import annotations
 
@@ -90,11 +91,19 @@ class SourceSpec:
 
 @dataclass
 class Source:
-    """An opened input: its records (lazy) and their number when known up front."""
+    """An opened input: its records (lazy) and their number when known up front.
+
+    ``image_keys``: ``str(image id) -> sample key`` for formats whose key is not the image id
+    (COCO: the file-name stem), so detector results naming images by id find their samples.
+    ``categories``: ``category id -> name`` of the input's own object annotations (COCO
+    ``--instances``), ``None`` when it has none.
+    """
 
     records: Iterator[Record]
     total: int | None
     notes: dict[str, Any] = field(default_factory=dict)
+    image_keys: dict[str, str] = field(default_factory=dict)
+    categories: dict[Any, str] | None = None
 
 
 def sample_key(raw_id: Any) -> str:
@@ -254,14 +263,27 @@ def read_chinese_clip(spec: SourceSpec) -> Source:
 # --------------------------------------------------------------------------------------------
 
 
-def coco_objects(instances_path: Path) -> dict[int, Counter]:
-    """``image id -> Counter(category name)`` from a COCO instances json (crowd boxes included)."""
-    data = _load_json(instances_path, ("annotations", "categories"))
+def category_names(categories: list, path: Path) -> dict[Any, str]:
+    """``id -> name`` of a COCO ``categories`` list; raises :class:`PackError` naming ``path`` for an
+    entry without an ``id`` (int or str) and a non-empty ``name``, or an id given two names."""
     names: dict[Any, str] = {}
-    for cat in data["categories"]:
-        if not isinstance(cat, dict) or "id" not in cat or not isinstance(cat.get("name"), str):
-            raise PackError(f"{instances_path}: category {cat!r} lacks 'id' or 'name'")
-        names[cat["id"]] = cat["name"]
+    for cat in categories:
+        cat_id = cat.get("id") if isinstance(cat, dict) else None
+        name = cat.get("name") if isinstance(cat, dict) else None
+        if isinstance(cat_id, bool) or not isinstance(cat_id, (int, str)) or not isinstance(name, str) \
+                or not name.strip():
+            raise PackError(f"{path}: category {cat!r} lacks 'id' or 'name'")
+        if names.get(cat_id, name.strip()) != name.strip():
+            raise PackError(f"{path}: category id {cat_id!r} is named both {names[cat_id]!r} and {name.strip()!r}")
+        names[cat_id] = name.strip()
+    return names
+
+
+def coco_objects(instances_path: Path) -> tuple[dict[int, Counter], dict[Any, str]]:
+    """``(image id -> Counter(category name), category id -> name)`` from a COCO instances json
+    (crowd boxes included)."""
+    data = _load_json(instances_path, ("annotations", "categories"))
+    names = category_names(data["categories"], instances_path)
     counts: dict[int, Counter] = {}
     for ann in data["annotations"]:
         cat_id = ann.get("category_id") if isinstance(ann, dict) else None
@@ -269,7 +291,7 @@ def coco_objects(instances_path: Path) -> dict[int, Counter]:
             raise PackError(f"{instances_path}: annotation {ann.get('id', '?') if isinstance(ann, dict) else ann!r} "
                             f"has no image_id or an unknown category_id {cat_id!r}")
         counts.setdefault(ann["image_id"], Counter())[names[cat_id]] += 1
-    return counts
+    return counts, names
 
 
 def _ranked(counter: Counter) -> list[str]:
@@ -288,8 +310,11 @@ def read_coco(spec: SourceSpec) -> Source:
     for ann in data["annotations"]:
         if isinstance(ann, dict) and "image_id" in ann and isinstance(ann.get("caption"), str):
             captions.setdefault(ann["image_id"], []).append(ann["caption"])
-    objects = coco_objects(_require_file(spec.instances, "--instances")) if spec.instances is not None else {}
+    objects, categories = (coco_objects(_require_file(spec.instances, "--instances")) if spec.instances is not None
+                           else ({}, None))
     images = data["images"]
+    image_keys = {str(img["id"]): sample_key(Path(img["file_name"]).stem) for img in images
+                  if isinstance(img, dict) and "id" in img and isinstance(img.get("file_name"), str)}
 
     def records() -> Iterator[Record]:
         for index, img in enumerate(images):
@@ -305,7 +330,7 @@ def read_coco(spec: SourceSpec) -> Source:
             yield _item(Path(img["file_name"]).stem, captions.get(img["id"], []), lang,
                         ImageSource(path=str(image_dir / img["file_name"])), where, objects=names, meta=meta)
 
-    return Source(records(), total=len(images))
+    return Source(records(), total=len(images), image_keys=image_keys, categories=categories)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from ernievil2.atomic import atomic_write
 from ernievil2.data.sample import RawSample
 from ernievil2.data.shards import ShardWriter
 
-from .formats import PackError, PackItem, Record, Skipped, SourceSpec, open_source
+from .detections import DetectionOptions, DetectionTags, load_categories, load_detections, load_translation
+from .formats import PackError, PackItem, Record, Skipped, Source, SourceSpec, open_source
 from .images import (
     EncodedImage,
     ImageFailure,
@@ -37,7 +38,7 @@ from .images import (
     prepare_image,
     prepare_images,
 )
-from .objects import ScoredTags, load_detector_objects, merge_tags
+from .objects import ScoredTags, load_detector_objects, merge_tags, select_tags
 
 DUPLICATE_KEY = "duplicate_key"
 SUMMARY_FILE = "pack_summary.json"
@@ -58,6 +59,7 @@ class PackOptions:
     objects_file: Path | None = None
     objects_min_score: float = 0.0
     objects_max: int | None = None
+    detections: DetectionOptions | None = None
     limit: int | None = None
     overwrite: bool = False
     progress: bool | None = None
@@ -87,6 +89,7 @@ class PackSummary:
     reencoded: int = 0
     with_objects: int = 0
     detector: dict[str, Any] = field(default_factory=dict)
+    detections: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
     workers: int = 1
     seconds: float = 0.0
@@ -110,7 +113,7 @@ class PackSummary:
             "skipped_total": self.skipped_total, "skipped": dict(sorted(self.skipped.items())),
             "skipped_examples": dict(sorted(self.skipped_examples.items())),
             "resized": self.resized, "reencoded": self.reencoded, "with_objects": self.with_objects,
-            "detector": self.detector, "notes": self.notes,
+            "detector": self.detector, "detections": self.detections, "notes": self.notes,
             "workers": self.workers, "seconds": round(self.seconds, 3),
         }
 
@@ -124,6 +127,16 @@ class PackSummary:
             lines.append(f"  {reason}: {n} (e.g. {self.skipped_examples[reason][0]})")
         if self.detector:
             lines.append(f"detector tags: {self.detector}")
+        if self.detections:
+            d = self.detections
+            lines.append(f"detections: {d['valid']} of {d['entries']} entries used ({d['below_min_score']} below "
+                         f"--det-min-score {d['min_score']}), {d['samples_tagged']} sample(s) tagged, "
+                         f"{d['images_without_sample']} image(s) without a sample")
+            for reason, n in d["malformed"].items():
+                lines.append(f"  malformed {reason}: {n} (e.g. {d['malformed_examples'][reason][0]})")
+            if d["untranslated_total"]:
+                lines.append(f"  untranslated names ({d['untranslated_total']} entries): "
+                             f"{', '.join(sorted(d['untranslated']))}")
         return "\n".join(lines)
 
 
@@ -182,6 +195,32 @@ def _encoded(items: Iterable[PackItem], options: PackOptions) -> Iterator[tuple[
             yield from zip(done, result.get())
 
 
+def _read_detections(options: DetectionOptions, source: Source) -> DetectionTags:
+    """The ``--detections`` file's tags, named through ``--det-categories`` (else the input's own
+    COCO categories) and ``--det-translate``, keyed like the input's samples."""
+    if options.categories_file is not None:
+        categories = load_categories(options.categories_file)
+    elif source.categories is not None:
+        categories = source.categories
+    else:
+        raise PackError("--detections needs --det-categories (a COCO instances json or a JSON list of {id, name}); "
+                        "only coco input with --instances brings its own categories")
+    translation = load_translation(options.translate_file) if options.translate_file is not None else None
+    return load_detections(options.file, categories, min_score=options.min_score, max_count=options.max_count,
+                           translation=translation, image_keys=source.image_keys)
+
+
+def combine_tags(*sources: dict[str, ScoredTags]) -> dict[str, ScoredTags]:
+    """One ``key -> tags`` table from several (``--objects``, ``--detections``), each already
+    selected by its own options: a key's tags together, one per name (best score), best first
+    (ties: earlier table first). A single table comes back as it is."""
+    if len(sources) == 1:
+        return sources[0]
+    keys = dict.fromkeys(key for table in sources for key in table)
+    return {key: select_tags([tag for table in sources for tag in table.get(key, [])], float("-inf"))
+            for key in keys}
+
+
 def _sample(item: PackItem, image: EncodedImage, tags: ScoredTags) -> RawSample:
     meta = dict(item.meta)
     meta.update(width=image.width, height=image.height)
@@ -203,12 +242,15 @@ def pack(spec: SourceSpec, output: str | os.PathLike, options: PackOptions = Pac
     detector = (load_detector_objects(options.objects_file, options.objects_min_score, options.objects_max)
                 if options.objects_file is not None else None)
     source = open_source(spec)
+    detections = _read_detections(options.detections, source) if options.detections is not None else None
+    tables = [t for t in (detector, detections.tags if detections is not None else None) if t is not None]
+    external = combine_tags(*tables) if tables else {}
     prepare_output(output, options.overwrite)
     summary = PackSummary(format=spec.format, input=str(spec.input), output=str(output), workers=options.workers)
     total = source.total if options.limit is None else min(source.total or options.limit, options.limit)
     records = source.records if options.limit is None else islice(source.records, options.limit)
     seen: set[str] = set()
-    matched = 0
+    matched = det_matched = 0
     bar = tqdm(total=total, unit="img", desc=f"pack {spec.format}", dynamic_ncols=True,
                disable=None if options.progress is None else not options.progress)
     encoded = _encoded(_accepted(records, summary, seen, bar), options)
@@ -221,8 +263,9 @@ def pack(spec: SourceSpec, output: str | os.PathLike, options: PackOptions = Pac
                 if isinstance(image, ImageFailure):
                     summary.skip(image.reason, f"{item.where} (key {item.key}): {image.detail}")
                     continue
-                tags = detector.get(item.key, []) if detector is not None else []
-                matched += bool(tags)
+                tags = external.get(item.key, [])
+                matched += bool(detector is not None and detector.get(item.key))
+                det_matched += bool(detections is not None and detections.tags.get(item.key))
                 sample = _sample(item, image, tags)
                 writer.write(sample, "jpg")
                 summary.written += 1
@@ -237,6 +280,14 @@ def pack(spec: SourceSpec, output: str | os.PathLike, options: PackOptions = Pac
         summary.detector = {"file": str(options.objects_file), "keys": len(detector),
                             "samples_tagged": matched, "keys_without_sample": len(set(detector) - seen),
                             "min_score": options.objects_min_score, "max_count": options.objects_max}
+    if detections is not None:
+        det = options.detections
+        categories = f"--instances {spec.instances}" if det.categories_file is None else str(det.categories_file)
+        summary.detections = {
+            "file": str(det.file), "categories": categories,
+            "translate": str(det.translate_file) if det.translate_file is not None else None,
+            "min_score": det.min_score, "max_count": det.max_count, **detections.report(),
+            "samples_tagged": det_matched, "images_without_sample": len(detections.images - seen)}
     summary.seconds = time.perf_counter() - start
     with atomic_write(output / SUMMARY_FILE) as f:
         f.write(json.dumps(summary.to_json(), ensure_ascii=False, indent=1) + "\n")
