@@ -1,5 +1,5 @@
 """Every ``launch/train.py`` command line shown in README.md, docs/*.md and the headers of
-conf/experiment/*.yaml composes with Hydra and validates against the typed schema, as the shell
+conf/**/*.yaml composes with Hydra and validates against the typed schema, as the shell
 would pass it (quotes removed, continuation lines joined; a multirun's jobs each composed)."""
 from __future__ import annotations
 
@@ -74,8 +74,8 @@ def documented_commands() -> list[tuple[str, str]]:
     sources = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
     for path in sources:
         found += [(path.name, line) for line in _markdown_commands(path)]
-    for path in sorted((REPO / "conf" / "experiment").glob("*.yaml")):
-        found += [(f"conf/experiment/{path.name}", line) for line in _yaml_header_commands(path)]
+    for path in sorted((REPO / "conf").rglob("*.yaml")):
+        found += [(str(path.relative_to(REPO)), line) for line in _yaml_header_commands(path)]
     return [(where, line) for where, line in found if _train_overrides(line) is not None]
 
 
@@ -91,7 +91,7 @@ def _jobs(args: list[str]) -> list[list[str]]:
 
 def test_documentation_shows_train_commands():
     where = {w for w, _ in documented_commands()}
-    assert {"README.md", "DISTRIBUTED.md", "conf/experiment/pretrain_base.yaml"} <= where
+    assert {"README.md", "DISTRIBUTED.md", "conf/experiment/pretrain_base.yaml", "conf/eval/imagenet.yaml"} <= where
 
 
 @pytest.mark.parametrize("where,line", documented_commands())
