@@ -56,9 +56,15 @@ def prepare_ranks(argv: list[str]) -> list[str]:
 def main(cfg: DictConfig) -> None:
     from ernievil2.train.run import run_evaluation, run_training
 
-    if cfg.mode not in ("train", "eval"):
-        raise ValueError(f"mode must be 'train' or 'eval', got {cfg.mode!r}")
-    (run_evaluation if cfg.mode == "eval" else run_training)(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        if cfg.mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {cfg.mode!r}")
+        (run_evaluation if cfg.mode == "eval" else run_training)(cfg, HydraConfig.get().runtime.output_dir)
+    except (KeyError, ValueError, OSError) as exc:  # a user error (config key, file, checkpoint, vocab): one line
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"train.py: error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Hydra config groups over the typed schemas: defaults, group choices, and fail-fast on typos."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,18 @@ def test_pretrain_base_uses_the_memory_settings():
     t = cfg.trainer
     assert (t.amp, t.amp_level, t.recompute, t.sharding_stage) == ("bf16", "O2", True, 1)
     assert t.best_metric == "flickr30k/multi/mean_recall" and cfg.logger.backend == "wandb"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["+optim.lrr=0.1"], "train.py: error: unknown config key 'optim.lrr' (valid keys here: "),
+    (["mode=eval", "ckpt=/nonexistent/ckpt"], "train.py: error: /nonexistent/ckpt: no such checkpoint file or folder"),
+])
+def test_user_errors_print_one_line_without_traceback(args, message, tmp_path):
+    cmd = [sys.executable, "launch/train.py", *args, f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
+    full = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+                          env={**env, "HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr
