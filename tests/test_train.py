@@ -235,3 +235,16 @@ def test_base_preset_one_step_on_cpu(demo_cache, tmp_path, monkeypatch, capsys):
         print(f"\n[base preset, 1 step, batch 2, CPU] {seconds:.1f} s, peak RSS {mem.peak / 2**30:.2f} GiB "
               f"(+{(mem.peak - mem.base) / 2**30:.2f} GiB over {mem.base / 2**30:.2f} GiB before), "
               f"{n_params / 1e6:.2f}M parameters")
+
+
+def test_eval_schedule_by_steps_and_by_training_seconds():
+    from ernievil2.train.trainer import EvalSchedule
+
+    by_steps = EvalSchedule(every_steps=10, every_s=0.0)
+    assert [s for s in range(1, 31) if by_steps.due(s, None)] == [10, 20, 30]
+    by_time = EvalSchedule(every_steps=0, every_s=60.0, now_s=75.0)  # a run resumed at 75 s
+    assert by_time.next_s == 120.0 and not by_time.due(7, 119.9) and by_time.due(8, 121.5)
+    by_time.evaluated(121.5)
+    assert by_time.next_s == 180.0  # on the grid of 60 s, not 60 s after the late evaluation
+    both = EvalSchedule(every_steps=5, every_s=30.0)
+    assert both.due(5, 1.0) and both.due(6, 30.0) and not both.due(6, 29.0)

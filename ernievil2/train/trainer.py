@@ -162,6 +162,55 @@ class TrainClock:
             self.start()
 
 
+class ThroughputMeter:
+    """Samples/s, data-wait seconds and the share of samples with object tags over the steps since
+    the last :meth:`scalars` (the job's samples: every rank steps through batches of one size)."""
+
+    def __init__(self, world_size: int = 1):
+        self.world_size = world_size
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float) -> None:
+        self.since, self.samples, self.wait_s, self.tagged = now, 0, 0.0, 0.0
+
+    def waited(self, seconds: float) -> None:
+        self.wait_s += seconds
+
+    def stepped(self, rows: int, tagged: float) -> None:
+        self.samples += rows * self.world_size
+        self.tagged += tagged
+
+    def scalars(self) -> dict[str, float]:
+        """``samples_per_s``, ``data_wait_s``, ``objects_frac`` of the window, then a new window."""
+        now = time.perf_counter()
+        out = {"samples_per_s": self.samples / (now - self.since), "data_wait_s": self.wait_s,
+               "objects_frac": self.tagged * self.world_size / max(1, self.samples)}
+        self._reset(now)
+        return out
+
+
+class EvalSchedule:
+    """When to evaluate mid-run: every ``every_steps`` optimizer steps (0: off) and every
+    ``every_s`` training seconds (0: off; the next time is set after each evaluation)."""
+
+    def __init__(self, every_steps: int, every_s: float, now_s: float = 0.0):
+        self.every_steps, self.every_s = int(every_steps), float(every_s)
+        self.next_s = self._after(now_s)
+
+    def _after(self, now_s: float) -> Optional[float]:
+        if not self.every_s:
+            return None
+        return (math.floor(now_s / self.every_s + 1e-9) + 1) * self.every_s
+
+    def due(self, step: int, seconds: Optional[float]) -> bool:
+        by_steps = bool(self.every_steps) and step % self.every_steps == 0
+        return by_steps or (self.next_s is not None and seconds is not None and seconds >= self.next_s)
+
+    def evaluated(self, seconds: Optional[float]) -> None:
+        if seconds is not None:
+            self.next_s = self._after(seconds)
+
+
 class Trainer:
     """Runs ``settings.max_steps`` optimizer steps over ``data.batches(epoch, skip)``.
 
@@ -422,13 +471,11 @@ class Trainer:
         s = self.settings
         start = time.perf_counter()
         self.clock.start()
-        budget = s.time_budget_s
-        next_eval_s = self._next_eval_s(self.clock.elapsed)
+        schedule = EvalSchedule(self.eval_every, self.eval_every_s, self.clock.elapsed)
+        meter = ThroughputMeter(self.dist.world_size)
         seconds = self.clock.elapsed if self._needs_seconds() else None
-        window_start, window_samples, window_wait, window_tagged = start, 0, 0.0, 0.0
         self.model.train()
         final: list[dict] = []
-        k = s.accum_steps
         while self.step < self.max_steps:
             got_batch = False
             resumed_mid_epoch = self.batches_in_epoch > 0
@@ -436,61 +483,24 @@ class Trainer:
             for batch, waited in self._epoch_batches():
                 got_batch = True
                 self.batches_in_epoch += 1
-                window_wait += waited
+                meter.waited(waited)
                 for kind, n in _bad_sample_counts(batch).items():
                     self.bad_samples[kind] = self.bad_samples.get(kind, 0) + n
                 pending.append(batch)
-                if len(pending) < k:
+                if len(pending) < s.accum_steps:
                     continue
-                terms = self.train_step(pending, self._progress(seconds))
-                rows = sum(int(b["caption_ids"].shape[0]) for b in pending if "caption_ids" in b)
-                window_tagged += sum(float(np.asarray(b["has_objects"]).sum()) for b in pending if "has_objects" in b)
+                seconds = self._optimizer_step(pending, seconds, meter)
                 pending = []
-                finite = math.isfinite(terms["loss"])
-                if finite:
-                    self.nan_streak = 0
-                    grad_norm = global_grad_norm(self.model) if (self.step + 1) % self.log_every == 0 else None
-                    self._apply_update()
-                else:
-                    grad_norm = None
-                    self._handle_non_finite(terms)
-                lr = self.scheduler.get_lr()
-                seconds = self.train_seconds() if self._needs_seconds() else None
-                if budget:
-                    self.scheduler.elapsed_s = seconds
-                self.scheduler.step()
-                self.step += 1
-                # Samples of the whole job (every rank steps through batches of the same size).
-                self.samples_seen += rows * self.dist.world_size
-                window_samples += rows * self.dist.world_size
-                if self.step % self.log_every == 0:
-                    now = time.perf_counter()
-                    scalars = {**terms, "lr": lr, "logit_scale": self.model.logit_scale.item(),
-                               "train_seconds": self.clock.seconds(),
-                               **({"aux_weight": self.loss.aux_weight(self._progress(seconds))}
-                                  if self.loss.cfg.aux_until is not None else {}),
-                               "grad_norm": grad_norm if grad_norm is not None else float("nan"),
-                               "samples_per_s": window_samples / (now - window_start),
-                               "data_wait_s": window_wait, "epoch": self.epoch, "samples_seen": self.samples_seen,
-                               # share of this rank's samples with object tags (the objects term's rows)
-                               "objects_frac": window_tagged * self.dist.world_size / max(1, window_samples),
-                               "nonfinite_steps": self.nan_total,
-                               **{f"bad/{kind}": n for kind, n in sorted(self.bad_samples.items())}}
-                    self.history.append({"step": self.step, **scalars})
-                    if self.logger is not None:
-                        self.logger.log_train(self.step, scalars)
-                    window_start, window_samples, window_wait, window_tagged = now, 0, 0.0, 0.0
-                if budget and seconds >= budget:
-                    log.info("training-time budget of %.1f s spent at step %d: stopping", budget, self.step)
+                if s.time_budget_s and seconds >= s.time_budget_s:
+                    log.info("training-time budget of %.1f s spent at step %d: stopping", s.time_budget_s, self.step)
                     self.max_steps = self.step
                 if self.step >= self.max_steps:
                     break
-                records: list[dict] = []
-                due_by_time = next_eval_s is not None and seconds >= next_eval_s
                 with self.clock.paused():
-                    if (self.eval_every and self.step % self.eval_every == 0) or due_by_time:
+                    records: list[dict] = []
+                    if schedule.due(self.step, seconds):
                         records = self.evaluate()
-                        next_eval_s = self._next_eval_s(seconds)
+                        schedule.evaluated(seconds)
                     if s.save_checkpoint and s.checkpoint_every and self.step % s.checkpoint_every == 0:
                         self.save(records)
             if self.step >= self.max_steps:
@@ -513,6 +523,46 @@ class Trainer:
                  self.clock.elapsed)
         return final
 
+    def _optimizer_step(self, pending: list[dict], seconds: Optional[float], meter: ThroughputMeter) -> Optional[float]:
+        """One optimizer step over the ``pending`` micro-batches: forward/backward, the update (or a
+        skip on a non-finite loss), the schedule, counters and the log line. Returns the training
+        seconds after it (None when nothing needs them)."""
+        terms = self.train_step(pending, self._progress(seconds))
+        rows = sum(int(b["caption_ids"].shape[0]) for b in pending if "caption_ids" in b)
+        tagged = sum(float(np.asarray(b["has_objects"]).sum()) for b in pending if "has_objects" in b)
+        grad_norm = None
+        if math.isfinite(terms["loss"]):
+            self.nan_streak = 0
+            grad_norm = global_grad_norm(self.model) if (self.step + 1) % self.log_every == 0 else None
+            self._apply_update()
+        else:
+            self._handle_non_finite(terms)
+        lr = self.scheduler.get_lr()
+        seconds = self.train_seconds() if self._needs_seconds() else None
+        if self.settings.time_budget_s:
+            self.scheduler.elapsed_s = seconds
+        self.scheduler.step()
+        self.step += 1
+        self.samples_seen += rows * self.dist.world_size
+        meter.stepped(rows, tagged)
+        if self.step % self.log_every == 0:
+            window = meter.scalars()
+            scalars = {**terms, "lr": lr, "logit_scale": self.model.logit_scale.item(),
+                       "train_seconds": self.clock.seconds(),
+                       **({"aux_weight": self.loss.aux_weight(self._progress(seconds))}
+                          if self.loss.cfg.aux_until is not None else {}),
+                       "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+                       "samples_per_s": window["samples_per_s"], "data_wait_s": window["data_wait_s"],
+                       "epoch": self.epoch, "samples_seen": self.samples_seen,
+                       # share of this rank's samples with object tags (the objects term's rows)
+                       "objects_frac": window["objects_frac"],
+                       "nonfinite_steps": self.nan_total,
+                       **{f"bad/{kind}": n for kind, n in sorted(self.bad_samples.items())}}
+            self.history.append({"step": self.step, **scalars})
+            if self.logger is not None:
+                self.logger.log_train(self.step, scalars)
+        return seconds
+
     def _needs_seconds(self) -> bool:
         return bool(self.settings.time_budget_s or self.eval_every_s)
 
@@ -523,8 +573,3 @@ class Trainer:
             return min(1.0, (seconds or 0.0) / budget)
         return self.step / max(1, self.settings.max_steps)
 
-    def _next_eval_s(self, now: float) -> Optional[float]:
-        """The training second of the next time-scheduled evaluation after ``now`` (None: off)."""
-        if not self.eval_every_s:
-            return None
-        return (math.floor(now / self.eval_every_s + 1e-9) + 1) * self.eval_every_s
