@@ -1,4 +1,4 @@
-"""Benchmark: ``launch/eval_retri.py`` against the plain approach on a seed embeddings file.
+"""Benchmark: ``launch/eval_retri.py`` (:mod:`ernievil2.embeddings_file`) against the plain approach on a seed embeddings file.
 
     python bench/eval_retri.py                     # 5,000 lines × 768-d, 3 rounds
     python bench/eval_retri.py --lines 1000 --rounds 1
@@ -10,8 +10,8 @@ its peak RSS is its own (``os.wait4``):
 * ``plain``: the original script's way — per line ``[float(x) for x in s.split()]``, one full
   N×N float32 score matrix, a Python loop computing one rank per row (and per column);
 * ``eval_retri`` parsing the text, with 1 and with the default number of parser processes: its
-  reader (``read_embeddings(..., sidecars=False)``) and metric code (``official_ranks`` +
-  ``seed_recalls``);
+  reader (``ernievil2.embeddings_file.read_embeddings(..., sidecars=False)``) and metric code
+  (``ernievil2.retrieval.one_to_one_ranks`` + ``seed_recalls``);
 * ``eval_retri`` as it runs by default on a file written by launch/infer.py with
   ``write_npy=true``: the ``O.text.npy`` / ``O.image.npy`` sidecars, verified against O
   (``read_embeddings`` default), then the same metric code.
@@ -28,7 +28,6 @@ medians over the rounds.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import statistics
@@ -41,13 +40,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def _load_eval_retri():
-    spec = importlib.util.spec_from_file_location("eval_retri", REPO / "launch" / "eval_retri.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ernievil2.embeddings_file import available_cpus, format_embedding_lines, read_embeddings  # noqa: E402
+from ernievil2.retrieval import one_to_one_ranks, seed_recalls  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the measured code
@@ -74,10 +70,11 @@ def plain(path: str) -> tuple[list[float], list[float]]:
     return recalls(t2i), recalls(i2t)
 
 
-def ours(er, path: str, workers: int | None, sidecars: bool) -> tuple[list[float], list[float]]:
-    text, image = er.read_embeddings(path, workers=workers, sidecars=sidecars)
-    t2i, i2t = er.official_ranks(text, image)
-    return er.seed_recalls(t2i), er.seed_recalls(i2t)
+def ours(path: str, workers: int | None, sidecars: bool) -> tuple[list[float], list[float]]:
+    """launch/eval_retri.py's reading and metric code (the library calls it makes)."""
+    text, image = read_embeddings(path, workers=workers, sidecars=sidecars)
+    t2i, i2t = one_to_one_ranks(text, image)
+    return seed_recalls(t2i), seed_recalls(i2t)
 
 
 def _vm_hwm_kb() -> int:
@@ -93,15 +90,14 @@ def _vm_hwm_kb() -> int:
 
 
 def _worker(method: str, path: str) -> None:
-    er = _load_eval_retri()  # imports outside the timed region
     start = time.perf_counter()
     if method == "plain":
         t2i, i2t = plain(path)
     elif method == "ours-npy":
-        t2i, i2t = ours(er, path, None, sidecars=True)
+        t2i, i2t = ours(path, None, sidecars=True)
     else:
         workers = None if method == "ours-auto" else int(method.split("-")[1])
-        t2i, i2t = ours(er, path, workers, sidecars=False)
+        t2i, i2t = ours(path, workers, sidecars=False)
     seconds = time.perf_counter() - start
     self_kb = _vm_hwm_kb()
     kids_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -110,13 +106,10 @@ def _worker(method: str, path: str) -> None:
 
 # --------------------------------------------------------------------------- driver
 def make_file(path: Path, lines: int, dim: int, fmt: str, seed: int = 0) -> None:
-    """``fmt="infer"``: written by ``ernievil2.inference.format_embedding_lines`` (``%+.8e``, what
+    """``fmt="infer"``: written by ``ernievil2.embeddings_file.format_embedding_lines`` (``%+.8e``, what
     launch/infer.py writes) with the float32 ``PATH.text.npy`` / ``PATH.image.npy`` it writes with
     ``write_npy=true``; ``fmt="seed"``: ``str()`` of each float32, as the seed's
     ``run_infer.py`` writes (variable width)."""
-    sys.path.insert(0, str(REPO))
-    from ernievil2.inference import format_embedding_lines
-
     rng = np.random.default_rng(seed)
     text = rng.standard_normal((lines, dim)).astype(np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
@@ -175,7 +168,6 @@ def main() -> None:
         return
 
     tmpdir = tempfile.TemporaryDirectory()
-    er = _load_eval_retri()
     formats = args.formats.split(",")
     table = []
     for fmt in formats:
@@ -207,12 +199,12 @@ def main() -> None:
               file=sys.stderr)
 
     print(f"\n{args.lines} lines × {args.dim}-d, official 1:1 protocol, median of {args.rounds} round(s), "
-          f"{er._cpu_count()} CPU(s); every run gave identical recalls.\n")
+          f"{available_cpus()} CPU(s); every run gave identical recalls.\n")
     print("| file | command | time s | process s | peak MB | parser proc. MB | speed-up |")
     print("|---|---|---:|---:|---:|---:|---:|")
     names = {"infer": "written by launch/infer.py (`%+.8e`)", "seed": "seed writer (`str(float32)`)"}
     for fmt, size_mb, m, secs, proc_s, peak, kids, speed in table:
-        label = LABELS[m].format(n=er._cpu_count())
+        label = LABELS[m].format(n=available_cpus())
         kid = f"{kids:.0f}" if m == "ours-auto" and kids else "–"
         print(f"| {names[fmt]}, {size_mb:.0f} MiB | {label} | {secs:.2f} | {proc_s:.2f} | {peak:.0f} | {kid} | {speed:.1f}× |")
     tmpdir.cleanup()

@@ -1,9 +1,12 @@
 """Data-parallel plumbing: process-group set-up, a feature gather that keeps gradients, guards.
 
 Under ``python -m paddle.distributed.launch`` the rank and world size come from
-``PADDLE_TRAINER_ID`` / ``PADDLE_TRAINERS_NUM`` (SPEC §8: ``RANK``/``WORLD_SIZE`` are not set).
-In a single process nothing here calls a collective: ``init_parallel_env()`` would do nothing and
-any collective would raise, so every helper checks the world size first.
+``PADDLE_TRAINER_ID`` / ``PADDLE_TRAINERS_NUM`` (SPEC §8: ``RANK``/``WORLD_SIZE`` are not set, and
+are ignored: the process group ``init_parallel_env()`` joins is Paddle's). :func:`dist_info` is the
+one reader of those variables: the training loop, the evaluators, the data pipeline (which splits
+shards by rank) and ``launch/train.py`` all ask it. In a single process nothing here calls a
+collective: ``init_parallel_env()`` would do nothing and any collective would raise, so every
+helper checks the world size first.
 
 Why the gather needs its own backward (SPEC §8): ``paddle.distributed.all_gather`` returns tensors
 without gradient, so the negatives from other ranks would train nothing. :class:`AllGatherWithGrad`
@@ -49,18 +52,18 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _env_rank_world() -> tuple[int, int, int]:
-    world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
-    rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
-    local = int(os.environ.get("PADDLE_LOCAL_RANK", os.environ.get("PADDLE_RANK_IN_NODE", str(rank))))
+def dist_info() -> DistInfo:
+    """This process's place in the job, from the Paddle launcher's environment (no set-up): rank
+    ``PADDLE_TRAINER_ID`` (default 0), world size ``PADDLE_TRAINERS_NUM`` (default 1), local rank
+    ``PADDLE_LOCAL_RANK``, else ``PADDLE_RANK_IN_NODE``, else the rank. The only reader of these
+    variables; ``ValueError`` when they are inconsistent."""
+    env = os.environ
+    world = int(env.get("PADDLE_TRAINERS_NUM", "1"))
+    rank = int(env.get("PADDLE_TRAINER_ID", "0"))
+    local = int(env.get("PADDLE_LOCAL_RANK", env.get("PADDLE_RANK_IN_NODE", str(rank))))
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"invalid PADDLE_TRAINER_ID={rank} / PADDLE_TRAINERS_NUM={world}")
-    return rank, world, local
-
-
-def dist_info() -> DistInfo:
-    """This process's rank, world size and local rank from the launcher's environment (no set-up)."""
-    return DistInfo(*_env_rank_world())
+    return DistInfo(rank, world, local)
 
 
 def init_distributed() -> DistInfo:
@@ -73,11 +76,6 @@ def init_distributed() -> DistInfo:
     if info.distributed and not dist.is_initialized():
         dist.init_parallel_env()
     return info
-
-
-def is_main() -> bool:
-    """True on rank 0 (and in a single process): the one writer of files and logs."""
-    return dist_info().is_main
 
 
 def barrier() -> None:

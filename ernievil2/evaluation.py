@@ -6,20 +6,15 @@ each rank embeds its contiguous slice of the images and of the texts, the slices
 (``all_gather_object``; nothing collective in a single process) and every rank computes and
 returns the same records. Rank 0 logs them.
 
-Evaluation sets come from one registry, :data:`READERS` (``format`` -> reader); adding a benchmark
-is a config entry plus, at most, one reader. Each reader yields :class:`EvalItem` (one image, its
-captions, and where it came from for error messages), in file order:
-
-* ``demo``: the embedded demo's val shards; ``shards``: packed WebDataset shards (``path``: dir,
-  brace pattern or glob);
-* ``karpathy``: ``dataset_flickr30k.json`` / ``dataset_coco.json`` (``images[].filename``,
-  ``filepath`` when present, ``split``, ``sentences[].raw``) + ``image_root``; ``split`` picks the
-  images (default ``test``);
-* ``seed_tsv``: the seed evaluation file (``text \\t image_id \\t base64``); lines are grouped by
-  image id in first-seen order, the image of an id is its first line's;
-* ``jsonl``: one JSON object per line, ``image`` (a path relative to ``image_root``, default the
-  file's folder), ``image_id`` and a caption list under ``caption_key`` (the layout of
-  ``../shared/data/*/captions.jsonl``: ``captions_en`` / ``captions_zh``).
+Evaluation sets are read by the dataset format readers, :mod:`ernievil2.data.formats` (the packer's
+too): ``format`` is ``demo`` (the embedded demo's val shards) or one of
+:data:`ernievil2.data.formats.FORMATS` (``shards``, ``seed_tsv``, ``chinese_clip``, ``coco``,
+``karpathy``, ``jsonl``), spelled as there; adding a benchmark is a config entry plus, at most, one
+reader there. An entry's ``path`` is the reader's input, ``image_root`` its image folder, ``split``
+the Karpathy split kept (default ``test``) or the Chinese-CLIP split, ``caption_key`` the jsonl
+caption field. Items (:class:`~ernievil2.data.formats.Item`: one image, its captions, every one
+kept, and where it came from) are taken in file order; the first record the reader cannot use, or
+an image file that does not exist, raises :class:`EvalDataError` naming the file and line (or entry).
 
 Protocols (SPEC §7): ``multi`` (multi-caption, every caption of every image), ``official`` (1:1:
 one text per image; multi-caption sets use the FIRST caption of each image, in file order) and
@@ -27,21 +22,18 @@ one text per image; multi-caption sets use the FIRST caption of each image, in f
 """
 from __future__ import annotations
 
-import binascii
-import json
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import paddle
 
 from ernievil2.data import preprocess
-from ernievil2.data.b64 import decode_base64
-from ernievil2.data.shards import ShardStream, list_shards
+from ernievil2.data import formats as data_formats
+from ernievil2.data.formats import FormatError, Item, Problem, Record, SourceSpec, open_source
 from ernievil2.distributed import DistInfo
-from ernievil2.jsonl import jsonl_objects
 from ernievil2.models import ErnieViL2
 from ernievil2.retrieval import multi_caption_recall, official_recall
 from ernievil2.tokenizer import WordPieceTokenizer
@@ -85,16 +77,6 @@ class RetrievalSet:
             self.n_images = len(self.images)
 
 
-@dataclass
-class EvalItem:
-    """One image of an evaluation set with its captions; ``where`` names its source for errors."""
-
-    key: str
-    load_image: Callable[[], bytes]
-    captions: list[str]
-    where: str
-
-
 @dataclass(frozen=True)
 class EvalSetSpec:
     """What a reader needs (the fields of ``EvalSetSchema`` that describe the data)."""
@@ -108,105 +90,24 @@ class EvalSetSpec:
     max_images: int | None = None
 
 
-# --------------------------------------------------------------------------- readers
-def _read_bytes(path: Path, where: str) -> Callable[[], bytes]:
-    def load() -> bytes:
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise EvalDataError(f"{where}: cannot read image {path}: {exc.strerror or exc}") from None
-    return load
+# --------------------------------------------------------------------------- reading
+def source_spec(spec: EvalSetSpec) -> SourceSpec:
+    """The format reader's spec of an evaluation set (``path`` -> input, ``image_root`` -> images,
+    ``split`` -> splits, ``caption_key``: jsonl)."""
+    return SourceSpec(format=spec.format, input=_need(spec, "path"), images=spec.image_root,
+                      splits=(spec.split,) if spec.split else (), caption_key=spec.caption_key)
 
 
-def _require_file(path: Path, where: str) -> Path:
-    if not path.is_file():
-        raise EvalDataError(f"{where}: image file not found: {path}")
-    return path
-
-
-def read_shards(spec: EvalSetSpec, shards: Sequence[str] | None = None) -> Iterator[EvalItem]:
-    """Packed WebDataset shards (``spec.path``, or the given list): every caption of every sample."""
-    urls = list(shards) if shards is not None else list_shards(_need(spec, "path"))
-    for sample in ShardStream(urls, shuffle_shards=False, split_by_rank=False):
-        data = sample.image
-        yield EvalItem(sample.key, lambda data=data: data, list(sample.captions), f"{spec.name}: sample {sample.key}")
-
-
-def read_karpathy(spec: EvalSetSpec) -> Iterator[EvalItem]:
-    """Karpathy split json (``images[{filename, filepath?, split, sentences[{raw}]}]``) + image folder."""
-    path = Path(_need(spec, "path"))
-    root = Path(spec.image_root) if spec.image_root else path.parent
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise EvalDataError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
-    images = doc.get("images") if isinstance(doc, dict) else None
-    if not isinstance(images, list):
-        raise EvalDataError(f"{path}: expected an object with an 'images' list (Karpathy split format)")
-    for k, entry in enumerate(images):
-        where = f"{path}: images[{k}]"
-        try:
-            if entry["split"] != spec.split:
-                continue
-            captions = [str(s["raw"]) for s in entry["sentences"]]
-            image = root / entry.get("filepath", "") / entry["filename"]
-        except (KeyError, TypeError) as exc:
-            raise EvalDataError(f"{where}: missing or malformed key {exc}") from None
-        if not captions:
-            raise EvalDataError(f"{where}: no sentences")
-        yield EvalItem(str(entry["filename"]), _read_bytes(_require_file(image, where), where), captions, where)
-
-
-def read_seed_tsv(spec: EvalSetSpec) -> Iterator[EvalItem]:
-    """Seed evaluation file (``text \\t image_id \\t base64``): texts grouped by image id (first-seen
-    order); every line's base64 is checked, the image of an id is decoded from its first line."""
-    path = Path(_need(spec, "path"))
-    items: dict[str, EvalItem] = {}
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}: line {lineno}"
-            try:
-                line = raw.decode("utf-8").rstrip("\n").rstrip("\r")
-            except UnicodeDecodeError as exc:
-                raise EvalDataError(f"{where}: not UTF-8: {exc}") from None
-            if not line.strip():
-                continue
-            cols = line.split("\t")
-            if len(cols) != 3:
-                raise EvalDataError(f"{where}: expected 3 tab-separated columns (text, image_id, base64), found {len(cols)}")
-            text, image_id = cols[0].strip(), cols[1].strip()
-            if not text or not image_id:
-                raise EvalDataError(f"{where}: empty {'text' if not text else 'image id'}")
-            try:
-                data = decode_base64(cols[2])
-            except (binascii.Error, ValueError) as exc:
-                raise EvalDataError(f"{where} (image id {image_id!r}): invalid base64: {exc}") from None
-            item = items.get(image_id)
-            if item is None:
-                items[image_id] = EvalItem(image_id, lambda data=data: data, [text], where)
-            else:
-                item.captions.append(text)
-    yield from items.values()
-
-
-def read_jsonl(spec: EvalSetSpec) -> Iterator[EvalItem]:
-    """One JSON object per line: ``image`` (path under ``image_root``, default the file's folder),
-    ``image_id`` (optional; default the image path) and a caption list under ``caption_key``."""
-    path = Path(_need(spec, "path"))
-    root = Path(spec.image_root) if spec.image_root else path.parent
-    for lineno, obj in jsonl_objects(path):
-        where = f"{path}: line {lineno}"
-        if isinstance(obj, str):
-            raise EvalDataError(f"{where}: malformed JSON line: {obj}")
-        if "image" not in obj:
-            raise EvalDataError(f"{where}: expected an object with an 'image' key")
-        captions = obj.get(spec.caption_key)
-        if isinstance(captions, str):
-            captions = [captions]
-        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
-            raise EvalDataError(f"{where}: '{spec.caption_key}' must be a non-empty list of captions")
-        image = _require_file(root / str(obj["image"]), where)
-        yield EvalItem(str(obj.get("image_id", obj["image"])), _read_bytes(image, where), captions, where)
+def eval_items(records: Iterable[Record]) -> Iterator[Item]:
+    """The items of a reader's records; the first :class:`~ernievil2.data.formats.Problem`, or an
+    item whose image file does not exist, raises :class:`EvalDataError` naming its place."""
+    for record in records:
+        if isinstance(record, Problem):
+            raise EvalDataError(str(record))
+        path = record.image.path
+        if path is not None and not os.path.isfile(path):
+            raise EvalDataError(f"{record.where}: image file not found: {path}")
+        yield record
 
 
 def _need(spec: EvalSetSpec, key: str) -> Any:
@@ -216,41 +117,49 @@ def _need(spec: EvalSetSpec, key: str) -> Any:
     return value
 
 
-READERS: dict[str, Callable[[EvalSetSpec], Iterator[EvalItem]]] = {
-    "shards": read_shards,
-    "karpathy": read_karpathy,
-    "seed_tsv": read_seed_tsv,
-    "jsonl": read_jsonl,
-}
-FORMATS = ("demo", *READERS)
+FORMATS = ("demo", *data_formats.FORMATS)
+"""The ``format`` names of evaluation sets: ``demo`` and those of :mod:`ernievil2.data.formats`."""
 
 
-def read_items(spec: EvalSetSpec, demo_val_shards: Sequence[str] | None = None) -> list[EvalItem]:
-    """The items of ``spec`` through its reader (``demo``: the given demo val shards), at most
-    ``max_images`` of them (the first ones, in file order)."""
+def check_format(name: str, fmt: str) -> str:
+    """``fmt`` when evaluation reads it; else ``ValueError`` naming set ``name`` and listing :data:`FORMATS`."""
+    try:
+        return data_formats.check_format(fmt, FORMATS)
+    except FormatError as exc:
+        raise ValueError(f"evaluation set {name!r}: {exc}") from None
+
+
+def read_items(spec: EvalSetSpec, demo_val_shards: Sequence[str] | None = None) -> list[Item]:
+    """The items of ``spec`` through its format reader (``demo``: the given demo val shards), at
+    most ``max_images`` of them (the first ones, in file order)."""
     if spec.format == "demo":
         if demo_val_shards is None:
             raise ValueError(f"evaluation set {spec.name!r}: format 'demo' needs the demo val shards")
-        return _take(spec, read_shards(spec, demo_val_shards))
-    if spec.format not in READERS:
-        raise ValueError(f"evaluation set {spec.name!r}: unknown format {spec.format!r}; choose from {FORMATS}")
-    return _take(spec, READERS[spec.format](spec))
+        data_spec = SourceSpec("shards", list(demo_val_shards))
+    else:
+        check_format(spec.name, spec.format)
+        data_spec = source_spec(spec)
+    try:
+        source = open_source(data_spec)
+    except FormatError as exc:
+        raise EvalDataError(f"evaluation set {spec.name!r}: {exc}") from None
+    return _take(spec, eval_items(source.records))
 
 
-def _take(spec: EvalSetSpec, items: Iterator[EvalItem]) -> list[EvalItem]:
+def _take(spec: EvalSetSpec, items: Iterator[Item]) -> list[Item]:
     if spec.max_images is not None and spec.max_images < 1:
         raise ValueError(f"evaluation set {spec.name!r}: max_images must be >= 1, got {spec.max_images}")
     out = []
-    for item in items:
+    for item in items:  # nothing past the last image taken is read
+        out.append(item)
         if spec.max_images is not None and len(out) >= spec.max_images:
             break
-        out.append(item)
     if not out:
         raise EvalDataError(f"evaluation set {spec.name!r} ({spec.format}, {spec.path or 'demo'}) holds no image")
     return out
 
 
-def items_to_set(items: Sequence[EvalItem], image_size: int, tokenizer: WordPieceTokenizer, max_length: int,
+def items_to_set(items: Sequence[Item], image_size: int, tokenizer: WordPieceTokenizer, max_length: int,
                  info: DistInfo | None = None, profile: str = "official") -> RetrievalSet:
     """Decode and resize + centre-crop the images (:mod:`ernievil2.data.preprocess`, ``profile``:
     the same pixels as inference and search), and tokenize every caption.
@@ -299,8 +208,8 @@ def load_retrieval_set(
 ) -> RetrievalSet:
     """Every sample of packed ``shards`` (all captions of each image), preprocessed for evaluation."""
     spec = EvalSetSpec(name=str(shards), format="shards", path=shards if isinstance(shards, str) else None)
-    urls = None if isinstance(shards, str) else list(shards)
-    return items_to_set(_take(spec, read_shards(spec, urls)), image_size, tokenizer, max_length)
+    source = open_source(SourceSpec("shards", shards if isinstance(shards, str) else list(shards)))
+    return items_to_set(_take(spec, eval_items(source.records)), image_size, tokenizer, max_length)
 
 
 # --------------------------------------------------------------------------- embedding
@@ -411,15 +320,9 @@ class RetrievalEvaluator:
 
 # --------------------------------------------------------------------------- from the config
 def eval_set_spec(cfg: Any) -> EvalSetSpec:
-    """An :class:`EvalSetSpec` from one ``eval.datasets`` entry (``EvalSetSchema``); the legacy
-    ``shards: PATH`` key means ``format: shards, path: PATH``."""
+    """An :class:`EvalSetSpec` from one ``eval.datasets`` entry (``EvalSetSchema``)."""
     fmt, path = cfg.format, cfg.path
-    if getattr(cfg, "shards", None):
-        if fmt not in ("demo", "shards") or (path and path != cfg.shards):
-            raise ValueError(f"evaluation set {cfg.name!r}: give 'format: shards' and 'path', not 'shards' with another format or path")
-        fmt, path = "shards", cfg.shards
-    if fmt not in FORMATS:
-        raise ValueError(f"evaluation set {cfg.name!r}: unknown format {fmt!r}; choose from {FORMATS}")
+    check_format(cfg.name, fmt)
     if cfg.protocol not in PROTOCOL_CHOICES:
         raise ValueError(f"evaluation set {cfg.name!r}: unknown protocol {cfg.protocol!r}; choose from {PROTOCOL_CHOICES}")
     return EvalSetSpec(name=cfg.name, format=fmt, path=path, image_root=cfg.image_root, split=cfg.split,

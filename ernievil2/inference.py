@@ -37,28 +37,25 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ernievil2.atomic import atomic_dir, atomic_write
+from ernievil2.data import formats as data_formats
 from ernievil2.data.b64 import decode_base64
+from ernievil2.data.formats import SEED_LINE_CHECKS, LineProblem, SeedLine
 from ernievil2.data.preprocess import PROFILES, preprocess
+from ernievil2.embeddings_file import format_embedding_lines, sidecar_paths
 from ernievil2.models.schema import ModelSchema, check_keys, resolve_model
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "InferSchema", "register_infer_schema", "InferError", "BadLineError", "REASONS", "SeedRecord",
+    "InferSchema", "register_infer_schema", "InferError", "BadLineError", "REASONS", "SeedLine",
     "SkipReport", "InferResult", "parse_seed_line", "decode_base64", "load_record_image",
-    "iter_seed_batches", "format_embedding_lines", "atomic_write", "resolve_vocab_file",
-    "build_inference_model", "run_inference", "infer_main", "export_inference", "sidecar_paths",
+    "iter_seed_batches", "format_embedding_lines", "atomic_write", "build_inference_model", "run_inference", "infer_main", "export_inference", "sidecar_paths",
     "resolve_device",
 ]
 
-#: Reasons a line is bad, in the order they are checked.
-REASONS: dict[str, str] = {
-    "encoding": "not valid UTF-8",
-    "columns": "wrong column count",
-    "text": "empty text",
-    "base64": "invalid base64",
-    "image": "undecodable image",
-}
+#: Reasons a line is bad, in the order they are checked: the seed line checks of
+#: :mod:`ernievil2.data.formats` (the packer's and evaluation's too), then the image's decoding.
+REASONS: dict[str, str] = {**SEED_LINE_CHECKS, "image": "undecodable image"}
 
 
 # --------------------------------------------------------------------------- config
@@ -72,7 +69,8 @@ class InferSchema:
     batch_size: int = 64
     profile: str = "official"  # image preprocessing: official | paddlenlp (SPEC §4)
     text_max_length: int = 48  # [CLS] + 46 word pieces + [SEP], as the official release
-    # WordPiece vocab; null: model.vocab_file, then vocab.txt beside model.init_from, else an error
+    # WordPiece vocab; null: model.vocab_file, then (with model.init_from) the checkpoint's
+    # (ernievil2.checkpoint.find_vocab: vocab.txt beside its weights, then in its run folder), else an error
     vocab_file: Optional[str] = None
     write_npy: bool = True  # also O.text.npy and O.image.npy (launch/eval_retri.py reads them, verified)
     skip_bad_lines: bool = False  # false: stop at the first bad line; true: skip, count, list
@@ -101,40 +99,17 @@ class BadLineError(InferError):
 
 
 # --------------------------------------------------------------------------- reading
-@dataclass
-class SeedRecord:
-    lineno: int
-    text: str
-    image_id: str
-    image_b64: str
+def parse_seed_line(raw: bytes | str, lineno: int) -> SeedLine:
+    """One line through :func:`ernievil2.data.formats.parse_seed_line` (encoding, column count,
+    text; stripped text and id), or :class:`BadLineError`. The base64 is decoded later
+    (:func:`load_record_image`). Blank lines are not skipped: every input line is one output line."""
+    parsed = data_formats.parse_seed_line(raw, lineno)
+    if isinstance(parsed, LineProblem):
+        raise BadLineError(lineno, parsed.check, parsed.detail, parsed.image_id)
+    return parsed
 
 
-def parse_seed_line(raw: bytes | str, lineno: int) -> SeedRecord:
-    """Split one line (trailing ``\\n``/``\\r\\n`` allowed) into its three columns; checks the
-    encoding, the column count and the text. The base64 is decoded later
-    (:func:`load_record_image`)."""
-    if isinstance(raw, bytes):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise BadLineError(lineno, "encoding", str(exc)) from None
-    else:
-        line = raw
-    line = line.rstrip("\n").rstrip("\r")
-    cols = line.split("\t")
-    if len(cols) != 3:
-        image_id = cols[1].strip() if len(cols) > 1 else None
-        raise BadLineError(
-            lineno, "columns", f"expected 3 tab-separated columns (text, image_id, base64), found {len(cols)}",
-            image_id or None,
-        )
-    text, image_id, b64 = cols[0], cols[1].strip(), cols[2].strip()
-    if not text.strip():
-        raise BadLineError(lineno, "text", "", image_id or None)
-    return SeedRecord(lineno, text, image_id, b64)
-
-
-def load_record_image(record: SeedRecord, profile: str, size: int) -> np.ndarray:
+def load_record_image(record: SeedLine, profile: str, size: int) -> np.ndarray:
     """The preprocessed ``[3, size, size]`` image of ``record``, or :class:`BadLineError`."""
     try:
         data = decode_base64(record.image_b64)
@@ -220,8 +195,8 @@ def iter_seed_batches(
             raise err
         report.skipped.append(err)
 
-    def prepare(records: list[SeedRecord]) -> Optional[PreparedBatch]:
-        def one(rec: SeedRecord):
+    def prepare(records: list[SeedLine]) -> Optional[PreparedBatch]:
+        def one(rec: SeedLine):
             try:
                 return load_record_image(rec, profile, image_size)
             except BadLineError as err:
@@ -247,7 +222,7 @@ def iter_seed_batches(
         bar = stack.enter_context(
             tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="infer", disable=not progress)
         )
-        pending: list[SeedRecord] = []
+        pending: list[SeedLine] = []
         for lineno, raw in enumerate(f, start=1):
             bar.update(len(raw))
             try:
@@ -266,28 +241,7 @@ def iter_seed_batches(
 
 
 # --------------------------------------------------------------------------- writing
-def format_embedding_lines(text_emb: np.ndarray, image_emb: np.ndarray) -> str:
-    """Seed embeddings lines (``text \\t image \\t 1\\n`` each) for float32 ``[B, D]`` arrays; every
-    value ``%+.8e`` (15 characters, e.g. ``-1.23456789e-02``): 9 significant digits read back the
-    exact float32."""
-    if text_emb.shape != image_emb.shape or text_emb.ndim != 2:
-        raise ValueError(f"text and image embeddings must both be [B, D], got {text_emb.shape} and {image_emb.shape}")
-    fmt = " ".join(["%+.8e"] * text_emb.shape[1])
-    return "".join(
-        f"{fmt % tuple(t)}\t{fmt % tuple(i)}\t1\n"
-        for t, i in zip(text_emb.astype(np.float64).tolist(), image_emb.astype(np.float64).tolist())
-    )
-
-
-def sidecar_paths(output_file: str | os.PathLike) -> dict[str, Path]:
-    """Files written beside the embeddings file ``O``."""
-    o = str(output_file)
-    return {
-        "ids": Path(o + ".ids.txt"),
-        "text_npy": Path(o + ".text.npy"),
-        "image_npy": Path(o + ".image.npy"),
-        "skipped": Path(o + ".skipped.tsv"),
-    }
+# format_embedding_lines and sidecar_paths: ernievil2.embeddings_file (the file's one writer and reader)
 
 
 # --------------------------------------------------------------------------- model
@@ -307,61 +261,63 @@ def _init_from(model_cfg: Any) -> Optional[str]:
     return os.path.expanduser(str(value)) if value else None
 
 
-def resolve_vocab_file(cfg: InferSchema | DictConfig, required: bool = True) -> Optional[Path]:
-    """``vocab_file``, else ``model.vocab_file``, else ``vocab.txt`` in ``model.init_from`` (a
-    folder) or beside it (a file); :class:`InferError` when none exists and ``required``."""
-    for candidate in (cfg.vocab_file, cfg.model.vocab_file):
-        if candidate:
-            path = Path(os.path.expanduser(str(candidate)))
-            if not path.is_file():
-                raise InferError(f"vocab file not found: {path}")
-            return path
-    init_from = _init_from(cfg.model)
-    if init_from:
-        base = Path(init_from)
-        folder = base if base.is_dir() else base.parent
-        if (folder / "vocab.txt").is_file():
-            return folder / "vocab.txt"
-    if not required:
-        return None
-    raise InferError(
-        "no WordPiece vocab: set vocab_file=PATH (the released ERNIE 3.0 vocab is "
-        "../shared/assets/ernie-3.0-base-zh/vocab.txt), or point model.init_from at a folder holding vocab.txt"
-    )
+def _explicit_vocab(cfg: InferSchema | DictConfig) -> Optional[str]:
+    """``vocab_file``, else ``model.vocab_file`` (``None``: neither is set)."""
+    value = cfg.vocab_file or cfg.model.vocab_file
+    return os.path.expanduser(str(value)) if value else None
+
+
+def _check_vocab_found(vocab: Optional[Path], required: bool) -> None:
+    """:class:`InferError` asking for a vocab when none was found and one is ``required``."""
+    if vocab is None and required:
+        raise InferError(
+            "no WordPiece vocab: set vocab_file=PATH (the released ERNIE 3.0 vocab is "
+            "../shared/assets/ernie-3.0-base-zh/vocab.txt), or point model.init_from at a checkpoint with "
+            "vocab.txt beside its weights"
+        )
 
 
 def build_inference_model(cfg: InferSchema | DictConfig, require_vocab: bool = True):
-    """``(model, tokenizer)`` in eval mode. With ``model.init_from`` the architecture and weights
-    come from that checkpoint (any layout :mod:`ernievil2.pretrained` reads: ours, official
-    ``.pdparams``, PaddleNLP folder); otherwise ``cfg.model``'s architecture, randomly initialised
-    with ``cfg.seed``. ``tokenizer`` is ``None`` when no vocab is found and ``require_vocab`` is false."""
+    """``(model, tokenizer)`` in eval mode. With ``model.init_from`` the model and its vocab come
+    from :func:`ernievil2.checkpoint.load_model` (any layout: ours, official ``.pdparams``,
+    PaddleNLP folder; ``vocab_file`` / ``model.vocab_file`` override the checkpoint's vocab; the
+    ``model`` group describes a bare ``.safetensors`` only); otherwise ``cfg.model``'s architecture,
+    randomly initialised with ``cfg.seed``, and the vocab ``vocab_file`` / ``model.vocab_file``.
+    ``tokenizer`` is ``None`` when no vocab is found and ``require_vocab`` is false."""
     import paddle
 
+    from ernievil2.checkpoint import load_model
     from ernievil2.models import build_model
     from ernievil2.tokenizer import WordPieceTokenizer
 
-    vocab = resolve_vocab_file(cfg, required=require_vocab)
-    tokenizer = WordPieceTokenizer(vocab, max_length=cfg.text_max_length) if vocab else None
+    explicit = _explicit_vocab(cfg)
     init_from = _init_from(cfg.model)
     if init_from:
-        from ernievil2.pretrained import build_from_pretrained
-
-        model = build_from_pretrained(init_from)
+        try:
+            loaded = load_model(init_from, explicit,
+                                fallback_config=lambda vocab_size: resolve_model(cfg.model, vocab_size))
+        except (OSError, ValueError) as exc:
+            raise InferError(str(exc)) from exc
         log.info("architecture and weights from %s (model.preset and overrides ignored)", init_from)
+        model, vocab = loaded.model, loaded.vocab_file
+        _check_vocab_found(vocab, require_vocab)
+        tokenizer = WordPieceTokenizer(vocab, max_length=cfg.text_max_length) if vocab else None
     else:
+        vocab = Path(explicit) if explicit else None
+        if vocab is not None and not vocab.is_file():
+            raise InferError(f"vocab file not found: {vocab}")
+        _check_vocab_found(vocab, require_vocab)
+        tokenizer = WordPieceTokenizer(vocab, max_length=cfg.text_max_length) if vocab else None
         log.warning("model.init_from is not set: random initialisation (seed %d)", cfg.seed)
         paddle.seed(int(cfg.seed))
         np.random.seed(int(cfg.seed))
         model = build_model(resolve_model(cfg.model, tokenizer.vocab_size if tokenizer else None))
-    model_cfg = model.cfg
-    if tokenizer is not None and tokenizer.vocab_size > model_cfg.text.vocab_size:
+        if tokenizer is not None and tokenizer.vocab_size > model.cfg.text.vocab_size:
+            raise InferError(f"vocab {vocab} has {tokenizer.vocab_size} ids but the model's word embedding has "
+                             f"{model.cfg.text.vocab_size} rows")
+    if cfg.text_max_length > model.cfg.text.max_positions:
         raise InferError(
-            f"vocab {vocab} has {tokenizer.vocab_size} ids but the model's word embedding has "
-            f"{model_cfg.text.vocab_size} rows"
-        )
-    if cfg.text_max_length > model_cfg.text.max_positions:
-        raise InferError(
-            f"text_max_length {cfg.text_max_length} exceeds the model's max_positions {model_cfg.text.max_positions}"
+            f"text_max_length {cfg.text_max_length} exceeds the model's max_positions {model.cfg.text.max_positions}"
         )
     model.eval()
     return model, tokenizer

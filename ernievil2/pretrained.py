@@ -1,25 +1,19 @@
-"""Released ERNIE-ViL 2.0 weights in, PaddleNLP weights out.
+"""Conversion between the released ERNIE-ViL 2.0 layouts and ours: key maps, configurations, vocab.
 
-Three checkpoint layouts are recognised (SPEC §3):
+Pure functions of state dicts (NumPy arrays) and config dicts; reading and writing files, layout
+detection and loading are :mod:`ernievil2.checkpoint`'s (the one weights entry point). The layouts:
 
 ``ernievil2``
-    This project's own checkpoints: a folder with ``model.safetensors`` + ``model_config.json``
-    (as written by :func:`ernievil2.checkpoint.save_checkpoint`), a training run folder (its latest
-    ``checkpoints/step_*``), or a bare ``.safetensors`` file.
+    Ours: keys ``vision.*``, ``text.*``, ``temperature``; the architecture in ``model_config.json``
+    (:func:`config_from_dict`).
 ``official``
-    The official ERNIE repository's release: one ``.pdparams`` pickle (or a folder holding exactly
-    one) with keys ``visual.*``, ``text_model.encoder_stack.*``, ``contrastive_loss_mm.*``. It
-    carries no configuration; the architecture is read off the tensor shapes.
+    The official ERNIE repository's ``.pdparams``: keys ``visual.*``, ``text_model.encoder_stack.*``,
+    ``contrastive_loss_mm.*``; no configuration (:func:`infer_config` reads it off the shapes).
 ``paddlenlp``
-    A PaddleNLP ``ErnieViLModel.save_pretrained`` folder: ``config.json`` + ``model_state.pdparams``
-    (or ``model.safetensors``), keys ``vision_model.*``, ``text_model.embeddings/encoder/pooler.*``.
-    PaddleNLP's vision attention has separate ``q_proj``/``k_proj``/``v_proj``; ours is one fused
-    ``qkv`` (q | k | v along the output axis of the Paddle ``[in, out]`` weight), so they are
-    concatenated on import and split on export.
-
-Every ``.pdparams`` is read with :func:`ernievil2.safe_pickle.load_pdparams` (a restricted
-unpickler), never with ``paddle.load``. Loading is strict by default: one error lists every
-missing key, every unexpected key and every shape mismatch, and names the file.
+    PaddleNLP's ``ErnieViLModel``: keys ``vision_model.*``, ``text_model.embeddings/encoder/pooler.*``,
+    ``config.json`` (:func:`dual_encoder_config_from_paddlenlp`). PaddleNLP's vision attention has
+    separate ``q_proj``/``k_proj``/``v_proj``; ours is one fused ``qkv`` (q | k | v along the output
+    axis of the Paddle ``[in, out]`` weight), so they are concatenated on import and split on export.
 
 How PaddleNLP 2.8.1 actually computes (checked against ``ErnieViLModel``; parity depends on it):
 
@@ -37,25 +31,15 @@ How PaddleNLP 2.8.1 actually computes (checked against ``ErnieViLModel``; parity
 """
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
-import paddle
 
-from ernievil2.atomic import atomic_dir
-from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, as_param_tensor, config_from_dict, state_to_numpy
-from ernievil2.models import ErnieViL2, build_model
 from ernievil2.models.config import INIT_TEMPERATURE, DualEncoderConfig, TextConfig, VisionConfig
-from ernievil2.safe_pickle import load_pdparams
-
-log = logging.getLogger(__name__)
 
 LAYOUT_OURS = "ernievil2"
 LAYOUT_OFFICIAL = "official"
@@ -73,38 +57,6 @@ EMBEDDED_CONFIG_KEY = "ernievil2_model_config"
 OFFICIAL_UNUSED_PREFIXES = ("visual.classfy.",)
 # Attention heads cannot be read off weights; the released widths fix them.
 DEFAULT_HEADS = {768: 12, 1024: 16}
-
-
-class PretrainedLoadError(ValueError):
-    """A checkpoint does not fit the model: lists missing/unexpected keys and shape mismatches."""
-
-    def __init__(self, message: str, missing=(), unexpected=(), mismatched=()):
-        super().__init__(message)
-        self.missing = list(missing)
-        self.unexpected = list(unexpected)
-        self.mismatched = list(mismatched)
-
-
-@dataclass(frozen=True)
-class PretrainedSource:
-    """A recognised checkpoint: its layout, the weights file and (if any) its config file."""
-
-    path: Path
-    layout: str
-    weights: Path
-    config: Optional[Path] = None
-
-
-@dataclass
-class LoadReport:
-    """What :func:`load_pretrained` did."""
-
-    source: Optional[PretrainedSource] = None
-    loaded: int = 0
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,6 +227,14 @@ def ours_to_paddlenlp(state: Mapping[str, np.ndarray], cfg: DualEncoderConfig) -
 # --------------------------------------------------------------------------------------------
 # Configurations.
 
+def config_from_dict(d: Mapping[str, Any]) -> DualEncoderConfig:
+    """Our :class:`DualEncoderConfig` from its ``model_config.json`` dict (``asdict`` of it)."""
+    return DualEncoderConfig(
+        vision=VisionConfig(**d["vision"]), text=TextConfig(**d["text"]),
+        init_temperature=d["init_temperature"], attention=d["attention"],
+    )
+
+
 _PNLP_TEXT_DEFAULTS = dict(
     vocab_size=40000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
     hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=2048,
@@ -292,7 +252,7 @@ def dual_encoder_config_from_paddlenlp(d: Mapping[str, Any], match_paddlenlp_run
     ``match_paddlenlp_runtime``: use the text LayerNorm eps PaddleNLP actually computes with
     (1e-12, set by ``ErnieModel``'s init hook) instead of ``text_config.layer_norm_eps``, so the
     imported model gives PaddleNLP's embeddings exactly. A ``config.json`` written by
-    :func:`export_paddlenlp` carries our exact config and is returned as is.
+    :func:`ernievil2.checkpoint.export_paddlenlp` carries our exact config and is returned as is.
     """
     if isinstance(d.get(EMBEDDED_CONFIG_KEY), Mapping):
         return config_from_dict(d[EMBEDDED_CONFIG_KEY])
@@ -408,9 +368,10 @@ def infer_config(
 
 
 # --------------------------------------------------------------------------------------------
-# Finding and reading checkpoints.
+# Layouts by key names.
 
-def _key_layout(keys) -> Optional[str]:
+def key_layout(keys) -> Optional[str]:
+    """The layout whose key names ``keys`` use (``None``: none of them)."""
     keys = list(keys)
     if any(k.startswith(("visual.", "text_model.encoder_stack.", "contrastive_loss_mm.")) for k in keys):
         return LAYOUT_OFFICIAL
@@ -421,215 +382,21 @@ def _key_layout(keys) -> Optional[str]:
     return None
 
 
-def _describe_keys(keys, n: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" … ({len(keys)} in all)" if len(keys) > n else ""
-    return f"{keys[:n]}{more}"
-
-
-def _safetensors_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        return list(f.keys())
-
-
-def _latest_run_checkpoint(path: Path) -> Optional[Path]:
-    ckpts = sorted(
-        d for d in (path / "checkpoints").glob("step_*") if (d / MODEL_CONFIG).is_file() and (d / WEIGHTS).is_file()
-    )
-    return ckpts[-1] if ckpts else None
-
-
-def _source_from_file(path: Path, given: Path) -> tuple[PretrainedSource, Optional[dict]]:
-    sibling_ours = path.parent / MODEL_CONFIG
-    sibling_pnlp = path.parent / PADDLENLP_CONFIG
-    if path.suffix == ".safetensors":
-        layout = _key_layout(_safetensors_keys(path))
-        if layout == LAYOUT_PADDLENLP:
-            return PretrainedSource(given, layout, path, sibling_pnlp if sibling_pnlp.is_file() else None), None
-        if layout == LAYOUT_OURS:
-            return PretrainedSource(given, layout, path, sibling_ours if sibling_ours.is_file() else None), None
-        raise ValueError(
-            f"{path}: a .safetensors file whose keys match no known ERNIE-ViL 2.0 layout; "
-            f"keys: {_describe_keys(_safetensors_keys(path))}"
-        )
-    if path.suffix == ".pdparams":
-        state = load_pdparams(path)
-        layout = _key_layout(state)
-        if layout == LAYOUT_OFFICIAL:
-            return PretrainedSource(given, layout, path, None), state
-        if layout == LAYOUT_PADDLENLP:
-            return PretrainedSource(given, layout, path, sibling_pnlp if sibling_pnlp.is_file() else None), state
-        raise ValueError(
-            f"{path}: a .pdparams file whose keys match neither the official ERNIE-ViL 2.0 layout "
-            f"(visual.*, text_model.encoder_stack.*) nor PaddleNLP's (vision_model.*, text_model.encoder.*); "
-            f"keys: {_describe_keys(state)}"
-        )
-    raise ValueError(f"{path}: unrecognised checkpoint file type {path.suffix!r} (expected .safetensors or .pdparams)")
-
-
-def _resolve(path: str | os.PathLike) -> tuple[PretrainedSource, Optional[dict]]:
-    given = Path(path).expanduser()
-    if not given.exists():
-        raise FileNotFoundError(f"{given}: no such checkpoint file or folder")
-    if given.is_file():
-        return _source_from_file(given, given)
-    if (given / MODEL_CONFIG).is_file() and (given / WEIGHTS).is_file():
-        return PretrainedSource(given, LAYOUT_OURS, given / WEIGHTS, given / MODEL_CONFIG), None
-    if (given / PADDLENLP_CONFIG).is_file():
-        weights = next((given / n for n in (PADDLENLP_WEIGHTS, PADDLENLP_SAFE_WEIGHTS) if (given / n).is_file()), None)
-        if weights is not None:
-            conf = json.loads((given / PADDLENLP_CONFIG).read_text(encoding="utf-8"))
-            if conf.get("model_type") != "ernie_vil":
-                raise ValueError(
-                    f"{given / PADDLENLP_CONFIG}: model_type is {conf.get('model_type')!r}, not 'ernie_vil': "
-                    "not a PaddleNLP ErnieViLModel folder"
-                )
-            return PretrainedSource(given, LAYOUT_PADDLENLP, weights, given / PADDLENLP_CONFIG), None
-    latest = _latest_run_checkpoint(given)
-    if latest is not None:
-        return PretrainedSource(given, LAYOUT_OURS, latest / WEIGHTS, latest / MODEL_CONFIG), None
-    pdparams = sorted(given.glob("*.pdparams"))
-    if len(pdparams) == 1:
-        src, state = _source_from_file(pdparams[0], given)
-        return src, state
-    found = sorted(p.name + ("/" if p.is_dir() else "") for p in given.iterdir())
-    extra = f"; several .pdparams files, pass one of them: {[p.name for p in pdparams]}" if pdparams else ""
-    raise ValueError(
-        f"{given}: not a recognised ERNIE-ViL 2.0 checkpoint folder (found: {_describe_keys(found, 20)}){extra}. "
-        f"Expected {MODEL_CONFIG} + {WEIGHTS} (ernievil2), {PADDLENLP_CONFIG} + {PADDLENLP_WEIGHTS} (PaddleNLP), "
-        "a training run folder with checkpoints/step_*, or one official .pdparams file."
-    )
-
-
-def resolve_source(path: str | os.PathLike) -> PretrainedSource:
-    """Find what ``path`` is: layout, weights file and config file (raises naming the path)."""
-    return _resolve(path)[0]
-
-
-def detect_layout(path: str | os.PathLike) -> str:
-    """``"ernievil2"``, ``"official"`` or ``"paddlenlp"``; ``ValueError`` naming the path and what was
-    found when it is none of them (``FileNotFoundError`` when it does not exist)."""
-    return resolve_source(path).layout
-
-
-_CONVERTERS: dict[str, Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]] = {
+#: Each layout's state dict → ours.
+TO_OURS: dict[str, Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]] = {
     LAYOUT_OURS: dict,
     LAYOUT_OFFICIAL: official_to_ours,
     LAYOUT_PADDLENLP: paddlenlp_to_ours,
 }
 
 
-def _read_weights(weights: Path) -> dict[str, np.ndarray]:
-    if weights.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return load_file(str(weights))
-    return load_pdparams(weights)
-
-
-def read_pretrained_state(path: str | os.PathLike) -> tuple[PretrainedSource, dict[str, np.ndarray], list[str]]:
-    """``(source, state in our key names, ignored keys)`` for any of the three layouts."""
-    src, raw = _resolve(path)
-    if raw is None:
-        raw = _read_weights(src.weights)
-    ignored = []
-    if src.layout == LAYOUT_OFFICIAL:
-        ignored = sorted(k for k in raw if k.startswith(OFFICIAL_UNUSED_PREFIXES))
-        raw = {k: v for k, v in raw.items() if not k.startswith(OFFICIAL_UNUSED_PREFIXES)}
-    return src, _CONVERTERS[src.layout](raw), ignored
-
-
 # --------------------------------------------------------------------------------------------
-# Loading into a model.
+# Vocab.
 
-def load_state_into(model: paddle.nn.Layer, state: Mapping[str, np.ndarray], where: str, strict: bool = True) -> LoadReport:
-    """Copy an our-named ``state`` into ``model``. Strict: one :class:`PretrainedLoadError` naming
-    ``where`` lists every missing key, unexpected key and shape mismatch. Non-strict: loads what
-    fits and logs the rest."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [
-        (k, tuple(np.shape(state[k])), tuple(own[k].shape))
-        for k in sorted(set(own) & set(state))
-        if tuple(np.shape(state[k])) != tuple(own[k].shape)
-    ]
-    report = LoadReport(missing=missing, unexpected=unexpected, mismatched=mismatched)
-    if missing or unexpected or mismatched:
-        lines = [f"{where}: checkpoint does not match the model"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
-        for k, theirs, ours in mismatched:
-            lines.append(f"  shape mismatch for {k}: checkpoint {list(theirs)}, model {list(ours)}")
-        message = "\n".join(lines)
-        if strict:
-            raise PretrainedLoadError(message, missing, unexpected, mismatched)
-        log.warning("%s\n  (strict=False: loading the %d matching tensors)", message,
-                    len(own) - len(missing) - len(mismatched))
-    bad = {k for k, _, _ in mismatched}
-    loaded = 0
-    with paddle.no_grad():
-        for k, param in own.items():  # state_dict() holds the live parameters
-            if k in state and k not in bad:
-                param.set_value(as_param_tensor(np.asarray(state[k]), param))
-                loaded += 1
-    report.loaded = loaded
-    return report
-
-
-def load_pretrained(model: ErnieViL2, path: str | os.PathLike, strict: bool = True) -> LoadReport:
-    """Load any of the three layouts (detected from ``path``) into an existing ``model``.
-
-    Errors name the checkpoint file. The official release's unused classification head
-    (``visual.classfy.*``) is skipped and reported in ``LoadReport.ignored``.
-    """
-    src, state, ignored = read_pretrained_state(path)
-    report = load_state_into(model, state, str(src.weights), strict=strict)
-    report.source, report.ignored = src, ignored
-    log.info("loaded %d tensors from %s (%s layout)%s", report.loaded, src.weights, src.layout,
-             f"; skipped unused {ignored}" if ignored else "")
-    return report
-
-
-def build_from_pretrained(
-    path: str | os.PathLike, config: Optional[DualEncoderConfig] = None, strict: bool = True
-) -> ErnieViL2:
-    """Build the model a checkpoint describes and load it (returned in eval mode).
-
-    The architecture comes from ``config`` when given, else from the checkpoint's own config
-    (``model_config.json``; PaddleNLP's ``config.json``, see :func:`dual_encoder_config_from_paddlenlp`),
-    else — official ``.pdparams`` have none — from the tensor shapes (:func:`infer_config`).
-    """
-    src, state, ignored = read_pretrained_state(path)
-    if config is None:
-        if src.config is not None:
-            d = json.loads(src.config.read_text(encoding="utf-8"))
-            config = config_from_dict(d) if src.layout == LAYOUT_OURS else dual_encoder_config_from_paddlenlp(d)
-        elif src.layout == LAYOUT_PADDLENLP:
-            config = infer_config(state, text_ln_eps=PADDLENLP_TEXT_LN_EPS)
-        elif src.layout == LAYOUT_OFFICIAL:
-            config = infer_config(state)
-        else:
-            raise ValueError(f"{src.weights}: no {MODEL_CONFIG} beside it; pass config=DualEncoderConfig(...)")
-    model = build_model(config)
-    report = load_state_into(model, state, str(src.weights), strict=strict)
-    log.info("built %s model from %s: %d tensors%s", src.layout, src.weights, report.loaded,
-             f"; skipped unused {ignored}" if ignored else "")
-    model.eval()
-    return model
-
-
-# --------------------------------------------------------------------------------------------
-# Export.
-
-def _write_plain_vocab(vocab_file: str | os.PathLike, out: Path) -> None:
-    """PaddleNLP's tokenizers read one token per line (line number = id); the released ERNIE vocab
-    is ``token<TAB>id`` (and lists ``$`` twice, at ids 12084 and 18005). Write the tokens in id
-    order, one per line, keeping every id."""
+def plain_vocab_text(vocab_file: str | os.PathLike) -> str:
+    """The vocab as PaddleNLP's tokenizers read it: one token per line, line number = id. The
+    released ERNIE vocab is ``token<TAB>id`` (and lists ``$`` twice, at ids 12084 and 18005): the
+    tokens are written in id order, keeping every id."""
     by_id: dict[int, str] = {}
     with open(vocab_file, encoding="utf-8") as f:
         for lineno, line in enumerate(f):
@@ -641,35 +408,4 @@ def _write_plain_vocab(vocab_file: str | os.PathLike, out: Path) -> None:
                 by_id[int(idx)] = token
     if sorted(by_id) != list(range(len(by_id))):
         raise ValueError(f"{vocab_file}: token ids are not 0..{len(by_id) - 1} without gaps; cannot write a plain vocab")
-    out.write_text("".join(f"{by_id[i]}\n" for i in range(len(by_id))), encoding="utf-8")
-
-
-def export_paddlenlp(model: ErnieViL2, out_dir: str | os.PathLike, vocab_file: Optional[str | os.PathLike] = None) -> Path:
-    """Write ``model`` as a PaddleNLP ``ErnieViLModel`` folder (``config.json`` +
-    ``model_state.pdparams``; with ``vocab_file`` also ``vocab.txt`` (one token per line, as PaddleNLP
-    reads it) + ``tokenizer_config.json`` for ``ErnieViLTokenizer``) atomically: the folder appears complete or not at all.
-
-    PaddleNLP runs its text LayerNorms with eps 1e-12 whatever the config says; a model whose
-    ``text.ln_eps`` differs gives slightly different text embeddings there (logged).
-    """
-    cfg = model.cfg
-    out = Path(out_dir).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state = ours_to_paddlenlp(state_to_numpy(model), cfg)
-    if cfg.text.ln_eps != PADDLENLP_TEXT_LN_EPS:
-        log.warning(
-            "PaddleNLP's ErnieModel runs every text LayerNorm with eps %g regardless of config.json; this "
-            "model uses %g, so PaddleNLP's text embeddings will differ slightly from ours", PADDLENLP_TEXT_LN_EPS,
-            cfg.text.ln_eps,
-        )
-    with atomic_dir(out) as tmp:
-        paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, str(tmp / PADDLENLP_WEIGHTS))
-        (tmp / PADDLENLP_CONFIG).write_text(json.dumps(dual_encoder_config_to_paddlenlp(cfg), indent=2), encoding="utf-8")
-        if vocab_file is not None:
-            _write_plain_vocab(vocab_file, tmp / "vocab.txt")
-            (tmp / "tokenizer_config.json").write_text(
-                json.dumps({"tokenizer_class": "ErnieViLTokenizer", "do_lower_case": True,
-                            "model_max_length": cfg.text.max_positions}, indent=2),
-                encoding="utf-8",
-            )
-    return out
+    return "".join(f"{by_id[i]}\n" for i in range(len(by_id)))

@@ -21,15 +21,45 @@ def _as_f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def one_to_one_ranks(queries: np.ndarray, keys: np.ndarray, chunk: int = 2048) -> np.ndarray:
-    """Rank of key ``i`` for query ``i``: ``#{j : q_i·k_j > q_i·k_i}``, computed in row chunks."""
-    queries, keys = _as_f32(queries), _as_f32(keys)
-    ranks = np.empty(len(queries), dtype=np.int64)
-    for a, b in _chunks(len(queries), chunk):
-        scores = queries[a:b] @ keys.T
-        gt = scores[np.arange(b - a), np.arange(a, b)]
-        ranks[a:b] = (scores > gt[:, None]).sum(axis=1)
-    return ranks
+def _balanced_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    """``ceil(n / chunk)`` index ranges of near-equal size (no tiny last chunk: BLAS picks its kernel
+    by shape, and small products may round differently)."""
+    parts = max(1, -(-n // max(1, int(chunk))))
+    edges = np.linspace(0, n, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def one_to_one_ranks(text: np.ndarray, image: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """``(t2i, i2t)`` ranks of the official 1:1 protocol from ONE score matrix ``S = T·Iᵀ`` (as the
+    original ``eval_retri``, whose image→text ranks read the columns of the same ``S``).
+
+    ``t2i[i] = #{j : S[i,j] > S[i,i]}``, ``i2t[j] = #{i : S[i,j] > S[j,j]}`` (strict ``>``: ties
+    favour the ground truth). ``S`` is computed in square tiles of about ``chunk × chunk`` (the
+    diagonal tiles first, which give every ``S[i,i]``), each score exactly once and in products of
+    one shape, and counted for both directions as it is made: memory ``O(chunk²)``.
+    """
+    text, image = _as_f32(text), _as_f32(image)
+    n = len(text)
+    if n != len(image):
+        raise ValueError(f"1:1 protocol needs as many texts as images, got {n} and {len(image)}")
+    tiles = _balanced_chunks(n, chunk)
+    diag = np.empty(n, dtype=np.float32)
+    t2i = np.zeros(n, dtype=np.int64)
+    i2t = np.zeros(n, dtype=np.int64)
+    for a, b in tiles:
+        scores = text[a:b] @ image[a:b].T
+        d = np.ascontiguousarray(np.diagonal(scores))
+        diag[a:b] = d
+        t2i[a:b] += np.count_nonzero(scores > d[:, None], axis=1)
+        i2t[a:b] += np.count_nonzero(scores > d[None, :], axis=0)
+    for a, b in tiles:
+        for c, e in tiles:
+            if c == a:
+                continue
+            scores = text[a:b] @ image[c:e].T
+            t2i[a:b] += np.count_nonzero(scores > diag[a:b, None], axis=1)
+            i2t[c:e] += np.count_nonzero(scores > diag[None, c:e], axis=0)
+    return t2i, i2t
 
 
 def recall_at(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[int, float]:
@@ -39,11 +69,8 @@ def recall_at(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[int, float]:
 
 def official_recall(text_emb: np.ndarray, image_emb: np.ndarray, chunk: int = 2048) -> dict[str, float]:
     """Official 1:1 protocol: line ``i``'s text and line ``i``'s image are the only pair."""
-    if len(text_emb) != len(image_emb):
-        raise ValueError(f"1:1 protocol needs as many texts as images, got {len(text_emb)} and {len(image_emb)}")
-    t2i = recall_at(one_to_one_ranks(text_emb, image_emb, chunk))
-    i2t = recall_at(one_to_one_ranks(image_emb, text_emb, chunk))
-    return _table(i2t, t2i)
+    t2i, i2t = one_to_one_ranks(text_emb, image_emb, chunk)
+    return _table(recall_at(i2t), recall_at(t2i))
 
 
 def multi_caption_recall(
@@ -81,6 +108,22 @@ def multi_caption_recall(
         best_gt = np.where(own, scores, -np.inf).max(axis=1)
         i2t_ranks[a:b] = ((scores > best_gt[:, None]) & ~own).sum(axis=1)
     return _table(recall_at(i2t_ranks), recall_at(t2i_ranks))
+
+
+def group_by_image_id(ids: Sequence[str], image: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Deduplicate images by id (the first embedding of each id is kept): returns the unique image
+    embeddings, each line's index into them (``text_image`` of :func:`multi_caption_recall`), and
+    the unique ids in first-seen order."""
+    index: dict[str, int] = {}
+    text_image = np.empty(len(ids), dtype=np.int64)
+    first: list[int] = []
+    for line, image_id in enumerate(ids):
+        k = index.get(image_id)
+        if k is None:
+            k = index[image_id] = len(first)
+            first.append(line)
+        text_image[line] = k
+    return np.asarray(image)[np.asarray(first, dtype=np.int64)], text_image, list(index)
 
 
 def _table(i2t: dict[int, float], t2i: dict[int, float]) -> dict[str, float]:

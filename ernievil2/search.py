@@ -243,51 +243,32 @@ class Encoder:
         return self.encode_pixels(np.stack(pixels))
 
 
-def _resolve_vocab(checkpoint: Path, vocab: Optional[str | os.PathLike],
-                   fallback: Optional[str | os.PathLike]) -> Path:
-    """``vocab``, else ``vocab.txt`` in/beside ``checkpoint`` (:func:`ernievil2.inference.resolve_vocab_file`),
-    else ``fallback`` when it exists (an index's recorded vocab), else :class:`SearchError`."""
-    from ernievil2.inference import InferError, InferSchema, resolve_vocab_file
-    from ernievil2.models.schema import ModelSchema
-
-    cfg = InferSchema(model=ModelSchema(init_from=str(checkpoint)), test_file="-", output_file="-",
-                      vocab_file=str(vocab) if vocab else None)
-    try:
-        found = resolve_vocab_file(cfg, required=False)
-    except InferError as exc:
-        raise SearchError(str(exc)) from None
-    if found is not None:
-        return found
-    if fallback and Path(fallback).is_file():
-        return Path(fallback)
-    raise SearchError(f"no WordPiece vocab for checkpoint {checkpoint}: no vocab.txt in or beside it; pass --vocab PATH")
-
-
 def load_encoder(checkpoint: str | os.PathLike, vocab: Optional[str | os.PathLike] = None, *,
                  profile: str = "official", text_max_length: int = 48, device: str = "auto",
                  fallback_vocab: Optional[str | os.PathLike] = None) -> Encoder:
-    """Build the model of ``checkpoint`` (any layout :func:`ernievil2.pretrained.build_from_pretrained`
-    reads) and its tokenizer, through :func:`ernievil2.inference.build_inference_model`.
+    """The model of ``checkpoint`` (any layout) and its tokenizer, loaded by
+    :func:`ernievil2.checkpoint.load_model`.
 
-    The vocab is ``vocab``, else ``vocab.txt`` in the checkpoint folder or beside the checkpoint
-    file, else ``fallback_vocab``. Errors (missing checkpoint, no vocab, a checkpoint that does
-    not load) are :class:`SearchError`."""
-    from ernievil2.inference import InferError, InferSchema, build_inference_model, resolve_device
-    from ernievil2.models.schema import ModelSchema
+    The vocab is ``vocab``, else the checkpoint's (:func:`ernievil2.checkpoint.find_vocab`:
+    ``vocab.txt`` beside its weights, then in its run folder), else ``fallback_vocab`` when it exists
+    (an index's recorded vocab). Errors (missing checkpoint, no vocab, a checkpoint that does not
+    load) are :class:`SearchError`."""
+    from ernievil2.checkpoint import load_model
+    from ernievil2.inference import resolve_device
 
     ckpt = Path(checkpoint).expanduser()
     if not ckpt.exists():
         raise SearchError(f"checkpoint not found: {ckpt}")
     ckpt = ckpt.resolve()
-    vocab_file = _resolve_vocab(ckpt, Path(vocab).expanduser() if vocab else None, fallback_vocab)
-    cfg = InferSchema(model=ModelSchema(init_from=str(ckpt)), test_file="-", output_file="-",
-                      vocab_file=str(vocab_file), text_max_length=text_max_length, profile=profile)
     resolve_device(device)
     try:
-        model, tokenizer = build_inference_model(cfg)
-    except (InferError, ValueError, KeyError, FileNotFoundError) as exc:
+        loaded = load_model(ckpt, Path(vocab).expanduser() if vocab else None, fallback_vocab=fallback_vocab)
+    except (ValueError, KeyError, OSError) as exc:
         raise SearchError(f"cannot load checkpoint {ckpt}: {exc}") from None
-    return Encoder.from_model(model, tokenizer, profile, str(ckpt), text_max_length)
+    if loaded.vocab_file is None:
+        raise SearchError(f"no WordPiece vocab for checkpoint {ckpt}: no vocab.txt in or beside it; pass --vocab PATH")
+    # from_model checks text_max_length (the tokenizer is always called with it)
+    return Encoder.from_model(loaded.model, loaded.tokenizer(), profile, str(ckpt), text_max_length)
 
 
 # --------------------------------------------------------------------------- files

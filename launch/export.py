@@ -31,13 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import paddle
     from hydra import compose, initialize_config_dir
 
-    from ernievil2.inference import (
-        InferError,
-        build_inference_model,
-        export_inference,
-        register_infer_schema,
-        resolve_vocab_file,
-    )
+    from ernievil2.inference import InferError, build_inference_model, export_inference, register_infer_schema
     from ernievil2.models.schema import check_keys
 
     register_infer_schema()
@@ -47,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_keys(cfg)
         paddle.set_device("cpu")
         model, tokenizer = build_inference_model(cfg, require_vocab=False)
-        vocab = resolve_vocab_file(cfg, required=False)
+        vocab = tokenizer.vocab_file if tokenizer is not None else None
         files = export_inference(model, args.out_dir, model.cfg.vision.image_size, cfg.text_max_length, vocab)
     except (InferError, KeyError) as exc:
         print(f"export.py: error: {exc}", file=sys.stderr)

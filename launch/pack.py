@@ -3,16 +3,16 @@
     python launch/pack.py --format jsonl --input ../shared/data/coco-mini-train/captions.jsonl --output /data/coco-mini
     python launch/pack.py --format coco --input annotations/captions_train2017.json \\
         --instances annotations/instances_train2017.json --images train2017 --output /data/coco --workers 8
-    python launch/pack.py --format seed-tsv --input test.zh.tsv --output /data/seed --max-side 512
-    python launch/pack.py --format chinese-clip --input MUGE --split train --output /data/muge
+    python launch/pack.py --format seed_tsv --input test.zh.tsv --output /data/seed --max-side 512
+    python launch/pack.py --format chinese_clip --input MUGE --split train --output /data/muge
     python launch/pack.py --format karpathy --input dataset_flickr30k.json --images flickr30k-images \\
         --split train --output /data/f30k --objects tags.jsonl --objects-min-score 0.5 --objects-max 10
     python launch/pack.py --format coco --input annotations/captions_train2017.json --images train2017 \
         --detections bbox.json --det-categories annotations/instances_val2017.json --det-min-score 0.5 \
         --det-max 10 --det-translate coco-zh.tsv --output /data/coco-det
 
-Formats, keys and the output layout: docs/DATA.md. Exit status: 0 done, 1 nothing written,
-2 unusable input or options.
+Formats (ernievil2.data.formats: the readers evaluation uses too), keys and the output layout:
+docs/DATA.md. Exit status: 0 done, 1 nothing written, 2 unusable input or options.
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 # Light imports only at module level: the packer's worker processes are started with ``spawn``,
 # which re-imports this file; the paddle-importing pipeline is imported in main().
+from ernievil2.data.formats import FORMATS, SourceSpec
 from ernievil2.data.packers.detections import DetectionOptions
-from ernievil2.data.packers.formats import FORMATS, PackError, SourceSpec
+from ernievil2.data.packers.errors import PackError
 from ernievil2.data.packers.images import ImageOptions
 
 
@@ -34,15 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     p = argparse.ArgumentParser(description="Pack an image-text dataset into WebDataset shards (docs/DATA.md).")
     src = p.add_argument_group("input")
-    src.add_argument("--format", required=True, choices=FORMATS, help="input layout")
+    src.add_argument("--format", required=True, choices=FORMATS, help="input layout: %(choices)s")
     src.add_argument("--input", required=True, type=Path,
-                     help="seed tsv / imgs.tsv or its folder / COCO captions json / Karpathy json / captions jsonl")
-    src.add_argument("--images", type=Path, help="image folder (coco, karpathy; jsonl: base of relative paths)")
-    src.add_argument("--texts", type=Path, help="chinese-clip texts.jsonl (default: beside imgs.tsv)")
+                     help="seed tsv / imgs.tsv or its folder / COCO captions json / Karpathy json / captions jsonl / "
+                          "shards (folder, brace pattern or glob: a re-pack)")
+    src.add_argument("--images", type=Path, help="image folder (coco, karpathy; jsonl: base of relative paths); "
+                                                 "default: the input's folder")
+    src.add_argument("--texts", type=Path, help="chinese_clip texts.jsonl (default: beside imgs.tsv)")
     src.add_argument("--instances", type=Path, help="coco instances json: object tags with counts")
-    src.add_argument("--split", default="", help="karpathy: comma-separated splits to keep; chinese-clip: the split")
-    src.add_argument("--language", help="caption language (default: zh for seed-tsv/chinese-clip, en for "
-                                        "coco/karpathy; jsonl: selects captions_LANG)")
+    src.add_argument("--split", default="", help="karpathy: comma-separated splits to keep; chinese_clip: the split")
+    src.add_argument("--language", help="caption language (default: zh for seed_tsv/chinese_clip, en for "
+                                        "coco/karpathy, the samples' own for shards; jsonl: selects captions_LANG)")
     src.add_argument("--limit", type=int, help="read only the first N images of the input")
     out = p.add_argument_group("output")
     out.add_argument("--output", required=True, type=Path, help="folder for the shards")

@@ -36,9 +36,9 @@ register_schemas()
 def prepare_ranks(argv: list[str]) -> list[str]:
     """Several ranks: agree on the run time (rank 0's) and give each rank its own log file name.
     Returns ``argv`` with the Hydra overrides added; one process: ``argv`` unchanged."""
-    from ernievil2.distributed import broadcast_object, init_distributed
+    from ernievil2.distributed import broadcast_object, dist_info, init_distributed
 
-    if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) <= 1:
+    if not dist_info().distributed:
         return argv
     info = init_distributed()
     # Rank 0's value (its own $ERNIEVIL2_RUN_TIME, else its clock) wins on every rank.

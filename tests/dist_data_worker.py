@@ -22,9 +22,8 @@ import paddle
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ernievil2.data.sample import RawSample  # noqa: E402
-from ernievil2.data.shards import (  # noqa: E402
-    ExitWithParent, ShardStream, collate_arrays, iterate_loader, rank_and_world,
-)
+from ernievil2.data.shards import ExitWithParent, ShardStream, collate_arrays, iterate_loader  # noqa: E402
+from ernievil2.distributed import dist_info  # noqa: E402
 
 
 def key_number(sample: RawSample, epoch: int) -> dict[str, np.ndarray]:
@@ -51,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     paddle.set_device("cpu")
-    rank, world = rank_and_world()
+    info = dist_info()
+    rank, world = info.rank, info.world_size
     stream = ShardStream(args.shards, transform=key_number, shuffle_buffer=4, seed=3, resampled=args.resampled)
     if not args.no_precheck:
         stream.check_readers(args.workers)

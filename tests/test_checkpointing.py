@@ -19,7 +19,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, load_checkpoint
+from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, load_model
 from ernievil2.models import build_model
 from ernievil2.models.config import model_config
 from ernievil2.train import checkpointing
@@ -182,7 +182,7 @@ def test_master_weights_and_their_moments_get_structured_keys():
 
 
 def test_checkpoint_is_readable_by_weights_only_loader(trained_checkpoint):
-    model = load_checkpoint(trained_checkpoint)
+    model = load_model(trained_checkpoint).model
     seed_all(0)
     reference, optimizer, scheduler = build()
     train_steps(reference, optimizer, scheduler, 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from ernievil2.train.config import (
     Config,
     EvalSetSchema,
     OptimSchema,
+    TrainerSchema,
     register_schemas,
     validate,
 )
@@ -63,7 +65,8 @@ def test_default_compose_is_the_demo():
     assert isinstance(obj.model, ModelSchema) and isinstance(obj.optim, OptimSchema)
     assert isinstance(obj.loss, LossConfig)
     assert isinstance(obj.eval.datasets[0], EvalSetSchema)
-    assert obj.eval.datasets[0].shards is None
+    assert (obj.eval.datasets[0].format, obj.eval.datasets[0].path) == ("demo", None)
+    assert not hasattr(obj.eval.datasets[0], "shards")  # the legacy spelling of format: shards, path: is gone
     # The tiny preset, with a vocab size to be filled from the built vocab.
     model = resolve_model(obj.model, 500, built_vocab=True)
     assert model.vision.width == 64 and model.text.vocab_size == 500
@@ -159,6 +162,29 @@ def test_pretrain_base_uses_the_memory_settings():
     t = cfg.trainer
     assert (t.amp, t.amp_level, t.recompute, t.sharding_stage) == ("bf16", "O2", True, 1)
     assert t.best_metric == "flickr30k/multi/mean_recall" and cfg.logger.backend == "wandb"
+
+
+def test_trainer_group_default_changes_nothing():
+    """trainer=cpu (the default) holds exactly TrainerSchema's defaults, so the demo runs as before."""
+    defaults = TrainerSchema()
+    cpu = OmegaConf.load(CONF_DIR / "trainer" / "cpu.yaml")
+    assert {"amp", "amp_level", "recompute", "sharding_stage", "checkpoint_every", "keep_last"} <= set(cpu)
+    for key, value in cpu.items():
+        assert getattr(defaults, key) == value, key
+    cfg = validate(_compose())
+    assert cfg.trainer == replace(defaults, max_steps=cfg.trainer.max_steps)
+
+
+def test_experiments_pick_a_trainer_instead_of_repeating_precision():
+    for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        trainer = OmegaConf.load(path).get("trainer") or {}
+        assert not {"amp", "amp_level", "recompute", "sharding_stage"} & set(trainer), path.name
+    t = validate(_compose("experiment=finetune_released")).trainer
+    assert (t.amp, t.amp_level, t.recompute, t.sharding_stage, t.checkpoint_every) == ("bf16", "O1", True, 0, 500)
+    # a checkpoint at every evaluation; the command line's trainer= wins over the experiment's
+    assert validate(_compose("trainer=gpu_bf16", "eval.every_n_steps=7")).trainer.checkpoint_every == 7
+    t = validate(_compose("experiment=finetune_released", "trainer=cpu")).trainer
+    assert (t.amp, t.recompute, t.checkpoint_every) == ("none", False, 0)
 
 
 @pytest.mark.parametrize("args,message", [

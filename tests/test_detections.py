@@ -26,7 +26,8 @@ from ernievil2.data.packers.detections import (
     load_detections,
     load_translation,
 )
-from ernievil2.data.packers.formats import PackError, SourceSpec
+from ernievil2.data.formats import SourceSpec
+from ernievil2.data.packers.errors import PackError
 from ernievil2.data.packers.pipeline import SUMMARY_FILE, PackOptions, combine_tags, pack
 from ernievil2.data.sample import RawSample
 from ernievil2.data.shards import ShardStream

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -19,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+import yaml
 
 import dist_worker
-from ernievil2.checkpoint import load_checkpoint
+from ernievil2.checkpoint import load_model
 from ernievil2.distributed import (
     DistInfo,
     DistributedExchange,
@@ -223,7 +223,9 @@ def test_launch_train_two_ranks(tmp_path):
         assert found == [run_dir / name], (name, found)
     assert [r["step"] for r in _jsonl(run_dir / "train_log.jsonl")] == [5, 10, 15, 20]
     records = _jsonl(run_dir / "metrics.jsonl")
-    assert [(r["step"], r["dataset"]) for r in records] == [(20, "demo_val")]
+    # eval=demo: the retrieval set, then the two zero-shot classification sets
+    assert [(r["step"], r["dataset"]) for r in records] == [(20, "demo_val"), (20, "demo_objects_en"),
+                                                            (20, "demo_objects_zh")]
     ckpts = sorted((run_dir / "checkpoints").iterdir())
     assert [p.name for p in ckpts] == ["latest", "step_0000020"]
     # A log file per rank (Hydra job name); the .hydra config copy (rank 0 writes it, the others skip it).
@@ -240,7 +242,7 @@ def test_launch_train_two_ranks(tmp_path):
         digests.append(found[0])
         # Every rank's console log shows its training lines.
         assert "step 20 | loss" in text
-    assert digests[0] == digests[1] == parameter_digest(load_checkpoint(run_dir / "checkpoints" / "step_0000020"))
+    assert digests[0] == digests[1] == parameter_digest(load_model(run_dir / "checkpoints" / "step_0000020").model)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,13 +309,15 @@ def test_run_time_resolver_uses_shared_stamp(monkeypatch):
     assert re.fullmatch(r"\d{4}-\d\d-\d\d", run_time("%Y-%m-%d"))
 
 
-def test_prepare_ranks_leaves_one_process_alone(monkeypatch):
-    monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)
-    spec = importlib.util.spec_from_file_location("launch_train", REPO_ROOT / "launch" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    argv = ["launch/train.py", "trainer.max_steps=1"]
-    assert module.prepare_ranks(argv) == argv
+def test_prepare_ranks_leaves_one_process_alone():
+    """One process: launch/train.py adds no Hydra override (job name, output subdir) of its own."""
+    env = {k: v for k, v in os.environ.items() if k != "PADDLE_TRAINERS_NUM"}
+    proc = subprocess.run([sys.executable, "launch/train.py", "--cfg", "hydra", "trainer.max_steps=1"], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hydra_cfg = yaml.safe_load(proc.stdout)["hydra"]
+    assert hydra_cfg["overrides"] == {"hydra": [], "task": ["trainer.max_steps=1"]}
+    assert hydra_cfg["job"]["name"] == "train" and hydra_cfg["output_subdir"] == ".hydra"
 
 
 @pytest.mark.timeout(400)
@@ -361,6 +365,6 @@ def test_two_ranks_resume_from_a_checkpoint(tmp_path):
     for step, r in got.items():
         for key in ("loss", "image_caption", "image_objects", "image_image", "text_text", "lr", "samples_seen"):
             assert r[key] == pytest.approx(want[step][key], rel=1e-6), (key, step)
-    a = load_checkpoint(full / "checkpoints" / "step_0000010")
-    b = load_checkpoint(resumed / "checkpoints" / "step_0000010")
+    a = load_model(full / "checkpoints" / "step_0000010").model
+    b = load_model(resumed / "checkpoints" / "step_0000010").model
     assert parameter_digest(a) == parameter_digest(b)

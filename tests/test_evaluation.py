@@ -104,7 +104,7 @@ def test_jsonl_reader_and_cap(tmp_path):
     (tmp_path / "images").rename(tmp_path / "elsewhere" / "images")
     spec = EvalSetSpec("j", "jsonl", str(path), image_root=str(tmp_path / "elsewhere"), caption_key="captions_en")
     assert len(read_items(spec)) == 5
-    with pytest.raises(EvalDataError, match=r"captions\.jsonl: line 1: 'captions_zh' must be"):
+    with pytest.raises(EvalDataError, match=r"captions\.jsonl:1: no caption in 'captions_zh' \(key id0\)"):
         read_items(EvalSetSpec("j", "jsonl", str(path), image_root=str(tmp_path / "elsewhere"), caption_key="captions_zh"))
 
 
@@ -113,15 +113,15 @@ def test_jsonl_reader_names_file_and_line_of_bad_input(tmp_path):
     spec = EvalSetSpec("j", "jsonl", str(path), caption_key="captions_en")
     lines = path.read_text(encoding="utf-8").splitlines()
     path.write_text("\n".join(lines[:2] + ['{"image": "images/im2.jpg", "captions_en": ["x"]'] + lines[3:]) + "\n")
-    with pytest.raises(EvalDataError, match=rf"{path}: line 3: malformed JSON"):
+    with pytest.raises(EvalDataError, match=rf"{path}:3: invalid JSON"):
         read_items(spec)
     path.write_text("\n".join(lines) + "\n")
     (tmp_path / "images" / "im3.jpg").unlink()
-    with pytest.raises(EvalDataError, match=rf"{path}: line 4: image file not found: .*im3\.jpg"):
+    with pytest.raises(EvalDataError, match=rf"{path}:4: image file not found: .*im3\.jpg"):
         read_items(spec)
     (tmp_path / "images" / "im3.jpg").write_bytes(b"not an image")
     items = read_items(spec)
-    with pytest.raises(EvalDataError, match=rf"{path}: line 4: "):
+    with pytest.raises(EvalDataError, match=rf"{path}:4: "):
         items_to_set(items, 32, None, 8)
 
 
@@ -129,14 +129,14 @@ def test_karpathy_reader_selects_the_split(tmp_path):
     path = _write_karpathy(tmp_path)
     spec = EvalSetSpec("k", "karpathy", str(path), image_root=str(tmp_path / "imgs"))
     items = read_items(spec)
-    assert [i.key for i in items] == ["0.jpg", "2.jpg", "4.jpg"]
+    assert [i.key for i in items] == ["0", "2", "4"]  # the file-name stem, as packed
     assert items[1].captions == _captions(2, 2) and items[1].load_image() == _jpeg(12)
-    assert [i.key for i in read_items(EvalSetSpec("k", "karpathy", str(path), str(tmp_path / "imgs"), split="val"))] == ["3.jpg"]
+    assert [i.key for i in read_items(EvalSetSpec("k", "karpathy", str(path), str(tmp_path / "imgs"), split="val"))] == ["3"]
     (tmp_path / "imgs" / "sub" / "2.jpg").unlink()
     with pytest.raises(EvalDataError, match=r"dataset_flickr30k\.json: images\[2\]: image file not found"):
         read_items(spec)
     path.write_text('{"images": [\n{"filename": "0.jpg",\n')
-    with pytest.raises(EvalDataError, match=r"dataset_flickr30k\.json: line 3: not valid JSON"):
+    with pytest.raises(EvalDataError, match=r"dataset_flickr30k\.json:3: not valid JSON"):
         read_items(spec)
     path.write_text(json.dumps({"images": [{"filename": "0.jpg", "split": "test"}]}))
     with pytest.raises(EvalDataError, match=r"images\[0\]: missing or malformed key 'sentences'"):
@@ -153,10 +153,10 @@ def test_seed_tsv_reader_groups_texts_by_image_id(tmp_path):
     lines = path.read_text(encoding="utf-8").splitlines()
     text, image_id, b64 = lines[2].split("\t")
     path.write_text("\n".join(lines[:2] + [f"{text}\t{image_id}\t{b64[:-7]}!!{b64[-5:]}"] + lines[3:]) + "\n")
-    with pytest.raises(EvalDataError, match=rf"{path}: line 3 \(image id 'a'\): invalid base64"):
+    with pytest.raises(EvalDataError, match=rf"{path}:3: invalid base64: .* \(image id 'a'\)"):
         read_items(EvalSetSpec("s", "seed_tsv", str(path)))
     path.write_text("\n".join(lines[:4] + ["only\ttwo"] + lines[5:]) + "\n")
-    with pytest.raises(EvalDataError, match=rf"{path}: line 5: expected 3 tab-separated columns"):
+    with pytest.raises(EvalDataError, match=rf"{path}:5: wrong column count: expected 3 tab-separated columns"):
         read_items(EvalSetSpec("s", "seed_tsv", str(path)))
 
 
@@ -172,8 +172,10 @@ def test_shards_reader_and_legacy_loader(tmp_path, tokenizer):
 
 
 def test_eval_set_spec_from_config():
-    spec = eval_set_spec(EvalSetSchema(name="old", shards="/data/{0..3}.tar", protocol="both"))
+    spec = eval_set_spec(EvalSetSchema(name="packed", format="shards", path="/data/{0..3}.tar", protocol="both"))
     assert (spec.format, spec.path) == ("shards", "/data/{0..3}.tar")
+    with pytest.raises(TypeError, match="shards"):  # no legacy 'shards:' key
+        EvalSetSchema(name="old", shards="/data/{0..3}.tar")
     assert eval_set_spec(EvalSetSchema(name="demo_val")).format == "demo"
     with pytest.raises(ValueError, match="evaluation set 'x': unknown format 'csv'"):
         eval_set_spec(EvalSetSchema(name="x", format="csv", path="f"))
@@ -269,4 +271,4 @@ def test_two_ranks_give_the_same_records_as_one_process(tmp_path, tokenizer):
     assert held == [[[0, 2, 5], [0, 1, 3]], [[2, 3, 5], [1, 2, 3]]]
     # an undecodable image in rank 1's share stops both ranks, naming it
     errors = [(work / f"bad_rank{rank}.txt").read_text(encoding="utf-8") for rank in (0, 1)]
-    assert errors[0] == errors[1] and f"{bad}: line 5: " in errors[0], errors
+    assert errors[0] == errors[1] and f"{bad}:5: " in errors[0], errors

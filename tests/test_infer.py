@@ -1,8 +1,8 @@
-"""The seed's inference path (launch/infer.py, launch/run_infer.sh) and launch/eval_retri.py."""
+"""The seed's inference path (launch/infer.py, launch/run_infer.sh), the embeddings file
+(ernievil2.embeddings_file) and launch/eval_retri.py."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,12 +15,13 @@ import paddle
 import pytest
 from hydra import compose, initialize_config_dir
 
+from ernievil2 import embeddings_file
 from ernievil2.data.preprocess import preprocess
 from ernievil2.inference import (
     BadLineError, InferError, build_inference_model, decode_base64, infer_main, register_infer_schema,
     run_inference, sidecar_paths,
 )
-from ernievil2.retrieval import format_seed_table
+from ernievil2.retrieval import format_seed_table, one_to_one_ranks, seed_table_from_metrics
 from ernievil2.tokenizer import WordPieceTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,14 +33,10 @@ CAPTIONS = [
 ]
 
 
-def _load_eval_retri():
-    spec = importlib.util.spec_from_file_location("eval_retri_under_test", REPO / "launch" / "eval_retri.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_retri = _load_eval_retri()
+def run_eval_retri(*args: str) -> subprocess.CompletedProcess:
+    """launch/eval_retri.py ARGS in a subprocess (the CLI under test)."""
+    return subprocess.run([sys.executable, "launch/eval_retri.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
 
 
 def jpeg_b64(h: int, w: int, seed: int) -> str:
@@ -278,7 +275,7 @@ def table_numbers(table: str) -> str:
 
 
 def write_embeddings(path: Path, text: np.ndarray, image: np.ndarray) -> None:
-    from ernievil2.inference import format_embedding_lines
+    from ernievil2.embeddings_file import format_embedding_lines
 
     path.write_text(format_embedding_lines(text, image), encoding="utf-8")
 
@@ -297,7 +294,7 @@ def test_eval_retri_equals_per_line_reference(tmp_path, chunk):
     image /= np.linalg.norm(image, axis=1, keepdims=True)
     path = tmp_path / "emb"
     write_embeddings(path, text, image)
-    table, info = eval_retri.evaluate(path, "official", chunk=chunk)
+    table, info = embeddings_file.evaluate_embeddings_file(path, "official", chunk=chunk)
     t2i, i2t = reference_official(path)
     assert info["t2i"] == pytest.approx(t2i, abs=0) and info["i2t"] == pytest.approx(i2t, abs=0)
     assert table_numbers(table) == reference_table(t2i, i2t)
@@ -315,12 +312,12 @@ def test_eval_retri_ties_are_strict(tmp_path):
     image[45:50] = text[45:50]
     path = tmp_path / "emb"
     write_embeddings(path, text, image)
-    ranks_t2i, ranks_i2t = eval_retri.official_ranks(*eval_retri.read_embeddings(path), chunk=16)
+    ranks_t2i, ranks_i2t = one_to_one_ranks(*embeddings_file.read_embeddings(path), chunk=16)
     s = text @ image.T
     assert (s[np.arange(n)[:, None], np.arange(n)] == s[np.arange(n), np.arange(n)][:, None]).sum() > 2 * n
     assert list(ranks_t2i) == [int((s[i] > s[i, i]).sum()) for i in range(n)]
     assert list(ranks_i2t) == [int((s[:, j] > s[j, j]).sum()) for j in range(n)]
-    table, info = eval_retri.evaluate(path, "official", chunk=16)
+    table, info = embeddings_file.evaluate_embeddings_file(path, "official", chunk=16)
     t2i, i2t = reference_official(path)
     assert info["t2i"] == t2i and info["i2t"] == i2t
     assert table_numbers(table) == reference_table(t2i, i2t)
@@ -344,9 +341,9 @@ def test_reader_parallel_and_errors(tmp_path, monkeypatch):
     text, image = unit(rng, 50, 12), unit(rng, 50, 12)
     path = tmp_path / "emb"
     write_embeddings(path, text, image)
-    monkeypatch.setattr(eval_retri, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(embeddings_file, "PARALLEL_MIN_BYTES", 0)
     for workers in (1, 2, 3):
-        t, i = eval_retri.read_embeddings(path, workers=workers)
+        t, i = embeddings_file.read_embeddings(path, workers=workers)
         np.testing.assert_array_equal(t, text)
         np.testing.assert_array_equal(i, image)
     lines = path.read_text().splitlines()
@@ -359,23 +356,23 @@ def test_reader_parallel_and_errors(tmp_path, monkeypatch):
     for name, content in cases.items():
         path.write_text("\n".join(content) + "\n")
         for workers in (1, 2):
-            with pytest.raises(eval_retri.EmbeddingsFormatError, match="line 8"):
-                eval_retri.read_embeddings(path, workers=workers)
+            with pytest.raises(embeddings_file.EmbeddingsFormatError, match="line 8"):
+                embeddings_file.read_embeddings(path, workers=workers)
     for bad_at in (1, 26, 40, 50):  # in the first, a middle and the last parser's range
         content = lines[: bad_at - 1] + ["0.1 0.2\t0.3\t1"] + lines[bad_at:]
         path.write_text("\n".join(content) + "\n")
         for workers in (1, 2, 3):
-            with pytest.raises(eval_retri.EmbeddingsFormatError, match=f"line {bad_at}:"):
-                eval_retri.read_embeddings(path, workers=workers)
+            with pytest.raises(embeddings_file.EmbeddingsFormatError, match=f"line {bad_at}:"):
+                embeddings_file.read_embeddings(path, workers=workers)
     path.write_text("\n".join(lines[:3]).replace("\n", "\r\n") + "\r\n")  # CRLF accepted
-    assert eval_retri.read_embeddings(path)[0].shape == (3, 12)
+    assert embeddings_file.read_embeddings(path)[0].shape == (3, 12)
     path.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode())  # so is a BOM
     for workers in (1, 2):
-        np.testing.assert_array_equal(eval_retri.read_embeddings(path, workers=workers)[1], image)
+        np.testing.assert_array_equal(embeddings_file.read_embeddings(path, workers=workers)[1], image)
     path.write_text("\n".join(lines))  # no newline at the end
-    np.testing.assert_array_equal(eval_retri.read_embeddings(path, workers=2)[0], text)
-    monkeypatch.setattr(eval_retri, "BLOCK_BYTES", 100)  # lines longer than a block
-    np.testing.assert_array_equal(eval_retri.read_embeddings(path, workers=2)[0], text)
+    np.testing.assert_array_equal(embeddings_file.read_embeddings(path, workers=2)[0], text)
+    monkeypatch.setattr(embeddings_file, "BLOCK_BYTES", 100)  # lines longer than a block
+    np.testing.assert_array_equal(embeddings_file.read_embeddings(path, workers=2)[0], text)
 
 
 def reference_multi(text, image, ids):
@@ -399,7 +396,7 @@ def reference_multi(text, image, ids):
     return pct(t2i), pct(i2t), len(uniq)
 
 
-def test_multi_protocol_groups_by_image_id(tmp_path, capsys):
+def test_multi_protocol_groups_by_image_id(tmp_path):
     rng = np.random.default_rng(2)
     n_img, n_txt, d = 15, 48, 16
     base = unit(rng, n_img, d)
@@ -412,37 +409,42 @@ def test_multi_protocol_groups_by_image_id(tmp_path, capsys):
     image /= np.linalg.norm(image, axis=1, keepdims=True)
     path = tmp_path / "emb"
     write_embeddings(path, text, image)
-    text, image = eval_retri.read_embeddings(path)
+    text, image = embeddings_file.read_embeddings(path)
     t2i, i2t, n_unique = reference_multi(text, image, ids)
-    _, info = eval_retri.evaluate(path, "multi", ids, chunk=5)
+    _, info = embeddings_file.evaluate_embeddings_file(path, "multi", ids, chunk=5)
     assert info["images"] == n_unique == n_img and info["texts"] == n_txt
     assert [info[f"t2i_r{k}"] for k in (1, 5, 10)] == pytest.approx(t2i)
     assert [info[f"i2t_r{k}"] for k in (1, 5, 10)] == pytest.approx(i2t)
 
     # ids from the sidecar, from --ids, from --test-file
     Path(f"{path}.ids.txt").write_text("\n".join(ids) + "\n")
-    assert eval_retri.main([str(path), "--protocol", "multi"]) == 0
-    out_sidecar = capsys.readouterr().out
+    proc = run_eval_retri(str(path), "--protocol", "multi")
+    assert proc.returncode == 0, proc.stderr
+    out_sidecar = proc.stdout
     assert f"multi-caption protocol: {n_txt} texts, {n_img} images" in out_sidecar
+    assert out_sidecar.split("\n", 1)[1] == seed_table_from_metrics(info) + "\n"
     ids_file = tmp_path / "ids"
     ids_file.write_text("\n".join(ids) + "\n")
-    assert eval_retri.main([str(path), "--protocol", "multi", "--ids", str(ids_file)]) == 0
-    assert capsys.readouterr().out == out_sidecar
+    assert run_eval_retri(str(path), "--protocol", "multi", "--ids", str(ids_file)).stdout == out_sidecar
     test_file = tmp_path / "test.tsv"
     test_file.write_text("".join(f"caption {k}\t{i}\tAAAA\n" for k, i in enumerate(ids)))
-    assert eval_retri.main([str(path), "--protocol", "multi", "--test-file", str(test_file)]) == 0
-    assert capsys.readouterr().out == out_sidecar
+    assert run_eval_retri(str(path), "--protocol", "multi", "--test-file", str(test_file)).stdout == out_sidecar
     # a wrong id count is refused with a hint
     ids_file.write_text("\n".join(ids[:-1]) + "\n")
-    assert eval_retri.main([str(path), "--protocol", "multi", "--ids", str(ids_file)]) == 2
-    assert "O.ids.txt" in capsys.readouterr().err
+    proc = run_eval_retri(str(path), "--protocol", "multi", "--ids", str(ids_file))
+    assert proc.returncode == 2 and "O.ids.txt" in proc.stderr and not proc.stdout
+    # ids from nowhere, or from two places: a usage error
+    Path(f"{path}.ids.txt").unlink()
+    proc = run_eval_retri(str(path), "--protocol", "multi")
+    assert proc.returncode == 2 and "needs image ids" in proc.stderr
+    proc = run_eval_retri(str(path), "--protocol", "multi", "--ids", str(ids_file), "--test-file", str(test_file))
+    assert proc.returncode == 2 and "not both" in proc.stderr
 
 
 def test_infer_then_eval_retri_cli(tmp_path, seed_file, vocab):
     out = tmp_path / "emb.out"
     infer_main(infer_cfg(model="tiny", test_file=seed_file, output_file=out, vocab_file=vocab))
-    proc = subprocess.run([sys.executable, "launch/eval_retri.py", str(out)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = run_eval_retri(str(out))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     # infer.py wrote the .npy sidecars too (the default), and eval_retri read them after verifying.
@@ -491,8 +493,8 @@ def test_fixed_width_fast_path_is_exact(tmp_path):
     image[1, :3] = [9.99999999e-1, 1e-13, 123456.789]
     path = tmp_path / "emb"
     write_embeddings(path, text, image)
-    assert eval_retri._parse_fixed_block(path.read_bytes(), d) is not None  # really the fast path
-    t, i = eval_retri.read_embeddings(path, workers=1)
+    assert embeddings_file._parse_fixed_block(path.read_bytes(), d) is not None  # really the fast path
+    t, i = embeddings_file.read_embeddings(path, workers=1)
     ref_t = np.array([[float(x) for x in line.split("\t")[0].split()] for line in path.read_text().splitlines()])
     np.testing.assert_array_equal(t, ref_t.astype(np.float32))
     np.testing.assert_array_equal(t, text)
@@ -501,14 +503,14 @@ def test_fixed_width_fast_path_is_exact(tmp_path):
     # values the fast path leaves to the general parser: whole block falls back, same result
     text[5, 5], image[7, 2] = np.float32(3e38), np.float32(1e-45)
     write_embeddings(path, text, image)
-    assert eval_retri._parse_fixed_block(path.read_bytes(), d) is None
-    t, i = eval_retri.read_embeddings(path, workers=1)
+    assert embeddings_file._parse_fixed_block(path.read_bytes(), d) is None
+    t, i = embeddings_file.read_embeddings(path, workers=1)
     np.testing.assert_array_equal(t, text)
     np.testing.assert_array_equal(i, image)
     # the seed's own writer (str of float32, variable width) goes through the general parser
     seed_style = "".join(" ".join(str(v) for v in a) + "\t" + " ".join(str(v) for v in b) + "\t1\n"
                          for a, b in zip(text, image))
     path.write_text(seed_style)
-    t, i = eval_retri.read_embeddings(path, workers=1)
+    t, i = embeddings_file.read_embeddings(path, workers=1)
     np.testing.assert_array_equal(t, text)
     np.testing.assert_array_equal(i, image)

@@ -10,6 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_inference_and_evaluation_import_no_training_code():
     probe = ("import sys, ernievil2.inference, ernievil2.evaluation, ernievil2.retrieval, ernievil2.pretrained, "
+             "ernievil2.checkpoint, ernievil2.search, "
              "ernievil2.models.schema\n"
              "print(sorted(m for m in sys.modules if m.startswith('ernievil2.train') or m == 'wandb'))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True, timeout=120)

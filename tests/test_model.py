@@ -10,7 +10,15 @@ import paddle.nn as nn
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, load_checkpoint, load_weights, save_checkpoint, state_to_numpy
+from ernievil2.checkpoint import (
+    MODEL_CONFIG,
+    WEIGHTS,
+    CheckpointMismatchError,
+    load_model,
+    load_weights,
+    save_checkpoint,
+    state_to_numpy,
+)
 from ernievil2.models import MAX_LOGIT_SCALE, PRESETS, build_model, model_config
 from ernievil2.models.attention import attention, padding_mask
 from ernievil2.models.config import INIT_TEMPERATURE
@@ -345,7 +353,7 @@ def test_checkpoint_round_trip(tmp_path):
         tiny.temperature.set_value(paddle.full([1], 3.0))
     out = save_checkpoint(tiny, tmp_path / "ckpt", files={"vocab.txt": vocab, "extra.json": {"a": 1}})
     assert {p.name for p in out.iterdir()} == {WEIGHTS, MODEL_CONFIG, "vocab.txt", "extra.json"}
-    loaded = load_checkpoint(out)
+    loaded = load_model(out).model
     loaded.eval()
     assert loaded.cfg == tiny.cfg
     pixels, ids = _pixels(2), _ids([[CLS, 40, 41, SEP, PAD], [CLS, 5, 6, 7, SEP]])
@@ -378,7 +386,7 @@ def test_load_weights_missing_and_unexpected_keys(tmp_path, tiny):
     save_file(state, str(path))
     model = _tiny(seed=7)
     before = model.state_dict()["text.pooler.weight"].numpy().copy()
-    with pytest.raises(KeyError) as err:
+    with pytest.raises(CheckpointMismatchError) as err:
         load_weights(model, path)
     assert missing in str(err.value) and "text.extra.weight" in str(err.value)
     # Nothing was loaded on failure.

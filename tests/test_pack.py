@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import subprocess
@@ -13,9 +12,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from ernievil2.data.b64 import decode_base64
+from ernievil2.data.formats import SourceSpec, sample_key
 from ernievil2.data.packers import pipeline
-from ernievil2.data.packers.formats import PackError, SourceSpec, sample_key
-from ernievil2.data.packers.images import ImageOptions, decode_base64, encode_image
+from ernievil2.data.packers.errors import PackError
+from ernievil2.data.packers.images import ImageOptions, encode_image
 from ernievil2.data.packers.objects import (
     load_detector_objects,
     merge_tags,
@@ -138,7 +139,7 @@ def test_limit_reads_only_the_first_records(jsonl_set: Path, tmp_path: Path):
 
 
 # --------------------------------------------------------------------------------------------
-# seed-tsv and chinese-clip (base64 images)
+# seed_tsv and chinese_clip (base64 images)
 # --------------------------------------------------------------------------------------------
 
 
@@ -149,19 +150,22 @@ def test_seed_tsv_groups_lines_of_one_image(tmp_path: Path):
              "坏码\tid5\t@@@@"]
     tsv = tmp_path / "seed.tsv"
     tsv.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    summary = pack(SourceSpec("seed-tsv", tsv), tmp_path / "o", QUIET)
+    summary = pack(SourceSpec("seed_tsv", tsv), tmp_path / "o", QUIET)
     got = read_back(tmp_path / "o")
     assert {k: s.captions for k, s in got.items()} == {"id1": ["红色的车", "路上的车"], "id2": ["一辆车"]}
     assert all(s.lang == "zh" for s in got.values())
     assert got["id1"].image == jpeg(shade=0) and got["id1"].meta["image_id"] == "id1"
     assert summary.skipped == {"bad_base64": 1, "bad_record": 1, "corrupt_image": 1, "no_captions": 1}
-    assert summary.skipped_examples["bad_record"] == [f"{tsv}:4: 2 tab-separated field(s), expected 3"]
+    assert summary.skipped_examples["bad_record"] == [
+        f"{tsv}:4: wrong column count: expected 3 tab-separated columns (text, image_id, base64), found 2 "
+        "(image id 'few')"]
+    assert summary.skipped_examples["bad_base64"][0].startswith(f"{tsv}:7: invalid base64")
 
 
 def test_shared_seed_sample_packs(shared_dir: Path, tmp_path: Path):
     tsv = shared_dir / "data" / "seed-format-sample.zh.tsv"
     lines = tsv.read_text(encoding="utf-8").splitlines()
-    summary = pack(SourceSpec("seed-tsv", tsv), tmp_path / "o", QUIET)
+    summary = pack(SourceSpec("seed_tsv", tsv), tmp_path / "o", QUIET)
     got = read_back(tmp_path / "o")
     assert summary.written == len(got) == len({ln.split("\t")[1] for ln in lines}) == 40
     text, image_id, _ = lines[0].split("\t")
@@ -181,21 +185,21 @@ def chinese_clip_files(folder: Path) -> None:
 
 def test_chinese_clip_texts_join_images(tmp_path: Path):
     chinese_clip_files(tmp_path / "cc")
-    summary = pack(SourceSpec("chinese-clip", tmp_path / "cc", splits=("train",)), tmp_path / "o", QUIET)
+    summary = pack(SourceSpec("chinese_clip", tmp_path / "cc", splits=("train",)), tmp_path / "o", QUIET)
     got = read_back(tmp_path / "o")
     assert {k: s.captions for k, s in got.items()} == {"100": ["两只猫", "一只猫在睡觉"], "101": ["两只猫"]}
     assert got["101"].lang == "zh" and got["101"].meta["width"] == 31
     assert summary.skipped == {"no_captions": 1}
     assert summary.notes == {"text_image_ids": 3, "text_image_ids_without_image": 1}
     # the imgs.tsv path itself finds its texts file; --language relabels
-    pack(SourceSpec("chinese-clip", tmp_path / "cc" / "train_imgs.tsv", language="en"), tmp_path / "o2", QUIET)
+    pack(SourceSpec("chinese_clip", tmp_path / "cc" / "train_imgs.tsv", language="en"), tmp_path / "o2", QUIET)
     assert {s.lang for s in read_back(tmp_path / "o2").values()} == {"en"}
 
 
 def test_chinese_clip_folder_needs_split(tmp_path: Path):
     chinese_clip_files(tmp_path / "cc")
     with pytest.raises(PackError, match="name one split"):
-        pack(SourceSpec("chinese-clip", tmp_path / "cc"), tmp_path / "o", QUIET)
+        pack(SourceSpec("chinese_clip", tmp_path / "cc"), tmp_path / "o", QUIET)
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,7 +395,7 @@ KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
 from ernievil2.data.packers import pipeline
-from ernievil2.data.packers.formats import SourceSpec
+from ernievil2.data.formats import SourceSpec
 calls = [0]
 real = pipeline.prepare_image
 def dying(source, opts):
@@ -431,23 +435,23 @@ def test_sigkill_midway_leaves_no_incomplete_tar(tmp_path: Path):
 # --------------------------------------------------------------------------------------------
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("pack_cli_under_test", REPO / "launch" / "pack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_pack_cli(args: list[str]) -> subprocess.CompletedProcess:
+    """launch/pack.py ARGS in a subprocess (the CLI under test)."""
+    return subprocess.run([sys.executable, "launch/pack.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
 
 
-def test_cli_exit_codes(jsonl_set: Path, tmp_path: Path, capsys):
-    cli = load_cli()
+def test_cli_exit_codes(jsonl_set: Path, tmp_path: Path):
     out = tmp_path / "o"
     base = ["--format", "jsonl", "--input", str(jsonl_set), "--output", str(out), "--no-progress"]
-    assert cli.main(base + ["--samples-per-shard", "2", "--max-side", "8"]) == 0
-    assert "packed 3 sample(s) into 2 shard(s)" in capsys.readouterr().out
-    assert cli.main(base) == 2
-    assert "is not empty" in capsys.readouterr().err
+    proc = run_pack_cli(base + ["--samples-per-shard", "2", "--max-side", "8"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "packed 3 sample(s) into 2 shard(s)" in proc.stdout
+    proc = run_pack_cli(base)
+    assert proc.returncode == 2 and "is not empty" in proc.stderr
     gone = write_jsonl(tmp_path / "gone.jsonl", [{"image": "nowhere.jpg", "captions": ["lost"]}])
-    assert cli.main(["--format", "jsonl", "--input", str(gone), "--output", str(tmp_path / "empty")]) == 1
+    proc = run_pack_cli(["--format", "jsonl", "--input", str(gone), "--output", str(tmp_path / "empty")])
+    assert proc.returncode == 1 and "nothing was written" in proc.stderr
     assert summary_json(tmp_path / "empty")["skipped"] == {"missing_image": 1}
     assert json.loads((tmp_path / "empty" / "sizes.json").read_text()) == {}
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
+from ernievil2 import checkpoint as C
 from ernievil2 import pretrained as P
 from ernievil2.checkpoint import WEIGHTS, save_checkpoint, state_to_numpy
 from ernievil2.models import build_model
@@ -135,13 +136,13 @@ def test_official_pdparams_reproduces_embeddings(small_model, real_batch, tmp_pa
     with open(path, "wb") as f:  # an old-Paddle-style pickle: protocol 2, plain dict of arrays
         pickle.dump(official, f, protocol=2)
 
-    assert P.detect_layout(path) == "official"
-    assert P.detect_layout(path.parent) == "official"
+    assert C.detect_layout(path) == "official"
+    assert C.detect_layout(path.parent) == "official"
     # Width 64 has no known head count: the error asks for a config.
     with pytest.raises(ValueError, match="attention heads"):
-        P.build_from_pretrained(path)
+        C.load_model(path).model
 
-    model = P.build_from_pretrained(path.parent, config=SMALL)
+    model = C.load_model(path.parent, config=SMALL).model
     got = state_to_numpy(model)
     assert set(got) == set(state)
     for k in state:
@@ -150,7 +151,7 @@ def test_official_pdparams_reproduces_embeddings(small_model, real_batch, tmp_pa
     img, txt = _ours(model, real_batch)
     assert np.array_equal(img, ref_img) and np.array_equal(txt, ref_txt)
 
-    report = P.load_pretrained(build_model(SMALL), path)
+    report = C.load_weights(build_model(SMALL), path)
     assert report.source.layout == "official" and report.loaded == len(state)
     assert report.ignored == ["visual.classfy.bias", "visual.classfy.weight"]
 
@@ -175,11 +176,11 @@ def test_infer_config_for_the_released_base_shapes():
 
 def test_detect_layout_of_our_checkpoints(small_model, tmp_path):
     ckpt = save_checkpoint(small_model, tmp_path / "run" / "checkpoints" / "step_0000010")
-    assert P.detect_layout(ckpt) == "ernievil2"
-    assert P.detect_layout(ckpt / WEIGHTS) == "ernievil2"
-    src = P.resolve_source(tmp_path / "run")  # a run folder: its latest checkpoint
+    assert C.detect_layout(ckpt) == "ernievil2"
+    assert C.detect_layout(ckpt / WEIGHTS) == "ernievil2"
+    src = C.resolve_source(tmp_path / "run")  # a run folder: its latest checkpoint
     assert src.layout == "ernievil2" and src.weights == ckpt / WEIGHTS
-    model = P.build_from_pretrained(tmp_path / "run")
+    model = C.load_model(tmp_path / "run").model
     assert model.cfg == SMALL
 
 
@@ -189,18 +190,18 @@ def test_detect_layout_fails_clearly(tmp_path):
     (folder / "notes.txt").write_text("hello")
     (folder / "beach.jpg").write_bytes(b"\xff\xd8")
     with pytest.raises(ValueError) as e:
-        P.detect_layout(folder)
+        C.detect_layout(folder)
     msg = str(e.value)
     assert str(folder) in msg and "notes.txt" in msg and "beach.jpg" in msg and "model_config.json" in msg
 
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
-        P.detect_layout(tmp_path / "no_such_dir")
+        C.detect_layout(tmp_path / "no_such_dir")
 
     stray = tmp_path / "other.pdparams"
     with open(stray, "wb") as f:
         pickle.dump({"encoder.weight": np.zeros(2, np.float32)}, f)
     with pytest.raises(ValueError, match=r"other\.pdparams.*encoder\.weight"):
-        P.detect_layout(stray)
+        C.detect_layout(stray)
 
 
 def test_strict_load_lists_missing_and_unexpected_in_one_error(small_model, tmp_path):
@@ -210,8 +211,8 @@ def test_strict_load_lists_missing_and_unexpected_in_one_error(small_model, tmp_
     state["text.extra_head.weight"] = np.zeros((3,), np.float32)
     save_file(state, str(ckpt / WEIGHTS))
 
-    with pytest.raises(P.PretrainedLoadError) as e:
-        P.load_pretrained(build_model(SMALL), ckpt)
+    with pytest.raises(C.CheckpointMismatchError) as e:
+        C.load_weights(build_model(SMALL), ckpt)
     msg = str(e.value)
     assert str(ckpt / WEIGHTS) in msg
     assert "missing keys (1): ['text.pooler.bias']" in msg
@@ -220,7 +221,7 @@ def test_strict_load_lists_missing_and_unexpected_in_one_error(small_model, tmp_
 
     # strict=False loads what fits.
     model = build_model(SMALL)
-    report = P.load_pretrained(model, ckpt, strict=False)
+    report = C.load_weights(model, ckpt, strict=False)
     assert report.missing == ["text.pooler.bias"] and report.unexpected == ["text.extra_head.weight"]
     assert np.array_equal(model.text.pooler.weight.numpy(), small_model.text.pooler.weight.numpy())
 
@@ -228,20 +229,103 @@ def test_strict_load_lists_missing_and_unexpected_in_one_error(small_model, tmp_
 def test_shape_mismatch_names_key_and_both_shapes(small_model, tmp_path):
     ckpt = save_checkpoint(small_model, tmp_path / "ck")
     other = build_model(replace(SMALL, vision=replace(SMALL.vision, mlp_dim=96)))
-    with pytest.raises(P.PretrainedLoadError) as e:
-        P.load_pretrained(other, ckpt)
+    with pytest.raises(C.CheckpointMismatchError) as e:
+        C.load_weights(other, ckpt)
     msg = str(e.value)
     assert str(ckpt / WEIGHTS) in msg
     assert "shape mismatch for vision.blocks.0.fc1.weight: checkpoint [64, 128], model [64, 96]" in msg
     assert "shape mismatch for vision.blocks.1.fc2.weight: checkpoint [128, 64], model [96, 64]" in msg
 
 
+def _vocab(path: Path, words: list[str]) -> Path:
+    """A plain vocab file: the special tokens, then ``words``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{t}\n" for t in ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", *words]), encoding="utf-8")
+    return path
+
+
+def test_load_model_finds_the_vocab_by_one_rule(small_model, tmp_path):
+    """Explicit vocab, else vocab.txt beside the weights (a run folder: its latest checkpoint's),
+    else vocab.txt in the run folder, else the fallback; none: ``vocab_file`` is None."""
+    run = tmp_path / "run"
+    ckpt = save_checkpoint(small_model, run / "checkpoints" / "step_0000010")
+    in_run = _vocab(run / "vocab.txt", ["run"])
+    beside = _vocab(ckpt / "vocab.txt", ["beside"])
+    explicit = _vocab(tmp_path / "explicit.txt", ["explicit"])
+    fallback = _vocab(tmp_path / "fallback.txt", ["fallback"])
+
+    assert C.load_model(run).vocab_file == beside
+    assert C.load_model(ckpt).vocab_file == beside
+    assert C.load_model(ckpt / WEIGHTS).vocab_file == beside  # a file: the vocab beside it
+    assert C.load_model(run, explicit, fallback_vocab=fallback).vocab_file == explicit
+    loaded = C.load_model(run)
+    assert loaded.tokenizer(16).token_to_id("beside") == 5 and loaded.tokenizer(16).max_length == 16
+    assert loaded.source.weights == ckpt / WEIGHTS and loaded.report.loaded == len(state_to_numpy(small_model))
+    with pytest.raises(FileNotFoundError, match="vocab file not found: .*nowhere.txt"):
+        C.load_model(run, tmp_path / "nowhere.txt")
+
+    beside.unlink()
+    assert C.load_model(run).vocab_file == in_run  # the run folder's own
+    assert C.load_model(ckpt, fallback_vocab=fallback).vocab_file == fallback  # nothing beside the weights
+    in_run.unlink()
+    assert C.load_model(run, fallback_vocab=tmp_path / "gone.txt").vocab_file is None
+    bare = C.load_model(run)
+    assert bare.vocab_file is None and C.vocab_candidates(bare.source) == [ckpt / "vocab.txt", run / "vocab.txt"]
+    with pytest.raises(FileNotFoundError, match=r"no WordPiece vocab \(looked for .*step_0000010/vocab.txt"):
+        bare.tokenizer()
+
+    # A vocab with more ids than the word embedding has rows is not this model's.
+    big = tmp_path / "big.txt"
+    big.write_text("[PAD]\t0\n[CLS]\t1\n[SEP]\t2\n[MASK]\t3\n[UNK]\t40000\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"40001 ids .* 40000-row word embedding"):
+        C.load_model(ckpt, big)
+
+
+def test_bare_safetensors_takes_its_architecture_from_the_fallback(small_model, tmp_path):
+    """A ``.safetensors`` file without ``model_config.json`` records no architecture: the
+    fallback config describes it (a function of the vocab's size, as ``mode=eval`` and inference pass)."""
+    ckpt = save_checkpoint(small_model, tmp_path / "ck")
+    bare = tmp_path / "elsewhere" / "weights.safetensors"
+    bare.parent.mkdir()
+    bare.write_bytes((ckpt / WEIGHTS).read_bytes())
+    with pytest.raises(ValueError, match="no model_config.json beside it"):
+        C.load_model(bare)
+    vocab = _vocab(bare.parent / "vocab.txt", ["a", "b"])
+    sizes = []
+    loaded = C.load_model(bare, fallback_config=lambda n: sizes.append(n) or SMALL)
+    assert sizes == [7] and loaded.vocab_file == vocab and loaded.model.cfg == SMALL
+    a, b = state_to_numpy(small_model), state_to_numpy(loaded.model)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    # A folder's own config wins over the fallback; an explicit config wins over everything.
+    assert C.load_model(ckpt, fallback_config=lambda n: 1 / 0).model.cfg == SMALL
+    with pytest.raises(C.CheckpointMismatchError, match="shape mismatch for vision.blocks.0.fc1.weight"):
+        C.load_model(ckpt, config=replace(SMALL, vision=replace(SMALL.vision, mlp_dim=96)))
+
+
+def test_inference_and_search_find_the_same_vocab(small_model, tmp_path):
+    """``launch/infer.py`` / ``launch/export.py`` and search load through :func:`load_model`: a run
+    folder trained on an explicit vocab (none in the run folder itself) gives its checkpoint's vocab."""
+    from ernievil2.inference import InferSchema, build_inference_model
+    from ernievil2.models.schema import ModelSchema
+    from ernievil2.search import load_encoder
+
+    vocab = _vocab(tmp_path / "released" / "vocab.txt", ["词"])
+    run = tmp_path / "run"
+    ckpt = save_checkpoint(small_model, run / "checkpoints" / "step_0000010", files={"vocab.txt": vocab})
+    model, tokenizer = build_inference_model(
+        InferSchema(model=ModelSchema(preset="tiny", init_from=str(run)), test_file="-", output_file="-"))
+    assert tokenizer.vocab_file == ckpt / "vocab.txt" and model.cfg == SMALL
+    encoder = load_encoder(run, device="cpu")
+    assert Path(encoder.vocab_file) == (ckpt / "vocab.txt").resolve()
+    assert encoder.identity.model_sha256 == load_encoder(ckpt / WEIGHTS, device="cpu").identity.model_sha256
+
+
 def test_export_then_import_without_paddlenlp(small_model, tmp_path):
     """Export → import is lossless (tensors and config) and reads the .pdparams without paddle.load."""
-    out = P.export_paddlenlp(small_model, tmp_path / "pnlp")
+    out = C.export_paddlenlp(small_model, tmp_path / "pnlp")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model_state.pdparams"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
-    assert P.detect_layout(out) == "paddlenlp"
+    assert C.detect_layout(out) == "paddlenlp"
 
     def refuse(*a, **k):
         raise AssertionError("paddle.load must not be used on checkpoints")
@@ -249,7 +333,7 @@ def test_export_then_import_without_paddlenlp(small_model, tmp_path):
     orig = paddle.load
     paddle.load = refuse
     try:
-        model = P.build_from_pretrained(out)
+        model = C.load_model(out).model
     finally:
         paddle.load = orig
     assert model.cfg == SMALL  # the exact config travels inside config.json
@@ -311,7 +395,7 @@ def test_init_from_through_run_training(tmp_path, released_vocab):
                             tmp_path / "other")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides + [f"model.init_from={other}"])
-    with pytest.raises(P.PretrainedLoadError) as e:
+    with pytest.raises(C.CheckpointMismatchError) as e:
         run_training(cfg, tmp_path / "run2")
     assert str(other / WEIGHTS) in str(e.value) and "unexpected keys" in str(e.value)
     assert all(k.startswith("vision.blocks.1.") for k in e.value.unexpected)
@@ -339,8 +423,8 @@ def paddlenlp_saved(tmp_path_factory):
 
 def test_paddlenlp_import_parity_on_real_data(paddlenlp_saved, real_batch):
     transformers, ref, folder = paddlenlp_saved
-    assert P.detect_layout(folder) == "paddlenlp"
-    ours = P.build_from_pretrained(folder)
+    assert C.detect_layout(folder) == "paddlenlp"
+    ours = C.load_model(folder).model
     # PaddleNLP runs the text LayerNorms at eps 1e-12 whatever config.json says; the vision ones at 1e-6.
     assert ours.cfg.text.ln_eps == 1e-12 and ours.cfg.vision.ln_eps == 1e-6
     ref_img, ref_txt = _paddlenlp_embeddings(ref, real_batch)
@@ -354,11 +438,11 @@ def test_paddlenlp_import_parity_on_real_data(paddlenlp_saved, real_batch):
 
 def test_paddlenlp_export_round_trip(paddlenlp_saved, real_batch, released_vocab, tmp_path):
     transformers, ref, folder = paddlenlp_saved
-    ours = P.build_from_pretrained(folder)
-    out = P.export_paddlenlp(ours, tmp_path / "export", vocab_file=released_vocab)
+    ours = C.load_model(folder).model
+    out = C.export_paddlenlp(ours, tmp_path / "export", vocab_file=released_vocab)
 
     # Export → import: identical tensors.
-    back = P.build_from_pretrained(out)
+    back = C.load_model(out).model
     a, b = state_to_numpy(ours), state_to_numpy(back)
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert back.cfg == ours.cfg
@@ -387,8 +471,8 @@ def test_export_of_our_model_runs_in_paddlenlp(small_model, real_batch, tmp_path
     """A model trained here (text eps 1e-5) exports and runs in PaddleNLP: identical image
     embeddings; the text ones differ only through PaddleNLP's fixed 1e-12 text LayerNorm eps."""
     transformers = pytest.importorskip("paddlenlp.transformers")
-    with caplog.at_level("WARNING", logger="ernievil2.pretrained"):
-        out = P.export_paddlenlp(small_model, tmp_path / "export")
+    with caplog.at_level("WARNING", logger="ernievil2.checkpoint"):
+        out = C.export_paddlenlp(small_model, tmp_path / "export")
     assert "eps" in caplog.text
     loaded = transformers.ErnieViLModel.from_pretrained(str(out))
     img, txt = _ours(small_model, real_batch)
@@ -396,7 +480,7 @@ def test_export_of_our_model_runs_in_paddlenlp(small_model, real_batch, tmp_path
     assert float(np.abs(img - p_img).max()) <= PARITY_ATOL
     # The same model run at PaddleNLP's eps matches PaddleNLP's text embeddings.
     same = build_model(replace(SMALL, text=replace(SMALL.text, ln_eps=P.PADDLENLP_TEXT_LN_EPS)))
-    P.load_state_into(same, state_to_numpy(small_model), "small_model")
+    C.load_state_into(same, state_to_numpy(small_model), "small_model")
     _, txt_eps = _ours(same, real_batch)
     d_eps = float(np.abs(txt - p_txt).max())
     print(f"\ntext eps 1e-5 vs PaddleNLP's 1e-12 on a random-init model: max |Δ| {d_eps:.3g}")

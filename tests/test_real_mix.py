@@ -4,8 +4,9 @@ the COCO rows: the ``has_objects`` mask is 1 exactly for samples with tags, and 
 the mix. Skipped without ../shared."""
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,10 @@ register_schemas()
 
 
 def _pack(args: list[str]) -> None:
-    spec = importlib.util.spec_from_file_location("pack_cli_real_mix", REPO / "launch" / "pack.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    assert cli.main(args + ["--no-progress"]) == 0
+    """launch/pack.py ARGS in a subprocess, as the documented commands run it."""
+    proc = subprocess.run([sys.executable, "launch/pack.py", *args, "--no-progress"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

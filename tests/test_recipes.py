@@ -139,7 +139,7 @@ def test_patch_dropout_keeps_cls_and_is_off_in_eval():
 
 
 def test_position_embeddings_identity_at_native_size_and_resampled_elsewhere(tmp_path):
-    from ernievil2.checkpoint import load_checkpoint, save_checkpoint
+    from ernievil2.checkpoint import load_model, save_checkpoint
 
     model = _tiny_model()
     vision = model.vision
@@ -155,7 +155,7 @@ def test_position_embeddings_identity_at_native_size_and_resampled_elsewhere(tmp
     emb = model.encode_image(paddle.zeros([2, 3, 32, 32]))
     assert list(emb.shape) == [2, vision.cfg.width]
     save_checkpoint(model, tmp_path / "ckpt")
-    fresh = load_checkpoint(tmp_path / "ckpt")
+    fresh = load_model(tmp_path / "ckpt").model
     assert list(fresh.vision.positional_embedding.shape) == [17, vision.cfg.width]
     np.testing.assert_array_equal(fresh.vision.positional_embedding.numpy(), const.numpy())
 

@@ -1,10 +1,25 @@
-"""Retrieval metrics against brute-force loops, ties included."""
+"""Retrieval metrics against brute-force loops, ties included; the embeddings file's ``.npy``
+sidecars (ernievil2.embeddings_file, launch/eval_retri.py)."""
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ernievil2.retrieval import format_table, multi_caption_recall, official_recall
+from ernievil2 import embeddings_file
+from ernievil2.retrieval import (
+    format_table,
+    group_by_image_id,
+    multi_caption_recall,
+    official_recall,
+    one_to_one_ranks,
+    recall_at,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _brute_multi(img, txt, owner, k):
@@ -53,6 +68,59 @@ def test_official_protocol_hand_example():
     assert "MeanRecall" in format_table(m)
 
 
+def _brute_one_to_one(text: np.ndarray, image: np.ndarray) -> tuple[list[int], list[int]]:
+    """Official 1:1 ranks from the full ``S = T·Iᵀ``, one Python loop per direction (strict ``>``)."""
+    s = text.astype(np.float32) @ image.astype(np.float32).T
+    n = len(s)
+    return [int((s[i] > s[i, i]).sum()) for i in range(n)], [int((s[:, j] > s[j, j]).sum()) for j in range(n)]
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 16, 60, 4096])
+def test_one_to_one_ranks_equal_brute_force_with_exact_ties(chunk):
+    """Half-integer vectors: every score is exact in float32 whatever the summation order, so ties
+    are real ties; duplicated texts, duplicated images and text == image pairs add more."""
+    rng = np.random.default_rng(5)
+    n, d = 60, 8
+    text = rng.integers(-1, 2, (n, d)).astype(np.float32) / 2
+    image = rng.integers(-1, 2, (n, d)).astype(np.float32) / 2
+    image[10:20] = image[0]
+    text[30:40] = text[25]
+    image[45:50] = text[45:50]
+    text[55:] = 0.0  # a zero text ties with every image: rank 0
+    s = text @ image.T
+    ties = s == np.diag(s)[:, None]
+    assert ties.sum() - n > 3 * n  # many ground truths are tied with other images
+    t2i, i2t = one_to_one_ranks(text, image, chunk)
+    want_t2i, want_i2t = _brute_one_to_one(text, image)
+    assert t2i.tolist() == want_t2i and i2t.tolist() == want_i2t
+    assert (t2i[55:] == 0).all() and t2i.dtype == i2t.dtype == np.int64
+    # official_recall is these ranks' recalls
+    m = official_recall(text, image, chunk)
+    assert [m[f"t2i_r{k}"] for k in (1, 5, 10)] == list(recall_at(np.array(want_t2i)).values())
+    assert [m[f"i2t_r{k}"] for k in (1, 5, 10)] == list(recall_at(np.array(want_i2t)).values())
+
+
+@pytest.mark.parametrize("chunk", [3, 50, 2048])
+def test_one_to_one_ranks_equal_brute_force_on_random_floats(chunk):
+    rng = np.random.default_rng(chunk)
+    n, d = 101, 32
+    text = rng.standard_normal((n, d)).astype(np.float32)
+    image = (text + 1.5 * rng.standard_normal((n, d))).astype(np.float32)
+    t2i, i2t = one_to_one_ranks(text, image, chunk)
+    want_t2i, want_i2t = _brute_one_to_one(text, image)
+    assert t2i.tolist() == want_t2i and i2t.tolist() == want_i2t
+    assert 0 < (t2i == 0).sum() < n  # neither trivial nor hopeless
+    empty = one_to_one_ranks(np.empty((0, 4)), np.empty((0, 4)), chunk)
+    assert empty[0].shape == empty[1].shape == (0,)
+
+
+def test_group_by_image_id_keeps_the_first_embedding():
+    image = np.arange(10, dtype=np.float32).reshape(5, 2)
+    unique, text_image, ids = group_by_image_id(["b", "a", "b", "c", "a"], image)
+    assert ids == ["b", "a", "c"] and text_image.tolist() == [0, 1, 0, 2, 1]
+    np.testing.assert_array_equal(unique, image[[0, 1, 3]])
+
+
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="no caption"):
         multi_caption_recall(np.eye(3), np.eye(3)[:2], np.array([0, 1]))
@@ -60,21 +128,15 @@ def test_bad_inputs_are_refused():
         official_recall(np.eye(3), np.eye(2))
 
 
-# --------------------------------------------------------------------------- launch/eval_retri.py sidecars
-def _load_eval_retri():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "launch" / "eval_retri.py"
-    spec = importlib.util.spec_from_file_location("eval_retri_sidecars", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# --------------------------------------------------------------------------- embeddings-file sidecars
+def _eval_retri(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch/eval_retri.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
 
 
 def _infer_written(tmp_path, n=40, d=6, seed=0):
     """An embeddings file as launch/infer.py writes it with write_npy=true (O + its .npy sidecars)."""
-    from ernievil2.inference import format_embedding_lines
+    from ernievil2.embeddings_file import format_embedding_lines
 
     rng = np.random.default_rng(seed)
     text = rng.standard_normal((n, d)).astype(np.float32)
@@ -86,27 +148,29 @@ def _infer_written(tmp_path, n=40, d=6, seed=0):
     return path, text, image
 
 
-def test_eval_retri_reads_verified_sidecars_with_the_same_numbers(tmp_path, capsys):
-    er = _load_eval_retri()
+def test_eval_retri_reads_verified_sidecars_with_the_same_numbers(tmp_path):
     path, text, image = _infer_written(tmp_path)
-    t, i = er.read_verified_sidecars(path)
+    t, i = embeddings_file.read_verified_sidecars(path)
     np.testing.assert_array_equal(t, text)
     np.testing.assert_array_equal(i, image)
-    table_npy, info_npy = er.evaluate(path, "official", chunk=7)
-    table_txt, info_txt = er.evaluate(path, "official", chunk=7, sidecars=False)
+    table_npy, info_npy = embeddings_file.evaluate_embeddings_file(path, "official", chunk=7)
+    table_txt, info_txt = embeddings_file.evaluate_embeddings_file(path, "official", chunk=7, sidecars=False)
     assert (info_npy["source"], info_txt["source"]) == ("npy", "text")
     assert table_npy == table_txt and info_npy["t2i"] == info_txt["t2i"] and info_npy["i2t"] == info_txt["i2t"]
     # the metrics of the parsed text equal the arrays' own (strict ">" ranks by brute force)
     s = text @ image.T
     ranks = (s > np.diag(s)[:, None]).sum(axis=1)
     assert info_txt["t2i"][:3] == [float((ranks < k).sum() / len(ranks)) for k in (1, 5, 10)]
-    assert er.main([str(path)]) == 0 and "verified .npy sidecars" in capsys.readouterr().out
-    assert er.main([str(path), "--no-npy"]) == 0 and "sidecars" not in capsys.readouterr().out
+    proc = _eval_retri(str(path))
+    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == (
+        "official 1:1 protocol: 40 texts, 40 images (read from the verified .npy sidecars)")
+    assert proc.stdout.split("\n", 1)[1] == table_npy + "\n"
+    proc = _eval_retri(str(path), "--no-npy")
+    assert proc.returncode == 0 and proc.stdout == "official 1:1 protocol: 40 texts, 40 images\n" + table_txt + "\n"
 
 
 @pytest.mark.parametrize("damage", ["value", "rows", "dtype", "missing"])
 def test_eval_retri_ignores_sidecars_that_do_not_match(tmp_path, damage):
-    er = _load_eval_retri()
     path, text, image = _infer_written(tmp_path)
     if damage == "value":  # the last line is always among the checked ones
         changed = image.copy()
@@ -119,18 +183,17 @@ def test_eval_retri_ignores_sidecars_that_do_not_match(tmp_path, damage):
         np.save(f"{path}.text.npy", text.astype(np.float64))
     else:
         (tmp_path / "O.tsv.image.npy").unlink()
-    assert er.read_verified_sidecars(path) is None
-    t, i = er.read_embeddings(path)  # falls back to parsing O
+    assert embeddings_file.read_verified_sidecars(path) is None
+    t, i = embeddings_file.read_embeddings(path)  # falls back to parsing O
     np.testing.assert_array_equal(t, text)
     np.testing.assert_array_equal(i, image)
-    assert er.evaluate(path, "official")[1]["source"] == "text"
+    assert embeddings_file.evaluate_embeddings_file(path, "official")[1]["source"] == "text"
 
 
 def test_eval_retri_sidecars_need_the_fixed_width_layout(tmp_path):
-    er = _load_eval_retri()
     path, text, image = _infer_written(tmp_path)
     # same values, written the seed's way (str of float32): not infer.py's layout, so O is parsed
     path.write_text("".join(" ".join(map(str, t)) + "\t" + " ".join(map(str, i)) + "\t1\n"
                             for t, i in zip(text, image)), encoding="utf-8")
-    assert er.read_verified_sidecars(path) is None
-    np.testing.assert_array_equal(er.read_embeddings(path)[0], text)
+    assert embeddings_file.read_verified_sidecars(path) is None
+    np.testing.assert_array_equal(embeddings_file.read_embeddings(path)[0], text)

@@ -23,6 +23,7 @@ from ernievil2.data.shards import (
     list_shards,
     read_sizes,
 )
+from ernievil2.distributed import DistInfo, dist_info
 
 N = 25
 
@@ -223,13 +224,15 @@ def test_ranks_times_workers_partition(tmp_path: Path, monkeypatch):
     all_keys = [k for keys in per_reader.values() for k in keys]
     assert sorted(all_keys) == [f"s{i:05d}" for i in range(40)]
     assert all(len(keys) == 10 for keys in per_reader.values())
-    # RANK/WORLD_SIZE is the fallback when paddle's variables are absent
+    # RANK/WORLD_SIZE are not paddle's: without PADDLE_TRAINER_ID/PADDLE_TRAINERS_NUM this is rank 0 of 1
+    # (the process group agrees: training never splits data differently from the model's ranks)
     monkeypatch.delenv("PADDLE_TRAINER_ID")
     monkeypatch.delenv("PADDLE_TRAINERS_NUM")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     _fake_worker(monkeypatch, 1, 2)
-    assert [s.key for s in ShardStream(str(tmp_path), seed=1, epoch=2, shuffle_buffer=4)] == per_reader[(1, 1)]
+    alone = [s.key for s in ShardStream(str(tmp_path), seed=1, epoch=2, shuffle_buffer=4)]
+    assert sorted(alone) == sorted(per_reader[(0, 1)] + per_reader[(1, 1)])
 
 
 def test_too_few_shards_is_a_clear_error(tmp_path: Path, monkeypatch):
@@ -302,14 +305,22 @@ def test_collate_arrays():
         collate_arrays([])
 
 
-def test_rank_and_world_defaults(monkeypatch):
-    """A single process when no launcher variables are set; paddle's variables win over RANK/WORLD_SIZE."""
-    for var in ("PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM", "RANK", "WORLD_SIZE"):
+def test_rank_and_world_come_from_paddles_variables_only(monkeypatch):
+    """A single process when no launcher variables are set; only paddle's variables count (the one
+    reader, ernievil2.distributed.dist_info)."""
+    for var in ("PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM", "PADDLE_LOCAL_RANK", "PADDLE_RANK_IN_NODE", "RANK",
+                "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    assert shards_mod.rank_and_world() == (0, 1)
+    assert dist_info() == DistInfo(0, 1, 0)
     assert shards_mod.loader_worker() == (0, 1)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
+    assert dist_info() == DistInfo(0, 1, 0)
     monkeypatch.setenv("PADDLE_TRAINER_ID", "1")
     monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
-    assert shards_mod.rank_and_world() == (1, 2)
+    assert dist_info() == DistInfo(1, 2, 1)
+    monkeypatch.setenv("PADDLE_RANK_IN_NODE", "0")
+    assert dist_info().local_rank == 0
+    monkeypatch.setenv("PADDLE_TRAINER_ID", "2")
+    with pytest.raises(ValueError, match="invalid PADDLE_TRAINER_ID=2 / PADDLE_TRAINERS_NUM=2"):
+        dist_info()

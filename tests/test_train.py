@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import ernievil2.train.run as run_module
-from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, load_checkpoint
+from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, load_model
 from ernievil2.evaluation import RetrievalEvaluator, load_retrieval_set
 from ernievil2.losses import TERMS
 from ernievil2.models.config import DualEncoderConfig
@@ -114,7 +114,7 @@ def test_checkpoint_written_and_loadable(multiview_run):
     names = {p.name for p in ckpt.iterdir()}
     assert {WEIGHTS, MODEL_CONFIG, "vocab.txt", "optimizer.safetensors", "trainer_state.json"} <= names
     assert (ckpt / "vocab.txt").read_bytes() == (run_dir / "vocab.txt").read_bytes()
-    model = load_checkpoint(ckpt)
+    model = load_model(ckpt).model
     assert isinstance(model.cfg, DualEncoderConfig)
     tokenizer = WordPieceTokenizer(ckpt / "vocab.txt", max_length=32)
     assert model.cfg.text.vocab_size == tokenizer.vocab_size

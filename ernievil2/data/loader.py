@@ -66,11 +66,11 @@ from ernievil2.data.shards import (
     list_shards,
     loader_worker,
     log_in_worker,
-    rank_and_world,
     shard_samples,
     shard_sizes,
     too_few_shards,
 )
+from ernievil2.distributed import dist_info
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,10 @@ class TrainStream(paddle.io.IterableDataset):
         self.epoch, self.skip_batches = int(epoch), int(skip_batches)
 
     def _rank_world(self) -> tuple[int, int]:
-        return rank_and_world() if self.split_by_rank else (0, 1)
+        if not self.split_by_rank:
+            return 0, 1
+        info = dist_info()
+        return info.rank, info.world_size
 
     def check_readers(self, num_workers: int, world: int | None = None) -> None:
         """``ValueError`` unless every exact source has a shard for each of ``world`` (default:

@@ -11,7 +11,8 @@ A ``sizes.json`` beside the shards maps each shard file name to its number of sa
 
 Streaming under paddle (see SPEC §8): ``wds.WebDataset``'s node/worker splitters read
 ``RANK``/``WORLD_SIZE`` and torch's worker info, neither of which paddle sets, so
-:class:`ShardStream` does the split itself from ``PADDLE_TRAINER_ID``/``PADDLE_TRAINERS_NUM`` and
+:class:`ShardStream` does the split itself from the rank and world size of
+:func:`ernievil2.distributed.dist_info` (the one reader of the launcher's variables) and
 ``paddle.io.get_worker_info()`` and only uses webdataset's low-level tar iterators.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ import paddle
 from webdataset import tariterators
 
 from ernievil2.atomic import atomic_write
+from ernievil2.distributed import dist_info
 
 from .sample import SKIP_KINDS, BadSample, RawSample
 
@@ -481,18 +483,6 @@ def draw_shards(shards: Sequence[str], rng: np.random.Generator, read: Callable[
                                  f"(first: {shards[0]})")
 
 
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) from ``PADDLE_TRAINER_ID``/``PADDLE_TRAINERS_NUM``, else ``RANK``/``WORLD_SIZE``, else (0, 1)."""
-    for rank_var, world_var in (("PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM"), ("RANK", "WORLD_SIZE")):
-        if world_var in os.environ or rank_var in os.environ:
-            rank = int(os.environ.get(rank_var, "0"))
-            world = int(os.environ.get(world_var, "1"))
-            if world < 1 or not 0 <= rank < world:
-                raise ValueError(f"invalid {rank_var}={rank} / {world_var}={world}")
-            return rank, world
-    return 0, 1
-
-
 def loader_worker() -> tuple[int, int]:
     """(worker id, number of workers) of the current paddle DataLoader worker; (0, 1) outside workers."""
     info = paddle.io.get_worker_info()
@@ -614,7 +604,7 @@ class ShardStream(paddle.io.IterableDataset):
         if self.resampled:
             return
         if world is None:
-            world = rank_and_world()[1] if self.split_by_rank else 1
+            world = dist_info().world_size if self.split_by_rank else 1
         self._check_split(world, max(int(num_workers), 1))
 
     def _check_split(self, world: int, num_workers: int) -> None:
@@ -650,7 +640,8 @@ class ShardStream(paddle.io.IterableDataset):
         return draw_shards(self.shards, rng, lambda url: self._decoded([url]))
 
     def __iter__(self) -> Iterator[Any]:
-        rank, world = rank_and_world() if self.split_by_rank else (0, 1)
+        info = dist_info()
+        rank, world = (info.rank, info.world_size) if self.split_by_rank else (0, 1)
         worker_id, num_workers = loader_worker()
         gid = rank * num_workers + worker_id
         self.skips = SkipCounter()

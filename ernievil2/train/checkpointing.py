@@ -3,9 +3,10 @@
 A checkpoint is one folder, written atomically (:func:`ernievil2.atomic.atomic_dir`: a temporary
 folder, fsync, rename), so a kill at any moment leaves the previous checkpoint intact:
 
-- ``model.safetensors`` + ``model_config.json`` (+ extra files such as ``vocab.txt``), exactly as
-  :func:`ernievil2.checkpoint.save_checkpoint` writes them: ``load_checkpoint``, ``model.init_from``
-  and inference read a training checkpoint like any other;
+- ``model.safetensors`` + ``model_config.json`` (+ extra files such as ``vocab.txt``), written by
+  :func:`ernievil2.checkpoint.write_model_files` as for any checkpoint of ours:
+  :func:`ernievil2.checkpoint.load_model`, ``model.init_from`` and inference read a training
+  checkpoint like any other, and resuming loads its weights through the same entry point;
 - ``optimizer.safetensors``: every tensor of ``optimizer.state_dict()``, keyed
   ``<parameter>@<accumulator>`` with the parameter's structured name
   (``vision.blocks.0.fc1.weight@moment1``) rather than Paddle's generated one
@@ -42,7 +43,16 @@ from paddle.base.core import GeneratorState
 from safetensors.numpy import load_file, save_file
 
 from ernievil2.atomic import atomic_dir, atomic_write, fsync_dir
-from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, as_param_tensor, write_model_files
+from ernievil2.checkpoint import (
+    MODEL_CONFIG,
+    WEIGHTS,
+    CheckpointMismatchError,
+    check_state,
+    first_difference,
+    load_state_into,
+    read_state,
+    write_model_files,
+)
 from ernievil2.models import ErnieViL2
 from ernievil2.train.parallel import unwrap
 
@@ -63,10 +73,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # What killed saves leave in the root: atomic_dir's ".step_N.XXXX" / ".step_N.old", atomic_write's
 # ".latest.XXXX.tmp", and the ".trash.step_N" of an interrupted removal.
 _LEFTOVER = re.compile(r"^\.(step_\d+\.|trash\.|latest\.|best\.)")
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint does not fit the model or optimizer it is being loaded into."""
 
 
 @dataclass
@@ -235,20 +241,12 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return (path / TRAINER_STATE).is_file() and (path / WEIGHTS).is_file()
 
 
-def _describe(shape: list[int] | None) -> str:
-    return "absent" if shape is None else f"shape {shape}"
-
-
 def _check_same_keys(saved: dict[str, list[int]], live: dict[str, list[int]], where: str, what: str) -> None:
     """Raise :class:`CheckpointMismatchError` naming the first key (sorted) whose shape differs or
-    that only one side has."""
-    differing = [k for k in sorted(set(saved) | set(live)) if saved.get(k) != live.get(k)]
-    if differing:
-        key = differing[0]
-        raise CheckpointMismatchError(
-            f"{where}: the checkpoint does not match the {what}: first differing key {key!r}: checkpoint "
-            f"{_describe(saved.get(key))}, {what} {_describe(live.get(key))} ({len(differing)} of "
-            f"{len(set(saved) | set(live))} keys differ)")
+    that only one side has (the message of :func:`ernievil2.checkpoint.first_difference`)."""
+    difference = first_difference(saved, live, what)
+    if difference:
+        raise CheckpointMismatchError(f"{where}: the checkpoint does not match the {what}: {difference}")
 
 
 def write_training_checkpoint(
@@ -333,10 +331,8 @@ def load_training_checkpoint(
     ckpt = Path(ckpt_dir)
     saved = read_trainer_state(ckpt)
     model = unwrap(model)
-    weights = load_file(str(ckpt / WEIGHTS))
-    live_weights = model.state_dict()
-    _check_same_keys({k: list(v.shape) for k, v in weights.items()},
-                     {k: list(v.shape) for k, v in live_weights.items()}, str(ckpt / WEIGHTS), "model")
+    source, weights, _ = read_state(ckpt)
+    check_state(model, weights, str(source.weights))
 
     moments: dict[str, np.ndarray] = {}
     live_moments: dict[str, paddle.Tensor] = {}
@@ -362,8 +358,7 @@ def load_training_checkpoint(
         raise ValueError(f"{ckpt / TRAINER_STATE}: no LR scheduler state saved, but a scheduler was given")
     restore = _rng_restorer(saved.get("rng") or {}, str(ckpt / TRAINER_STATE)) if restore_rng else None
 
-    own = model.state_dict()
-    model.set_state_dict({k: as_param_tensor(v, own[k]) for k, v in weights.items()})
+    load_state_into(model, weights, str(source.weights))
     for key, tensor in live_moments.items():
         tensor.set_value(moments[key])
     if scheduler is not None:

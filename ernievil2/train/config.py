@@ -1,7 +1,7 @@
 """Typed schemas behind the Hydra config groups: a misspelled or unknown key stops the run at start.
 
-Each group of ``conf/`` (``model``, ``data``, ``loss``, ``optim``, ``eval``, ``logger``) fills one
-dataclass below; ``experiment`` files override any of them. The schemas are registered with
+Each group of ``conf/`` (``model``, ``data``, ``loss``, ``optim``, ``eval``, ``logger``, ``trainer``)
+fills one dataclass below; ``experiment`` files override any of them. The schemas are registered with
 Hydra's ConfigStore as ``schema`` and form the first entry of ``conf/config.yaml``'s defaults.
 """
 from __future__ import annotations
@@ -100,14 +100,15 @@ class EvalSetSchema:
     """One retrieval evaluation set, read by the reader its ``format`` names (ernievil2.evaluation)."""
 
     name: str = MISSING
-    format: str = "demo"  # demo | shards | karpathy | seed_tsv | jsonl
-    path: Optional[str] = None  # shards: dir/pattern; karpathy: dataset_*.json; seed_tsv: .tsv; jsonl: .jsonl
-    image_root: Optional[str] = None  # karpathy / jsonl image folder (default: the file's folder)
-    split: str = "test"  # karpathy: the split to evaluate
+    format: str = "demo"  # demo | shards | seed_tsv | chinese_clip | coco | karpathy | jsonl (ernievil2.data.formats)
+    # shards: dir/pattern; seed_tsv: .tsv; chinese_clip: imgs.tsv or its folder; coco: captions json;
+    # karpathy: dataset_*.json; jsonl: .jsonl
+    path: Optional[str] = None
+    image_root: Optional[str] = None  # coco / karpathy / jsonl image folder (default: the file's folder)
+    split: str = "test"  # karpathy: the split to evaluate; chinese_clip: the split of a folder path
     caption_key: str = "captions"  # jsonl: the key of each line's caption list
     protocol: str = "multi"  # SPEC §7: "multi" (multi-caption), "official" (1:1, first caption per image) or "both"
     max_images: Optional[int] = None  # keep only the first N images (file order)
-    shards: Optional[str] = None  # legacy spelling of format=shards, path=...
 
 
 @dataclass
@@ -162,6 +163,10 @@ class LoggerSchema:
 
 @dataclass
 class TrainerSchema:
+    """How the loop runs. The ``trainer`` group (``conf/trainer/``: ``cpu``, the default, with these
+    defaults; ``gpu_bf16``; ``gpu_bf16_sharded``) sets the precision, memory and checkpoint fields;
+    experiments set the length and what to keep."""
+
     max_steps: int = 600
     seed: int = 0
     device: str = "auto"  # auto, cpu, gpu

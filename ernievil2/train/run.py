@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ernievil2 import evaluation
 from ernievil2.atomic import atomic_write
+from ernievil2.checkpoint import load_model, load_weights
 from ernievil2.data.demo import DemoDataSpec, ensure_demo_data
 from ernievil2.data.loader import build_train_data
 from ernievil2.data.shards import ShardStream
@@ -40,13 +41,6 @@ from ernievil2.evaluation import Evaluator
 from ernievil2.losses import MultiViewLoss
 from ernievil2.models import build_model
 from ernievil2.models.schema import resolve_model
-from ernievil2.pretrained import (
-    LAYOUT_OURS,
-    PretrainedSource,
-    build_from_pretrained,
-    load_pretrained,
-    resolve_source,
-)
 from ernievil2.tokenizer import WordPieceTokenizer
 from ernievil2.train.checkpointing import (
     TRAINER_STATE,
@@ -112,7 +106,7 @@ def resolve_data(cfg: Config) -> tuple[list[str], Optional[list[str]]]:
     generating the demo data when it is used."""
     d = cfg.data
     demo_val: Optional[list[str]] = None
-    if d.source == "demo" or any(s.format == "demo" and not s.shards for s in cfg.eval.datasets):
+    if d.source == "demo" or any(s.format == "demo" for s in cfg.eval.datasets):
         demo = ensure_demo_data(os.path.expanduser(d.demo.cache_dir), demo_data_spec(cfg))
         demo_val = demo.val_shards
         train = demo.train_shards if d.source == "demo" else None
@@ -154,7 +148,7 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
         raise ValueError(f"vocab has {tokenizer.vocab_size} tokens but model.text.vocab_size is {model_cfg.text.vocab_size}")
     model = build_model(model_cfg)
     if cfg.model.init_from:
-        load_pretrained(model, cfg.model.init_from)
+        load_weights(model, cfg.model.init_from)
     n_params = sum(int(np.prod(p.shape)) for p in model.parameters())
     log.info("model %s: %.2fM parameters, image %d px, attention %s", cfg.model.preset, n_params / 1e6,
              model_cfg.vision.image_size, model_cfg.attention)
@@ -221,17 +215,6 @@ def saved_wandb_run_id(ckpt: Optional[Path]) -> Optional[str]:
     return read_trainer_state(ckpt)["extra"].get("wandb_run_id") if ckpt is not None else None
 
 
-def _eval_vocab(cfg: Config, src: PretrainedSource) -> Path:
-    """``model.vocab_file``, else the ``vocab.txt`` beside the checkpoint's weights."""
-    if cfg.model.vocab_file:
-        return Path(os.path.expanduser(cfg.model.vocab_file))
-    beside = src.weights.parent / "vocab.txt"
-    if beside.is_file():
-        return beside
-    raise ValueError(f"mode=eval: no vocab.txt beside {src.weights}; pass model.vocab_file=PATH (the vocab the "
-                     "checkpoint was trained with)")
-
-
 def run_evaluation(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     """``mode=eval``: load ``ckpt`` (any supported layout), run every configured evaluator once,
     print the tables and write ``eval_results.json`` into the run dir. No optimizer is built."""
@@ -246,12 +229,15 @@ def run_evaluation(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
         paddle.set_device(cfg.trainer.device)
     info = init_distributed()
     run_dir = Path(run_dir)
-    src = resolve_source(cfg.ckpt)
-    tokenizer = WordPieceTokenizer(_eval_vocab(cfg, src), max_length=cfg.model.text_max_length)
-    config = None
-    if src.config is None and src.layout == LAYOUT_OURS:  # a bare .safetensors file: the architecture from cfg
-        config = resolve_model(cfg.model, tokenizer.vocab_size, built_vocab=False)
-    model = build_from_pretrained(cfg.ckpt, config)
+    # The checkpoint's vocab by the library's one rule (model.vocab_file overrides it); a bare
+    # .safetensors file records no architecture: the model group's preset describes it.
+    loaded = load_model(cfg.ckpt, cfg.model.vocab_file,
+                        fallback_config=lambda vocab_size: resolve_model(cfg.model, vocab_size, built_vocab=False))
+    src, model = loaded.source, loaded.model
+    if loaded.vocab_file is None:
+        raise ValueError(f"mode=eval: no vocab.txt beside {src.weights} or in {src.path}; pass model.vocab_file=PATH "
+                         "(the vocab the checkpoint was trained with)")
+    tokenizer = loaded.tokenizer(cfg.model.text_max_length)
     state_file = src.weights.parent
     step = read_trainer_state(state_file)["step"] if (state_file / TRAINER_STATE).is_file() else 0
     with main_process_first():

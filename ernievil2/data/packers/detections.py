@@ -10,11 +10,11 @@ gives (:data:`~.objects.ScoredTags`), so the packer merges both through one path
   or two-column TSV); a name the table lacks stays as it is and is counted.
 - Keys (:func:`detection_key`): the input's own ``image id -> key`` table first (COCO: the image's
   file-name stem), else a string id that names an image file (``.../x.jpg``) gives its stem, else
-  the id itself, all in their :func:`~.formats.sample_key` form.
+  the id itself, all in their :func:`~ernievil2.data.formats.sample_key` form.
 - Selection: :func:`~.objects.select_tags`: detections scoring at least ``min_score``, one tag per
   name (its best score), best first (ties: file order), at most ``max_count``.
 - A malformed entry is counted by reason (with the first few places), never fatal; a file that is
-  not JSON or whose top level is not a list is (:class:`~.formats.PackError` naming the file).
+  not JSON or whose top level is not a list is (:class:`~.errors.PackError` naming the file).
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .formats import PackError, category_names, sample_key
+from ernievil2.data.formats import FormatError, category_names, sample_key
+
+from .errors import PackError, as_pack_error
 from .objects import ScoredTags, select_tags
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -110,7 +112,10 @@ def load_categories(path: Path) -> dict[Any, str]:
     if not isinstance(data, list):
         raise PackError(f"--det-categories {path}: top level is a {type(data).__name__}, expected a list of "
                         f"{{id, name}} or an object with 'categories'")
-    return category_names(data, path)
+    try:
+        return category_names(data, path)
+    except FormatError as exn:
+        raise as_pack_error(exn) from exn
 
 
 def load_translation(path: Path) -> dict[str, str]:
@@ -150,7 +155,7 @@ def load_translation(path: Path) -> dict[str, str]:
 def detection_key(image_id: int | str, image_keys: dict[str, str]) -> str:
     """The sample key of a detection's ``image_id``: the input's own key for that id
     (``image_keys``, e.g. a COCO image's file stem), else the stem of a string id naming an image
-    file, else the id itself; always in :func:`~.formats.sample_key` form."""
+    file, else the id itself; always in :func:`~ernievil2.data.formats.sample_key` form."""
     raw = str(image_id).strip()
     if raw in image_keys:
         return image_keys[raw]

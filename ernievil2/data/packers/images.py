@@ -1,6 +1,8 @@
-"""Image side of packing: load bytes (file or base64), validate by decoding, resize, re-encode JPEG.
+"""Image side of packing: load bytes (:class:`~ernievil2.data.formats.ImageSource`: file, base64 or
+bytes), validate by decoding, resize, re-encode JPEG.
 
-Runs inside the packer's worker processes, so it imports nothing heavier than Pillow.
+Runs inside the packer's worker processes, so it imports nothing heavier than Pillow (and the
+standard-library-only :mod:`ernievil2.data.formats`).
 """
 from __future__ import annotations
 
@@ -10,12 +12,10 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-from ernievil2.data.b64 import decode_base64
+from ernievil2.data.formats import ImageLoadError, ImageSource
 
-# Skip reasons produced here (the pipeline counts them by name).
-MISSING_IMAGE = "missing_image"
-UNREADABLE_IMAGE = "unreadable_image"
-BAD_BASE64 = "bad_base64"
+# Skip reasons produced here (the pipeline counts them by name), besides those of ImageSource.load
+# (missing_image, unreadable_image, bad_base64: ernievil2.data.formats).
 CORRUPT_IMAGE = "corrupt_image"
 TOO_LARGE_IMAGE = "too_large_image"
 
@@ -32,14 +32,6 @@ class ImageOptions:
             raise ValueError(f"max_side must be >= 1 or None, got {self.max_side}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-
-
-@dataclass(frozen=True)
-class ImageSource:
-    """Where one image comes from: a file path or a base64 string (standard or URL-safe alphabet)."""
-
-    path: str | None = None
-    b64: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,23 +53,6 @@ class ImageFailure:
 
     reason: str
     detail: str
-
-
-def _load_bytes(source: ImageSource) -> bytes | ImageFailure:
-    if source.path is not None:
-        try:
-            with open(source.path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ImageFailure(MISSING_IMAGE, source.path)
-        except OSError as exn:
-            return ImageFailure(UNREADABLE_IMAGE, f"{source.path}: {exn}")
-    if source.b64 is not None:
-        try:
-            return decode_base64(source.b64)
-        except ValueError as exn:
-            return ImageFailure(BAD_BASE64, str(exn))
-    return ImageFailure(MISSING_IMAGE, "no image path or data")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -121,9 +96,10 @@ def encode_image(data: bytes, options: ImageOptions) -> EncodedImage:
 
 def prepare_image(source: ImageSource, options: ImageOptions) -> EncodedImage | ImageFailure:
     """Load, validate and encode one image; failures come back as :class:`ImageFailure`, never raised."""
-    data = _load_bytes(source)
-    if isinstance(data, ImageFailure):
-        return data
+    try:
+        data = source.load()
+    except ImageLoadError as exn:
+        return ImageFailure(exn.reason, exn.detail)
     try:
         return encode_image(data, options)
     except Image.DecompressionBombError as exn:

@@ -2,7 +2,8 @@
 
 The file is JSON Lines; each line is either ``{"key": K, "objects": [{"name": N, "score": S}, ...]}``
 or a mapping ``{K: [{"name": N, "score": S}, ...], ...}``. Keys are matched on their sample-key
-form (:func:`~.formats.sample_key`), so raw image ids work too. Lines naming the same key add up.
+form (:func:`~ernievil2.data.formats.sample_key`), so raw image ids work too. Lines naming the same
+key add up.
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .formats import PackError, sample_key
+from ernievil2.data.formats import sample_key
+
+from .errors import PackError
 
 ScoredTags = list[tuple[str, float]]
 

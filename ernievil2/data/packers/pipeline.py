@@ -1,4 +1,8 @@
-"""The packing loop: records from a reader -> images prepared by worker processes -> shards, in order.
+"""The packing loop: records from a format reader (:mod:`ernievil2.data.formats`) -> images prepared by
+worker processes -> shards, in order.
+
+A reader's :class:`~ernievil2.data.formats.Problem` records are counted and skipped (by reason, with
+the first few places); its items are packed with each caption once.
 
 Images are loaded, validated and resized by a ``spawn`` process pool in batches; results are taken
 back in submission order and written by one :class:`~ernievil2.data.shards.ShardWriter` in this
@@ -26,11 +30,12 @@ from typing import Any
 from tqdm import tqdm
 
 from ernievil2.atomic import atomic_write
+from ernievil2.data.formats import FormatError, Item, Problem, Record, Source, SourceSpec, open_source
 from ernievil2.data.sample import RawSample
 from ernievil2.data.shards import ShardWriter
 
 from .detections import DetectionOptions, DetectionTags, load_categories, load_detections, load_translation
-from .formats import PackError, PackItem, Record, Skipped, Source, SourceSpec, open_source
+from .errors import PackError, as_pack_error
 from .images import (
     EncodedImage,
     ImageFailure,
@@ -156,37 +161,38 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
             (out_dir / name).unlink()
 
 
-def _accepted(records: Iterable[Record], summary: PackSummary, seen: set[str], bar: tqdm) -> Iterator[PackItem]:
-    """PackItems with a new key; reader skips and duplicate keys are counted (and ticked) here."""
+def _accepted(records: Iterable[Record], summary: PackSummary, seen: set[str], bar: tqdm) -> Iterator[Item]:
+    """Items with a new key, each caption once; the reader's problems and duplicate keys are counted
+    (and ticked) here."""
     for record in records:
-        if isinstance(record, Skipped):
-            summary.skip(record.reason, record.where)
+        if isinstance(record, Problem):
+            summary.skip(record.reason, str(record))
             bar.update(1)
         elif record.key in seen:
             summary.skip(DUPLICATE_KEY, f"{record.where} (key {record.key})")
             bar.update(1)
         else:
             seen.add(record.key)
-            yield record
+            yield record.deduplicated()
 
 
-def _batched(items: Iterable[PackItem], size: int) -> Iterator[list[PackItem]]:
+def _batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
     it = iter(items)
     while batch := list(islice(it, size)):
         yield batch
 
 
-def _encoded(items: Iterable[PackItem], options: PackOptions) -> Iterator[tuple[PackItem, EncodedImage | ImageFailure]]:
+def _encoded(items: Iterable[Item], options: PackOptions) -> Iterator[tuple[Item, EncodedImage | ImageFailure]]:
     """``(item, prepared image)`` in input order, computed here (1 worker) or by a process pool."""
     if options.workers == 1:
         for item in items:
-            yield item, prepare_image(item.source, options.image)
+            yield item, prepare_image(item.image, options.image)
         return
     # spawn: the workers import Pillow and .images only, not the paddle this process has loaded.
     with multiprocessing.get_context("spawn").Pool(options.workers) as pool:
         pending: deque = deque()
         for batch in _batched(items, options.batch_size):
-            pending.append((batch, pool.apply_async(prepare_images, ([i.source for i in batch], options.image))))
+            pending.append((batch, pool.apply_async(prepare_images, ([i.image for i in batch], options.image))))
             if len(pending) >= 2 * options.workers:
                 done, result = pending.popleft()
                 yield from zip(done, result.get())
@@ -221,7 +227,7 @@ def combine_tags(*sources: dict[str, ScoredTags]) -> dict[str, ScoredTags]:
             for key in keys}
 
 
-def _sample(item: PackItem, image: EncodedImage, tags: ScoredTags) -> RawSample:
+def _sample(item: Item, image: EncodedImage, tags: ScoredTags) -> RawSample:
     meta = dict(item.meta)
     meta.update(width=image.width, height=image.height)
     if image.resized:
@@ -229,7 +235,7 @@ def _sample(item: PackItem, image: EncodedImage, tags: ScoredTags) -> RawSample:
     if tags:
         meta["object_scores"] = {name: score for name, score in tags}
     return RawSample(key=item.key, image=image.data, captions=item.captions,
-                     objects=merge_tags(item.objects, tags), lang=item.lang, meta=meta)
+                     objects=merge_tags(item.objects, tags), lang=item.language, meta=meta)
 
 
 def pack(spec: SourceSpec, output: str | os.PathLike, options: PackOptions = PackOptions()) -> PackSummary:
@@ -241,7 +247,10 @@ def pack(spec: SourceSpec, output: str | os.PathLike, options: PackOptions = Pac
     output = Path(output)
     detector = (load_detector_objects(options.objects_file, options.objects_min_score, options.objects_max)
                 if options.objects_file is not None else None)
-    source = open_source(spec)
+    try:
+        source = open_source(spec)
+    except FormatError as exn:
+        raise as_pack_error(exn) from exn
     detections = _read_detections(options.detections, source) if options.detections is not None else None
     tables = [t for t in (detector, detections.tags if detections is not None else None) if t is not None]
     external = combine_tags(*tables) if tables else {}
