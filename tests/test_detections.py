@@ -7,7 +7,6 @@ threshold, best score first, capped. Skipped without ../shared.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import re
@@ -47,10 +46,9 @@ def write_json(path: Path, data) -> Path:
 
 
 def load_cli():
-    spec = importlib.util.spec_from_file_location("pack_cli_detections", REPO / "launch" / "pack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from ernievil2.data.packers import cli
+
+    return cli
 
 
 def expected_tags(dets: list[dict], names: dict[int, str], threshold: float, cap: int | None,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import importlib.util
 import io
 import json
 import re
@@ -286,10 +285,9 @@ def test_shared_coco_mini_round_trips_as_jsonl_and_as_coco(coco_mini_dir: Path, 
 
 
 def load_cli():
-    spec = importlib.util.spec_from_file_location("pack_cli_formats", REPO / "launch" / "pack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from ernievil2.data.packers import cli
+
+    return cli
 
 
 def test_one_spelling_per_format_name():
