@@ -208,10 +208,9 @@ class Encoder:
         return out.numpy().astype(np.float32, copy=False)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """L2-normalised float32 ``[N, D]`` text embeddings (WordPiece, ``text_max_length``)."""
-        import paddle
-
-        from ernievil2.evaluation import trim_padding
+        """L2-normalised float32 ``[N, D]`` text embeddings (WordPiece, ``text_max_length``), as the
+        evaluators embed captions (:func:`ernievil2.evaluation.embed_texts`)."""
+        from ernievil2.evaluation import embed_texts
 
         texts = list(texts)
         if not texts:
@@ -219,13 +218,7 @@ class Encoder:
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise SearchError("empty query text")
-        self.model.eval()
-        parts = []
-        with paddle.no_grad():
-            for a in range(0, len(texts), batch_size):
-                ids = trim_padding(self.tokenizer(texts[a : a + batch_size], self.text_max_length), self.tokenizer.pad_id)
-                parts.append(self.model.encode_text(paddle.to_tensor(ids)).numpy().astype(np.float32, copy=False))
-        return np.concatenate(parts)
+        return embed_texts(self.model, self.tokenizer(texts, self.text_max_length), batch_size)
 
     def encode_image_files(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
         """L2-normalised float32 ``[N, D]`` embeddings of image files (:class:`SearchError` naming an
