@@ -35,6 +35,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ernievil2.threads import use_all_cpu_threads  # noqa: E402
+
+use_all_cpu_threads()  # as launch/search.py
+
 
 def make_images(folder: Path, n: int, h: int = 480, w: int = 640, seed: int = 0) -> None:
     """``n`` JPEGs of smooth random colour fields plus noise (realistic JPEG sizes)."""

@@ -19,6 +19,10 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from ernievil2.threads import use_all_cpu_threads  # noqa: E402
+
+use_all_cpu_threads()  # before Paddle is imported, as launch/infer.py
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
