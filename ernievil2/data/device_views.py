@@ -29,7 +29,6 @@ from ernievil2.data.views import (
     IMAGE_VIEWS,
     PHOTOMETRIC_PARAMS,
     PHOTOMETRIC_SUFFIX,
-    _scale_shift,
 )
 
 __all__ = ["ViewFinisher", "apply_photometric", "gaussian_kernels"]
@@ -144,6 +143,15 @@ def _channel_affine(x: paddle.Tensor, scale: np.ndarray, shift: np.ndarray, chan
     planes = [x[..., c] if channels_last else x[:, c] for c in range(3)]
     return paddle.stack([paddle.scale(p, float(np.float32(a)), float(np.float32(b))) for p, a, b in zip(planes, scale, shift)],
                         axis=1)
+
+
+def _scale_shift(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``scale``, ``shift`` with ``(u8 / 255 - mean) / std == u8 * scale + shift``."""
+    mean_a = np.asarray(mean, dtype=np.float64)
+    std_a = np.asarray(std, dtype=np.float64)
+    if mean_a.shape != (3,) or std_a.shape != (3,) or (std_a <= 0).any():
+        raise ValueError(f"mean/std must be 3 values with std > 0, got {mean}, {std}")
+    return (1.0 / (255.0 * std_a)).astype(np.float32), (-mean_a / std_a).astype(np.float32)
 
 
 class ViewFinisher:

@@ -344,29 +344,6 @@ def simclr_size(cfg: ViewConfig) -> int:
     return max(1, int(round(cfg.aux_image_scale * cfg.image_size)))
 
 
-def _scale_shift(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """float32 ``scale``, ``shift`` with ``(u8 / 255 - mean) / std == u8 * scale + shift``."""
-    mean_a = np.asarray(mean, dtype=np.float64)
-    std_a = np.asarray(std, dtype=np.float64)
-    if mean_a.shape != (3,) or std_a.shape != (3,) or (std_a <= 0).any():
-        raise ValueError(f"mean/std must be 3 values with std > 0, got {mean}, {std}")
-    return (1.0 / (255.0 * std_a)).astype(np.float32), (-mean_a / std_a).astype(np.float32)
-
-
-class _Normalizer:
-    """``(x / 255 - mean) / std`` as one multiply-add, uint8 HWC in, contiguous float32 CHW out."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.scale, self.shift = _scale_shift(mean, std)
-
-    def __call__(self, img: np.ndarray) -> np.ndarray:
-        out = np.empty((3,) + img.shape[:2], dtype=np.float32)
-        for c in range(3):
-            np.multiply(img[..., c], self.scale[c], out=out[c], casting="unsafe")
-            out[c] += self.shift[c]
-        return out
-
-
 # --------------------------------------------------------------------------- transforms
 class MultiViewTransform:
     """Make the ERNIE-ViL 2.0 views of a :class:`RawSample` (see the module docstring).
