@@ -175,7 +175,8 @@ def read_imagefolder(spec: ClassificationSetSpec) -> tuple[list[_Item], list[str
 
 def read_class_shards(spec: ClassificationSetSpec) -> tuple[list[_Item], list[str]]:
     """WebDataset shards with ``KEY.cls`` or ``label_key`` in ``KEY.json``; ``classnames`` required."""
-    from ernievil2.data.shards import IMAGE_EXTS, list_shards, shard_samples
+    from ernievil2.data.shard_codec import IMAGE_EXTS
+    from ernievil2.data.shard_reader import list_shards, shard_samples
 
     if not spec.classnames:
         raise EvalDataError(f"classification set {spec.name!r}: format 'shards' needs 'classnames'")

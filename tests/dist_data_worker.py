@@ -3,7 +3,7 @@
     python -m paddle.distributed.launch --nproc_per_node 2 tests/dist_data_worker.py \
         --shards DIR --out OUT_DIR --workers 2 [--epochs 2] [--resampled --max-batches 5] [--no-precheck]
 
-Every rank reads its share of :class:`ernievil2.data.shards.ShardStream` with ``--workers`` loader
+Every rank reads its share of :class:`ernievil2.data.shard_stream.ShardStream` with ``--workers`` loader
 workers, exactly as ``ernievil2/train/run.py`` does (the main-process ``check_readers`` first,
 unless ``--no-precheck``), and writes ``OUT_DIR/rank{R}.json``: ``{"rank", "world", "epochs":
 [{"idx": [...], "worker": [...]}, ...]}``, the sample numbers it received (key ``sNNNNN`` → NNNNN)
@@ -22,7 +22,8 @@ import paddle
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ernievil2.data.sample import RawSample  # noqa: E402
-from ernievil2.data.shards import ExitWithParent, ShardStream, collate_arrays, iterate_loader  # noqa: E402
+from ernievil2.data.loader_workers import ExitWithParent, collate_arrays, iterate_loader  # noqa: E402
+from ernievil2.data.shard_stream import ShardStream  # noqa: E402
 from ernievil2.distributed import dist_info  # noqa: E402
 
 

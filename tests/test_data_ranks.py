@@ -24,7 +24,9 @@ import paddle
 import pytest
 
 from ernievil2.data.sample import RawSample
-from ernievil2.data.shards import ShardStream, ShardWriter, collate_arrays, iterate_loader
+from ernievil2.data.loader_workers import collate_arrays, iterate_loader
+from ernievil2.data.shard_stream import ShardStream
+from ernievil2.data.shard_writer import ShardWriter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = REPO_ROOT / "tests" / "dist_data_worker.py"
@@ -242,7 +244,7 @@ def test_iterate_loader_with_workers_over_an_endless_stream(tmp_path, monkeypatc
 
 _PDEATHSIG_PROBE = """
 import ctypes, ctypes.util, os, sys
-from ernievil2.data.shards import ExitWithParent
+from ernievil2.data.loader_workers import ExitWithParent
 init = ExitWithParent()  # made in "the rank"; this probe plays the worker, its parent the rank
 init.parent = os.getppid() if sys.argv[1] == "normal" else -1  # -1: the rank died before init ran
 init(0)

@@ -25,7 +25,7 @@ from ernievil2.data.demo import (
     val_scenes,
 )
 from ernievil2.data.sample import RawSample
-from ernievil2.data.shards import ShardStream
+from ernievil2.data.shard_stream import ShardStream
 
 SPEC = DemoDataSpec(n_train=200, n_val=50, image_size=64, seed=0, samples_per_shard=64)
 

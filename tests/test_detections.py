@@ -29,7 +29,7 @@ from ernievil2.data.formats import SourceSpec
 from ernievil2.data.packers.errors import PackError
 from ernievil2.data.packers.pipeline import SUMMARY_FILE, PackOptions, combine_tags, pack
 from ernievil2.data.sample import RawSample
-from ernievil2.data.shards import ShardStream
+from ernievil2.data.shard_stream import ShardStream
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 2024

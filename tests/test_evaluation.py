@@ -16,7 +16,7 @@ import paddle
 import pytest
 
 from ernievil2.data.sample import RawSample
-from ernievil2.data.shards import ShardWriter
+from ernievil2.data.shard_writer import ShardWriter
 from ernievil2.distributed import DistInfo
 from ernievil2.evaluation import (
     EvalDataError,

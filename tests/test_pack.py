@@ -24,7 +24,7 @@ from ernievil2.data.packers.objects import (
 )
 from ernievil2.data.packers.pipeline import PackOptions, pack
 from ernievil2.data.sample import RawSample
-from ernievil2.data.shards import ShardStream
+from ernievil2.data.shard_stream import ShardStream
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = PackOptions(progress=False)

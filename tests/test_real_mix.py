@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from ernievil2.data.shards import ShardStream
+from ernievil2.data.shard_stream import ShardStream
 from ernievil2.train.config import register_schemas
 from ernievil2.train.run import run_training
 

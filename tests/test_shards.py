@@ -13,16 +13,13 @@ import numpy as np
 import paddle
 import pytest
 
-from ernievil2.data import shards as shards_mod
+from ernievil2.data import shard_stream
+from ernievil2.data.loader_workers import collate_arrays, loader_worker
 from ernievil2.data.sample import RawSample
-from ernievil2.data.shards import (
-    ShardStream,
-    ShardWriter,
-    collate_arrays,
-    decode_sample,
-    list_shards,
-    read_sizes,
-)
+from ernievil2.data.shard_codec import decode_sample
+from ernievil2.data.shard_reader import list_shards, read_sizes
+from ernievil2.data.shard_stream import ShardStream
+from ernievil2.data.shard_writer import ShardWriter
 from ernievil2.distributed import DistInfo, dist_info
 
 N = 25
@@ -273,7 +270,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path, caplog):
         return _idx_transform(sample, epoch)
 
     ds = ShardStream(str(bad), transform=picky, shuffle_shards=False)
-    with caplog.at_level("WARNING", logger=shards_mod.__name__):
+    with caplog.at_level("WARNING", logger=shard_stream.__name__):
         got = sorted(int(d["idx"]) for d in ds)
     assert got == [i for i in range(25) if i not in (2, 5, 11)]
     assert ds.skipped == 3
@@ -312,7 +309,7 @@ def test_rank_and_world_come_from_paddles_variables_only(monkeypatch):
                 "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     assert dist_info() == DistInfo(0, 1, 0)
-    assert shards_mod.loader_worker() == (0, 1)
+    assert loader_worker() == (0, 1)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert dist_info() == DistInfo(0, 1, 0)

@@ -21,7 +21,8 @@ from ernievil2.data.loader import (
     round_robin_skips,
 )
 from ernievil2.data.sample import BadSample, RawSample
-from ernievil2.data.shards import ShardWriter, read_sizes
+from ernievil2.data.shard_reader import read_sizes
+from ernievil2.data.shard_writer import ShardWriter
 from ernievil2.data.views import MultiViewTransform, ViewConfig
 from ernievil2.tokenizer import WordPieceTokenizer
 

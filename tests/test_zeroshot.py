@@ -16,7 +16,7 @@ from PIL import Image
 from ernievil2.data.demo import DemoDataSpec, demo_object_images, object_class_names
 from ernievil2.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ernievil2.data.sample import RawSample
-from ernievil2.data.shards import ShardWriter
+from ernievil2.data.shard_writer import ShardWriter
 from ernievil2.evaluation import EvalDataError
 from ernievil2.tokenizer import WordPieceTokenizer
 from ernievil2.zeroshot import (

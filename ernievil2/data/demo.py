@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from .sample import RawSample
-from .shards import ShardWriter
+from .shard_writer import ShardWriter
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 Everything that reads image-text data goes through this module: the packer (``launch/pack.py``,
 :mod:`ernievil2.data.packers`), the evaluation sets (:mod:`ernievil2.evaluation`) and, for the seed
 TSV's per-line parse, inference (:mod:`ernievil2.inference`). It imports nothing heavier than the
-standard library (the ``shards`` reader imports :mod:`ernievil2.data.shards`, and paddle with it,
-only when it is called), so the packer's image worker processes can import it.
+standard library (the ``shards`` reader imports :mod:`ernievil2.data.shard_stream`, and paddle with
+it, only when it is called), so the packer's image worker processes can import it.
 
 Formats (:data:`FORMATS`, spelled with underscores; :data:`READERS` maps each name to its reader):
 
@@ -701,9 +701,10 @@ def read_jsonl(spec: SourceSpec) -> Source:
 
 def read_shards(spec: SourceSpec) -> Source:
     """Every sample of WebDataset shards (``input``: folder, brace pattern, glob or list), shard by
-    shard in list order, as :class:`~ernievil2.data.shards.ShardStream` decodes them (bad samples
+    shard in list order, as :class:`~ernievil2.data.shard_stream.ShardStream` decodes them (bad samples
     are skipped there); ``language`` overrides the samples' own."""
-    from ernievil2.data.shards import ShardStream, list_shards, read_sizes  # paddle: only when shards are read
+    from ernievil2.data.shard_reader import list_shards, read_sizes
+    from ernievil2.data.shard_stream import ShardStream  # paddle: only when shards are read
 
     try:
         urls = list_shards(spec.input)

@@ -52,24 +52,12 @@ import numpy as np
 import paddle
 
 from ernievil2.data.device_views import ViewFinisher
+from ernievil2.data.loader_workers import ExitWithParent, collate_arrays, iterate_loader, loader_worker, log_in_worker
 from ernievil2.data.sample import SKIP_KINDS, BadSample, RawSample
+from ernievil2.data.shard_codec import decode_sample
+from ernievil2.data.shard_reader import count_samples, list_shards, shard_samples, shard_sizes
+from ernievil2.data.shard_stream import SkipCounter, buffer_shuffle, draw_shards, too_few_shards
 from ernievil2.data.slots import SLOT_KEY, BatchSlots, SlotsClosed, slots_supported
-from ernievil2.data.shards import (
-    ExitWithParent,
-    SkipCounter,
-    buffer_shuffle,
-    collate_arrays,
-    count_samples,
-    decode_sample,
-    draw_shards,
-    iterate_loader,
-    list_shards,
-    loader_worker,
-    log_in_worker,
-    shard_samples,
-    shard_sizes,
-    too_few_shards,
-)
 from ernievil2.distributed import dist_info
 
 logger = logging.getLogger(__name__)
@@ -100,7 +88,7 @@ class StreamSource:
 
     @classmethod
     def of(cls, name: str, shards: str | Sequence[str], weight: float = 1.0, resampled: bool = False) -> StreamSource:
-        """A source from a shard specification (see :func:`ernievil2.data.shards.list_shards`)."""
+        """A source from a shard specification (see :func:`ernievil2.data.shard_reader.list_shards`)."""
         if not weight > 0:
             raise ValueError(f"source {name!r}: weight must be > 0, got {weight}")
         return cls(name, tuple(list_shards(shards)), float(weight), bool(resampled))

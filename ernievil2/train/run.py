@@ -27,7 +27,7 @@ from ernievil2.atomic import atomic_write
 from ernievil2.checkpoint import load_model, load_weights
 from ernievil2.data.demo import DemoDataSpec, ensure_demo_data
 from ernievil2.data.loader import build_train_data
-from ernievil2.data.shards import ShardStream
+from ernievil2.data.shard_stream import ShardStream
 from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.views import MultiViewTransform, simclr_size
 from ernievil2.distributed import (

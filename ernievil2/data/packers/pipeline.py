@@ -5,7 +5,7 @@ A reader's :class:`~ernievil2.data.formats.Problem` records are counted and skip
 the first few places); its items are packed with each caption once.
 
 Images are loaded, validated and resized by a ``spawn`` process pool in batches; results are taken
-back in submission order and written by one :class:`~ernievil2.data.shards.ShardWriter` in this
+back in submission order and written by one :class:`~ernievil2.data.shard_writer.ShardWriter` in this
 process, so the shards are byte-identical for a given input whatever ``workers`` is. At most
 ``2 × workers`` batches are in flight, which bounds memory on inputs of any size.
 
@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ernievil2.atomic import atomic_write
 from ernievil2.data.formats import FormatError, Item, Problem, Record, Source, SourceSpec, open_source
 from ernievil2.data.sample import RawSample
-from ernievil2.data.shards import ShardWriter
+from ernievil2.data.shard_writer import ShardWriter
 
 from .detections import DetectionOptions, DetectionTags, load_categories, load_detections, load_translation
 from .errors import PackError, as_pack_error
