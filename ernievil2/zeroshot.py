@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,7 +152,7 @@ def load_classnames(path: str, folders: Sequence[str] | None = None) -> list[str
 # --------------------------------------------------------------------------- readers
 @dataclass
 class _Item:
-    load: object  # () -> bytes
+    load: Callable[[], bytes]
     label: int
     where: str
 
@@ -220,7 +220,8 @@ def _shard_label(raw: dict, key: str, index: dict[str, int], where: str) -> int:
 
 
 def read_demo(spec: ClassificationSetSpec, demo_spec: object | None = None) -> tuple[list[_Item], list[str]]:
-    """The demo's held-out scenes, each one's leftmost object drawn alone (:func:`demo_objects_set`)."""
+    """The demo's held-out scenes, each one's leftmost object drawn alone
+    (:func:`ernievil2.data.demo.demo_object_images`)."""
     from ernievil2.data.demo import DemoDataSpec, demo_object_images
 
     images, labels, names = demo_object_images(demo_spec or DemoDataSpec(), spec.language)
