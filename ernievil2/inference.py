@@ -326,11 +326,10 @@ def build_inference_model(cfg: InferSchema | DictConfig, require_vocab: bool = T
 def _embed(model, tokenizer, batch: PreparedBatch, text_max_length: int) -> tuple[np.ndarray, np.ndarray]:
     import paddle
 
-    from ernievil2.evaluation import trim_padding
+    from ernievil2.evaluation import embed_texts
 
+    text = embed_texts(model, tokenizer(batch.texts, text_max_length), batch_size=len(batch.texts))
     with paddle.no_grad():
-        ids = trim_padding(tokenizer(batch.texts, text_max_length), tokenizer.pad_id)
-        text = model.encode_text(paddle.to_tensor(ids)).numpy().astype(np.float32)
         image = model.encode_image(paddle.to_tensor(batch.pixels)).numpy().astype(np.float32)
     return text, image
 

@@ -2,7 +2,11 @@
 attention backends, temperature, config validation, checkpoints and the optimizer's decay rule."""
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -28,6 +32,7 @@ from ernievil2.train.config import OptimSchema
 from ernievil2.train.optim import build_optimizer, cosine_with_warmup, decays
 
 CLS, SEP, PAD = 1, 2, 0
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny(seed: int = 0, **top):
@@ -340,6 +345,41 @@ def test_other_validation():
         model_config("tiny", vision={"heads": 3}, text={"heads": 4})
     cfg = model_config("tiny", vision={"layers": 2, "width": None})
     assert cfg.vision.layers == 2 and cfg.vision.width == 64  # None keeps the preset's value
+
+
+@pytest.mark.parametrize("scheme", ["normal", "fan_in"])
+def test_init_scheme_sets_linear_std(scheme):
+    model = _tiny(seed=5, vision={"init": scheme}, text={"init": scheme})
+    for tower in (model.vision, model.text):
+        for name, layer in tower.named_sublayers():
+            if isinstance(layer, nn.Linear):
+                fan_in, fan_out = layer.weight.shape
+                want = 0.02 if scheme == "normal" else fan_in**-0.5
+                got = float(_np(layer.weight).std())
+                # the sample std of fan_in * fan_out >= 4096 draws is within 10 % of the true one
+                # (truncation at 2 std, the vision tower's normal, shrinks it by 12 %)
+                low = 0.8 if scheme == "normal" and tower is model.vision else 0.9
+                assert low * want < got < 1.1 * want, (name, got, want)
+                assert not _np(layer.bias).any()
+    # the embeddings keep initializer_range whatever the scheme
+    assert 0.9 * 0.02 < float(_np(model.text.word_emb.weight).std()) < 1.1 * 0.02
+
+
+def test_fan_in_init_separates_inputs_at_the_start(tmp_path):
+    """``bench/init_spread.py``: with std 0.02 a 64-wide tower's blocks barely change its class
+    token, so every demo scene and caption gets nearly the same embedding (the symmetric start
+    short runs stall in); with fan_in they start apart."""
+    out = tmp_path / "spread.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "init_spread.py"), "--seeds", "1", "--n", "12",
+                    "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
+    rows = {r["init"]: r for r in json.loads(out.read_text())}
+    assert rows["normal"]["image_mean"] > 0.9999 and rows["normal"]["caption_mean"] > 0.9999
+    assert rows["fan_in"]["image_mean"] < 0.995 and rows["fan_in"]["caption_mean"] < 0.97
+
+
+def test_unknown_init_scheme_named():
+    with pytest.raises(ValueError, match=r"text\.init must be one of normal, fan_in; got 'xavier'"):
+        model_config("tiny", text={"init": "xavier"})
 
 
 # ---------------------------------------------------------------- checkpoints

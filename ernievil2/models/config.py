@@ -7,6 +7,18 @@ from typing import Any, Mapping, Optional
 
 INIT_TEMPERATURE = math.log(1 / 0.07)  # 2.65926: logit scale exp(t) starts at 1/0.07
 
+#: ``normal``: every linear weight N(0, 0.02²) (BERT / ViT; made for 768-wide towers, where it gives
+#: a block an output of order one). ``fan_in``: N(0, 1/fan_in) (LeCun; the width⁻⁰·⁵ of open_clip's
+#: attention init), which keeps a narrow tower's blocks from being near-identities, so that
+#: different inputs get different embeddings from the first step (docs/BENCHMARKS.md).
+INIT_SCHEMES = ("normal", "fan_in")
+
+
+def check_init_scheme(scheme: str, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` unless ``scheme`` is one of :data:`INIT_SCHEMES`."""
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"{where} must be one of {', '.join(INIT_SCHEMES)}; got {scheme!r}")
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -19,6 +31,7 @@ class VisionConfig:
     heads: int = 12
     mlp_dim: int = 3072
     ln_eps: float = 1e-6
+    init: str = "normal"  # linear weights from scratch: normal (std 0.02) | fan_in (std fan_in^-0.5)
 
     @property
     def num_patches(self) -> int:
@@ -40,6 +53,7 @@ class TextConfig:
     attention_dropout: float = 0.1
     pad_id: int = 0
     initializer_range: float = 0.02
+    init: str = "normal"  # linear weights from scratch: normal (initializer_range) | fan_in (std fan_in^-0.5)
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,8 @@ class DualEncoderConfig:
         for name, tower in (("vision", self.vision), ("text", self.text)):
             if tower.width % tower.heads:
                 raise ValueError(f"{name}.width ({tower.width}) is not divisible by {name}.heads ({tower.heads})")
+        for name, tower in (("vision", self.vision), ("text", self.text)):
+            check_init_scheme(tower.init, f"{name}.init")
         if self.attention not in ("auto", "sdpa", "math"):
             raise ValueError(f"attention must be one of auto, sdpa, math; got {self.attention!r}")
 

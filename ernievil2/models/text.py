@@ -7,6 +7,7 @@ import paddle.nn.functional as F
 
 from .attention import attention, padding_mask, run_block
 from .config import TextConfig
+from .init import init_linears
 
 
 class TextAttention(nn.Layer):
@@ -62,12 +63,9 @@ class ErnieTextEncoder(nn.Layer):
         self.blocks = nn.LayerList([TextBlock(cfg, backend) for _ in range(cfg.layers)])
         self.pooler = nn.Linear(cfg.width, cfg.width)
         self.recompute = False  # recompute each block's activations in backward (set_recompute)
-        init = nn.initializer.Normal(std=cfg.initializer_range)
-        for layer in self.sublayers():
-            if isinstance(layer, (nn.Linear, nn.Embedding)):
-                init(layer.weight)
-            if isinstance(layer, nn.Linear):
-                nn.initializer.Constant(0.0)(layer.bias)
+        for emb in (self.word_emb, self.pos_emb):
+            nn.initializer.Normal(std=cfg.initializer_range)(emb.weight)
+        init_linears(self, cfg.init, std=cfg.initializer_range)
 
     def forward(self, input_ids: paddle.Tensor) -> paddle.Tensor:
         """``input_ids`` [B, L] (right-padded with ``pad_id``) → pooled text embedding [B, width]."""

@@ -10,6 +10,7 @@ import paddle.nn.functional as F
 
 from .attention import attention, run_block
 from .config import VisionConfig
+from .init import init_linears
 
 
 class QuickGELU(nn.Layer):
@@ -73,14 +74,7 @@ class VisionTransformer(nn.Layer):
         self.blocks = nn.LayerList([VisionBlock(cfg, backend) for _ in range(cfg.layers)])
         self.ln_post = nn.LayerNorm(w, epsilon=cfg.ln_eps)
         self.recompute = False  # recompute each block's activations in backward (set_recompute)
-        self._init_linears()
-
-    def _init_linears(self) -> None:
-        init = nn.initializer.TruncatedNormal(std=0.02)
-        for layer in self.sublayers():
-            if isinstance(layer, nn.Linear):
-                init(layer.weight)
-                nn.initializer.Constant(0.0)(layer.bias)
+        init_linears(self, cfg.init, std=0.02, truncated=True)
 
     def position_embeddings(self, grid_h: int, grid_w: int) -> paddle.Tensor:
         """``[1 + grid_h·grid_w, width]`` position embeddings for a ``grid_h × grid_w`` patch grid:
