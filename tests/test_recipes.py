@@ -97,6 +97,30 @@ def test_shared_view_step_equals_separate_views_on_the_same_pixels():
     assert out_sh == pytest.approx(out_sep, rel=1e-5)
 
 
+def test_text_views_of_different_lengths_run_as_separate_passes():
+    """Object tags shorter than the captions go through the text tower in their own pass, trimmed
+    to their own length, and get the embeddings they get alone."""
+    model = _tiny_model()
+    model.eval()
+    batch = fixed_batch()
+    for key in ("caption_ids", "text_view_ids"):  # every caption and text view 12 tokens
+        batch[key][:, 1:11] = np.maximum(batch[key][:, 1:11], 5)
+        batch[key][:, 11] = 3
+    batch["objects_ids"][:, 4:] = 0
+    batch["objects_ids"][:, 3] = 3  # every tag text 4 tokens
+    passes = []
+    hook = model.text.register_forward_post_hook(lambda layer, inputs, out: passes.append(list(inputs[0].shape)))
+    try:
+        feats, _ = encode_views(model, batch, ("image", "caption", "objects", "text_view"))
+    finally:
+        hook.remove()
+    assert passes == [[12, 12], [6, 4]]  # captions + text views together, the tags alone
+    with paddle.no_grad():
+        for view, key in (("caption", "caption_ids"), ("objects", "objects_ids"), ("text_view", "text_view_ids")):
+            alone = model.encode_text(paddle.to_tensor(batch[key])).numpy()
+            np.testing.assert_allclose(feats[view].numpy(), alone, rtol=0, atol=2e-6)
+
+
 # ------------------------------------------------------------------ patch dropout
 
 

@@ -53,12 +53,13 @@ class ErnieViL2(nn.Layer):
         self.temperature.set_value(paddle.clip(self.temperature, 0.0, math.log(max_scale)))
 
     def forward(self, pixels: Union[None, paddle.Tensor, Sequence[paddle.Tensor]] = None,
-                input_ids: Optional[paddle.Tensor] = None, with_logit_scale: bool = True,
+                input_ids: Union[None, paddle.Tensor, Sequence[paddle.Tensor]] = None, with_logit_scale: bool = True,
                 patch_dropout: Union[float, Sequence[float]] = 0.0):
         """``(image embeddings, text embeddings, logit scale)``; an embedding is ``None`` when its
         input is, the logit scale when ``with_logit_scale`` is false. ``pixels`` may be a list of
         image groups (e.g. views at different resolutions), each its own tower pass with its own
-        ``patch_dropout`` (a list of the same length), the embeddings concatenated in order. The
+        ``patch_dropout`` (a list of the same length), the embeddings concatenated in order; so may
+        ``input_ids`` (e.g. texts of different lengths, each group trimmed to its own). The
         trainer goes through ``forward`` so that ``paddle.DataParallel`` sees it; every tensor it
         returns must then receive a gradient, hence the option to leave out a logit scale the loss
         does not use."""
@@ -70,7 +71,10 @@ class ErnieViL2(nn.Layer):
             if len(drops) != len(pixels):
                 raise ValueError(f"{len(pixels)} image groups but {len(drops)} patch dropout values")
             image = paddle.concat([self.encode_image(p, patch_dropout=d) for p, d in zip(pixels, drops)])
-        text = None if input_ids is None else self.encode_text(input_ids)
+        if input_ids is None or isinstance(input_ids, paddle.Tensor):
+            text = None if input_ids is None else self.encode_text(input_ids)
+        else:
+            text = paddle.concat([self.encode_text(ids) for ids in input_ids])
         return image, text, self.logit_scale if with_logit_scale else None
 
 

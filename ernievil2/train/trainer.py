@@ -74,8 +74,9 @@ def encode_views(
     """Embed the requested views in one ``model(pixels, ids)`` call. Image views (uint8 pixels,
     finished here on the device by ``finish``, default ImageNet normalisation, with the
     photometric draws a SimCLR view carries) of one resolution and one ``patch_dropout`` go
-    through the image tower together (one pass per such group), all text views through the text
-    tower together (padding columns trimmed). ``rows`` limits a view to its first N rows (the
+    through the image tower together (one pass per such group), and so do text views of one length
+    once each view's all-padding columns are trimmed (short object tags do not pay for captions'
+    padding). ``rows`` limits a view to its first N rows (the
     auxiliary views of ``loss.aux_fraction``). Returns the features by view and the logit scale
     (None unless ``with_logit_scale``). Going through ``forward`` lets a ``paddle.DataParallel``
     wrapper prepare its gradient all-reduce."""
@@ -92,10 +93,13 @@ def encode_views(
         groups.setdefault((tuple(finished[k].shape[2:]), float(drops.get(k, 0.0))), []).append(k)
     img_order = [k for keys in groups.values() for k in keys]
     pixels = [paddle.concat([finished[k] for k in keys]) for keys in groups.values()] or None
-    ids = None
-    if txt_keys:
-        parts = [_host(batch[TEXT_VIEWS[k]])[: rows.get(k)] for k in txt_keys]
-        ids = paddle.to_tensor(trim_padding(np.concatenate(parts), unwrap(model).cfg.text.pad_id))
+    pad = unwrap(model).cfg.text.pad_id
+    trimmed = {k: trim_padding(_host(batch[TEXT_VIEWS[k]])[: rows.get(k)], pad) for k in txt_keys}
+    txt_groups: dict[int, list[str]] = {}
+    for k in txt_keys:
+        txt_groups.setdefault(trimmed[k].shape[1], []).append(k)
+    txt_order = [k for keys in txt_groups.values() for k in keys]
+    ids = [paddle.to_tensor(np.concatenate([trimmed[k] for k in keys])) for keys in txt_groups.values()] or None
     image_emb, text_emb, logit_scale = model(pixels, ids, with_logit_scale=with_logit_scale,
                                              patch_dropout=[key[1] for key in groups])
     feats: dict[str, paddle.Tensor] = {}
@@ -103,8 +107,8 @@ def encode_views(
         sizes = [finished[k].shape[0] for k in img_order]
         feats.update(zip(img_order, paddle.split(_full_precision(image_emb), sizes)))
     if txt_keys:
-        sizes = [len(p) for p in parts]
-        feats.update(zip(txt_keys, paddle.split(_full_precision(text_emb), sizes)))
+        sizes = [len(trimmed[k]) for k in txt_order]
+        feats.update(zip(txt_order, paddle.split(_full_precision(text_emb), sizes)))
     return feats, logit_scale
 
 
