@@ -4,7 +4,7 @@
     python bench/step_cost.py --repeats 30 --out outputs/bench/step_cost.json
 
 Part 1 times, on the current device with the ``tiny`` model and a synthetic batch (``--batch``
-rows, texts of ``--text-len`` tokens), forward + backward of each piece alone: the image tower at
+rows, texts of ``--text-len`` tokens, object-tags texts of ``--objects-len``), forward + backward of each piece alone: the image tower at
 its native size, at the low resolution of the auxiliary views and with patch dropout; the text
 tower; the four loss terms; the AdamW update. Then whole optimizer steps (the trainer's
 ``train_step`` + update) of each recipe of ``conf/loss/`` (median of ``--repeats``), all in one
@@ -55,7 +55,8 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def synthetic_batch(b: int, size: int, aux: int, text_len: int, vocab: int, rng: np.random.Generator) -> dict:
+def synthetic_batch(b: int, size: int, aux: int, text_len: int, objects_len: int, vocab: int,
+                    rng: np.random.Generator) -> dict:
     out = {"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)}
     for v in ("image_view1", "image_view2"):
         out[v] = rng.integers(0, 256, (b, aux, aux, 3), dtype=np.uint8)
@@ -63,7 +64,7 @@ def synthetic_batch(b: int, size: int, aux: int, text_len: int, vocab: int, rng:
         params[:, 0], params[:, 1:5], params[:, 5:8], params[:, 11] = 1.0, [0, 1, 2, 3], 1.1, 3
         out[v + "_photometric"] = params
     for k in ("caption_ids", "text_view_ids", "objects_ids"):
-        ids = rng.integers(5, vocab, (b, text_len))
+        ids = rng.integers(5, vocab, (b, objects_len if k == "objects_ids" else text_len))
         ids[:, 0], ids[:, -1] = 1, 2
         out[k] = ids
     out["has_objects"] = np.ones(b, np.float32)
@@ -112,7 +113,7 @@ def recipe_steps(args: argparse.Namespace) -> dict[str, float]:
         trainers[name] = Trainer(model, MultiViewLoss(loss_cfg), opt, sched, None, [], None, "/tmp/bench_step_cost",
                                  TrainerSchema(save_checkpoint=False))
         batches[name] = synthetic_batch(args.batch, cfg.vision.image_size, round(aux * cfg.vision.image_size), args.text_len,
-                                        cfg.text.vocab_size, np.random.default_rng(0))
+                                        args.objects_len, cfg.text.vocab_size, np.random.default_rng(0))
     times: dict[str, list[float]] = {n: [] for n in RECIPES}
     for i in range(args.repeats + 1):
         for name in RECIPES:
@@ -124,7 +125,7 @@ def recipe_steps(args: argparse.Namespace) -> dict[str, float]:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def recipe_flops(preset: str, text_len: int) -> dict[str, dict[str, float]]:
+def recipe_flops(preset: str, text_len: int, objects_len: int) -> dict[str, dict[str, float]]:
     cfg = model_config(preset)
     out = {}
     for name in RECIPES:
@@ -132,7 +133,7 @@ def recipe_flops(preset: str, text_len: int) -> dict[str, dict[str, float]]:
         loss = MultiViewLoss(loss_cfg)
         shares = {v: loss.rows(v, 10_000) / 10_000 for v in loss.required_views}
         out[name] = view_flops_per_sample(cfg, shares, text_len=text_len, aux_image_size=round(aux * cfg.vision.image_size),
-                                          patch_dropout=loss_cfg.patch_dropout)
+                                          patch_dropout=loss_cfg.patch_dropout, objects_len=objects_len)
     return out
 
 
@@ -140,14 +141,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--text-len", type=int, default=32, help="tokens per text (the demo's captions reach 32)")
+    ap.add_argument("--objects-len", type=int, default=23, help="tokens per object-tags text (the demo's reach 23)")
     ap.add_argument("--base-text-len", type=int, default=64)
+    ap.add_argument("--base-objects-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="outputs/bench/step_cost.json")
     args = ap.parse_args()
     register_schemas()
     parts = part_timings(args)
     steps = recipe_steps(args)
-    flops = {"tiny": recipe_flops("tiny", args.text_len), "base": recipe_flops("base", args.base_text_len)}
+    flops = {"tiny": recipe_flops("tiny", args.text_len, args.objects_len),
+             "base": recipe_flops("base", args.base_text_len, args.base_objects_len)}
     print(f"\ntiny on {paddle.get_device()}, batch {args.batch}, forward + backward, median of {args.repeats}\n")
     print("| piece | ms per batch |\n|---|---:|")
     for name, sec in parts:

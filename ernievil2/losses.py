@@ -191,8 +191,8 @@ class LossConfig:
     # None: the auxiliary terms keep their weights all run. f in (0, 1]: their weights fall linearly
     # from full at the start to 0 at fraction f of training (of trainer.time_budget_s, else of
     # trainer.max_steps); from then on the steps are image-caption steps and their views are not
-    # encoded. They break the symmetric start (at initialisation every embedding of a tower is
-    # nearly the same vector) much faster than image-caption alone.
+    # encoded (a curriculum: the intra-modal terms spread the embeddings of different samples
+    # apart from the first step, the cheaper image-caption steps follow).
     aux_until: Optional[float] = None
     name: str = "custom"  # the recipe's name (conf/loss/NAME.yaml), which reports group runs by
 

@@ -3,7 +3,10 @@ dropout, low-resolution auxiliary views, auxiliary terms on a fraction of the ba
 computation kept as ``loss=multiview_paper``, and the training-time budget with its schedule."""
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from ernievil2.data.views import MultiViewTransform, ViewConfig, photometric_par
 from ernievil2.losses import LossConfig, MultiViewLoss, aux_rows, nt_xent, FeatureExchange
 from ernievil2.models import build_model
 from ernievil2.models.config import model_config
+from ernievil2.models.flops import text_forward_flops, view_flops_per_sample
 from ernievil2.models.vision import drop_patches, kept_patches
 from ernievil2.train.config import register_schemas, validate
 from ernievil2.train.optim import WarmupCosine, cosine_on_budget
@@ -119,6 +123,35 @@ def test_text_views_of_different_lengths_run_as_separate_passes():
         for view, key in (("caption", "caption_ids"), ("objects", "objects_ids"), ("text_view", "text_view_ids")):
             alone = model.encode_text(paddle.to_tensor(batch[key])).numpy()
             np.testing.assert_allclose(feats[view].numpy(), alone, rtol=0, atol=2e-6)
+
+
+def test_view_flops_count_object_tags_at_their_own_length():
+    """Forward + backward = 3 × forward per view share; base text block by hand at 23 tokens."""
+    cfg = model_config("base")
+    t = cfg.text
+    by_hand = t.layers * (2 * 23 * (4 * t.width**2 + 2 * t.width * t.ffn_dim) + 4 * 23**2 * t.width) + 2 * t.width**2
+    flops = view_flops_per_sample(cfg, {"caption": 1.0, "objects": 0.5}, text_len=64, objects_len=23)
+    assert flops["objects"] == 3 * 0.5 * by_hand
+    assert flops["caption"] == 3 * text_forward_flops(t, 64)
+    assert view_flops_per_sample(cfg, {"objects": 1.0}, text_len=64)["objects"] == 3 * text_forward_flops(t, 64)
+
+
+def test_step_cost_bench_runs_and_orders_the_recipes(tmp_path):
+    """``bench/step_cost.py`` (one repeat): every recipe timed; per-sample FLOPs follow the views
+    each recipe encodes (CLIP-only: image + caption; multiview adds the tags; the paper's
+    computation adds two SimCLR views and the text view)."""
+    out = tmp_path / "step_cost.json"
+    subprocess.run([sys.executable, str(CONF_DIR.parent / "bench" / "step_cost.py"), "--repeats", "1", "--batch", "8",
+                    "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
+    res = json.loads(out.read_text())
+    assert set(res["step_s"]) == {"clip_only", "multiview", "multiview_paper"} and min(res["step_s"].values()) > 0
+    base = res["flops"]["base"]
+    assert set(base["clip_only"]) == {"image", "caption"}
+    assert set(base["multiview"]) == {"image", "caption", "objects"}
+    assert base["multiview"]["objects"] == base["multiview"]["caption"]  # --base-objects-len defaults to 64
+    tiny = res["flops"]["tiny"]
+    assert tiny["multiview"]["objects"] < tiny["multiview"]["caption"]  # 23-token tags against 32-token captions
+    assert sum(base["multiview_paper"].values()) / sum(base["clip_only"].values()) == pytest.approx(3.0)
 
 
 # ------------------------------------------------------------------ patch dropout

@@ -25,10 +25,11 @@ def text_forward_flops(t: TextConfig, tokens: int) -> float:
 
 def view_flops_per_sample(cfg: DualEncoderConfig, views: dict[str, float], *, text_len: int,
                           aux_image_size: Optional[int] = None, patch_dropout: Optional[dict[str, float]] = None,
-                          ) -> dict[str, float]:
+                          objects_len: Optional[int] = None) -> dict[str, float]:
     """Forward + backward FLOPs per training sample of each view, ``views`` mapping a view name
     (``image``, ``image_view1/2``, ``caption``, ``text_view``, ``objects``) to the share of rows that
-    carry it (``loss.aux_fraction`` for the auxiliary ones). SimCLR views are at ``aux_image_size``."""
+    carry it (``loss.aux_fraction`` for the auxiliary ones). SimCLR views are at ``aux_image_size``;
+    texts are ``text_len`` tokens, object-tags texts ``objects_len`` (None: ``text_len``)."""
     drops = patch_dropout or {}
     out = {}
     for view, share in views.items():
@@ -36,6 +37,6 @@ def view_flops_per_sample(cfg: DualEncoderConfig, views: dict[str, float], *, te
             size = aux_image_size if view != "image" else None
             f = vision_forward_flops(cfg.vision, size, 1.0 - float(drops.get(view, 0.0)))
         else:
-            f = text_forward_flops(cfg.text, text_len)
+            f = text_forward_flops(cfg.text, objects_len if view == "objects" and objects_len else text_len)
         out[view] = 3.0 * share * f
     return out
