@@ -80,7 +80,6 @@ class DualEncoderConfig:
         for name, tower in (("vision", self.vision), ("text", self.text)):
             if tower.width % tower.heads:
                 raise ValueError(f"{name}.width ({tower.width}) is not divisible by {name}.heads ({tower.heads})")
-        for name, tower in (("vision", self.vision), ("text", self.text)):
             check_init_scheme(tower.init, f"{name}.init")
         if self.attention not in ("auto", "sdpa", "math"):
             raise ValueError(f"attention must be one of auto, sdpa, math; got {self.attention!r}")
