@@ -47,8 +47,11 @@ def test_default_compose_is_the_demo():
     assert cfg.name == "demo"
     assert cfg.model.preset == "tiny"
     assert cfg.data.source == "demo"
-    for term in ("image_caption", "image_objects", "image_image", "text_text"):
-        assert cfg.loss[term] == 1.0
+    # the default recipe (conf/loss/multiview.yaml): image-caption + image-objects on every row
+    assert {t: cfg.loss[t] for t in ("image_caption", "image_objects", "image_image", "text_text")} == {
+        "image_caption": 1.0, "image_objects": 1.0, "image_image": 0.0, "text_text": 0.0}
+    assert cfg.loss.aux_fraction == 1.0
+    assert cfg.model.vision.init == cfg.model.text.init == "fan_in"
     assert len(cfg.eval.datasets) == 1
     assert cfg.eval.datasets[0].name == "demo_val"
     assert cfg.eval.datasets[0].protocol == "multi"

@@ -353,6 +353,7 @@ def test_two_ranks_resume_from_a_checkpoint(tmp_path):
         "logger.log_every=1", "eval=none", "data.demo.n_train=400", "data.demo.n_val=40",
         "data.demo.samples_per_shard=50", f"data.demo.cache_dir={tmp_path / 'cache'}", "data.batch_size=8",
         "data.num_workers=2", "model.vision.layers=1", "model.text.layers=1",
+        "loss.image_image=1", "loss.text_text=1", "loss.aux_fraction=0.25",  # all four terms
     ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _launch(REPO_ROOT / "launch" / "train.py", [*common, f"hydra.run.dir={full}"], tmp_path / "log_full", cwd=tmp_path)

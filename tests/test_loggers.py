@@ -259,6 +259,7 @@ def test_demo_training_run_logs_to_offline_wandb(tmp_path, wandb_env):
         "data.demo.n_train=64", "data.demo.n_val=16", "data.demo.samples_per_shard=32",
         f"data.demo.cache_dir={tmp_path / 'demo'}", "data.batch_size=8", "data.num_workers=0",
         "data.shuffle_buffer=16", "trainer.device=cpu", "trainer.save_checkpoint=false",
+        "loss.image_image=1", "loss.text_text=1", "loss.aux_fraction=0.25",  # all four terms
     ]
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)

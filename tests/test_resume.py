@@ -30,6 +30,8 @@ CONF_DIR = REPO_ROOT / "conf"
 SMALL = [
     "data.demo.n_train=600", "data.demo.n_val=60", "data.demo.samples_per_shard=200", "data.batch_size=16",
     "data.shuffle_buffer=200", "trainer.device=cpu", "logger.backend=none", "optim.warmup_steps=3",
+    # all four terms (the default recipe runs two), their auxiliary views on a quarter of the rows
+    "loss.image_image=1", "loss.text_text=1", "loss.aux_fraction=0.25",
 ]
 
 register_schemas()

@@ -457,7 +457,7 @@ def demo_run(tmp_path_factory):
     overrides = ["data.demo.n_train=400", "data.demo.n_val=100", "data.demo.samples_per_shard=200",
                  f"data.demo.cache_dir={base / 'cache'}", "data.batch_size=32", "data.num_workers=0",
                  "data.shuffle_buffer=200", "trainer.device=cpu", "logger.backend=none", "loss=clip_only",
-                 "trainer.max_steps=60", "eval=none", "optim.lr=3e-3", "optim.warmup_steps=3", "logger.log_every=10"]
+                 "trainer.max_steps=60", "eval=none", "optim.lr=3e-3", "optim.warmup_steps=15", "logger.log_every=10"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     run_training(cfg, base / "run")

@@ -55,6 +55,8 @@ def multiview_run(demo_cache, tmp_path_factory):
     cfg = _compose(
         demo_cache, "trainer.max_steps=30", "logger.log_every=5", "eval.every_n_steps=15",
         "optim.lr=2e-3", "optim.warmup_steps=5",
+        # all four terms (the default recipe runs two), their auxiliary views on a quarter of the rows
+        "loss.image_image=1", "loss.text_text=1", "loss.aux_fraction=0.25",
     )
     run_dir = tmp_path_factory.mktemp("run_multiview")
     start = time.perf_counter()
