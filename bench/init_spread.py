@@ -46,7 +46,7 @@ def main() -> None:
     crops = np.stack([render_scene(s, rng, base.vision.image_size) for s in scenes])
     captions = [all_captions(s, "en")[0] for s in scenes]
     with tempfile.TemporaryDirectory() as tmp:
-        vocab = WordPieceTokenizer.build_vocab(captions * 4, Path(tmp) / "vocab.txt", 1000)
+        vocab = WordPieceTokenizer.build_vocab(captions, Path(tmp) / "vocab.txt", 1000)
         ids = WordPieceTokenizer(vocab, max_length=32)(captions)
 
     rows = []
@@ -58,7 +58,7 @@ def main() -> None:
             txt = off_diagonal_cosines(embed_texts(model, ids))
             rows.append({"init": scheme, "seed": seed, "image_mean": float(img.mean()), "image_max": float(img.max()),
                          "caption_mean": float(txt.mean()), "caption_max": float(txt.max())})
-    print(f"| init | seed | images: mean cos | max | captions: mean cos | max |")
+    print("| init | seed | images: mean cos | max | captions: mean cos | max |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['init']} | {r['seed']} | {r['image_mean']:.4f} | {r['image_max']:.4f} "

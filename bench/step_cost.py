@@ -4,9 +4,9 @@
     python bench/step_cost.py --repeats 30 --out outputs/bench/step_cost.json
 
 Part 1 times, on the current device with the ``tiny`` model and a synthetic batch (``--batch``
-rows, texts of ``--text-len`` tokens, object-tags texts of ``--objects-len``), forward + backward of each piece alone: the image tower at
-its native size, at the low resolution of the auxiliary views and with patch dropout; the text
-tower; the four loss terms; the AdamW update. Then whole optimizer steps (the trainer's
+rows, texts of ``--text-len`` tokens, object-tags texts of ``--objects-len``), forward + backward
+of each piece alone: the image tower at its native size, at the low resolution of the auxiliary
+views and with patch dropout; the text tower; the four loss terms; the AdamW update. Then whole optimizer steps (the trainer's
 ``train_step`` + update) of each recipe of ``conf/loss/`` (median of ``--repeats``), all in one
 process, alternating recipes, so the ratios are side by side.
 

@@ -71,9 +71,10 @@ class ErnieViL2(nn.Layer):
             if len(drops) != len(pixels):
                 raise ValueError(f"{len(pixels)} image groups but {len(drops)} patch dropout values")
             image = paddle.concat([self.encode_image(p, patch_dropout=d) for p, d in zip(pixels, drops)])
-        if input_ids is None or isinstance(input_ids, paddle.Tensor):
-            text = None if input_ids is None else self.encode_text(input_ids)
-        else:
+        text = None
+        if isinstance(input_ids, paddle.Tensor):
+            text = self.encode_text(input_ids)
+        elif input_ids is not None:
             text = paddle.concat([self.encode_text(ids) for ids in input_ids])
         return image, text, self.logit_scale if with_logit_scale else None
 
