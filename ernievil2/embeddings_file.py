@@ -30,6 +30,7 @@ from ernievil2.retrieval import (
     seed_recalls,
     seed_table_from_metrics,
 )
+from ernievil2.threads import available_cpus
 
 __all__ = [
     "EmbeddingsFormatError", "format_embedding_lines", "sidecar_paths", "SIDECAR_SUFFIXES",
@@ -333,14 +334,6 @@ def _parse_parallel(path: str, start: int, stop: int, dim: int, workers: int) ->
         if status == "error":
             raise EmbeddingsFormatError(payload)
     return np.concatenate([p[0] for _, p in results]), np.concatenate([p[1] for _, p in results])
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (the default number of parser processes)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _header(path: str) -> tuple[int, int, int]:
