@@ -149,6 +149,13 @@ class DistributedExchange(FeatureExchange):
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
+    def gather_values(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.world_size == 1:
+            return x
+        parts: list[paddle.Tensor] = []
+        dist.all_gather(parts, x.detach())
+        return paddle.concat(parts, axis=0)
+
 
 def parameter_digest(model: paddle.nn.Layer) -> str:
     """SHA-256 (hex, 16 digits) of every parameter's bytes, in ``named_parameters`` order."""

@@ -63,6 +63,10 @@ class FeatureExchange:
         """Sum a (gradient-free) tensor over all ranks."""
         return x
 
+    def gather_values(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Concatenate a gradient-free tensor (e.g. int64 keys) from all ranks along axis 0."""
+        return x
+
 
 def _cross_entropy_rows(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
     """Per-row cross entropy, ``[N]``, computed in float32 whatever the AMP dtype."""
@@ -100,6 +104,35 @@ def info_nce(
     return (q2k.mean() + k2q.mean()) / 2
 
 
+#: What an objects text that is true of an image (but is not its own) is to that image's query
+#: (``LossConfig.objects_true_texts``).
+TRUE_TEXT_MODES: tuple[str, ...] = ("negative", "masked", "positive")
+
+
+def _soft_cross_entropy_rows(logits: paddle.Tensor, targets: paddle.Tensor) -> paddle.Tensor:
+    """Per-row cross entropy against a target distribution per row, ``[N]``, in float32."""
+    if logits.dtype in (paddle.float16, paddle.bfloat16):
+        logits = logits.astype("float32")
+    return -(targets.astype(logits.dtype) * F.log_softmax(logits, axis=-1)).sum(axis=-1)
+
+
+def texts_true_of_images(image_tags: paddle.Tensor, text_tags: paddle.Tensor) -> paddle.Tensor:
+    """``[N, M]`` bool: objects text ``j`` is true of image ``i`` when it names at least one tag and
+    every tag it names is among image ``i``'s tags. ``image_tags`` ``[N, K]`` and ``text_tags``
+    ``[M, K]`` hold int64 tag keys, 0-padded (:func:`ernievil2.data.views.tag_key`). Tags are
+    one-hot over the keys present, ``(N + M)·K × V`` floats for ``V`` distinct keys."""
+    n, k = image_tags.shape
+    keys = paddle.concat([image_tags.reshape([-1]), text_tags.reshape([-1])])
+    unique, index = paddle.unique(keys, return_inverse=True)
+    hot = F.one_hot(index.reshape([-1]), unique.shape[0]).astype("float32")
+    hot = hot * (unique != 0).astype("float32").unsqueeze(0)  # key 0 is padding
+    images = hot[: n * k].reshape([n, k, -1]).sum(axis=1).clip(max=1.0)
+    texts = hot[n * k:].reshape([text_tags.shape[0], k, -1]).sum(axis=1).clip(max=1.0)
+    named = texts.sum(axis=1)
+    shared = paddle.matmul(images, texts, transpose_y=True)
+    return (shared == named.unsqueeze(0)).logical_and(named.unsqueeze(0) > 0)
+
+
 def masked_info_nce(
     images: paddle.Tensor,
     texts: paddle.Tensor,
@@ -107,6 +140,8 @@ def masked_info_nce(
     scale: paddle.Tensor,
     exchange: FeatureExchange,
     local: bool = True,
+    tags: Optional[tuple[paddle.Tensor, paddle.Tensor]] = None,
+    true_texts: str = "negative",
 ) -> paddle.Tensor:
     """Symmetric image–objects InfoNCE where ``mask`` (1/0 per sample) marks samples with tags.
 
@@ -114,22 +149,51 @@ def masked_info_nce(
     its image stays a negative for the objects texts of other samples. The mean runs over the
     valid rows of the whole job, so the value does not depend on how samples fall on ranks.
     Rows are this rank's (``local``) or all gathered rows (global), as in :func:`info_nce`.
+
+    With detector tags many samples of a batch share a tag text ("the picture contains circle"),
+    and another sample's text is often true of an image. ``tags`` (each sample's tag keys and the
+    keys its text names, :func:`texts_true_of_images`) let ``true_texts`` decide what such a text
+    (or, for a text's query, such an image) is: ``negative`` (plain InfoNCE; tags unused),
+    ``masked`` (not a candidate) or ``positive`` (a target of equal share with the own pair: a
+    multi-positive cross entropy, as UniCL's image-label contrast).
     """
+    if true_texts not in TRUE_TEXT_MODES:
+        raise ValueError(f"loss.objects_true_texts must be one of {list(TRUE_TEXT_MODES)}, got {true_texts!r}")
+    if true_texts != "negative" and tags is None:
+        raise ValueError(f"objects_true_texts={true_texts!r} needs the samples' tag keys")
     b = images.shape[0]
     mask = mask.astype(images.dtype)
     mask_all = exchange.gather(mask.detach())
     texts_all = exchange.gather(texts)
     images_all = exchange.gather(images)
+    if true_texts != "negative":
+        image_tags, text_tags = tags
+        image_tags_all, text_tags_all = exchange.gather_values(image_tags), exchange.gather_values(text_tags)
     if local:
         labels = _labels(b, exchange.rank * b)
     else:
         images, texts, mask = images_all, texts_all, mask_all
+        if true_texts != "negative":
+            image_tags, text_tags = image_tags_all, text_tags_all
         labels = _labels(images_all.shape[0], 0)
     # image → objects: objects texts of untagged samples are not candidates.
     i2t_logits = scale * paddle.matmul(images, texts_all, transpose_y=True)
     i2t_logits = i2t_logits + (1.0 - mask_all.astype(i2t_logits.dtype)) * NEG_INF
-    i2t = _cross_entropy_rows(i2t_logits, labels)
-    t2i = _cross_entropy_rows(scale * paddle.matmul(texts, images_all, transpose_y=True), labels)
+    t2i_logits = scale * paddle.matmul(texts, images_all, transpose_y=True)
+    if true_texts == "negative":
+        i2t = _cross_entropy_rows(i2t_logits, labels)
+        t2i = _cross_entropy_rows(t2i_logits, labels)
+    else:
+        own = F.one_hot(labels, i2t_logits.shape[1]) > 0
+        # i2t: text j (all) true of image i (rows); t2i: text i (rows) true of image j (all)
+        i2t_true = texts_true_of_images(image_tags, text_tags_all).logical_or(own)
+        t2i_true = texts_true_of_images(image_tags_all, text_tags).t().logical_or(own)
+        if true_texts == "masked":
+            i2t = _cross_entropy_rows(i2t_logits + _others(i2t_true, own, i2t_logits.dtype), labels)
+            t2i = _cross_entropy_rows(t2i_logits + _others(t2i_true, own, t2i_logits.dtype), labels)
+        else:
+            i2t = _soft_cross_entropy_rows(i2t_logits, _share(i2t_true))
+            t2i = _soft_cross_entropy_rows(t2i_logits, _share(t2i_true))
     # Local: each rank divides by (valid rows of the job) / world size, so averaging over ranks
     # gives the global masked mean; global: every rank holds all valid rows of the job.
     # A batch with no tagged sample contributes an exact zero.
@@ -137,6 +201,17 @@ def masked_info_nce(
     denom = paddle.maximum(count, paddle.ones_like(count))
     rows = paddle.where(mask > 0, i2t + t2i, paddle.zeros_like(i2t))
     return rows.sum() / (2 * denom)
+
+
+def _others(true: paddle.Tensor, own: paddle.Tensor, dtype) -> paddle.Tensor:
+    """``NEG_INF`` where a candidate is true of the query but is not its own pair."""
+    return true.logical_and(own.logical_not()).astype(dtype) * NEG_INF
+
+
+def _share(true: paddle.Tensor) -> paddle.Tensor:
+    """Each row's true candidates as an equal-share target distribution."""
+    t = true.astype("float32")
+    return t / t.sum(axis=1, keepdim=True)
 
 
 def nt_xent(
@@ -194,10 +269,18 @@ class LossConfig:
     # encoded (a curriculum: the intra-modal terms spread the embeddings of different samples
     # apart from the first step, the cheaper image-caption steps follow).
     aux_until: Optional[float] = None
+    # What another sample's objects text that is true of an image (every tag it names is one of the
+    # image's; e.g. an identical text) is to that image in the image-objects term, and likewise
+    # such an image to a text: "negative" (plain InfoNCE), "masked" (no candidate) or "positive"
+    # (an equal-share target). With detector tags many samples of a batch share one tag text.
+    objects_true_texts: str = "negative"
     name: str = "custom"  # the recipe's name (conf/loss/NAME.yaml), which reports group runs by
 
     def __post_init__(self) -> None:
         aux_rows(1, self.aux_fraction)  # range check
+        if self.objects_true_texts not in TRUE_TEXT_MODES:
+            raise ValueError(f"loss.objects_true_texts must be one of {list(TRUE_TEXT_MODES)}, "
+                             f"got {self.objects_true_texts!r}")
         if self.aux_until is not None and not 0.0 < self.aux_until <= 1.0:
             raise ValueError(f"loss.aux_until must be in (0, 1] or null, got {self.aux_until}")
         for view, p in self.patch_dropout.items():
@@ -268,10 +351,12 @@ class MultiViewLoss:
     def __call__(
         self, feats: Mapping[str, paddle.Tensor], logit_scale: paddle.Tensor,
         objects_mask: Optional[paddle.Tensor] = None, progress: float = 0.0,
+        objects_tags: Optional[tuple[paddle.Tensor, paddle.Tensor]] = None,
     ) -> dict[str, paddle.Tensor]:
         """``feats``: each view's features, an auxiliary view (:attr:`aux_views`) holding only the
-        first :meth:`rows` rows; ``objects_mask`` covers all rows of the batch; ``progress`` the
-        fraction of training done (for ``aux_until``)."""
+        first :meth:`rows` rows; ``objects_mask`` and ``objects_tags`` (each sample's tag keys and
+        those its objects text names, for ``objects_true_texts``) cover all rows of the batch;
+        ``progress`` the fraction of training done (for ``aux_until``)."""
         ex, local = self.exchange, self.cfg.local_loss
         factor = self.aux_weight(progress)
         weights = {t: w * (factor if t in AUX_TERMS else 1.0) for t, w in self.weights.items()}
@@ -291,8 +376,11 @@ class MultiViewLoss:
             if objects_mask is None:
                 raise ValueError("the image_objects term needs objects_mask (1 for samples with tags)")
             images, objects = pair("image_objects")
+            n = objects.shape[0]
             terms["image_objects"] = masked_info_nce(
-                images, objects, objects_mask[: objects.shape[0]], logit_scale, ex, local
+                images, objects, objects_mask[:n], logit_scale, ex, local,
+                None if objects_tags is None else (objects_tags[0][:n], objects_tags[1][:n]),
+                self.cfg.objects_true_texts,
             )
         if "image_image" in weights:
             terms["image_image"] = nt_xent(*pair("image_image"), intra, ex, local)

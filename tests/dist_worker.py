@@ -35,6 +35,10 @@ SEED = 7
 # Samples with object tags: batch "a" has tagged and untagged samples on both halves; in batch "b"
 # the second half (rank 1 of 2) has none.
 MASKS = {"a": [1, 0, 1, 1, 0, 1, 0, 1], "b": [1, 1, 0, 1, 0, 0, 0, 0]}
+# Tag keys of each sample (image) and of its objects text (0: none): in "a", text {5} recurs on both
+# ranks and is true of image 3 ({5, 7}); in "b", texts {3} twice on rank 0.
+TAGS = {"a": ([[5], [], [5], [5, 7], [], [7], [], [5]], [[5], [], [5], [7], [], [7], [], [5]]),
+        "b": ([[3], [3, 4], [], [4], [], [], [], []], [[3], [3], [], [4], [], [], [], []])}
 ALL_TERMS = ("image_caption", "image_objects", "image_image", "text_text")
 # The cheaper multi-view step: image-image on the caption view, auxiliary terms on half the rows.
 SHARED_AUX = (("aux_fraction", 0.5), ("shared_image_view", True))
@@ -56,6 +60,12 @@ CASES = {
     # the two ranks' shares as two micro-batches (whose first halves are then the auxiliary rows).
     "aux_local_b": ("b", True, False, ALL_TERMS, 1, SHARED_AUX),
     "aux_accum_local_b": ("b", True, False, ALL_TERMS, 2, SHARED_AUX),
+    # Samples with equal tag sets: not each other's negatives, or each other's positives, across ranks.
+    "dup_masked_local_a": ("a", True, False, ALL_TERMS, 1, (("objects_true_texts", "masked"),)),
+    "dup_positive_local_a": ("a", True, False, ALL_TERMS, 1, (("objects_true_texts", "positive"),)),
+    "dup_positive_global_a": ("a", False, False, ALL_TERMS, 1, (("objects_true_texts", "positive"),)),
+    "dup_masked_accum_local_b": ("b", True, False, ALL_TERMS, 2, (("objects_true_texts", "masked"),)),
+    "dup_masked_local_b": ("b", True, False, ALL_TERMS, 1, (("objects_true_texts", "masked"),)),
     # Negative control: paddle's all_gather returns no gradient (SPEC §8); the test expects this
     # case to disagree with one process, which shows the comparison can fail.
     "nograd_gather_a": ("a", True, True, ALL_TERMS, 1),
@@ -87,6 +97,10 @@ def make_batch(name: str) -> dict[str, np.ndarray]:
             ids[i, 0], ids[i, n - 1] = 1, 2
         batch[key] = ids
     batch["has_objects"] = np.asarray(MASKS[name], dtype=np.float64)
+    for key, sets in zip(("objects_tags", "objects_text_tags"), TAGS[name]):
+        batch[key] = np.zeros((GLOBAL_BATCH, 2), dtype=np.int64)
+        for i, tags in enumerate(sets):
+            batch[key][i, : len(tags)] = tags
     return batch
 
 

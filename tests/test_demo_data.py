@@ -1,6 +1,7 @@
 """The procedural demo dataset: determinism, caching, held-out compositions, captions and rendering."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -201,3 +202,95 @@ def test_large_objects_are_larger(samples):
             # area = factor * r^2 with r = 0.08 * 64 (small) or 0.14 * 64 (large): 3x apart; split at the geometric mean
             threshold = _AREA_FACTOR[scene[0].shape] * (0.08 * 64) * (0.14 * 64)
             assert (n > threshold) == (scene[0].size == "large"), (s.key, s.meta["description"], n, threshold)
+
+
+# ------------------------------------------------------------------------------------------------
+# Web-likeness knobs: detector-like tags, mismatched captions (the val split stays clean)
+# ------------------------------------------------------------------------------------------------
+
+WEB = DemoDataSpec(n_train=3000, n_val=50, image_size=32, seed=0, samples_per_shard=1000,
+                   tags="detector", tag_recall=0.6, false_tags=0.3, mismatch=0.2)
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_web")
+    clean = dataclasses.replace(WEB, tags="exact", mismatch=0.0)
+    return {
+        name: {split: list(ShardStream(getattr(d, f"{split}_shards"), shuffle_shards=False))
+               for split in ("train", "val")} | {"data": d}
+        for name, d in (("web", ensure_demo_data(root, WEB)), ("clean", ensure_demo_data(root, clean)))
+    }
+
+
+def test_detector_tags_have_the_requested_recall_and_false_rate(web):
+    train = web["web"]["train"]
+    n_objects = sum(len(s.meta["scene"]) for s in train)
+    recall = sum(len(s.meta["detected"]) for s in train) / n_objects
+    false_rate = sum(bool(s.meta["false_tags"]) for s in train) / len(train)
+    assert abs(recall - 0.6) <= 0.02 and abs(false_rate - 0.3) <= 0.02
+    for s in train:
+        scene = scene_from_meta(s.meta)
+        shapes = {o.shape for o in scene}
+        # tags: the shapes of the detected objects plus the false ones, which are absent shapes
+        assert sorted(s.objects) == sorted([scene[i].shape for i in s.meta["detected"]] + s.meta["false_tags"])
+        assert all(f not in shapes for f in s.meta["false_tags"]) and len(s.meta["false_tags"]) <= 1
+        assert [SHAPES_ZH[t] for t in s.objects] == s.meta["objects_zh"]
+
+
+def test_category_and_attribute_tags(tmp_path):
+    category = ensure_demo_data(tmp_path, dataclasses.replace(WEB, n_train=300, tags="category", mismatch=0.0))
+    for s in ShardStream(category.train_shards, shuffle_shards=False):
+        assert s.objects == [o.shape for o in scene_from_meta(s.meta)]
+    spec = dataclasses.replace(WEB, tags="detector", tag_recall=1.0, false_tags=0.0, tag_attributes=0.5,
+                               attribute_error=0.25, mismatch=0.0)
+    samples = list(ShardStream(ensure_demo_data(tmp_path, spec).train_shards, shuffle_shards=False))
+    with_colour = right = total = 0
+    for s in samples:
+        scene = scene_from_meta(s.meta)
+        by_shape = {}
+        for o in scene:
+            by_shape.setdefault(o.shape, set()).add(o.colour)
+        for tag in s.objects:
+            total += 1
+            words = tag.split()
+            assert words[-1] in by_shape
+            if len(words) == 2:
+                with_colour += 1
+                right += words[0] in by_shape[words[-1]]
+    assert abs(with_colour / total - 0.5) <= 0.02
+    assert abs(right / with_colour - 0.75) <= 0.03  # a wrong colour can still name another object's
+
+
+def test_mismatch_is_exact_and_keeps_image_and_tags(web):
+    train, clean = web["web"]["train"], web["clean"]["train"]
+    swapped = [s for s in train if "caption_scene" in s.meta]
+    assert len(swapped) == round(0.2 * len(train)) == 600
+    for s, c in zip(train, clean):
+        assert s.key == c.key and s.image == c.image  # images never depend on the knobs
+        scene = scene_from_meta(s.meta)
+        if "caption_scene" in s.meta:
+            donor = scene_from_meta({"scene": s.meta["caption_scene"]})
+            assert donor != scene
+            assert set(s.captions[:2]) <= set(all_captions(donor, "en"))
+            assert set(s.captions[2:]) <= set(all_captions(donor, "zh"))
+        else:
+            assert s.captions == c.captions
+
+
+def test_evaluation_split_is_unchanged_by_the_knobs(web):
+    for a, b in zip(web["web"]["data"].val_shards, web["clean"]["data"].val_shards):
+        assert Path(a).read_bytes() == Path(b).read_bytes()
+    assert all(s.objects == [o.tag for o in scene_from_meta(s.meta)] for s in web["web"]["val"])
+
+
+def test_clean_spec_keeps_its_cache_name_and_knobs_are_checked():
+    # The clean demo's folder name only hashes the fields it had before the knobs existed.
+    assert dataclasses.replace(SPEC, tag_recall=0.1, false_tags=0.9).digest() == SPEC.digest()
+    assert dataclasses.replace(SPEC, tags="category").digest() != SPEC.digest()
+    with pytest.raises(ValueError, match="data.demo.tags"):
+        DemoDataSpec(tags="perfect")
+    with pytest.raises(ValueError, match="data.demo.mismatch"):
+        DemoDataSpec(mismatch=1.5)
+    with pytest.raises(ValueError, match="data.demo.tag_recall"):
+        DemoDataSpec(tags="detector", tag_recall=-0.1)

@@ -100,12 +100,14 @@ def _grad_errors(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict
 
 
 # An accumulation case is checked against one process over the whole batch in one piece.
-REFERENCE = {"accum_local_b": "local_b", "accum_global_a": "global_a", "aux_local_b": "aux_accum_local_b"}
+REFERENCE = {"accum_local_b": "local_b", "accum_global_a": "global_a", "aux_local_b": "aux_accum_local_b",
+             "dup_masked_accum_local_b": "dup_masked_local_b"}
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", ["local_a", "local_b", "global_a", "global_b", "image_only_a",
-                                  "accum_local_b", "accum_global_a", "aux_local_b"])
+                                  "accum_local_b", "accum_global_a", "aux_local_b", "dup_masked_local_a",
+                                  "dup_positive_local_a", "dup_positive_global_a", "dup_masked_accum_local_b"])
 def test_two_ranks_match_one_process(case, two_rank_results, one_process_reference):
     ref_terms, ref_grads = one_process_reference[REFERENCE.get(case, case)]
     terms0, grads0 = _load(two_rank_results, 0, case)

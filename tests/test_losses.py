@@ -59,11 +59,11 @@ def ref_nt_xent(v1, v2, s):
     logits = s * z @ z.T
     np.fill_diagonal(logits, -1e9)
     pos = np.concatenate([np.arange(n, 2 * n), np.arange(n)])
-    l, g = _ce_rows(logits, pos)
+    per_row, g = _ce_rows(logits, pos)
     g = g / (2 * n)
     np.fill_diagonal(g, 0.0)
     gz = s * (g @ z + g.T @ z)
-    return l.mean(), gz[:n], gz[n:]
+    return per_row.mean(), gz[:n], gz[n:]
 
 
 def _tensors(*arrays):
@@ -105,6 +105,69 @@ def test_masked_info_nce_matches_numpy_and_ignores_untagged_samples():
     t2[m == 0] = _normed(rng, 2, 5)
     loss2 = masked_info_nce(*_tensors(a, t2), paddle.to_tensor(m), paddle.to_tensor(5.0, dtype="float64"), FeatureExchange())
     np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-12)
+
+
+def ref_true_texts(a, t, m, image_tags, text_tags, s, mode):
+    """Value of the image-objects term when texts true of an image (every tag they name is the
+    image's) are masked out of its candidates or are equal-share targets (tags as Python sets)."""
+    n = len(a)
+    true = np.array([[bool(text_tags[j]) and text_tags[j] <= image_tags[i] and m[i] > 0 and m[j] > 0
+                      for j in range(n)] for i in range(n)]) | np.eye(n, dtype=bool)
+    rows = []
+    for logits, tr in ((s * a @ t.T + np.where(m[None, :] > 0, 0.0, -1e9), true), (s * t @ a.T, true.T)):
+        z = logits - logits.max(axis=1, keepdims=True)
+        if mode == "masked":
+            z = np.where(tr & ~np.eye(n, dtype=bool), -np.inf, z)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        target = np.eye(n) if mode == "masked" else tr / tr.sum(axis=1, keepdims=True)
+        rows.append(-(np.where(target > 0, target * logp, 0.0)).sum(axis=1))
+    per_row = np.where(m > 0, rows[0] + rows[1], 0.0)
+    return per_row.sum() / (2 * max(m.sum(), 1.0))
+
+
+def _tag_array(sets, k=4):
+    out = np.zeros((len(sets), k), dtype=np.int64)
+    for i, tags in enumerate(sets):
+        out[i, : len(tags)] = sorted(tags)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["masked", "positive"])
+def test_texts_true_of_an_image_are_never_its_negatives(mode):
+    """Rows 0, 2, 5 name the same tags {9}; row 3 names {4} of its {4, 8}; row 6 names {4, 8}; row 4
+    names {8}; row 1 is untagged. Text 3 ({4}) is true of images 3 and 6, text 0 of images 0, 2, 5,
+    identical texts of each other's images. ``masked`` and ``positive`` match a NumPy reference and
+    differ from plain InfoNCE."""
+    rng = np.random.default_rng(4)
+    a, t = _normed(rng, 7, 5), _normed(rng, 7, 5)
+    m = np.array([1, 0, 1, 1, 1, 1, 1], dtype=np.float64)
+    image_sets = [{9}, set(), {9, 8}, {4, 8}, {8}, {9}, {4, 8}]
+    text_sets = [{9}, set(), {9}, {4}, {8}, {9}, {4, 8}]
+    scale = paddle.to_tensor(5.0, dtype="float64")
+    tags = (paddle.to_tensor(_tag_array(image_sets)), paddle.to_tensor(_tag_array(text_sets)))
+
+    def term(mode_):
+        ta, tt = _tensors(a, t)
+        loss = masked_info_nce(ta, tt, paddle.to_tensor(m), scale, FeatureExchange(), True, tags, mode_)
+        loss.backward()
+        return float(loss), tt.grad.numpy()
+
+    value, gt = term(mode)
+    np.testing.assert_allclose(value, ref_true_texts(a, t, m, image_sets, text_sets, 5.0, mode), rtol=RTOL)
+    plain = term("negative")[0]
+    np.testing.assert_allclose(plain, ref_masked(a, t, m, 5.0)[0], rtol=RTOL)
+    assert abs(value - plain) > 1e-3
+    # Untagged rows are neither queries nor candidates in either mode.
+    np.testing.assert_allclose(gt[m == 0], 0.0, atol=1e-20)
+
+
+def test_texts_true_of_images():
+    images = _tag_array([{1, 2}, {2}, {3}, set()])
+    texts = _tag_array([{2}, {1, 2}, {1, 3}, set()])
+    from ernievil2.losses import texts_true_of_images
+
+    got = texts_true_of_images(paddle.to_tensor(images), paddle.to_tensor(texts)).numpy()
+    np.testing.assert_array_equal(got, [[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
 
 
 def test_masked_info_nce_with_no_tagged_sample_is_zero():

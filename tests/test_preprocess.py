@@ -14,7 +14,6 @@ from ernievil2.data.preprocess import (
     crop_offsets,
     decode,
     normalize,
-    normalize_batch,
     preprocess,
     resize_crop,
     resize_dims,

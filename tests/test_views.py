@@ -21,6 +21,7 @@ from ernievil2.data.views import (
     ViewConfig,
     augment_text_ids,
     decode_rgb,
+    tag_key,
     objects_text,
     random_resized_crop_box,
     stable_hash,
@@ -132,12 +133,12 @@ def test_views_subset_skips_work_and_matches_full(tok, sample):
     t_text = MultiViewTransform(ViewConfig(), tok, views=["caption_ids", "objects_ids"])
     bad_image = RawSample(key="k", image=b"not an image", captions=["a dog"], objects=None)
     out = t_text(bad_image)
-    assert set(out) == {"caption_ids", "objects_ids", "has_objects"}
+    assert set(out) == {"caption_ids", "objects_ids", "has_objects", "objects_key"}
     # the loss's view names are accepted as aliases
     aliased = MultiViewTransform(ViewConfig(image_size=SIZE), tok, max_length=16, seed=5, views=("image", "caption"))
     assert set(aliased(sample, epoch=1)) == {"image", "caption_ids"}
     assert set(MultiViewTransform(ViewConfig(), tok, views=["objects", "text_view"]).views) == {
-        "text_view_ids", "objects_ids", "has_objects"}
+        "text_view_ids", "objects_ids", "has_objects", "objects_key"}
     with pytest.raises(ValueError, match="unknown views"):
         MultiViewTransform(ViewConfig(), tok, views=["image", "depth"])
 
@@ -437,3 +438,34 @@ def test_real_images(tok, flickr8k_dir: Path, coco_mini_dir: Path):
         e = preprocess(s.image, size=224)
         assert e.shape == (3, 224, 224) and -2.2 < e.min() < e.max() < 2.7
     assert float(t(samples[0])["has_objects"]) == 0.0 and float(t(samples[1])["has_objects"]) == 1.0
+
+
+def test_objects_tag_keys_and_picking(tok):
+    """The transform ships the keys of all the sample's tags and of the tags its text names; equal
+    tags have equal keys; no tags is all 0. ``objects_pick=one`` names one tag per sample and epoch,
+    ``objects_tag_dropout`` a non-empty subset."""
+    assert tag_key(" star") == tag_key("star") > 0 and tag_key("star") != tag_key("circle")
+    t = MultiViewTransform(ViewConfig(), tok, views=["objects"])
+    a = t(RawSample(key="a", image=b"", captions=["x"], objects=["star", "circle", "star"]))
+    none = t(RawSample(key="c", image=b"", captions=["z"], objects=[]))
+    assert a["objects_tags"].dtype == np.int64 and a["objects_tags"].shape == (16,)
+    assert list(a["objects_tags"][:3]) == [tag_key("star"), tag_key("circle"), 0]
+    np.testing.assert_array_equal(a["objects_text_tags"], a["objects_tags"])
+    assert not none["objects_tags"].any() and not none["objects_text_tags"].any()
+    tags = ["star", "circle", "square"]
+    one = MultiViewTransform(ViewConfig(objects_pick="one"), tok, views=["objects"], seed=1)
+    picked = set()
+    for epoch in range(12):
+        out = one(RawSample(key="p", image=b"", captions=["x"], objects=tags), epoch=epoch)
+        named = [k for k in out["objects_text_tags"] if k]
+        assert len(named) == 1 and set(out["objects_tags"][:3]) == {tag_key(x) for x in tags}
+        picked.add(int(named[0]))
+        word = tok.decode(out["objects_ids"]) if hasattr(tok, "decode") else None
+        assert word is None or any(x in word for x in tags)
+    assert picked == {tag_key(x) for x in tags}
+    drop = MultiViewTransform(ViewConfig(objects_tag_dropout=0.5), tok, views=["objects"], seed=1)
+    sizes = {sum(1 for k in drop(RawSample(key="p", image=b"", captions=["x"], objects=tags), epoch=e)
+                 ["objects_text_tags"] if k) for e in range(20)}
+    assert sizes <= {1, 2, 3} and len(sizes) > 1
+    with pytest.raises(ValueError, match="objects_pick"):
+        MultiViewTransform(ViewConfig(objects_pick="two"), tok)

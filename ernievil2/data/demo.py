@@ -10,9 +10,25 @@ unique within val and never appears in train, so val retrieval measures generali
 compositions (mostly 2-3 object scenes; at most 6 one-object kinds are held out).
 
 Each sample stores ``n_en`` + ``n_zh`` (2 + 2) distinct paraphrases in ``captions`` (English first),
-``lang = "mul"`` with ``meta["languages"]`` giving the language of each caption, ``objects`` as one
-English tag per object ("large red circle"), and ``meta`` fields ``split``, ``scene``
-(``[[size, colour, shape], ...]``), ``description`` and ``objects_zh``.
+``lang = "mul"`` with ``meta["languages"]`` giving the language of each caption, ``objects`` (the
+object tags, English) and ``meta`` fields ``split``, ``scene`` (``[[size, colour, shape], ...]``),
+``description`` and ``objects_zh``.
+
+Training data can be made to look like web data (:class:`DemoDataSpec`; the val split always stays
+clean, with exact tags):
+
+* ``tags``: ``exact`` gives one tag per object naming its size, colour and shape ("large red
+  circle"), complete and true; ``category`` the shape names only ("circle"), as an object detector
+  gives categories; ``detector`` category names as a detector finds them: each object found with
+  probability ``tag_recall``, and with probability ``false_tags`` a sample gets one tag of a shape
+  that is not in the picture. ``tag_attributes`` > 0 prefixes that share of the detector's tags with
+  a colour ("red circle"), as attribute detectors do, wrong with probability ``attribute_error``.
+  ``meta["detected"]`` lists the indices of the scene objects that were found, ``meta["false_tags"]``
+  the false ones.
+* ``mismatch``: exactly ``round(mismatch · n_train)`` training samples carry the captions of another
+  training scene (``meta["caption_scene"]``); their image and tags stay their own.
+
+Images and true captions do not depend on these knobs: each knob draws from a random stream of its own.
 
 Generation is deterministic (per-sample RNG seeded by ``(seed, split, index)``) and cached under
 ``root/demo-v{version}-{hash of the spec}/`` with a ``manifest.json`` written last; the whole
@@ -309,24 +325,94 @@ def train_scene(rng: np.random.Generator, held_out: set[Scene]) -> Scene:
             return scene
 
 
-def make_sample(key: str, scene: Scene, rng: np.random.Generator, image_size: int, split: str) -> RawSample:
-    """Render and caption one scene into a RawSample (2 en + 2 zh captions, English object tags)."""
+TAG_MODES: tuple[str, ...] = ("exact", "category", "detector")
+
+
+@dataclass(frozen=True)
+class TagNoise:
+    """How a sample's object tags are made from its scene (see the module docstring)."""
+
+    mode: str = "exact"
+    recall: float = 1.0
+    false_tags: float = 0.0
+    attributes: float = 0.0
+    attribute_error: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in TAG_MODES:
+            raise ValueError(f"data.demo.tags must be one of {list(TAG_MODES)}, got {self.mode!r}")
+        for name in ("recall", "false_tags", "attributes", "attribute_error"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.demo.{'tag_' + name if name in ('recall', 'attributes') else name} "
+                                 f"must be in [0, 1], got {value}")
+
+
+def _tag(shape: str, colour: str | None, zh: bool) -> str:
+    if zh:
+        return f"{COLOURS_ZH[colour] if colour else ''}{SHAPES_ZH[shape]}"
+    return f"{colour} {shape}" if colour else shape
+
+
+def _detector_colour(true_colour: str | None, noise: TagNoise, rng: np.random.Generator) -> str | None:
+    """The colour attribute a detector gives an object (None: no attribute)."""
+    if rng.random() >= noise.attributes:
+        return None
+    if true_colour is None or rng.random() < noise.attribute_error:
+        return str(rng.choice([c for c in COLOURS if c != true_colour]))
+    return true_colour
+
+
+def object_tags(scene: Scene, noise: TagNoise, rng: np.random.Generator) -> tuple[list[str], list[str], list[int], list[str]]:
+    """``(tags, tags_zh, detected object indices, false tags)`` of ``scene`` under ``noise``.
+
+    ``exact``: every object's full tag. ``category``: every object's shape. ``detector``: each object
+    kept with probability ``recall`` (shape, optionally a colour attribute), then with probability
+    ``false_tags`` one shape absent from the scene; the tags in random order, as a detector ranks by
+    confidence.
+    """
+    if noise.mode == "exact":
+        return [o.tag for o in scene], [o.tag_zh for o in scene], list(range(len(scene))), []
+    if noise.mode == "category":
+        return [o.shape for o in scene], [SHAPES_ZH[o.shape] for o in scene], list(range(len(scene))), []
+    found = [i for i in range(len(scene)) if rng.random() < noise.recall]
+    tags = [(scene[i].shape, _detector_colour(scene[i].colour, noise, rng)) for i in found]
+    false: list[tuple[str, str | None]] = []
+    if rng.random() < noise.false_tags:
+        absent = [h for h in SHAPES if h not in {o.shape for o in scene}]
+        false.append((str(rng.choice(absent)), _detector_colour(None, noise, rng)))
+    tags += false
+    order = rng.permutation(len(tags))
+    tags = [tags[i] for i in order]
+    return ([_tag(h, c, False) for h, c in tags], [_tag(h, c, True) for h, c in tags], found,
+            [_tag(h, c, False) for h, c in false])
+
+
+def make_sample(key: str, scene: Scene, rng: np.random.Generator, image_size: int, split: str,
+                noise: TagNoise = TagNoise(), tag_rng: np.random.Generator | None = None,
+                caption_scene: Scene | None = None, caption_rng: np.random.Generator | None = None) -> RawSample:
+    """Render and caption one scene into a RawSample (2 en + 2 zh captions, English object tags).
+
+    ``noise`` and ``tag_rng`` make the tags; ``caption_scene`` (with ``caption_rng``) captions the
+    sample with another scene's captions. ``rng`` draws the image and the true captions only, so
+    neither knob changes them.
+    """
     captions = scene_captions(scene, rng)
     image = encode_jpeg(render_scene(scene, rng, image_size))
-    return RawSample(
-        key=key,
-        image=image,
-        captions=captions,
-        objects=[o.tag for o in scene],
-        lang="mul",
-        meta={
-            "split": split,
-            "languages": ["en", "en", "zh", "zh"],
-            "scene": [list(o) for o in scene],
-            "description": describe(scene),
-            "objects_zh": [o.tag_zh for o in scene],
-        },
-    )
+    tags, tags_zh, found, false = object_tags(scene, noise, tag_rng if tag_rng is not None else rng)
+    meta: dict = {
+        "split": split,
+        "languages": ["en", "en", "zh", "zh"],
+        "scene": [list(o) for o in scene],
+        "description": describe(scene),
+        "objects_zh": tags_zh,
+    }
+    if noise.mode == "detector":
+        meta.update(detected=found, false_tags=false)
+    if caption_scene is not None:
+        captions = scene_captions(caption_scene, caption_rng if caption_rng is not None else rng)
+        meta["caption_scene"] = [list(o) for o in caption_scene]
+    return RawSample(key=key, image=image, captions=captions, objects=tags, lang="mul", meta=meta)
 
 
 def scene_from_meta(meta: dict) -> Scene:
@@ -348,11 +434,43 @@ class DemoDataSpec:
     image_size: int = 64
     seed: int = 0
     samples_per_shard: int = 2000
+    # What the training split's object tags and captions look like (module docstring): tags
+    # exact | category | detector, the detector's recall and false-tag rate, the share of its tags
+    # with a colour attribute and how often that colour is wrong; the share of training samples
+    # captioned with another scene's captions.
+    tags: str = "exact"
+    tag_recall: float = 0.6
+    false_tags: float = 0.3
+    tag_attributes: float = 0.0
+    attribute_error: float = 0.2
+    mismatch: float = 0.0
     version: int = 1
 
+    def __post_init__(self) -> None:
+        self.tag_noise()
+        if not 0.0 <= self.mismatch <= 1.0:
+            raise ValueError(f"data.demo.mismatch must be in [0, 1], got {self.mismatch}")
+
+    def tag_noise(self) -> TagNoise:
+        """The training split's :class:`TagNoise`."""
+        return TagNoise(self.tags, self.tag_recall, self.false_tags, self.tag_attributes, self.attribute_error)
+
+    def n_mismatched(self) -> int:
+        """How many training samples carry another scene's captions."""
+        return int(round(self.mismatch * self.n_train))
+
     def digest(self) -> str:
-        """Short stable hash of all fields."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """Short stable hash of the fields that shape the data: a knob left at its clean value
+        (exact tags, no mismatch) is left out, so the clean demo keeps its hash."""
+        fields = asdict(self)
+        if self.tags != "detector":
+            for name in ("tag_recall", "false_tags", "tag_attributes", "attribute_error"):
+                fields.pop(name)
+        if self.tags == "exact":
+            fields.pop("tags")
+        if self.mismatch == 0.0:
+            fields.pop("mismatch")
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -367,13 +485,42 @@ class DemoData:
     spec: DemoDataSpec = field(default_factory=DemoDataSpec)
 
 
+_TAG_CODE = 3  # RNG streams of the detector's tags and of the mismatched captions (train 0, val 1, classification 2)
+_MISMATCH_CODE = 4
+
+
+def mismatched_indices(spec: DemoDataSpec) -> list[int]:
+    """The training indices that carry another scene's captions (exactly ``spec.n_mismatched()``)."""
+    rng = np.random.default_rng([spec.seed, _MISMATCH_CODE])
+    return sorted(int(i) for i in rng.permutation(spec.n_train)[: spec.n_mismatched()])
+
+
+def _train_scene_at(i: int, spec: DemoDataSpec, held_out: set[Scene]) -> Scene:
+    return train_scene(np.random.default_rng([spec.seed, _SPLIT_CODE["train"], i]), held_out)
+
+
+def _caption_donor(i: int, scene: Scene, spec: DemoDataSpec, held_out: set[Scene]) -> tuple[Scene, np.random.Generator]:
+    """Another training scene (a different description) whose captions sample ``i`` carries."""
+    rng = np.random.default_rng([spec.seed, _MISMATCH_CODE, i])
+    while True:
+        donor = _train_scene_at(int(rng.integers(spec.n_train)), spec, held_out)
+        if donor != scene:
+            return donor, rng
+
+
 def _write_split(out_dir: Path, split: str, scenes_or_n: Union[Sequence[Scene], int], spec: DemoDataSpec, held_out: set[Scene]) -> list[str]:
     n = scenes_or_n if isinstance(scenes_or_n, int) else len(scenes_or_n)
+    train = split == "train"
+    noise = spec.tag_noise() if train else TagNoise()
+    mismatched = set(mismatched_indices(spec)) if train else set()
     with ShardWriter(out_dir, prefix=f"demo-{split}", max_samples=spec.samples_per_shard) as writer:
         for i in range(n):
             rng = np.random.default_rng([spec.seed, _SPLIT_CODE[split], i])
             scene = train_scene(rng, held_out) if isinstance(scenes_or_n, int) else scenes_or_n[i]
-            writer.write(make_sample(f"{split}-{i:07d}", scene, rng, spec.image_size, split))
+            donor, donor_rng = _caption_donor(i, scene, spec, held_out) if i in mismatched else (None, None)
+            tag_rng = np.random.default_rng([spec.seed, _TAG_CODE, _SPLIT_CODE[split], i])
+            writer.write(make_sample(f"{split}-{i:07d}", scene, rng, spec.image_size, split, noise, tag_rng,
+                                     donor, donor_rng))
     return [os.path.basename(p) for p in writer.shards]
 
 
@@ -441,7 +588,7 @@ def ensure_demo_data(root: Union[str, Path], spec: DemoDataSpec = DemoDataSpec()
 OBJECT_CLASSES: tuple[tuple[str, str], ...] = tuple((c, h) for c in COLOURS for h in SHAPES)
 """The 24 classes of the demo classification set: (colour, shape), the size left open."""
 
-_CLASSIFICATION_CODE = 2  # RNG stream of the classification images (train 0, val 1)
+_CLASSIFICATION_CODE = 2  # RNG stream of the classification images (train 0, val 1, tags 3, mismatch 4)
 
 
 def object_class_names(language: str = "en") -> list[str]:

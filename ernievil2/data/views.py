@@ -9,7 +9,10 @@ From one :class:`~ernievil2.data.sample.RawSample` :class:`MultiViewTransform` m
 * ``text_view_ids``: another caption of the same image, or a token-level augmentation of the
   caption when the sample has only one (see :func:`augment_text_ids`);
 * ``objects_ids`` / ``has_objects``: the object-tags text (see :func:`objects_text`), or all
-  padding and 0.0 when the sample carries no tags.
+  padding and 0.0 when the sample carries no tags; ``objects_tags`` / ``objects_text_tags``: int64
+  ``[MAX_TAGS]`` keys (:func:`tag_key`, 0-padded) of all the sample's tags and of the tags its
+  objects text names (``ViewConfig.objects_pick`` and ``objects_tag_dropout`` may name fewer), so
+  that the loss can tell which objects texts of a batch are true of which images.
 
 The work is split the way GPU input pipelines (DALI, kornia) split it. Here, in the loader worker:
 decode, every random draw, and the geometry (crop + resize is one ``cv2.resize`` of the crop, then
@@ -34,6 +37,7 @@ epochs give different views, and computing fewer views never changes the ones th
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import warnings
@@ -64,6 +68,7 @@ __all__ = [
     "decode_for_views",
     "decode_rgb",
     "objects_text",
+    "tag_key",
     "photometric_params",
     "random_resized_crop_box",
     "stable_hash",
@@ -81,14 +86,20 @@ ALL_VIEWS: tuple[str, ...] = (
     "text_view_ids",
     "objects_ids",
     "has_objects",
+    "objects_tags",
+    "objects_text_tags",
 )
+#: The outputs that always come together: the objects text, whether there is one, the tag keys.
+OBJECTS_OUTPUTS: frozenset[str] = frozenset({"objects_ids", "has_objects", "objects_tags", "objects_text_tags"})
+#: Tags per sample whose keys travel with it (a sample with more keeps its first ``MAX_TAGS``).
+MAX_TAGS = 16
 #: Loss-side view names (``ernievil2.losses.TERM_VIEWS``) accepted as aliases in ``views``.
 VIEW_ALIASES: dict[str, str] = {"caption": "caption_ids", "text_view": "text_view_ids", "objects": "objects_ids"}
 # independent random streams, fixed order (changing it changes every sample's views)
 #: The image views, in output order, and the two of them that are SimCLR views (with photometric draws).
 IMAGE_VIEWS: tuple[str, ...] = ("image", "image_view1", "image_view2")
 SIMCLR_VIEWS: tuple[str, ...] = ("image_view1", "image_view2")
-_STREAMS = (*IMAGE_VIEWS, "text")
+_STREAMS = (*IMAGE_VIEWS, "text", "objects")  # appended streams leave the earlier ones unchanged
 #: Suffix of the key holding a SimCLR view's photometric draws (``image_view1`` + suffix).
 PHOTOMETRIC_SUFFIX = "_photometric"
 
@@ -232,6 +243,29 @@ def _resolve_lang(table: Mapping[str, str], lang: str, what: str) -> str:
     raise ValueError(f"no objects {what} for language {lang!r} (have {sorted(table)})")
 
 
+def _unique_tags(objects: Sequence[str] | None) -> list[str]:
+    """Tags stripped, empty ones dropped, duplicates removed keeping first occurrences."""
+    seen: dict[str, None] = {}
+    for obj in objects or ():
+        obj = str(obj).strip()
+        if obj and obj not in seen:
+            seen[obj] = None
+    return list(seen)
+
+
+def tag_key(tag: str) -> int:
+    """A positive int64 naming one (stripped) tag: equal tags, equal keys (collisions 2^-63)."""
+    digest = hashlib.blake2b(tag.strip().encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF or 1
+
+
+def _tag_keys(tags: Sequence[str]) -> np.ndarray:
+    out = np.zeros(MAX_TAGS, dtype=np.int64)
+    keys = [tag_key(t) for t in tags[:MAX_TAGS]]
+    out[: len(keys)] = keys
+    return out
+
+
 def objects_text(
     objects: Sequence[str] | None,
     lang: str,
@@ -244,13 +278,7 @@ def objects_text(
     are joined with the language's joiner and put into the language's template at ``{objects}``.
     The language is looked up as given, then by its base (``zh-CN`` → ``zh``), then ``en``.
     """
-    if not objects:
-        return None
-    seen: dict[str, None] = {}
-    for obj in objects:
-        obj = str(obj).strip()
-        if obj and obj not in seen:
-            seen[obj] = None
+    seen = _unique_tags(objects)
     if not seen:
         return None
     template = _resolve_lang(templates, lang, "template")
@@ -332,6 +360,11 @@ class ViewConfig:
     text_swap_prob: float = 0.1
     objects_templates: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OBJECTS_TEMPLATES))
     objects_joiners: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OBJECTS_JOINERS))
+    # "all": the objects text names every tag of the sample; "one": one of its tags, drawn per
+    # sample and epoch (a label view: each text is one label, as in image-label contrast).
+    objects_pick: str = "all"
+    # Each tag left out of the objects text with this probability (per sample and epoch; at least one stays).
+    objects_tag_dropout: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     max_image_pixels: int = 40_000_000
@@ -349,7 +382,7 @@ class MultiViewTransform:
     """Make the ERNIE-ViL 2.0 views of a :class:`RawSample` (see the module docstring).
 
     ``views`` picks the outputs (names from :data:`ALL_VIEWS`, or the loss-side aliases of
-    :data:`VIEW_ALIASES`; ``objects_ids`` and ``has_objects`` always come together); the others are
+    :data:`VIEW_ALIASES`; the :data:`OBJECTS_OUTPUTS` always come together); the others are
     neither computed nor returned.
     """
 
@@ -367,6 +400,10 @@ class MultiViewTransform:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if cfg.image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {cfg.image_size}")
+        if cfg.objects_pick not in ("all", "one"):
+            raise ValueError(f"data.views.objects_pick must be 'all' or 'one', got {cfg.objects_pick!r}")
+        if not 0.0 <= cfg.objects_tag_dropout < 1.0:
+            raise ValueError(f"data.views.objects_tag_dropout must be in [0, 1), got {cfg.objects_tag_dropout}")
         for name, tmpl in cfg.objects_templates.items():
             if "{objects}" not in tmpl:
                 raise ValueError(f"objects template for {name!r} lacks '{{objects}}': {tmpl!r}")
@@ -378,12 +415,12 @@ class MultiViewTransform:
         unknown = wanted - set(ALL_VIEWS)
         if unknown:
             raise ValueError(f"unknown views {sorted(unknown)}; choose from {list(ALL_VIEWS)}")
-        if wanted & {"objects_ids", "has_objects"}:
-            wanted |= {"objects_ids", "has_objects"}
+        if wanted & OBJECTS_OUTPUTS:
+            wanted |= OBJECTS_OUTPUTS
         self.views: tuple[str, ...] = tuple(v for v in ALL_VIEWS if v in wanted)
         aux = {VIEW_ALIASES.get(v, v) for v in aux_views}
-        if aux & {"objects_ids", "has_objects"}:
-            aux |= {"objects_ids", "has_objects"}
+        if aux & OBJECTS_OUTPUTS:
+            aux |= OBJECTS_OUTPUTS
         if aux - set(ALL_VIEWS) or aux & {"image", "caption_ids"}:
             raise ValueError(f"aux_views must be among image_view1/2, text_view, objects; got {sorted(aux_views)}")
         #: views made only for rows ``< aux_rows`` of a batch (placeholders elsewhere); see ``__call__``
@@ -458,14 +495,25 @@ class MultiViewTransform:
                 )
             out["text_view_ids"] = self._pad(tv)
 
-    def _objects(self, sample: RawSample, out: dict[str, np.ndarray]) -> None:
-        text = objects_text(sample.objects, sample.lang, self.cfg.objects_templates, self.cfg.objects_joiners)
+    def _objects(self, sample: RawSample, out: dict[str, np.ndarray], rng: np.random.Generator) -> None:
+        tags = _unique_tags(sample.objects)
+        named = tags
+        if tags and self.cfg.objects_pick == "one":
+            named = [tags[int(rng.integers(len(tags)))]]
+        elif len(tags) > 1 and self.cfg.objects_tag_dropout > 0:
+            kept = rng.random(len(tags)) >= self.cfg.objects_tag_dropout
+            kept[int(rng.integers(len(tags)))] = True
+            named = [t for t, k in zip(tags, kept) if k]
+        text = objects_text(named, sample.lang, self.cfg.objects_templates, self.cfg.objects_joiners)
         if text is None:
             out["objects_ids"] = np.full(self.max_length, self.tokenizer.pad_id, dtype=np.int64)
             out["has_objects"] = np.array(0.0, dtype=np.float32)
+            named = tags = []
         else:
             out["objects_ids"] = self._pad(self.tokenizer.encode(text, self.max_length))
             out["has_objects"] = np.array(1.0, dtype=np.float32)
+        out["objects_tags"] = _tag_keys(tags)
+        out["objects_text_tags"] = _tag_keys(named)
 
     # ------------------------------------------------------------------ main
     def fixed_outputs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -474,7 +522,8 @@ class MultiViewTransform:
         s, a, n = self.cfg.image_size, self.simclr_size, self.max_length
         layout = {"image": ((s, s, 3), np.uint8), "image_view1": ((a, a, 3), np.uint8),
                   "image_view2": ((a, a, 3), np.uint8), "caption_ids": ((n,), np.int64),
-                  "text_view_ids": ((n,), np.int64), "objects_ids": ((n,), np.int64), "has_objects": ((), np.float32)}
+                  "text_view_ids": ((n,), np.int64), "objects_ids": ((n,), np.int64), "has_objects": ((), np.float32),
+                  "objects_tags": ((MAX_TAGS,), np.int64), "objects_text_tags": ((MAX_TAGS,), np.int64)}
         for view in SIMCLR_VIEWS:
             layout[view + PHOTOMETRIC_SUFFIX] = ((PHOTOMETRIC_PARAMS,), np.float32)
         return {k: (layout[k][0], np.dtype(layout[k][1])) for k in self.output_keys}
@@ -502,7 +551,7 @@ class MultiViewTransform:
 
     def _make_placeholders(self) -> dict[str, np.ndarray]:
         """What a row without the auxiliary views carries in their place: zero pixels and draws,
-        all-padding ids, ``has_objects`` 0 (fixed shapes for batching; never encoded). Made once,
+        all-padding ids, ``has_objects`` and the tag keys 0 (fixed shapes for batching; never encoded). Made once,
         read-only: batching copies them."""
         out: dict[str, np.ndarray] = {}
         for key, (shape, dtype) in self.fixed_outputs().items():
@@ -516,7 +565,7 @@ class MultiViewTransform:
     def __call__(self, sample: RawSample, epoch: int = 0, row: int | None = None) -> dict[str, np.ndarray]:
         """The selected views of ``sample`` as arrays keyed by :attr:`output_keys`: images RGB uint8
         ``[S, S, 3]`` (a SimCLR view with its ``*_photometric`` float32 ``[12]`` draws), ids int64
-        ``[max_length]``, ``has_objects`` a float32 scalar. ``row``: the sample's row in its batch
+        ``[max_length]``, ``has_objects`` a float32 scalar, the tag keys int64 ``[MAX_TAGS]``. ``row``: the sample's row in its batch
         (the loader's); a row ``>= aux_rows`` gets fixed placeholders for the auxiliary views,
         which are not made. The other views do not depend on ``row``."""
         rngs = self.rngs(sample.key, epoch)
@@ -535,5 +584,5 @@ class MultiViewTransform:
         if "caption_ids" in views or "text_view_ids" in views:
             self._texts(sample, rngs["text"], out, views)
         if "objects_ids" in views:
-            self._objects(sample, out)
+            self._objects(sample, out, rngs["objects"])
         return {k: out[k] for k in self.output_keys}

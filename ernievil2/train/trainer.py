@@ -76,7 +76,8 @@ def encode_views(
     photometric draws a SimCLR view carries) of one resolution and one ``patch_dropout`` go
     through the image tower together (one pass per such group), and so do text views of one length
     once each view's all-padding columns are trimmed (short object tags do not pay for captions'
-    padding). ``rows`` limits a view to its first N rows (the
+    padding); a text that recurs within a view (detector tags: many samples share one) is encoded
+    once and its features shared by its rows. ``rows`` limits a view to its first N rows (the
     auxiliary views of ``loss.aux_fraction``). Returns the features by view and the logit scale
     (None unless ``with_logit_scale``). Going through ``forward`` lets a ``paddle.DataParallel``
     wrapper prepare its gradient all-reduce."""
@@ -94,7 +95,13 @@ def encode_views(
     img_order = [k for keys in groups.values() for k in keys]
     pixels = [paddle.concat([finished[k] for k in keys]) for keys in groups.values()] or None
     pad = unwrap(model).cfg.text.pad_id
-    trimmed = {k: trim_padding(_host(batch[TEXT_VIEWS[k]])[: rows.get(k)], pad) for k in txt_keys}
+    trimmed, inverse = {}, {}
+    for k in txt_keys:
+        ids_k = trim_padding(_host(batch[TEXT_VIEWS[k]])[: rows.get(k)], pad)
+        unique, back = np.unique(ids_k, axis=0, return_inverse=True)
+        if len(unique) < len(ids_k):
+            ids_k, inverse[k] = unique, paddle.to_tensor(back.reshape(-1).astype(np.int64))
+        trimmed[k] = ids_k
     txt_groups: dict[int, list[str]] = {}
     for k in txt_keys:
         txt_groups.setdefault(trimmed[k].shape[1], []).append(k)
@@ -108,7 +115,8 @@ def encode_views(
         feats.update(zip(img_order, paddle.split(_full_precision(image_emb), sizes)))
     if txt_keys:
         sizes = [len(trimmed[k]) for k in txt_order]
-        feats.update(zip(txt_order, paddle.split(_full_precision(text_emb), sizes)))
+        for k, f in zip(txt_order, paddle.split(_full_precision(text_emb), sizes)):
+            feats[k] = paddle.gather(f, inverse[k]) if k in inverse else f
     return feats, logit_scale
 
 
@@ -311,9 +319,13 @@ class Trainer:
         def encode(model: paddle.nn.Layer, b: dict, with_scale: bool):
             return encode_views(model, b, views, with_scale, self.finish_views, rows, drops)
 
-        mask = None
+        mask = tags = None
         if "objects" in views:
-            mask = merge_micro_batches([{"m": _tensor(b["has_objects"])} for b in micro], lead)["m"]
+            with_tags = self.loss.cfg.objects_true_texts != "negative"
+            merged = merge_micro_batches([{"m": _tensor(b["has_objects"]), **({
+                "i": _tensor(b["objects_tags"]), "t": _tensor(b["objects_text_tags"])} if with_tags else {})}
+                for b in micro], lead)
+            mask, tags = merged["m"], ((merged["i"], merged["t"]) if with_tags else None)
         precision = self.parallel.precision
         cached: list[dict[str, paddle.Tensor]] = []
         rng_states: list[Any] = []
@@ -336,7 +348,7 @@ class Trainer:
                     feats = merge_micro_batches([feats if i == j else c for i, c in enumerate(cached)], lead)
                 if scale is None:
                     scale = self.model.logit_scale.detach()
-                out = self.loss(feats, _full_precision(scale), mask, progress)
+                out = self.loss(feats, _full_precision(scale), mask, progress, tags)
                 loss = out["loss"]
                 (self.parallel.scaler.scale(loss) if self.parallel.scaler is not None else loss).backward()
         values = paddle.stack([v.detach().reshape([]) for v in out.values()])
