@@ -133,12 +133,12 @@ def test_views_subset_skips_work_and_matches_full(tok, sample):
     t_text = MultiViewTransform(ViewConfig(), tok, views=["caption_ids", "objects_ids"])
     bad_image = RawSample(key="k", image=b"not an image", captions=["a dog"], objects=None)
     out = t_text(bad_image)
-    assert set(out) == {"caption_ids", "objects_ids", "has_objects", "objects_key"}
+    assert set(out) == {"caption_ids", "objects_ids", "has_objects", "objects_tags", "objects_text_tags"}
     # the loss's view names are accepted as aliases
     aliased = MultiViewTransform(ViewConfig(image_size=SIZE), tok, max_length=16, seed=5, views=("image", "caption"))
     assert set(aliased(sample, epoch=1)) == {"image", "caption_ids"}
     assert set(MultiViewTransform(ViewConfig(), tok, views=["objects", "text_view"]).views) == {
-        "text_view_ids", "objects_ids", "has_objects", "objects_key"}
+        "text_view_ids", "objects_ids", "has_objects", "objects_tags", "objects_text_tags"}
     with pytest.raises(ValueError, match="unknown views"):
         MultiViewTransform(ViewConfig(), tok, views=["image", "depth"])
 
