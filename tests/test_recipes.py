@@ -125,6 +125,35 @@ def test_text_views_of_different_lengths_run_as_separate_passes():
             np.testing.assert_allclose(feats[view].numpy(), alone, rtol=0, atol=2e-6)
 
 
+
+def test_recurring_texts_are_encoded_once_and_a_small_view_rides_along():
+    """Detector tags: 16 rows whose tag texts are 3 distinct ones. Each distinct text is encoded
+    once, and the 3 rows, padded to the captions' 12 tokens (36 of 192 tokens), join the captions'
+    pass; every row's features equal the text encoded alone, and the gradient reaches each row."""
+    model = _tiny_model()
+    model.eval()
+    batch = fixed_batch(16)
+    batch["caption_ids"][:, 11] = 3  # every caption 12 tokens
+    batch["caption_ids"][:, 1:11] = np.maximum(batch["caption_ids"][:, 1:11], 5)
+    tags = np.zeros((3, 12), dtype=np.int64)
+    tags[:, :4] = [[2, 50, 51, 3], [2, 60, 3, 0], [2, 50, 61, 3]]
+    batch["objects_ids"] = tags[np.arange(16) % 3]
+    passes = []
+    hook = model.text.register_forward_post_hook(lambda layer, inputs, out: passes.append(list(inputs[0].shape)))
+    try:
+        feats, _ = encode_views(model, batch, ("image", "caption", "objects"))
+    finally:
+        hook.remove()
+    assert passes == [[19, 12]]  # 16 captions + 3 distinct tag texts, one pass
+    with paddle.no_grad():
+        for view, key in (("caption", "caption_ids"), ("objects", "objects_ids")):
+            alone = model.encode_text(paddle.to_tensor(batch[key])).numpy()
+            np.testing.assert_allclose(feats[view].numpy(), alone, rtol=0, atol=2e-6)
+    # rows 1, 4, 7, ... share text 1 (token 60): their gradients add up on its one encoding
+    (feats["objects"][1::3] * paddle.arange(1, 6, dtype="float32").unsqueeze(1)).sum().backward()
+    grad = model.text.word_emb.weight.grad.numpy()
+    assert np.abs(grad[60]).sum() > 0 and np.abs(grad[51]).sum() == 0
+
 def test_view_flops_count_object_tags_at_their_own_length():
     """Forward + backward = 3 × forward per view share; base text block by hand at 23 tokens."""
     cfg = model_config("base")

@@ -66,6 +66,11 @@ def _host(x: Any) -> np.ndarray:
     return np.asarray(x.numpy() if isinstance(x, paddle.Tensor) else x)
 
 
+#: A text view padded to the longest view's length adding at most this share of that pass's tokens
+#: rides along in it (one pass fewer: on small batches a pass costs more than its padding).
+RIDE_ALONG = 0.25
+
+
 def encode_views(
     model: paddle.nn.Layer, batch: dict, views: Sequence[str], with_logit_scale: bool = True,
     finish: Optional[ViewFinisher] = None, rows: Optional[Mapping[str, int]] = None,
@@ -77,7 +82,8 @@ def encode_views(
     through the image tower together (one pass per such group), and so do text views of one length
     once each view's all-padding columns are trimmed (short object tags do not pay for captions'
     padding); a text that recurs within a view (detector tags: many samples share one) is encoded
-    once and its features shared by its rows. ``rows`` limits a view to its first N rows (the
+    once and its features shared by its rows, and a view that few rows are left of rides along in
+    the longest view's pass (:data:`RIDE_ALONG`). ``rows`` limits a view to its first N rows (the
     auxiliary views of ``loss.aux_fraction``). Returns the features by view and the logit scale
     (None unless ``with_logit_scale``). Going through ``forward`` lets a ``paddle.DataParallel``
     wrapper prepare its gradient all-reduce."""
@@ -103,8 +109,14 @@ def encode_views(
             ids_k, inverse[k] = unique, paddle.to_tensor(back.reshape(-1).astype(np.int64))
         trimmed[k] = ids_k
     txt_groups: dict[int, list[str]] = {}
+    longest = max((trimmed[k].shape[1] for k in txt_keys), default=0)
+    main_tokens = sum(trimmed[k].size for k in txt_keys if trimmed[k].shape[1] == longest)
     for k in txt_keys:
-        txt_groups.setdefault(trimmed[k].shape[1], []).append(k)
+        length = trimmed[k].shape[1]
+        if length < longest and len(trimmed[k]) * longest <= RIDE_ALONG * main_tokens:
+            trimmed[k] = np.pad(trimmed[k], ((0, 0), (0, longest - length)), constant_values=pad)
+            length = longest
+        txt_groups.setdefault(length, []).append(k)
     txt_order = [k for keys in txt_groups.values() for k in keys]
     ids = [paddle.to_tensor(np.concatenate([trimmed[k] for k in keys])) for keys in txt_groups.values()] or None
     image_emb, text_emb, logit_scale = model(pixels, ids, with_logit_scale=with_logit_scale,
