@@ -9,12 +9,14 @@ A run dir is what ``launch/train.py`` writes (``config.json``, ``metrics.jsonl``
 Runs are grouped into recipes by their command-line overrides, leaving out the seed and the
 overrides every run shares (a run with nothing else of its own is named by its ``loss.name``).
 Per recipe: runs, steps reached, samples/s (samples over training seconds, evaluation excluded),
-the step cost relative to the baseline recipe (its samples/s over this recipe's), and the final
-metric's median, minimum and maximum over the runs.
+the step cost relative to the baseline recipe (its samples/s over this recipe's), the final
+metric's median, minimum and maximum over the runs, and how many runs had stalled: their
+image-caption loss still at chance (≥ 0.95 · ln B, B the batch rows) a quarter of the way in.
 """
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Optional, Sequence
 from ernievil2.jsonl import jsonl_objects
 
 DEFAULT_METRIC = "demo_val/multi/mean_recall"
+STALL_FRACTION = 0.95
 SEED_KEY = "trainer.seed"
 
 
@@ -37,6 +40,13 @@ class RunResult:
     curve: list[tuple[float, float]] = field(default_factory=list)  # (training seconds, metric)
     final_step: int = 0
     final_seconds: float = 0.0
+    # image-caption loss at the first logged step past a quarter of the training seconds (None: not logged)
+    quarter_loss: Optional[float] = None
+
+    @property
+    def stalled(self) -> bool:
+        """Whether the image-caption loss still sat at chance (≥ 0.95 · ln B) a quarter of the way in."""
+        return self.quarter_loss is not None and self.quarter_loss >= STALL_FRACTION * math.log(self.batch_rows)
 
     @property
     def final(self) -> float:
@@ -85,14 +95,25 @@ def load_runs(run_dirs: Sequence[str | Path], metric: str = DEFAULT_METRIC) -> l
         if not curve:
             raise ValueError(f"{d}: no evaluation of {metric} in metrics.jsonl (did the run finish?)")
         rows = int(cfg["data"]["batch_size"]) * int(cfg["trainer"].get("accum_steps", 1))
-        raw.append((d, cfg, _overrides(d), curve, step, seconds, rows))
+        raw.append((d, cfg, _overrides(d), curve, step, seconds, rows, _quarter_loss(d, seconds)))
     shared = set.intersection(*(set(o) for _, _, o, *_ in raw)) if raw else set()
     runs = []
-    for d, cfg, overrides, curve, step, seconds, rows in raw:
+    for d, cfg, overrides, curve, step, seconds, rows, quarter in raw:
         own = [o for o in overrides if o not in shared and not o.startswith(SEED_KEY + "=")]
         label = " ".join(o[len("loss="):] if o.startswith("loss=") else o for o in own) or cfg["loss"].get("name", "run")
-        runs.append(RunResult(d, label, cfg["trainer"].get("seed"), rows, sorted(curve), step, seconds))
+        runs.append(RunResult(d, label, cfg["trainer"].get("seed"), rows, sorted(curve), step, seconds, quarter))
     return runs
+
+
+def _quarter_loss(run: Path, seconds: float) -> Optional[float]:
+    """The image-caption loss logged first at or past a quarter of ``seconds`` of training."""
+    log = run / "train_log.jsonl"
+    if not log.is_file():
+        return None
+    for _, rec in jsonl_objects(log):
+        if isinstance(rec, dict) and "image_caption" in rec and float(rec.get("train_seconds", 0.0)) >= seconds / 4:
+            return float(rec["image_caption"])
+    return None
 
 
 def group(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
@@ -116,7 +137,7 @@ def summary_rows(runs: Sequence[RunResult], baseline: str = "clip_only") -> list
             "seconds": statistics.median(r.final_seconds for r in rs), "samples_per_s": sps[label],
             "step_cost": sps[baseline] / sps[label] if baseline in sps else None,
             "median": statistics.median(finals), "min": min(finals), "max": max(finals),
-            "by_seed": {r.seed: r.final for r in rs},
+            "by_seed": {r.seed: r.final for r in rs}, "stalled": sum(r.stalled for r in rs),
         })
     return rows
 
@@ -124,13 +145,13 @@ def summary_rows(runs: Sequence[RunResult], baseline: str = "clip_only") -> list
 def markdown_table(rows: Sequence[dict], metric: str = DEFAULT_METRIC, baseline: str = "clip_only") -> str:
     """The summary as a Markdown table (recipes in the order given)."""
     head = (f"| recipe | runs | steps | train s | samples/s | step cost vs {baseline} | {metric} median | min | max "
-            f"| by seed |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+            f"| stalled at ¼ | by seed |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
     lines = []
     for r in rows:
         cost = "—" if r["step_cost"] is None else f"{r['step_cost']:.2f}×"
         seeds = ", ".join(f"{s}: {v:.2f}" for s, v in r["by_seed"].items())
         lines.append(f"| {r['recipe']} | {r['runs']} | {r['steps']:.0f} | {r['seconds']:.1f} | {r['samples_per_s']:.1f} "
-                     f"| {cost} | **{r['median']:.2f}** | {r['min']:.2f} | {r['max']:.2f} | {seeds} |")
+                     f"| {cost} | **{r['median']:.2f}** | {r['min']:.2f} | {r['max']:.2f} | {r['stalled']} | {seeds} |")
     return head + "\n".join(lines) + "\n"
 
 

@@ -463,3 +463,31 @@ def test_readme_sweep_command_composes_for_every_job():
         assert cfg.trainer.time_budget_s == 240 and cfg.eval.every_n_seconds == 60
         names.add(cfg.loss.name)
     assert names == {"clip_only", "multiview", "multiview_paper"}
+
+
+def test_compare_counts_runs_stalled_at_chance(tmp_path):
+    """A run whose image-caption loss is still ≥ 0.95 · ln B a quarter of the way through its
+    training seconds counts as stalled; the table says how many runs of a recipe did."""
+    import json
+
+    from ernievil2.compare import load_runs, markdown_table, summary_rows
+
+    def run(name: str, seed: int, losses: list[tuple[float, float]]) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"data": {"batch_size": 64}, "trainer": {"seed": seed},
+                                                   "loss": {"name": "multiview"}}))
+        (d / "metrics.jsonl").write_text(json.dumps({"dataset": "demo_val", "protocol": "multi", "mean_recall": 40.0,
+                                                     "step": 100, "train_seconds": 160.0}) + "\n")
+        (d / "train_log.jsonl").write_text("".join(
+            json.dumps({"step": i, "image_caption": v, "train_seconds": t}) + "\n" for i, (t, v) in enumerate(losses)))
+        return d
+
+    ln64 = np.log(64)
+    stalled = run("a", 0, [(10.0, ln64), (39.0, ln64), (41.0, 0.96 * ln64), (100.0, 2.0)])
+    moving = run("b", 1, [(10.0, ln64), (41.0, 0.9 * ln64), (100.0, 2.0)])
+    runs = load_runs([stalled, moving])
+    assert [r.stalled for r in runs] == [True, False]
+    rows = summary_rows(runs)
+    assert rows[0]["stalled"] == 1
+    assert "| stalled at ¼ |" in markdown_table(rows) and "| 1 | 0: 40.00, 1: 40.00 |" in markdown_table(rows)
