@@ -25,6 +25,7 @@ import numpy as np
 import paddle
 from hydra import compose, initialize_config_dir
 
+from ernievil2.data.views import MAX_TAGS
 from ernievil2.losses import MultiViewLoss
 from ernievil2.models import build_model
 from ernievil2.models.config import model_config
@@ -68,6 +69,10 @@ def synthetic_batch(b: int, size: int, aux: int, text_len: int, objects_len: int
         ids[:, 0], ids[:, -1] = 1, 2
         out[k] = ids
     out["has_objects"] = np.ones(b, np.float32)
+    # one distinct tag per row (what loss.objects_true_texts reads; every text true of its own image only)
+    out["objects_tags"] = np.zeros((b, MAX_TAGS), np.int64)
+    out["objects_tags"][:, 0] = np.arange(1, b + 1)
+    out["objects_text_tags"] = out["objects_tags"].copy()
     return out
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import paddle
 
 from ernievil2.losses import LossConfig, MultiViewLoss
-from ernievil2.data.views import IMAGE_VIEWS
+from ernievil2.data.views import IMAGE_VIEWS, MAX_TAGS
 from ernievil2.models import build_model
 from ernievil2.models.config import DualEncoderConfig, model_config
 from ernievil2.models.flops import view_flops_per_sample
@@ -44,6 +44,9 @@ def make_batch(cfg: DualEncoderConfig, batch: int, text_len: int, rng: np.random
         ids[:, 0], ids[:, -1] = 1, 2
         out[k] = paddle.to_tensor(ids)
     out["has_objects"] = paddle.ones([batch], dtype="float32")
+    tags = np.zeros((batch, MAX_TAGS), np.int64)
+    tags[:, 0] = np.arange(1, batch + 1)  # one distinct tag per row (loss.objects_true_texts)
+    out["objects_tags"] = out["objects_text_tags"] = paddle.to_tensor(tags)
     return out
 
 
