@@ -119,15 +119,15 @@ def _soft_cross_entropy_rows(logits: paddle.Tensor, targets: paddle.Tensor) -> p
 def texts_true_of_images(image_tags: paddle.Tensor, text_tags: paddle.Tensor) -> paddle.Tensor:
     """``[N, M]`` bool: objects text ``j`` is true of image ``i`` when it names at least one tag and
     every tag it names is among image ``i``'s tags. ``image_tags`` ``[N, K]`` and ``text_tags``
-    ``[M, K]`` hold int64 tag keys, 0-padded (:func:`ernievil2.data.views.tag_key`). Tags are
-    one-hot over the keys present, ``(N + M)·K × V`` floats for ``V`` distinct keys."""
-    n, k = image_tags.shape
-    keys = paddle.concat([image_tags.reshape([-1]), text_tags.reshape([-1])])
-    unique, index = paddle.unique(keys, return_inverse=True)
-    hot = F.one_hot(index.reshape([-1]), unique.shape[0]).astype("float32")
+    ``[M, K]`` hold int64 tag keys, 0-padded (:func:`ernievil2.data.views.tag_key`). Each side
+    becomes a multi-hot ``[N or M, V]`` over the ``V`` distinct keys present (no gradient)."""
+    n = image_tags.shape[0]
+    keys = paddle.concat([image_tags, text_tags])
+    unique, index = paddle.unique(keys.reshape([-1]), return_inverse=True)
+    index = index.reshape(keys.shape).astype("int64")
+    hot = paddle.put_along_axis(paddle.zeros([keys.shape[0], unique.shape[0]], dtype="float32"), index, 1.0, axis=1)
     hot = hot * (unique != 0).astype("float32").unsqueeze(0)  # key 0 is padding
-    images = hot[: n * k].reshape([n, k, -1]).sum(axis=1).clip(max=1.0)
-    texts = hot[n * k:].reshape([text_tags.shape[0], k, -1]).sum(axis=1).clip(max=1.0)
+    images, texts = hot[:n], hot[n:]
     named = texts.sum(axis=1)
     shared = paddle.matmul(images, texts, transpose_y=True)
     return (shared == named.unsqueeze(0)).logical_and(named.unsqueeze(0) > 0)

@@ -168,6 +168,12 @@ def test_texts_true_of_images():
 
     got = texts_true_of_images(paddle.to_tensor(images), paddle.to_tensor(texts)).numpy()
     np.testing.assert_array_equal(got, [[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    rng = np.random.default_rng(0)
+    for _ in range(30):  # against set containment on random keys (0 is padding)
+        images, texts = rng.integers(0, 6, (int(rng.integers(1, 9)), 4)), rng.integers(0, 6, (int(rng.integers(1, 9)), 4))
+        want = [[bool(set(t[t > 0])) and set(t[t > 0]) <= set(i[i > 0]) for t in texts] for i in images]
+        got = texts_true_of_images(paddle.to_tensor(images), paddle.to_tensor(texts)).numpy()
+        np.testing.assert_array_equal(got, want)
 
 
 def test_masked_info_nce_with_no_tagged_sample_is_zero():
