@@ -269,6 +269,9 @@ class LossConfig:
     # encoded (a curriculum: the intra-modal terms spread the embeddings of different samples
     # apart from the first step, the cheaper image-caption steps follow).
     aux_until: Optional[float] = None
+    # None: full weights from the first step. f in (0, 1]: the auxiliary terms' weights rise
+    # linearly from 0 at the start to full at fraction f of training (image-caption steps first).
+    aux_from: Optional[float] = None
     # What another sample's objects text that is true of an image (every tag it names is one of the
     # image's; e.g. an identical text) is to that image in the image-objects term, and likewise
     # such an image to a text: "negative" (plain InfoNCE), "masked" (no candidate) or "positive"
@@ -283,6 +286,8 @@ class LossConfig:
                              f"got {self.objects_true_texts!r}")
         if self.aux_until is not None and not 0.0 < self.aux_until <= 1.0:
             raise ValueError(f"loss.aux_until must be in (0, 1] or null, got {self.aux_until}")
+        if self.aux_from is not None and not 0.0 < self.aux_from <= 1.0:
+            raise ValueError(f"loss.aux_from must be in (0, 1] or null, got {self.aux_from}")
         for view, p in self.patch_dropout.items():
             if view not in PATCH_DROPOUT_VIEWS:
                 raise ValueError(f"loss.patch_dropout: unknown image view {view!r} (one of {list(PATCH_DROPOUT_VIEWS)})")
@@ -299,14 +304,19 @@ class MultiViewLoss:
         if not self.weights:
             raise ValueError("all loss weights are 0: enable at least one of " + ", ".join(TERMS))
         self.exchange = exchange or FeatureExchange()
-        if cfg.aux_until is not None and "image_caption" not in self.weights:
-            raise ValueError("loss.aux_until switches the auxiliary terms off: it needs loss.image_caption > 0")
+        for key in ("aux_until", "aux_from"):
+            if getattr(cfg, key) is not None and "image_caption" not in self.weights:
+                raise ValueError(f"loss.{key} switches the auxiliary terms off for a while: it needs loss.image_caption > 0")
 
     def aux_weight(self, progress: float) -> float:
-        """Factor on the auxiliary terms' weights at ``progress`` (fraction of training done)."""
-        if self.cfg.aux_until is None:
-            return 1.0
-        return max(0.0, 1.0 - float(progress) / self.cfg.aux_until)
+        """Factor on the auxiliary terms' weights at ``progress`` (fraction of training done):
+        rising from 0 to 1 over ``aux_from``, falling to 0 at ``aux_until``."""
+        factor = 1.0
+        if self.cfg.aux_from is not None:
+            factor = min(1.0, float(progress) / self.cfg.aux_from)
+        if self.cfg.aux_until is not None:
+            factor = min(factor, max(0.0, 1.0 - float(progress) / self.cfg.aux_until))
+        return factor
 
     def views_at(self, progress: float) -> tuple[str, ...]:
         """The views the terms active at ``progress`` need (:attr:`required_views` until the

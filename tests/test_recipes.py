@@ -417,6 +417,21 @@ def test_multirun_of_two_recipes_and_compare(tmp_path):
         assert png.format == "PNG" and png.size[0] >= 600
 
 
+def test_aux_from_ramps_the_auxiliary_terms_in():
+    """``aux_from``: image-caption alone at the start (the objects view not even encoded), the
+    auxiliary weights rising linearly to full at the given fraction; combined with ``aux_until``
+    the smaller factor applies."""
+    loss = MultiViewLoss(LossConfig(image_image=0, text_text=0, aux_from=0.25))
+    assert [loss.aux_weight(p) for p in (0.0, 0.125, 0.25, 0.9)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
+    assert loss.views_at(0.0) == ("image", "caption") and loss.views_at(0.1) == ("image", "caption", "objects")
+    both = MultiViewLoss(LossConfig(aux_from=0.2, aux_until=0.8))
+    assert [both.aux_weight(p) for p in (0.1, 0.5, 0.7)] == pytest.approx([0.5, 0.375, 0.125])
+    with pytest.raises(ValueError, match="aux_from"):
+        LossConfig(aux_from=1.5)
+    with pytest.raises(ValueError, match="aux_from"):
+        MultiViewLoss(LossConfig(image_caption=0, aux_from=0.5))
+
+
 def test_aux_until_fades_the_auxiliary_terms_then_drops_their_views():
     loss = MultiViewLoss(LossConfig(shared_image_view=True, aux_until=0.4))
     assert [loss.aux_weight(p) for p in (0.0, 0.2, 0.4, 0.9)] == pytest.approx([1.0, 0.5, 0.0, 0.0])

@@ -319,7 +319,7 @@ class Trainer:
         """Forward and backward of one optimizer step's micro-batches (a batch or a list of
         ``accum_steps`` of them; gradients all-reduced over ranks once, after the last). Returns
         the loss and its terms over all micro-batches, averaged over ranks: the values of the
-        global batch's loss. ``progress``: the fraction of training done (``loss.aux_until``)."""
+        global batch's loss. ``progress``: the fraction of training done (``loss.aux_from`` / ``aux_until``)."""
         micro = [batches] if isinstance(batches, dict) else list(batches)
         views = self.loss.views_at(progress)
         uses_scale = self.loss.uses_logit_scale
@@ -578,7 +578,7 @@ class Trainer:
             scalars = {**terms, "lr": lr, "logit_scale": self.model.logit_scale.item(),
                        "train_seconds": self.clock.seconds(),
                        **({"aux_weight": self.loss.aux_weight(self._progress(seconds))}
-                          if self.loss.cfg.aux_until is not None else {}),
+                          if self.loss.cfg.aux_until is not None or self.loss.cfg.aux_from is not None else {}),
                        "grad_norm": grad_norm if grad_norm is not None else float("nan"),
                        "samples_per_s": window["samples_per_s"], "data_wait_s": window["data_wait_s"],
                        "epoch": self.epoch, "samples_seen": self.samples_seen,
