@@ -125,7 +125,8 @@ def texts_true_of_images(image_tags: paddle.Tensor, text_tags: paddle.Tensor) ->
     keys = paddle.concat([image_tags, text_tags])
     unique, index = paddle.unique(keys.reshape([-1]), return_inverse=True)
     index = index.reshape(keys.shape).astype("int64")
-    hot = paddle.put_along_axis(paddle.zeros([keys.shape[0], unique.shape[0]], dtype="float32"), index, 1.0, axis=1)
+    hot = paddle.put_along_axis(paddle.zeros([keys.shape[0], unique.shape[0]], dtype="float32"), index,
+                                paddle.ones(index.shape, dtype="float32"), axis=1)  # not the default dtype
     hot = hot * (unique != 0).astype("float32").unsqueeze(0)  # key 0 is padding
     images, texts = hot[:n], hot[n:]
     named = texts.sum(axis=1)

@@ -168,6 +168,13 @@ def test_texts_true_of_images():
 
     got = texts_true_of_images(paddle.to_tensor(images), paddle.to_tensor(texts)).numpy()
     np.testing.assert_array_equal(got, [[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    previous = paddle.get_default_dtype()
+    paddle.set_default_dtype("float64")  # as the distributed tests run it
+    try:
+        again = texts_true_of_images(paddle.to_tensor(images), paddle.to_tensor(texts)).numpy()
+    finally:
+        paddle.set_default_dtype(previous)
+    np.testing.assert_array_equal(again, got)
     rng = np.random.default_rng(0)
     for _ in range(30):  # against set containment on random keys (0 is padding)
         images, texts = rng.integers(0, 6, (int(rng.integers(1, 9)), 4)), rng.integers(0, 6, (int(rng.integers(1, 9)), 4))
