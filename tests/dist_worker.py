@@ -66,7 +66,7 @@ CASES = {
     "dup_positive_global_a": ("a", False, False, ALL_TERMS, 1, (("objects_true_texts", "positive"),)),
     "dup_masked_accum_local_b": ("b", True, False, ALL_TERMS, 2, (("objects_true_texts", "masked"),)),
     "dup_masked_local_b": ("b", True, False, ALL_TERMS, 1, (("objects_true_texts", "masked"),)),
-    # Negative control: paddle's all_gather returns no gradient (SPEC §8); the test expects this
+    # Negative control: paddle's all_gather returns no gradient (docs/DISTRIBUTED.md); the test expects this
     # case to disagree with one process, which shows the comparison can fail.
     "nograd_gather_a": ("a", True, True, ALL_TERMS, 1),
 }
@@ -115,7 +115,7 @@ def micro_batches(batch: dict[str, np.ndarray], k: int) -> list[dict[str, np.nda
 
 
 class NoGradGatherExchange(DistributedExchange):
-    """The bug of SPEC §8: ``all_gather`` without a gradient path to the other ranks' features."""
+    """The silent bug of a plain gather: ``all_gather`` without a gradient path to the other ranks' features."""
 
     def gather(self, x):
         if self.world_size == 1:

@@ -1,4 +1,4 @@
-"""Bad training data (issue 5, item 5): each kind is a counted skip, logged with shard and key, its
+"""Bad training data: each kind is a counted skip, logged with shard and key, its
 count reaches the batches (``skipped``), and a wholly bad shard does not stall the stream."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Data across ranks (issue 4, item 4), with real processes (``paddle.distributed.launch`` on CPU).
+"""Data across ranks, with real processes (``paddle.distributed.launch`` on CPU).
 
 - 2 ranks × 2 loader workers over 6 uneven shards: every sample of an epoch is read exactly once
   across the job, in each of two epochs, and every (rank, worker) reads some.

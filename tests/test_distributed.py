@@ -2,7 +2,7 @@
 
 - 2 ranks × B against 1 process × 2B on the same data and init: loss terms and every parameter
   gradient agree (float64, relative error ≤ 1e-5) for the local and the global loss, with and
-  without untagged samples on a rank; a gather without gradient (SPEC §8) is caught.
+  without untagged samples on a rank; a gather without gradient (paddle's plain all_gather) is caught.
 - ``launch/train.py`` under the launcher: one shared run dir, one writer, identical parameters.
 - World size 1 calls no collective.
 """
@@ -180,7 +180,7 @@ def test_accumulation_replays_dropout():
 
 @pytest.mark.timeout(300)
 def test_gather_without_gradient_is_caught(two_rank_results, one_process_reference):
-    """SPEC §8's silent bug (``all_gather`` without gradient) must fail the comparison above."""
+    """The silent bug of a plain gather (``all_gather`` without gradient) must fail the comparison above."""
     _, ref_grads = one_process_reference["local_a"]
     _, grads = _load(two_rank_results, 0, "nograd_gather_a")
     assert max(_grad_errors(grads, ref_grads).values()) > 1e-2

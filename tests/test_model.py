@@ -1,4 +1,4 @@
-"""The dual encoder: presets (SPEC §2), block structure against NumPy references, padding mask,
+"""The dual encoder: presets (README, released ernie_vil-2.0-base-zh layout), block structure against NumPy references, padding mask,
 attention backends, temperature, config validation, checkpoints and the optimizer's decay rule."""
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def test_text_block_is_post_ln():
 def test_towers_end_to_end_by_hand(tiny):
     """Vision: ln_post(blocks(ln_pre([cls; patches] + pos)))[:, 0]; text: tanh(pooler(h[:, 0]))."""
     vis, txt = tiny.vision, tiny.text
-    assert vis.patch_embed.bias is None  # patch conv without bias (SPEC §2)
+    assert vis.patch_embed.bias is None  # patch conv without bias (as the released ViT)
     pixels = _pixels(2)
     x = vis.patch_embed(pixels).flatten(2).transpose([0, 2, 1])
     cls = vis.class_embedding.reshape([1, 1, -1]).expand([2, 1, -1])

@@ -1,4 +1,4 @@
-"""Multi-node launch and failure handling (issue 4, item 6), with real processes on CPU (gloo).
+"""Multi-node launch and failure handling, with real processes on CPU (gloo).
 
 - Two launchers on this machine act as two nodes over 127.0.0.1 (``launch/train_multinode.sh``:
   ``--nnodes 2``, one process each): they train a few steps of the demo, both exit 0, and both

@@ -1,4 +1,4 @@
-"""Preprocessing profiles (SPEC §4) against hand-computed resize dims, crop offsets and pixels."""
+"""Preprocessing profiles (official inference and PaddleNLP processor) against hand-computed resize dims, crop offsets and pixels."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Training stream (issue 5, items 3-4): sources mixed by weight, exact and resampled epochs,
+"""Training stream: sources mixed by weight, exact and resampled epochs,
 epoch accounting from sizes.json, http(s) and pipe: shard URLs, exact resume with 0, 1 and 2 loader
 workers, and the has_objects mask over mixed sources."""
 from __future__ import annotations

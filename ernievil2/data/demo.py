@@ -341,11 +341,11 @@ class TagNoise:
     def __post_init__(self) -> None:
         if self.mode not in TAG_MODES:
             raise ValueError(f"data.demo.tags must be one of {list(TAG_MODES)}, got {self.mode!r}")
-        for name in ("recall", "false_tags", "attributes", "attribute_error"):
+        for name, key in (("recall", "tag_recall"), ("false_tags", "false_tags"), ("attributes", "tag_attributes"),
+                          ("attribute_error", "attribute_error")):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"data.demo.{'tag_' + name if name in ('recall', 'attributes') else name} "
-                                 f"must be in [0, 1], got {value}")
+                raise ValueError(f"data.demo.{key} must be in [0, 1], got {value}")
 
 
 def _tag(shape: str, colour: str | None, zh: bool) -> str:
