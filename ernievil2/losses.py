@@ -85,12 +85,15 @@ def info_nce(
     scale: paddle.Tensor,
     exchange: FeatureExchange,
     local: bool = True,
+    pair_weights: Optional[paddle.Tensor] = None,
 ) -> paddle.Tensor:
     """Symmetric InfoNCE between paired rows of ``queries`` and ``keys_local`` (this rank's rows).
 
     Local (default): rows of this rank score against the columns of all ranks; labels are offset
     by ``rank · B``. Global (``local=False``): the gathered rows of all ranks score against all
-    columns. Returns the mean of the two directions' mean cross entropy.
+    columns. Returns the mean of the two directions' mean cross entropy; ``pair_weights`` (no
+    gradient; ``[W·B]``, every pair of the job in rank order) weight each pair's two rows in those
+    means.
     """
     b = queries.shape[0]
     keys_all = exchange.gather(keys_local)
@@ -99,14 +102,45 @@ def info_nce(
         labels = _labels(b, exchange.rank * b)
     else:
         queries, keys_local, labels = queries_all, keys_all, _labels(queries_all.shape[0], 0)
+    if pair_weights is not None and local:
+        pair_weights = pair_weights[exchange.rank * b:(exchange.rank + 1) * b]
     q2k = _cross_entropy_rows(scale * paddle.matmul(queries, keys_all, transpose_y=True), labels)
     k2q = _cross_entropy_rows(scale * paddle.matmul(keys_local, queries_all, transpose_y=True), labels)
+    if pair_weights is not None:
+        w = pair_weights.astype(q2k.dtype)
+        q2k, k2q = w * q2k, w * k2q
     return (q2k.mean() + k2q.mean()) / 2
+
+
+def caption_agreement_weights(
+    captions: paddle.Tensor, objects: paddle.Tensor, mask: paddle.Tensor, temperature: float,
+    exchange: Optional[FeatureExchange] = None,
+) -> paddle.Tensor:
+    """Weights (no gradient, mean 1) for the image–caption pairs of the whole job, ``[W·B]`` in rank
+    order, from how well each caption agrees with its own sample's objects text:
+    ``softmax(cos(caption_i, objects_i) / T)`` over the job's tagged rows, times their count. A
+    caption written for another scene (a mismatched web pair) names objects the image's tags do
+    not, so its pair weighs less. ``captions`` covers this rank's batch, ``objects`` and ``mask``
+    (1 where a sample has tags) its first ``n`` rows; rows without a tag, or past ``n``, weigh 1."""
+    exchange = exchange or FeatureExchange()
+    b, n = captions.shape[0], objects.shape[0]
+    tagged = paddle.concat([mask.astype("float32").reshape([-1]), paddle.zeros([b - n], dtype="float32")])
+    own = (captions[:n].detach() * objects.detach()).sum(axis=-1).astype("float32")
+    agree = paddle.concat([own, paddle.zeros([b - n], dtype="float32")])
+    tagged, agree = exchange.gather_values(tagged), exchange.gather_values(agree)
+    count = tagged.sum()
+    if float(count) == 0.0:
+        return paddle.ones_like(tagged)
+    share = F.softmax(agree / temperature + (1.0 - tagged) * NEG_INF, axis=0) * count
+    return paddle.where(tagged > 0, share, paddle.ones_like(share))
 
 
 #: What an objects text that is true of an image (but is not its own) is to that image's query
 #: (``LossConfig.objects_true_texts``).
 TRUE_TEXT_MODES: tuple[str, ...] = ("negative", "masked", "positive")
+#: How the image-objects term scores: one softmax over the candidates per row, in both directions
+#: (InfoNCE), or an independent sigmoid per image-text pair (a multi-label objective, as SigLIP).
+OBJECTS_OBJECTIVES: tuple[str, ...] = ("softmax", "sigmoid")
 
 
 def _soft_cross_entropy_rows(logits: paddle.Tensor, targets: paddle.Tensor) -> paddle.Tensor:
@@ -143,6 +177,7 @@ def masked_info_nce(
     local: bool = True,
     tags: Optional[tuple[paddle.Tensor, paddle.Tensor]] = None,
     true_texts: str = "negative",
+    objective: str = "softmax",
 ) -> paddle.Tensor:
     """Symmetric image–objects InfoNCE where ``mask`` (1/0 per sample) marks samples with tags.
 
@@ -157,7 +192,16 @@ def masked_info_nce(
     (or, for a text's query, such an image) is: ``negative`` (plain InfoNCE; tags unused),
     ``masked`` (not a candidate) or ``positive`` (a target of equal share with the own pair: a
     multi-positive cross entropy, as UniCL's image-label contrast).
+
+    ``objective="sigmoid"`` scores every (image, objects text) pair on its own: a binary cross
+    entropy on ``scale · cos + bias`` whose targets are the own pair and, with ``positive``, every
+    text true of the image (with ``masked`` those are left out). The bias is set per batch so that
+    the mean candidate pair's logit is the logit of the batch's share of positive pairs; a row's
+    loss is its sum over the candidates divided by its positives, the scale of a softmax row. Each pair is scored once in the job
+    (this rank's images against all texts).
     """
+    if objective not in OBJECTS_OBJECTIVES:
+        raise ValueError(f"loss.objects_objective must be one of {list(OBJECTS_OBJECTIVES)}, got {objective!r}")
     if true_texts not in TRUE_TEXT_MODES:
         raise ValueError(f"loss.objects_true_texts must be one of {list(TRUE_TEXT_MODES)}, got {true_texts!r}")
     if true_texts != "negative" and tags is None:
@@ -180,6 +224,10 @@ def masked_info_nce(
     # image → objects: objects texts of untagged samples are not candidates.
     i2t_logits = scale * paddle.matmul(images, texts_all, transpose_y=True)
     i2t_logits = i2t_logits + (1.0 - mask_all.astype(i2t_logits.dtype)) * NEG_INF
+    if objective == "sigmoid":
+        return _sigmoid_objects(i2t_logits, labels, mask, mask_all, exchange, local,
+                                None if true_texts == "negative" else texts_true_of_images(image_tags, text_tags_all),
+                                true_texts)
     t2i_logits = scale * paddle.matmul(texts, images_all, transpose_y=True)
     if true_texts == "negative":
         i2t = _cross_entropy_rows(i2t_logits, labels)
@@ -202,6 +250,41 @@ def masked_info_nce(
     denom = paddle.maximum(count, paddle.ones_like(count))
     rows = paddle.where(mask > 0, i2t + t2i, paddle.zeros_like(i2t))
     return rows.sum() / (2 * denom)
+
+
+def _sigmoid_objects(
+    logits: paddle.Tensor, labels: paddle.Tensor, mask: paddle.Tensor, mask_all: paddle.Tensor,
+    exchange: FeatureExchange, local: bool, true: Optional[paddle.Tensor], true_texts: str,
+) -> paddle.Tensor:
+    """The sigmoid image-objects loss of :func:`masked_info_nce` from its image→text ``logits``
+    (untagged columns already at ``NEG_INF``)."""
+    logits = logits.astype("float32")
+    valid = mask_all.astype("float32").unsqueeze(0).expand_as(logits)
+    own = F.one_hot(labels, logits.shape[1]) > 0
+    target = own if true is None else true.logical_or(own)
+    weight = valid
+    if true_texts == "masked":
+        weight = weight * (1.0 - target.logical_and(own.logical_not()).astype("float32"))
+        target = own
+    target = target.astype("float32")
+    # The bias: the mean candidate pair sits at the logit of the batch's share of positive pairs,
+    # whatever the embeddings' common offset (at the start of training every cosine is near 1).
+    # Over the job's pairs: with the local loss each rank holds its own rows' share of the sums.
+    def job_sum(x: paddle.Tensor) -> paddle.Tensor:
+        return exchange.sum(x.detach()) if local else x.detach()
+
+    row_weight = weight * (mask > 0).astype("float32").unsqueeze(1)  # untagged queries left out
+    pairs = paddle.maximum(job_sum(row_weight.sum()), paddle.ones([], dtype="float32"))
+    prior = paddle.clip(job_sum((target * row_weight).sum()) / pairs, 1e-4, 1 - 1e-4)
+    mean = job_sum((logits * row_weight).sum()) / pairs
+    logits = logits - mean + paddle.log(prior / (1 - prior))
+    pair = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    # per row: the sum over its candidates per positive, the scale of a softmax row's loss
+    positives = paddle.maximum((target * weight).sum(axis=1), paddle.ones([logits.shape[0]], dtype="float32"))
+    rows = (pair * weight).sum(axis=1) / positives
+    count = mask.sum().detach() if not local else exchange.sum(mask.sum().detach()) / exchange.world_size
+    denom = paddle.maximum(count, paddle.ones_like(count))
+    return paddle.where(mask > 0, rows, paddle.zeros_like(rows)).sum() / denom
 
 
 def _others(true: paddle.Tensor, own: paddle.Tensor, dtype) -> paddle.Tensor:
@@ -278,6 +361,13 @@ class LossConfig:
     # such an image to a text: "negative" (plain InfoNCE), "masked" (no candidate) or "positive"
     # (an equal-share target). With detector tags many samples of a batch share one tag text.
     objects_true_texts: str = "negative"
+    # "softmax" (InfoNCE) or "sigmoid" (one binary cross entropy per image-text pair: a multi-label
+    # objective over the batch's tag texts).
+    objects_objective: str = "softmax"
+    # None: every image-caption pair weighs the same. T > 0: each pair weighs by how well its caption
+    # agrees with its own objects text, softmax(cos / T) over the tagged rows (mean 1), so a caption
+    # written for another scene weighs less (needs loss.image_objects > 0).
+    caption_agreement: Optional[float] = None
     name: str = "custom"  # the recipe's name (conf/loss/NAME.yaml), which reports group runs by
 
     def __post_init__(self) -> None:
@@ -285,6 +375,11 @@ class LossConfig:
         if self.objects_true_texts not in TRUE_TEXT_MODES:
             raise ValueError(f"loss.objects_true_texts must be one of {list(TRUE_TEXT_MODES)}, "
                              f"got {self.objects_true_texts!r}")
+        if self.objects_objective not in OBJECTS_OBJECTIVES:
+            raise ValueError(f"loss.objects_objective must be one of {list(OBJECTS_OBJECTIVES)}, "
+                             f"got {self.objects_objective!r}")
+        if self.caption_agreement is not None and not self.caption_agreement > 0.0:
+            raise ValueError(f"loss.caption_agreement must be > 0 or null, got {self.caption_agreement}")
         if self.aux_until is not None and not 0.0 < self.aux_until <= 1.0:
             raise ValueError(f"loss.aux_until must be in (0, 1] or null, got {self.aux_until}")
         if self.aux_from is not None and not 0.0 < self.aux_from <= 1.0:
@@ -308,6 +403,9 @@ class MultiViewLoss:
         for key in ("aux_until", "aux_from"):
             if getattr(cfg, key) is not None and "image_caption" not in self.weights:
                 raise ValueError(f"loss.{key} switches the auxiliary terms off for a while: it needs loss.image_caption > 0")
+        if cfg.caption_agreement is not None and not {"image_caption", "image_objects"} <= set(self.weights):
+            raise ValueError("loss.caption_agreement weighs image-caption pairs by their objects text: "
+                             "it needs loss.image_caption > 0 and loss.image_objects > 0")
 
     def aux_weight(self, progress: float) -> float:
         """Factor on the auxiliary terms' weights at ``progress`` (fraction of training done):
@@ -382,7 +480,14 @@ class MultiViewLoss:
 
         terms: dict[str, paddle.Tensor] = {}
         if "image_caption" in weights:
-            terms["image_caption"] = info_nce(*pair("image_caption"), logit_scale, ex, local)
+            pair_weights = None
+            if self.cfg.caption_agreement is not None:
+                if objects_mask is None:
+                    raise ValueError("loss.caption_agreement needs objects_mask (1 for samples with tags)")
+                objects = feats["objects"]
+                pair_weights = caption_agreement_weights(
+                    feats["caption"], objects, objects_mask[: objects.shape[0]], self.cfg.caption_agreement, ex)
+            terms["image_caption"] = info_nce(*pair("image_caption"), logit_scale, ex, local, pair_weights)
         if "image_objects" in weights:
             if objects_mask is None:
                 raise ValueError("the image_objects term needs objects_mask (1 for samples with tags)")
@@ -391,7 +496,7 @@ class MultiViewLoss:
             terms["image_objects"] = masked_info_nce(
                 images, objects, objects_mask[:n], logit_scale, ex, local,
                 None if objects_tags is None else (objects_tags[0][:n], objects_tags[1][:n]),
-                self.cfg.objects_true_texts,
+                self.cfg.objects_true_texts, self.cfg.objects_objective,
             )
         if "image_image" in weights:
             terms["image_image"] = nt_xent(*pair("image_image"), intra, ex, local)

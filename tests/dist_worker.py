@@ -66,6 +66,14 @@ CASES = {
     "dup_positive_global_a": ("a", False, False, ALL_TERMS, 1, (("objects_true_texts", "positive"),)),
     "dup_masked_accum_local_b": ("b", True, False, ALL_TERMS, 2, (("objects_true_texts", "masked"),)),
     "dup_masked_local_b": ("b", True, False, ALL_TERMS, 1, (("objects_true_texts", "masked"),)),
+    # The sigmoid objects objective (its bias from the job's pairs) and image-caption pairs weighed
+    # by their captions' agreement with the objects texts (a softmax over the job's rows).
+    "sigmoid_positive_local_a": ("a", True, False, ALL_TERMS, 1,
+                                 (("objects_true_texts", "positive"), ("objects_objective", "sigmoid"))),
+    "sigmoid_masked_global_b": ("b", False, False, ALL_TERMS, 1,
+                                (("objects_true_texts", "masked"), ("objects_objective", "sigmoid"))),
+    "agreement_local_a": ("a", True, False, ALL_TERMS, 1, (("caption_agreement", 0.2),)),
+    "agreement_global_b": ("b", False, False, ALL_TERMS, 1, (("caption_agreement", 0.2),)),
     # Negative control: paddle's all_gather returns no gradient (docs/DISTRIBUTED.md); the test expects this
     # case to disagree with one process, which shows the comparison can fail.
     "nograd_gather_a": ("a", True, True, ALL_TERMS, 1),

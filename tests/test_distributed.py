@@ -107,7 +107,9 @@ REFERENCE = {"accum_local_b": "local_b", "accum_global_a": "global_a", "aux_loca
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", ["local_a", "local_b", "global_a", "global_b", "image_only_a",
                                   "accum_local_b", "accum_global_a", "aux_local_b", "dup_masked_local_a",
-                                  "dup_positive_local_a", "dup_positive_global_a", "dup_masked_accum_local_b"])
+                                  "dup_positive_local_a", "dup_positive_global_a", "dup_masked_accum_local_b",
+                                  "sigmoid_positive_local_a", "sigmoid_masked_global_b", "agreement_local_a",
+                                  "agreement_global_b"])
 def test_two_ranks_match_one_process(case, two_rank_results, one_process_reference):
     ref_terms, ref_grads = one_process_reference[REFERENCE.get(case, case)]
     terms0, grads0 = _load(two_rank_results, 0, case)

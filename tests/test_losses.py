@@ -161,6 +161,105 @@ def test_texts_true_of_an_image_are_never_its_negatives(mode):
     np.testing.assert_allclose(gt[m == 0], 0.0, atol=1e-20)
 
 
+def ref_sigmoid(a, t, m, image_tags, text_tags, s, mode):
+    """The sigmoid image-objects term in NumPy: a binary cross entropy per (tagged image, tagged
+    text) pair, the logits shifted so their mean over the scored pairs is the logit of the share of
+    positive pairs, each row's sum divided by its positives, the mean over tagged rows."""
+    n = len(a)
+    true = np.array([[bool(text_tags[j]) and text_tags[j] <= image_tags[i] for j in range(n)]
+                     for i in range(n)]) if mode != "negative" else np.zeros((n, n), dtype=bool)
+    own = np.eye(n, dtype=bool)
+    target = true | own
+    weight = np.outer(m > 0, m > 0).astype(float)
+    if mode == "masked":
+        weight = weight * ~(target & ~own)
+        target = own
+    logits = s * a @ t.T
+    prior = (target * weight).sum() / weight.sum()
+    z = logits - (logits * weight).sum() / weight.sum() + np.log(prior / (1 - prior))
+    bce = np.logaddexp(0.0, z) - target * z
+    rows = (bce * weight).sum(axis=1) / np.maximum((target * weight).sum(axis=1), 1.0)
+    return np.where(m > 0, rows, 0.0).sum() / max(m.sum(), 1.0)
+
+
+@pytest.mark.parametrize("mode", ["negative", "masked", "positive"])
+def test_sigmoid_objects_matches_numpy_and_pulls_true_texts_in(mode):
+    """The multi-label objective: with ``positive`` another sample's identical text is a target of
+    the image, as its own pair is; with ``masked`` it is left out; the gradient reaches no
+    untagged sample's text."""
+    rng = np.random.default_rng(5)
+    a, t = _normed(rng, 7, 5), _normed(rng, 7, 5)
+    m = np.array([1, 0, 1, 1, 1, 1, 1], dtype=np.float64)
+    image_sets = [{9}, set(), {9, 8}, {4, 8}, {8}, {9}, {4, 8}]
+    text_sets = [{9}, set(), {9}, {4}, {8}, {9}, {4, 8}]
+    tags = (paddle.to_tensor(_tag_array(image_sets)), paddle.to_tensor(_tag_array(text_sets)))
+    ta, tt = _tensors(a, t)
+    loss = masked_info_nce(ta, tt, paddle.to_tensor(m), paddle.to_tensor(5.0, dtype="float64"), FeatureExchange(),
+                           True, tags, mode, "sigmoid")
+    loss.backward()
+    np.testing.assert_allclose(float(loss), ref_sigmoid(a, t, m, image_sets, text_sets, 5.0, mode), rtol=RTOL)
+    np.testing.assert_allclose(tt.grad.numpy()[m == 0], 0.0, atol=1e-20)
+    # the reference's targets hold every text true of the image (positive) or only the own pair
+    if mode != "negative":
+        plain = ref_sigmoid(a, t, m, image_sets, text_sets, 5.0, "negative")
+        assert abs(float(loss) - plain) > 1e-3
+
+
+def test_sigmoid_objects_ignores_the_embeddings_common_offset():
+    """At the start of training every cosine is near 1; the bias follows the batch, so adding one
+    constant to every logit (a larger logit scale on collinear features) changes nothing."""
+    rng = np.random.default_rng(6)
+    base = _normed(rng, 1, 8)
+    a = base + 0.05 * rng.standard_normal((6, 8))
+    t = base + 0.05 * rng.standard_normal((6, 8))
+    a, t = a / np.linalg.norm(a, axis=1, keepdims=True), t / np.linalg.norm(t, axis=1, keepdims=True)
+    m = np.ones(6)
+    value = masked_info_nce(*_tensors(a, t), paddle.to_tensor(m), paddle.to_tensor(5.0, dtype="float64"),
+                            FeatureExchange(), True, None, "negative", "sigmoid")
+    # one positive among 6 candidates per row: at the prior the row loss is near -ln(1/6) + 5·(-ln(5/6))
+    prior = -np.log(1 / 6) - 5 * np.log(5 / 6)
+    assert abs(float(value) - prior) < 0.5
+
+
+def test_caption_agreement_weighs_down_captions_that_disagree_with_the_tags():
+    from ernievil2.losses import caption_agreement_weights
+
+    rng = np.random.default_rng(7)
+    objects = _normed(rng, 6, 8)
+    captions = objects + 0.1 * rng.standard_normal((6, 8))
+    captions[2] = -objects[2]  # a caption written for another scene
+    captions = captions / np.linalg.norm(captions, axis=1, keepdims=True)
+    mask = np.array([1, 1, 1, 1, 0, 1], dtype=np.float64)
+    w = caption_agreement_weights(paddle.to_tensor(captions), paddle.to_tensor(objects),
+                                  paddle.to_tensor(mask), 0.2).numpy()
+    assert w[4] == 1.0  # untagged: no evidence either way
+    assert w[2] < 1e-3 and all(w[i] > 1.0 for i in (0, 1, 3, 5))
+    np.testing.assert_allclose(w[mask > 0].sum(), mask.sum(), rtol=1e-6)  # mean 1 over the tagged rows
+    # Objects view on the first 4 rows only (aux_fraction): the rest weigh 1.
+    w4 = caption_agreement_weights(paddle.to_tensor(captions), paddle.to_tensor(objects[:4]),
+                                   paddle.to_tensor(mask[:4]), 0.2).numpy()
+    np.testing.assert_array_equal(w4[4:], 1.0)
+    # The weighted InfoNCE: each pair's two rows weighed; weights of 1 give the plain value.
+    a, b = _normed(rng, 6, 5), _normed(rng, 6, 5)
+    scale = paddle.to_tensor(7.0, dtype="float64")
+    plain = float(info_nce(*_tensors(a, b), scale, FeatureExchange()))
+    ones = float(info_nce(*_tensors(a, b), scale, FeatureExchange(), True, paddle.ones([6], dtype="float64")))
+    assert ones == pytest.approx(plain, rel=1e-12)
+    l1, _ = _ce_rows(7.0 * a @ b.T, np.arange(6))
+    l2, _ = _ce_rows(7.0 * b @ a.T, np.arange(6))
+    weighted = float(info_nce(*_tensors(a, b), scale, FeatureExchange(), True, paddle.to_tensor(w)))
+    assert weighted == pytest.approx(((w * l1).mean() + (w * l2).mean()) / 2, rel=RTOL)
+
+
+def test_new_objects_options_are_checked_by_key():
+    with pytest.raises(ValueError, match="loss.objects_objective"):
+        LossConfig(objects_objective="sigmod")
+    with pytest.raises(ValueError, match="loss.caption_agreement"):
+        LossConfig(caption_agreement=0.0)
+    with pytest.raises(ValueError, match="caption_agreement.*image_objects"):
+        MultiViewLoss(LossConfig(image_objects=0.0, image_image=0.0, text_text=0.0, caption_agreement=0.2))
+
+
 def test_texts_true_of_images():
     images = _tag_array([{1, 2}, {2}, {3}, set()])
     texts = _tag_array([{2}, {1, 2}, {1, 3}, set()])
