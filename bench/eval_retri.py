@@ -1,4 +1,5 @@
-"""Benchmark: ``launch/eval_retri.py`` (:mod:`ernievil2.embeddings_file`) against the plain approach on a seed embeddings file.
+"""Benchmark: ``launch/eval_retri.py`` (:mod:`ernievil2.embeddings_file`) against the plain approach on an
+upstream embeddings file.
 
     python bench/eval_retri.py                     # 5,000 lines × 768-d, 3 rounds
     python bench/eval_retri.py --lines 1000 --rounds 1
@@ -7,8 +8,8 @@ Writes a deterministic file (seed 0: random unit text vectors, each image a nois
 text so the recalls are not trivially 0), then in each round runs, each in a fresh subprocess so
 its peak RSS is its own (``os.wait4``):
 
-* ``plain``: the original script's way — per line ``[float(x) for x in s.split()]``, one full
-  N×N float32 score matrix, a Python loop computing one rank per row (and per column);
+* ``plain``: per line ``[float(x) for x in s.split()]`` (the upstream ``eval_retri.py``'s parse), one
+  full N×N float32 score matrix, a Python loop computing one rank per row (and per column);
 * ``eval_retri`` parsing the text, with 1 and with the default number of parser processes: its
   reader (``ernievil2.embeddings_file.read_embeddings(..., sidecars=False)``) and metric code
   (``ernievil2.retrieval.one_to_one_ranks`` + ``seed_recalls``);
@@ -17,7 +18,7 @@ its peak RSS is its own (``os.wait4``):
   (``read_embeddings`` default), then the same metric code.
 
 Two files are measured: one written by launch/infer.py (``%+.8e``, fixed width, plus its ``.npy``
-sidecars as ``write_npy=true`` writes them) and one written the way the seed's ``run_infer.py``
+sidecars as ``write_npy=true`` writes them) and one written the way the upstream ``run_infer.py``
 does (``str()`` of each float32 value, variable width; no sidecars). Times are
 taken inside each subprocess around reading + metrics (interpreter start and imports excluded;
 the ``process s`` column includes them); ``peak MB`` is the measured process's ``VmHWM``,
@@ -108,13 +109,13 @@ def _worker(method: str, path: str) -> None:
 def make_file(path: Path, lines: int, dim: int, fmt: str, seed: int = 0) -> None:
     """``fmt="infer"``: written by ``ernievil2.embeddings_file.format_embedding_lines`` (``%+.8e``, what
     launch/infer.py writes) with the float32 ``PATH.text.npy`` / ``PATH.image.npy`` it writes with
-    ``write_npy=true``; ``fmt="seed"``: ``str()`` of each float32, as the seed's
+    ``write_npy=true``; ``fmt="seed"``: ``str()`` of each float32, as the upstream
     ``run_infer.py`` writes (variable width)."""
     rng = np.random.default_rng(seed)
     text = rng.standard_normal((lines, dim)).astype(np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     noise = rng.standard_normal((lines, dim)).astype(np.float32) * np.float32(20.0 / np.sqrt(dim))
-    image = text + noise  # float32 throughout: the seed writes float32 values
+    image = text + noise  # float32 throughout: the upstream run_infer.py writes float32 values
     image /= np.linalg.norm(image, axis=1, keepdims=True)
     assert text.dtype == image.dtype == np.float32
     with open(path, "w", encoding="utf-8") as f:
@@ -156,7 +157,8 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--file", help="keep the generated embeddings file here")
-    p.add_argument("--formats", default="infer,seed", help="comma-separated: infer (%%+.8e), seed (str of float32)")
+    p.add_argument("--formats", default="infer,seed",
+                   help="comma-separated: infer (%%+.8e), seed (str of float32, as the upstream release writes)")
     p.add_argument("--worker", nargs=2, metavar=("METHOD", "FILE"), help=argparse.SUPPRESS)
     p.add_argument("--generate", nargs=2, metavar=("FORMAT", "FILE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -202,7 +204,7 @@ def main() -> None:
           f"{available_cpus()} CPU(s); every run gave identical recalls.\n")
     print("| file | command | time s | process s | peak MB | parser proc. MB | speed-up |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    names = {"infer": "written by launch/infer.py (`%+.8e`)", "seed": "seed writer (`str(float32)`)"}
+    names = {"infer": "written by launch/infer.py (`%+.8e`)", "seed": "upstream writer (`str(float32)`)"}
     for fmt, size_mb, m, secs, proc_s, peak, kids, speed in table:
         label = LABELS[m].format(n=available_cpus())
         kid = f"{kids:.0f}" if m == "ours-auto" and kids else "–"

@@ -20,7 +20,7 @@ import numpy as np
 import paddle
 
 from ernievil2.data.demo import all_captions, render_scene, val_scenes
-from ernievil2.evaluation import embed_images, embed_texts
+from ernievil2.encode import embed_crops, embed_token_ids
 from ernievil2.models import build_model
 from ernievil2.models.config import INIT_SCHEMES, model_config
 from ernievil2.tokenizer import WordPieceTokenizer
@@ -54,8 +54,8 @@ def main() -> None:
         for seed in args.seeds:
             paddle.seed(seed)
             model = build_model(model_config(args.preset, vision={"init": scheme}, text={"init": scheme}))
-            img = off_diagonal_cosines(embed_images(model, crops))
-            txt = off_diagonal_cosines(embed_texts(model, ids))
+            img = off_diagonal_cosines(embed_crops(model, crops))
+            txt = off_diagonal_cosines(embed_token_ids(model, ids))
             rows.append({"init": scheme, "seed": seed, "image_mean": float(img.mean()), "image_max": float(img.max()),
                          "caption_mean": float(txt.mean()), "caption_max": float(txt.max())})
     print("| init | seed | images: mean cos | max | captions: mean cos | max |")

@@ -29,7 +29,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from ernievil2.data.demo import DemoDataSpec, ensure_demo_data
-    from ernievil2.evaluation import EvalSetSpec, RetrievalEvaluator, items_to_set, read_items
+    from ernievil2.evaluators.retrieval import EvalSetSpec, RetrievalEvaluator, items_to_set, read_items
     from ernievil2.search import build_index, load_encoder
 
     demo = ensure_demo_data(Path("~/.cache/ernievil2/demo").expanduser(), DemoDataSpec())

@@ -1,7 +1,7 @@
 """The one way model weights go in and out: find a checkpoint of any supported layout, load it
 together with its vocab, save ours, export PaddleNLP's.
 
-Three layouts are recognised (SPEC §3; the key maps between them: :mod:`ernievil2.pretrained`):
+Three layouts are recognised (the key maps between them: :mod:`ernievil2.pretrained`):
 
 ``ernievil2``
     This project's own checkpoints: a folder with ``model.safetensors`` + ``model_config.json``

@@ -1,19 +1,20 @@
 """Data-parallel plumbing: process-group set-up, a feature gather that keeps gradients, guards.
 
 Under ``python -m paddle.distributed.launch`` the rank and world size come from
-``PADDLE_TRAINER_ID`` / ``PADDLE_TRAINERS_NUM`` (SPEC §8: ``RANK``/``WORLD_SIZE`` are not set, and
+``PADDLE_TRAINER_ID`` / ``PADDLE_TRAINERS_NUM`` (``RANK``/``WORLD_SIZE`` are not set, and
 are ignored: the process group ``init_parallel_env()`` joins is Paddle's). :func:`dist_info` is the
 one reader of those variables: the training loop, the evaluators, the data pipeline (which splits
 shards by rank) and ``launch/train.py`` all ask it. In a single process nothing here calls a
 collective: ``init_parallel_env()`` would do nothing and any collective would raise, so every
 helper checks the world size first.
 
-Why the gather needs its own backward (SPEC §8): ``paddle.distributed.all_gather`` returns tensors
-without gradient, so the negatives from other ranks would train nothing. :class:`AllGatherWithGrad`
-concatenates the features of all ranks in forward; in backward it sums the incoming gradient over
-ranks (every rank's loss may use every rank's features) and returns this rank's slice. With the
-local loss of :mod:`ernievil2.losses` (each rank: its own rows against all columns, the job's loss
-being the mean over ranks) the gradient of this rank's features is then ``W · dL/dx``, and
+Why the gather needs its own backward (docs/DISTRIBUTED.md, "What is guaranteed"):
+``paddle.distributed.all_gather`` returns tensors without gradient, so the negatives from other
+ranks would train nothing. :class:`AllGatherWithGrad` concatenates the features of all ranks in
+forward; in backward it sums the incoming gradient over ranks (every rank's loss may use every
+rank's features) and returns this rank's slice. With the local loss of :mod:`ernievil2.losses`
+(each rank: its own rows against all columns, the job's loss being the mean over ranks) the
+gradient of this rank's features is then ``W · dL/dx``, and
 ``paddle.DataParallel``, which *averages* parameter gradients over ranks (Paddle 3.3.1, checked by
 ``tests/test_distributed.py``), turns it into exactly the single-process gradient ``dL/dθ`` of the
 global batch. The global variant (every rank computes the full ``W·B × W·B`` loss) gives the same
@@ -179,3 +180,26 @@ def check_parameters_in_sync(model: paddle.nn.Layer) -> str:
     if differ:
         raise RuntimeError(f"parameters diverged across ranks: digests {everyone} (ranks {differ} differ from rank 0)")
     return digest
+
+
+def shard_range(n: int, info: DistInfo) -> tuple[int, int]:
+    """Rank ``info.rank``'s contiguous slice ``[a, b)`` of ``n`` items (sizes differ by at most 1)."""
+    return n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size
+
+
+def gather_rows(local: np.ndarray, info: DistInfo) -> np.ndarray:
+    """Rows of every rank in rank order (``all_gather_object``: slices may differ in size)."""
+    if not info.distributed:
+        return local
+    parts: list[np.ndarray] = []
+    dist.all_gather_object(parts, local)
+    return np.concatenate(parts)
+
+
+def first_error(error: Optional[str], info: DistInfo) -> Optional[str]:
+    """The first rank's error, on every rank (``all_gather_object``), so that all ranks stop alike."""
+    if not info.distributed:
+        return error
+    errors: list[Optional[str]] = []
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)

@@ -1,10 +1,11 @@
-"""The seed embeddings file: its writer, its readers and its evaluation (CLI: ``launch/eval_retri.py``).
+"""The upstream embeddings file: its writer, its readers and its evaluation (CLI: ``launch/eval_retri.py``).
 
-Format: one line per pair, ``text_emb \\t image_emb \\t 1``, each embedding space-separated floats.
+Format (as the upstream ERNIE-ViL 2.0 release's ``run_infer.py`` writes it and its ``eval_retri.py``
+reads it): one line per pair, ``text_emb \\t image_emb \\t 1``, each embedding space-separated floats.
 :func:`format_embedding_lines` writes every value as ``%+.8e`` (9 significant digits: the exact
 float32 reads back), a fixed-width layout the reader parses vectorised; files written any other
-way (e.g. the seed's ``str()`` of each float32) are parsed in bulk (one ``np.fromstring`` per block
-of lines, in parallel worker processes for big files). Beside ``O`` (:func:`sidecar_paths`):
+way (e.g. ``run_infer.py``'s ``str()`` of each float32) are parsed in bulk (one ``np.fromstring`` per
+block of lines, in parallel worker processes for big files). Beside ``O`` (:func:`sidecar_paths`):
 ``O.ids.txt`` (the image id of every line), ``O.text.npy`` / ``O.image.npy`` (float32 ``[N, D]``)
 and ``O.skipped.tsv``. The ``.npy`` sidecars are read instead of ``O`` only once they are shown to
 hold exactly ``O``'s values (:func:`read_verified_sidecars`).
@@ -40,7 +41,7 @@ __all__ = [
 
 
 class EmbeddingsFormatError(ValueError):
-    """The embeddings file is not in the seed embeddings format; names the line."""
+    """The embeddings file is not in the upstream embeddings format; names the line."""
 
 
 PARALLEL_MIN_BYTES = 16 << 20  # parse files above this size in worker processes too
@@ -49,7 +50,7 @@ BLOCK_BYTES = 4 << 20  # lines are parsed in blocks of about this many bytes
 
 # --------------------------------------------------------------------------- writing
 def format_embedding_lines(text_emb: np.ndarray, image_emb: np.ndarray) -> str:
-    """Seed embeddings lines (``text \\t image \\t 1\\n`` each) for float32 ``[B, D]`` arrays; every
+    """Upstream embeddings lines (``text \\t image \\t 1\\n`` each) for float32 ``[B, D]`` arrays; every
     value ``%+.8e`` (15 characters, e.g. ``-1.23456789e-02``): 9 significant digits read back the
     exact float32."""
     if text_emb.shape != image_emb.shape or text_emb.ndim != 2:
@@ -90,7 +91,7 @@ def _check_line(line: bytes, dim: int) -> str | None:
         if len(vals) != dim:
             return f"{name} embedding has {len(vals)} values, expected {dim}"
     if len(cols[2].split()) != 1:
-        return "the third column must be one field (the seed writes 1)"
+        return "the third column must be one field (the upstream release writes 1)"
     return None
 
 
@@ -398,7 +399,7 @@ def read_verified_sidecars(path: str | os.PathLike) -> tuple[np.ndarray, np.ndar
 def read_embeddings(
     path: str | os.PathLike, workers: int | None = None, sidecars: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(text, image)`` float32 ``[N, D]`` from a seed embeddings file.
+    """``(text, image)`` float32 ``[N, D]`` from an upstream embeddings file.
 
     With ``sidecars`` the verified ``.npy`` files of :func:`read_verified_sidecars` are used when
     present. Otherwise the file is streamed in blocks of lines (it is never held whole in memory);
@@ -428,7 +429,7 @@ def read_ids(path: str | os.PathLike) -> list[str]:
 
 
 def read_test_file_ids(path: str | os.PathLike) -> list[str]:
-    """The image id column (2nd) of a seed evaluation file, without decoding anything."""
+    """The image id column (2nd) of an upstream evaluation file, without decoding anything."""
     ids = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -448,8 +449,8 @@ def evaluate_embeddings_file(
     chunk: int = 2048,
     sidecars: bool = True,
 ) -> tuple[str, dict]:
-    """Read the embeddings file ``path`` and compute the official ``eval_retri`` table of
-    ``protocol`` (SPEC §7): ``official`` (line i's text and image are the only pair) or ``multi``
+    """Read the embeddings file ``path`` and compute the upstream ``eval_retri.py`` table of
+    ``protocol``: ``official`` (line i's text and image are the only pair) or ``multi``
     (images deduplicated by ``ids``, one image id per line). Returns ``(table_text, info)``;
     ``info["source"]`` is ``"npy"`` when the verified sidecars were read, else ``"text"``."""
     if protocol not in ("official", "multi"):

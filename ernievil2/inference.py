@@ -1,9 +1,9 @@
-"""The seed's inference path and deployment export (library side of ``launch/infer.py`` / ``launch/export.py``).
+"""The upstream release's inference path and deployment export (library side of ``launch/infer.py`` / ``launch/export.py``).
 
-Input, the seed evaluation format (SPEC §6): UTF-8, one pair per line,
+Input, the upstream evaluation file: UTF-8, one pair per line,
 ``text \\t image_id \\t base64(image)`` (standard or URL-safe base64, padding optional).
 
-Output, the seed embeddings format: one line per kept input line, in input order,
+Output, the upstream embeddings file: one line per kept input line, in input order,
 ``text_emb \\t image_emb \\t 1``, each embedding L2-normalised, space-separated floats printed as
 ``%+.8e`` (9 significant digits: the exact float32 reads back; fixed width, which
 ``launch/eval_retri.py`` parses vectorised). Beside it:
@@ -53,7 +53,7 @@ __all__ = [
     "resolve_device",
 ]
 
-#: Reasons a line is bad, in the order they are checked: the seed line checks of
+#: Reasons a line is bad, in the order they are checked: the upstream TSV line checks of
 #: :mod:`ernievil2.data.formats` (the packer's and evaluation's too), then the image's decoding.
 REASONS: dict[str, str] = {**SEED_LINE_CHECKS, "image": "undecodable image"}
 
@@ -61,13 +61,13 @@ REASONS: dict[str, str] = {**SEED_LINE_CHECKS, "image": "undecodable image"}
 # --------------------------------------------------------------------------- config
 @dataclass
 class InferSchema:
-    """``conf/infer.yaml``: the ``model`` group plus the seed's inference settings."""
+    """``conf/infer.yaml``: the ``model`` group plus the upstream release's inference settings."""
 
     model: ModelSchema = field(default_factory=ModelSchema)
-    test_file: str = MISSING  # seed evaluation file: text \t image_id \t base64
-    output_file: str = MISSING  # seed embeddings file to write
+    test_file: str = MISSING  # upstream evaluation file: text \t image_id \t base64
+    output_file: str = MISSING  # upstream embeddings file to write
     batch_size: int = 64
-    profile: str = "official"  # image preprocessing: official | paddlenlp (SPEC §4)
+    profile: str = "official"  # image preprocessing: official | paddlenlp (ernievil2.data.preprocess)
     text_max_length: int = 48  # [CLS] + 46 word pieces + [SEP], as the official release
     # WordPiece vocab; null: model.vocab_file, then (with model.init_from) the checkpoint's
     # (ernievil2.checkpoint.find_vocab: vocab.txt beside its weights, then in its run folder), else an error
@@ -174,7 +174,7 @@ def iter_seed_batches(
     num_workers: int = 0,
     progress: bool = True,
 ) -> Iterator[PreparedBatch]:
-    """Read a seed evaluation file in order and yield preprocessed batches of its good lines.
+    """Read an upstream evaluation file in order and yield preprocessed batches of its good lines.
 
     A bad line raises :class:`BadLineError` (``skip_bad_lines=False``) or is appended to
     ``report`` and left out. Images are decoded by ``num_workers`` threads (OpenCV and PIL
@@ -324,14 +324,11 @@ def build_inference_model(cfg: InferSchema | DictConfig, require_vocab: bool = T
 
 
 def _embed(model, tokenizer, batch: PreparedBatch, text_max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    import paddle
+    from ernievil2.encode import embed_pixels, embed_texts
 
-    from ernievil2.evaluation import embed_texts
-
-    text = embed_texts(model, tokenizer(batch.texts, text_max_length), batch_size=len(batch.texts))
-    with paddle.no_grad():
-        image = model.encode_image(paddle.to_tensor(batch.pixels)).numpy().astype(np.float32)
-    return text, image
+    n = len(batch.texts)
+    return (embed_texts(model, tokenizer, batch.texts, text_max_length, batch_size=n),
+            embed_pixels(model, batch.pixels, batch_size=n))
 
 
 @dataclass
@@ -356,7 +353,7 @@ def run_inference(
     num_workers: int = 0,
     progress: bool = True,
 ) -> InferResult:
-    """Embed ``test_file`` (seed evaluation format) into ``output_file`` (seed embeddings format)
+    """Embed ``test_file`` (upstream evaluation file) into ``output_file`` (upstream embeddings file)
     and its sidecars (module docstring); every file appears only when the whole input is done."""
     if text_max_length < 2:
         raise InferError(f"text_max_length must be >= 2, got {text_max_length}")

@@ -1,7 +1,8 @@
-"""Retrieval metrics for both evaluation protocols of SPEC §7 (vectorised, chunked, NumPy only).
+"""Retrieval metrics for both evaluation protocols, ``official`` (1:1, as the upstream ``eval_retri.py``
+computes it) and ``multi`` (multi-caption), vectorised, chunked, NumPy only.
 
-Ranks use strict ``>``: an item tied with the ground truth does not push it down (the official
-``eval_retri`` convention). All recalls are percentages.
+Ranks use strict ``>``: an item tied with the ground truth does not push it down (the upstream
+``eval_retri.py`` convention). All recalls are percentages.
 """
 from __future__ import annotations
 
@@ -147,12 +148,12 @@ def format_table(metrics: dict[str, float], title: str = "") -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- the seed's table
+# --------------------------------------------------------------------------- the upstream table
 SEED_HEADERS: tuple[str, ...] = ("Name", "R@1", "R@5", "R@10", "meanRecall")
 
 
 def seed_recalls(ranks: np.ndarray) -> list[float]:
-    """``[R@1, R@5, R@10, meanRecall]`` as fractions, with the official ``eval_retri`` arithmetic
+    """``[R@1, R@5, R@10, meanRecall]`` as fractions, with the upstream ``eval_retri.py`` arithmetic
     (``count / n``; meanRecall ``(R@1 + R@5 + R@10) / 3``) so printed values match it digit for digit."""
     ranks = np.asarray(ranks)
     n = float(len(ranks))
@@ -161,7 +162,7 @@ def seed_recalls(ranks: np.ndarray) -> list[float]:
 
 
 def format_seed_table(t2i: Sequence[float], i2t: Sequence[float]) -> str:
-    """The official ``eval_retri`` table: rows Text2Image, Image2Text, MeanRecall (the mean of the two
+    """The upstream ``eval_retri.py`` table: rows Text2Image, Image2Text, MeanRecall (the mean of the two
     directions), columns R@1 R@5 R@10 meanRecall, values ×100 with two decimals, laid out as
     ``tabulate(..., tablefmt="github")`` prints it. ``t2i``/``i2t`` are fractions as returned by
     :func:`seed_recalls`."""

@@ -200,17 +200,14 @@ class Encoder:
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """L2-normalised float32 ``[B, D]`` image embeddings of preprocessed ``[B, 3, S, S]`` pixels."""
-        import paddle
+        from ernievil2.encode import embed_pixels
 
-        self.model.eval()
-        with paddle.no_grad():
-            out = self.model.encode_image(paddle.to_tensor(np.ascontiguousarray(pixels, dtype=np.float32)))
-        return out.numpy().astype(np.float32, copy=False)
+        return embed_pixels(self.model, pixels, batch_size=max(len(pixels), 1))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """L2-normalised float32 ``[N, D]`` text embeddings (WordPiece, ``text_max_length``), as the
-        evaluators embed captions (:func:`ernievil2.evaluation.embed_texts`)."""
-        from ernievil2.evaluation import embed_texts
+        evaluators embed captions (:func:`ernievil2.encode.embed_texts`)."""
+        from ernievil2.encode import embed_texts
 
         texts = list(texts)
         if not texts:
@@ -218,7 +215,7 @@ class Encoder:
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise SearchError("empty query text")
-        return embed_texts(self.model, self.tokenizer(texts, self.text_max_length), batch_size)
+        return embed_texts(self.model, self.tokenizer, texts, self.text_max_length, batch_size)
 
     def encode_image_files(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
         """L2-normalised float32 ``[N, D]`` embeddings of image files (:class:`SearchError` naming an

@@ -1,4 +1,4 @@
-"""BERT/ERNIE WordPiece tokenizer (SPEC §5) built on the ``tokenizers`` library.
+"""BERT/ERNIE WordPiece tokenizer built on the ``tokenizers`` library.
 
 Text is cleaned (control characters dropped, whitespace unified), every CJK character is split
 apart, text is lower-cased and accents stripped, split on whitespace and punctuation, then each

@@ -1,9 +1,9 @@
-"""Retrieval recalls of a seed embeddings file (``text_emb \\t image_emb \\t 1`` per line), printed as
-the official ERNIE-ViL 2.0 ``eval_retri.py`` table.
+"""Retrieval recalls of an upstream embeddings file (``text_emb \\t image_emb \\t 1`` per line), printed as
+the upstream ERNIE-ViL 2.0 release's ``eval_retri.py`` table.
 
-    python launch/eval_retri.py O                            # official 1:1 protocol (SPEC §7)
+    python launch/eval_retri.py O                            # official 1:1 protocol
     python launch/eval_retri.py O --protocol multi           # group by image id (ids: O.ids.txt)
-    python launch/eval_retri.py O --protocol multi --ids IDS # or --test-file the seed evaluation file
+    python launch/eval_retri.py O --protocol multi --ids IDS # or --test-file the upstream evaluation file
 
 ``official``: line i's text and line i's image are the only pair; rank = #{j : S[i,j] > S[i,i]}
 (strict ``>``: ties favour the ground truth), numbers equal to the original per-line script
@@ -31,10 +31,10 @@ from ernievil2.embeddings_file import evaluate_embeddings_file, read_ids, read_t
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, print the protocol line and the table; return the exit status."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("embeddings", help="seed embeddings file (text_emb \\t image_emb \\t 1 per line)")
+    p.add_argument("embeddings", help="upstream embeddings file (text_emb \\t image_emb \\t 1 per line)")
     p.add_argument("--protocol", choices=("official", "multi"), default="official")
     p.add_argument("--ids", help="image ids, one per line (multi protocol; default: EMBEDDINGS.ids.txt)")
-    p.add_argument("--test-file", help="seed evaluation file to take the image ids from (multi protocol)")
+    p.add_argument("--test-file", help="upstream evaluation file to take the image ids from (multi protocol)")
     p.add_argument("--workers", type=int, default=None, help="parser processes (default: CPU count)")
     p.add_argument("--chunk", type=int, default=2048, help="score tile size (rows and columns)")
     p.add_argument("--no-npy", action="store_true",

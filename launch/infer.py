@@ -1,4 +1,5 @@
-"""Embed a seed evaluation file (``text \\t image_id \\t base64``) into the seed embeddings format.
+"""Embed an upstream evaluation file (``text \\t image_id \\t base64``) into the upstream embeddings
+format (``text_emb \\t image_emb \\t 1``).
 
     python launch/infer.py test_file=F output_file=O vocab_file=VOCAB            # base, random init
     python launch/infer.py test_file=F output_file=O model.init_from=WEIGHTS     # released / own weights

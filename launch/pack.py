@@ -3,7 +3,7 @@
     python launch/pack.py --format jsonl --input ../shared/data/coco-mini-train/captions.jsonl --output /data/coco-mini
     python launch/pack.py --format coco --input annotations/captions_train2017.json \\
         --instances annotations/instances_train2017.json --images train2017 --output /data/coco --workers 8
-    python launch/pack.py --format seed_tsv --input test.zh.tsv --output /data/seed --max-side 512
+    python launch/pack.py --format seed_tsv --input test.zh.tsv --output /data/coco-cn-test --max-side 512
     python launch/pack.py --format chinese_clip --input MUGE --split train --output /data/muge
     python launch/pack.py --format karpathy --input dataset_flickr30k.json --images flickr30k-images \\
         --split train --output /data/f30k --objects tags.jsonl --objects-min-score 0.5 --objects-max 10

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Seed-compatible wrapper:  launch/run_infer.sh GPU_INDEX CONFIG
+# Wrapper with the upstream release's call form:  launch/run_infer.sh GPU_INDEX CONFIG
 #
 #   GPU_INDEX  exported as CUDA_VISIBLE_DEVICES (e.g. 0; "" or -1 runs on the CPU).
 #   CONFIG     a text file of launch/infer.py overrides, one `key=value` per line. Blank lines and
@@ -15,7 +15,7 @@
 #                  vocab_file=../shared/assets/ernie-3.0-base-zh/vocab.txt
 #                  batch_size=64          # images per forward pass
 #
-# The seed's wrapper took a YAML file; its keys map to: test_file, output_file, vocab_file,
+# The upstream run_infer.sh took a YAML file; its keys map to: test_file, output_file, vocab_file,
 # infer_batch_size -> batch_size, max_text_seqlen -> text_max_length, init_from_params -> model.init_from.
 set -euo pipefail
 

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--vocab", help="WordPiece vocab.txt (default: vocab.txt in or beside --ckpt)")
     ix.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default %(default)s)")
     ix.add_argument("--profile", default="official", choices=("official", "paddlenlp"),
-                    help="image preprocessing (SPEC §4; default %(default)s)")
+                    help="image preprocessing (ernievil2.data.preprocess; default %(default)s)")
     ix.add_argument("--workers", type=int, default=2, help="image decoding threads (default %(default)s)")
     ix.add_argument("--device", default="auto", help="auto | cpu | gpu | gpu:N (default %(default)s)")
     ix.add_argument("--no-progress", action="store_true", help="no progress bar")

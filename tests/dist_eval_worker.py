@@ -4,7 +4,7 @@
 
 ``WORK_DIR`` holds ``model.pdparams`` (a tiny model's weights), ``vocab.txt`` and ``sets.json`` (a
 list of ``EvalSetSchema`` fields), written by the test. Every rank builds the evaluators with
-:func:`ernievil2.evaluation.build_evaluators`, runs them (each rank embeds its slice, the slices are
+:func:`ernievil2.evaluators.build_evaluators`, runs them (each rank embeds its slice, the slices are
 gathered) and writes its records to ``WORK_DIR/records_rank{R}.json``. The test runs
 :func:`evaluate_sets` in its own single process and compares.
 """
@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ernievil2.distributed import DistInfo, init_distributed
-from ernievil2.evaluation import EvalDataError, build_evaluators, eval_set_spec, load_eval_set
+from ernievil2.evaluators import EvalContext, build_evaluators
+from ernievil2.evaluators.retrieval import EvalDataError, eval_set_spec, load_eval_set
 from ernievil2.models import build_model, model_config
 from ernievil2.tokenizer import WordPieceTokenizer
 from ernievil2.train.config import EvalSchema, EvalSetSchema
@@ -45,8 +46,7 @@ def evaluate_sets(work: Path, info: DistInfo) -> list[dict]:
     model.set_state_dict(paddle.load(str(work / "model.pdparams")))
     sets = [EvalSetSchema(**entry) for entry in json.loads((work / "sets.json").read_text(encoding="utf-8"))]
     eval_cfg = OmegaConf.structured(EvalSchema(batch_size=BATCH_SIZE, datasets=sets))
-    evaluators = build_evaluators(eval_cfg, image_size=IMAGE_SIZE, tokenizer=tokenizer, text_max_length=MAX_LEN,
-                                  demo_val_shards=None, info=info)
+    evaluators = build_evaluators(eval_cfg, EvalContext(IMAGE_SIZE, tokenizer, MAX_LEN, info))
     return [record for evaluator in evaluators for record in evaluator(model, STEP)]
 
 

@@ -22,24 +22,22 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_in_loop_eval_equals_infer_then_eval_retri(shared_dir: Path, tmp_path: Path):
-    seed_file = shared_dir / "data" / "seed-format-sample.zh.tsv"
-    if not seed_file.is_file():
-        pytest.skip(f"{seed_file} not present")
+def test_in_loop_eval_equals_infer_then_eval_retri(seed_sample: Path, tmp_path: Path):
+    seed_file = seed_sample
     run = tmp_path / "run"
     _run(["launch/train.py", "trainer.max_steps=30", "data.batch_size=32", "data.demo.n_train=512", "data.demo.n_val=40",
           "data.num_workers=0", "eval=none", f"hydra.run.dir={run}", f"data.demo.cache_dir={tmp_path / 'cache'}"])
     ckpt = run / "checkpoints" / "step_0000030"
     assert ckpt.is_dir(), sorted(p.name for p in (run / "checkpoints").iterdir())
 
-    # path 1: mode=eval with the seed file as an evaluation set, 1:1 protocol, batches of 64
+    # path 1: mode=eval with the upstream evaluation file as an evaluation set, 1:1 protocol, batches of 64
     evaluated = tmp_path / "eval"
     _run(["launch/train.py", "mode=eval", f"ckpt={ckpt}", "eval=coco_cn", f"eval.datasets.0.path={seed_file}",
           "eval.datasets.0.protocol=official", "eval.batch_size=64", f"hydra.run.dir={evaluated}"])
     [record] = [json.loads(line) for line in (evaluated / "metrics.jsonl").read_text().splitlines()]
     assert (record["dataset"], record["protocol"]) == ("coco_cn", "official")
 
-    # path 2: the seed's inference then its evaluation script (same text length, same batches)
+    # path 2: the upstream release's two steps, inference then eval_retri (same text length, same batches)
     out = tmp_path / "emb.tsv"
     _run(["launch/infer.py", f"test_file={seed_file}", f"output_file={out}", f"model.init_from={ckpt}",
           "text_max_length=32", "batch_size=64", "device=cpu"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from ernievil2.evaluation import EvalSetSpec, eval_set_spec, read_items
+from ernievil2.evaluators.retrieval import EvalSetSpec, eval_set_spec, read_items
 from ernievil2.train.config import register_schemas, validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -73,10 +73,8 @@ def test_coco_mini_jsonl_with_english_captions(coco_mini_dir):
     assert all(len(i.captions) >= 5 for i in items)
 
 
-def test_seed_format_sample_reads_as_seed_tsv(shared_dir):
-    path = shared_dir / "data" / "seed-format-sample.zh.tsv"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
+def test_seed_format_sample_reads_as_seed_tsv(seed_sample):
+    path = seed_sample
     lines = path.read_text(encoding="utf-8").splitlines()
     items = read_items(EvalSetSpec("seed", "seed_tsv", str(path)))
     ids = [line.split("\t")[1] for line in lines]

@@ -17,8 +17,8 @@ import pytest
 
 from ernievil2.data.sample import RawSample
 from ernievil2.data.shard_writer import ShardWriter
-from ernievil2.distributed import DistInfo
-from ernievil2.evaluation import (
+from ernievil2.distributed import DistInfo, shard_range
+from ernievil2.evaluators.retrieval import (
     EvalDataError,
     EvalSetSpec,
     RetrievalEvaluator,
@@ -28,7 +28,6 @@ from ernievil2.evaluation import (
     items_to_set,
     load_retrieval_set,
     read_items,
-    shard_range,
 )
 from ernievil2.retrieval import multi_caption_recall, official_recall
 from ernievil2.tokenizer import WordPieceTokenizer

@@ -1,6 +1,6 @@
 """The dataset format readers (ernievil2.data.formats): every format round-trips through the packer
 (pack, read the shards back with the ``shards`` reader, compare with the format's own reader), one
-spelling per format name everywhere, one key rule per format, and the per-line checks the seed TSV
+spelling per format name everywhere, one key rule per format, and the per-line checks the upstream TSV
 shares with inference and evaluation."""
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from ernievil2 import evaluation, inference
+from ernievil2 import inference
+from ernievil2.evaluators import retrieval as evaluation
 from ernievil2.data import formats
 from ernievil2.data.formats import (
     FORMATS,
@@ -32,7 +33,7 @@ from ernievil2.data.formats import (
 )
 from ernievil2.data.packers.errors import PackError
 from ernievil2.data.packers.pipeline import PackOptions, pack
-from ernievil2.evaluation import EvalDataError, EvalSetSpec, eval_set_spec, read_items
+from ernievil2.evaluators.retrieval import EvalDataError, EvalSetSpec, eval_set_spec, read_items
 from ernievil2.train.config import EvalSetSchema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,8 +244,8 @@ def test_repacking_shards_round_trips_with_tags(tmp_path: Path):
     assert len(list((tmp_path / "again").glob("*.tar"))) == 2
 
 
-def test_shared_seed_sample_round_trips(shared_dir: Path, tmp_path: Path):
-    path = shared_dir / "data" / "seed-format-sample.zh.tsv"
+def test_shared_seed_sample_round_trips(seed_sample: Path, tmp_path: Path):
+    path = seed_sample
     direct, packed, found, skipped = round_trip(SourceSpec("seed_tsv", path), tmp_path / "o")
     assert not found and not skipped and len(packed) == 40
     assert_same_items(direct, packed)

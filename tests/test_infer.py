@@ -1,4 +1,4 @@
-"""The seed's inference path (launch/infer.py, launch/run_infer.sh), the embeddings file
+"""Inference on upstream evaluation files (launch/infer.py, launch/run_infer.sh), the embeddings file
 (ernievil2.embeddings_file) and launch/eval_retri.py."""
 from __future__ import annotations
 
@@ -231,7 +231,7 @@ def test_cli_bad_line_exit_code_and_wrapper(tmp_path, vocab):
 
     config = tmp_path / "infer.conf"
     config.write_text(
-        "# seed-style run config\n\n"
+        "# upstream-style run config\n\n"
         + "\n".join(base[:3]) + "\n"
         + f"  output_file={tmp_path / 'o2'}   # trailing comment\n"
         + "skip_bad_lines=true\r\n"
@@ -457,10 +457,8 @@ def test_infer_then_eval_retri_cli(tmp_path, seed_file, vocab):
 
 # --------------------------------------------------------------------------- end to end, base model
 @pytest.mark.slow
-def test_seed_sample_base_model_end_to_end(tmp_path, shared_dir, released_vocab):
-    sample = shared_dir / "data" / "seed-format-sample.zh.tsv"
-    if not sample.exists():
-        pytest.skip(f"{sample} not found")
+def test_seed_sample_base_model_end_to_end(tmp_path, seed_sample, released_vocab):
+    sample = seed_sample
     out = tmp_path / "sample.emb"
     start = time.perf_counter()
     proc = subprocess.run(
@@ -507,7 +505,7 @@ def test_fixed_width_fast_path_is_exact(tmp_path):
     t, i = embeddings_file.read_embeddings(path, workers=1)
     np.testing.assert_array_equal(t, text)
     np.testing.assert_array_equal(i, image)
-    # the seed's own writer (str of float32, variable width) goes through the general parser
+    # the upstream run_infer.py's writer (str of float32, variable width) goes through the general parser
     seed_style = "".join(" ".join(str(v) for v in a) + "\t" + " ".join(str(v) for v in b) + "\t1\n"
                          for a, b in zip(text, image))
     path.write_text(seed_style)

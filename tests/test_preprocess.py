@@ -19,6 +19,8 @@ from ernievil2.data.preprocess import (
     resize_dims,
 )
 
+NEEDS_PADDLENLP = "needs paddlenlp (the paddlenlp extra: pip install -e '.[paddlenlp]')"
+
 MEAN = np.asarray(IMAGENET_MEAN).reshape(3, 1, 1)
 STD = np.asarray(IMAGENET_STD).reshape(3, 1, 1)
 
@@ -45,7 +47,7 @@ def noise_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-# (h, w, size) -> (resized h, resized w), (top, left), worked out by hand from the reference code.
+# (h, w, size) -> (resized h, resized w), (top, left), worked out by hand from the upstream preprocess_image.py.
 OFFICIAL = {
     # landscape: short side h=200 -> 224; long side int(224 / 200 * 301) + 1 = int(337.12) + 1 = 338
     (200, 301, 224): ((224, 338), (0, 57)),  # left = ceil((338 - 224) / 2) = 57
@@ -164,7 +166,7 @@ def test_normalize_matches_reference_arithmetic():
     img = noise_image(7, 5, seed=3)
     chw = img.transpose(2, 0, 1)
     off = chw.astype(np.float32) / 255
-    off -= MEAN  # in-place into float32, computed in float64 (as the release does)
+    off -= MEAN  # in-place into float32, computed in float64 (as the upstream release does)
     off /= STD
     np.testing.assert_array_equal(normalize(img, "official"), off)
     pn = (chw * (1 / 255)).astype(np.float32)
@@ -207,7 +209,7 @@ def test_resize_crop_output_is_uint8_square():
 
 def test_matches_paddlenlp_image_processor():
     """With the ``paddlenlp`` extra: bit-level agreement with ``ErnieViLImageProcessor``."""
-    pnlp = pytest.importorskip("paddlenlp.transformers")
+    pnlp = pytest.importorskip("paddlenlp.transformers", reason=NEEDS_PADDLENLP)
     proc = pnlp.ErnieViLImageProcessor()
     for h, w in ((200, 301), (301, 200), (224, 227), (50, 80), (300, 300)):
         img = noise_image(h, w, seed=h * w)

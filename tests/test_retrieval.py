@@ -192,7 +192,7 @@ def test_eval_retri_ignores_sidecars_that_do_not_match(tmp_path, damage):
 
 def test_eval_retri_sidecars_need_the_fixed_width_layout(tmp_path):
     path, text, image = _infer_written(tmp_path)
-    # same values, written the seed's way (str of float32): not infer.py's layout, so O is parsed
+    # same values, written the upstream run_infer.py's way (str of float32): not infer.py's layout, so O is parsed
     path.write_text("".join(" ".join(map(str, t)) + "\t" + " ".join(map(str, i)) + "\t1\n"
                             for t, i in zip(text, image)), encoding="utf-8")
     assert embeddings_file.read_verified_sidecars(path) is None

@@ -27,6 +27,8 @@ from ernievil2.search import (
 )
 from ernievil2.tokenizer import WordPieceTokenizer
 
+NEEDS_FAISS = "needs faiss (the search extra: pip install -e '.[search]')"
+
 REPO = Path(__file__).resolve().parents[1]
 SEARCH_PY = REPO / "launch" / "search.py"
 CAPTIONS = ["a red circle on the left", "两只猫在沙发上睡觉", "blue square and a star", "海边的日落",
@@ -273,7 +275,7 @@ def test_top_k_exact_with_ties_in_index_order():
 
 
 def test_faiss_matches_exact(built, encoder):
-    pytest.importorskip("faiss")
+    pytest.importorskip("faiss", reason=NEEDS_FAISS)
     rng = np.random.default_rng(1)
     vectors = rng.standard_normal((500, 64)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -436,11 +438,19 @@ def test_bench_quick(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text(encoding="utf-8"))
-    assert [r["preset"] for r in result["index_build"]] == ["tiny"]
-    assert result["index_build"][0]["images"] == 8 and result["index_build"][0]["images_per_s"] > 0
-    assert {(r["n"], r["backend"]) for r in result["query"]} >= {(2000, "numpy"), (5000, "numpy")}
-    assert all(r["median_ms"] > 0 and r["dim"] == 768 for r in result["query"])
-    assert "| tiny | 8 |" in proc.stdout and "images/s" in proc.stdout
+    assert result["quick"] is True
+    (build,) = result["index_build"]
+    assert (build["preset"], build["images"], build["image_size"], build["dim"]) == ("tiny", 8, 64, 64)
+    assert build["images_per_s"] == pytest.approx(build["images"] / build["seconds"], rel=1e-9)
+    # the printed table reports the numbers of the JSON file, one row per measurement
+    assert (f"| tiny | 8 | 64 | 64 | {build['seconds']:.2f} | {build['images_per_s']:.1f} |"
+            in proc.stdout.splitlines()), proc.stdout
+    backends = ["numpy", "faiss"] if importlib.util.find_spec("faiss") else ["numpy"]
+    assert [(r["n"], r["backend"]) for r in result["query"]] == [(n, b) for n in (2000, 5000) for b in backends]
+    for r in result["query"]:
+        assert (r["dim"], r["k"]) == (768, 10), r
+        assert (f"| {r['n']:,} | 768 | {r['backend']} | {r['build_s']:.2f} | {r['median_ms']:.2f} |"
+                in proc.stdout.splitlines()), (r, proc.stdout)
 
 
 # --------------------------------------------------------------------------- acceptance
@@ -466,7 +476,7 @@ def demo_run(tmp_path_factory):
 
 
 def test_search_recall_at_5_matches_the_evaluator(demo_run, tmp_path):
-    from ernievil2.evaluation import EvalSetSpec, RetrievalEvaluator, embed, items_to_set, read_items
+    from ernievil2.evaluators.retrieval import EvalSetSpec, RetrievalEvaluator, embed, items_to_set, read_items
 
     ckpt, val_shards, max_length = demo_run
     items = read_items(EvalSetSpec(name="demo_val", format="demo"), val_shards)

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 import ernievil2.train.run as run_module
 from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, load_model
-from ernievil2.evaluation import RetrievalEvaluator, load_retrieval_set
+from ernievil2.evaluators.retrieval import RetrievalEvaluator, load_retrieval_set
 from ernievil2.losses import TERMS
 from ernievil2.models.config import DualEncoderConfig
 from ernievil2.tokenizer import WordPieceTokenizer

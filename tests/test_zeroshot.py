@@ -17,9 +17,9 @@ from ernievil2.data.demo import DemoDataSpec, demo_object_images, object_class_n
 from ernievil2.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ernievil2.data.sample import RawSample
 from ernievil2.data.shard_writer import ShardWriter
-from ernievil2.evaluation import EvalDataError
+from ernievil2.evaluators.base import EvalDataError
 from ernievil2.tokenizer import WordPieceTokenizer
-from ernievil2.zeroshot import (
+from ernievil2.evaluators.zeroshot import (
     TEMPLATE_SETS,
     ClassificationSet,
     ClassificationSetSpec,

@@ -1,4 +1,4 @@
-"""Base64 image columns as the seed's files, Chinese-CLIP's imgs.tsv and others write them."""
+"""Base64 image columns as the upstream release's files, Chinese-CLIP's imgs.tsv and others write them."""
 from __future__ import annotations
 
 import base64

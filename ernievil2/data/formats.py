@@ -1,14 +1,14 @@
 """Dataset formats: one reader per input layout, one item type, one name per format.
 
 Everything that reads image-text data goes through this module: the packer (``launch/pack.py``,
-:mod:`ernievil2.data.packers`), the evaluation sets (:mod:`ernievil2.evaluation`) and, for the seed
+:mod:`ernievil2.data.packers`), the evaluation sets (:mod:`ernievil2.evaluators.retrieval`) and, for the upstream
 TSV's per-line parse, inference (:mod:`ernievil2.inference`). It imports nothing heavier than the
-standard library (the ``shards`` reader imports :mod:`ernievil2.data.shard_stream`, and paddle with
-it, only when it is called), so the packer's image worker processes can import it.
+standard library (the ``shards`` reader imports :mod:`ernievil2.data.shard_reader`, and webdataset
+with it, only when it is called; never paddle), so the packer's image worker processes can import it.
 
 Formats (:data:`FORMATS`, spelled with underscores; :data:`READERS` maps each name to its reader):
 
-* ``seed_tsv``: ``text \\t image_id \\t base64`` (SPEC §6), lines grouped by image id;
+* ``seed_tsv``: ``text \\t image_id \\t base64``, lines grouped by image id;
 * ``chinese_clip``: ``{split}_imgs.tsv`` (``image_id \\t base64``) + ``{split}_texts.jsonl``;
 * ``coco``: ``captions_*.json`` (+ ``instances_*.json`` for object tags) + an image folder;
 * ``karpathy``: ``dataset_{flickr30k,coco}.json`` + an image folder;
@@ -67,10 +67,10 @@ SEED_LINE_CHECKS: dict[str, str] = {
     "text": "empty text",
     "base64": "invalid base64",
 }
-"""The checks of one seed TSV line, in the order they are made, and what failing each means."""
+"""The checks of one upstream TSV line, in the order they are made, and what failing each means."""
 SEED_LINE_REASONS: dict[str, str] = {"encoding": BAD_RECORD, "columns": BAD_RECORD, "text": NO_CAPTIONS,
                                      "base64": BAD_BASE64}
-"""The :class:`Problem` reason of a seed line failing each check."""
+"""The :class:`Problem` reason of an upstream TSV line failing each check."""
 
 _KEY_BAD_CHARS = re.compile(r"[^\w-]")
 _CAPTIONS_FIELD = re.compile(r"^captions_([A-Za-z][A-Za-z_-]*)$")
@@ -186,7 +186,7 @@ Record = Union[Item, Problem]
 class SourceSpec:
     """What to read: the ``format`` and its files and options.
 
-    ``input``: the main file (seed tsv; ``imgs.tsv`` or the folder holding ``{split}_imgs.tsv``;
+    ``input``: the main file (upstream TSV; ``imgs.tsv`` or the folder holding ``{split}_imgs.tsv``;
     COCO captions json; Karpathy json; captions jsonl) or, for ``shards``, a folder, pattern or
     list of shards. ``images``: the image folder (coco, karpathy; jsonl: the base of relative
     paths), default the input's folder. ``texts``: the Chinese-CLIP texts jsonl (default beside
@@ -303,7 +303,7 @@ def _decode_line(raw: bytes | str) -> str:
 
 @dataclass(frozen=True)
 class SeedLine:
-    """One parsed seed TSV line: 1-based ``lineno``, ``text`` and ``image_id`` (stripped), the
+    """One parsed upstream TSV line: 1-based ``lineno``, ``text`` and ``image_id`` (stripped), the
     base64 column (not decoded)."""
 
     lineno: int
@@ -330,7 +330,7 @@ class LineProblem:
 
 
 def parse_seed_line(raw: bytes | str, lineno: int) -> SeedLine | LineProblem:
-    """Split one seed line (trailing ``\\n``/``\\r\\n`` allowed) into its three columns, checking the
+    """Split one upstream TSV line (trailing ``\\n``/``\\r\\n`` allowed) into its three columns, checking the
     encoding, the column count and the text; the base64 is not decoded (:func:`check_seed_image`)."""
     try:
         line = _decode_line(raw)
@@ -701,10 +701,11 @@ def read_jsonl(spec: SourceSpec) -> Source:
 
 def read_shards(spec: SourceSpec) -> Source:
     """Every sample of WebDataset shards (``input``: folder, brace pattern, glob or list), shard by
-    shard in list order, as :class:`~ernievil2.data.shard_stream.ShardStream` decodes them (bad samples
-    are skipped there); ``language`` overrides the samples' own."""
-    from ernievil2.data.shard_reader import list_shards, read_sizes
-    from ernievil2.data.shard_stream import ShardStream  # paddle: only when shards are read
+    shard in list order, decoded by :func:`~ernievil2.data.shard_reader.read_shard`; a sample that
+    does not decode, or a damaged shard, is a :data:`BAD_RECORD` problem naming shard and key.
+    ``language`` overrides the samples' own."""
+    from ernievil2.data.sample import BadSample
+    from ernievil2.data.shard_reader import list_shards, read_shard, read_sizes, shard_sizes
 
     try:
         urls = list_shards(spec.input)
@@ -712,11 +713,17 @@ def read_shards(spec: SourceSpec) -> Source:
         raise FormatError(f"shards {spec.input}: {exn}") from None
 
     def records() -> Iterator[Record]:
-        for url in urls:
-            for sample in ShardStream([url], shuffle_shards=False, split_by_rank=False):
-                yield Item(sample.key, list(sample.captions), ImageSource(data=sample.image),
-                           f"{url}: sample {sample.key}", spec.language or sample.lang, sample.objects,
-                           dict(sample.meta))
+        for url, expected in zip(urls, shard_sizes(urls)):
+            damage: list[Exception] = []
+            for key, sample in read_shard(url, lambda u, exn: damage.append(exn), expected):
+                where = f"{url}: sample {key}"
+                if isinstance(sample, BadSample):
+                    yield Problem(BAD_RECORD, where, str(sample))
+                else:
+                    yield Item(sample.key, list(sample.captions), ImageSource(data=sample.image), where,
+                               spec.language or sample.lang, sample.objects, dict(sample.meta))
+            if damage:
+                yield Problem(BAD_RECORD, f"{url}: damaged shard", str(damage[0]))
 
     return Source(records(), total=read_sizes(urls))
 

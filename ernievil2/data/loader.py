@@ -53,10 +53,9 @@ import paddle
 
 from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.loader_workers import ExitWithParent, collate_arrays, iterate_loader, loader_worker, log_in_worker
-from ernievil2.data.sample import SKIP_KINDS, BadSample, RawSample
-from ernievil2.data.shard_codec import decode_sample
-from ernievil2.data.shard_reader import count_samples, list_shards, shard_samples, shard_sizes
-from ernievil2.data.shard_stream import SkipCounter, buffer_shuffle, draw_shards, too_few_shards
+from ernievil2.data.sample import SKIP_KINDS, RawSample
+from ernievil2.data.shard_reader import SkipCounter, count_samples, list_shards, read_shard, shard_sizes
+from ernievil2.data.shard_stream import buffer_shuffle, draw_shards, too_few_shards
 from ernievil2.data.slots import SLOT_KEY, BatchSlots, SlotsClosed, slots_supported
 from ernievil2.distributed import dist_info
 
@@ -263,25 +262,12 @@ class TrainStream(paddle.io.IterableDataset):
     def _items(self, epoch: int, gid: int, readers: int, salt: int, skips: SkipCounter) -> Iterator[Item]:
         """One pass over this reader's raw samples, decoded (bad ones as their BadSample), mixed."""
 
-        damaged_urls: set[str] = set()
-
         def damaged(url: str, exn: Exception) -> None:
-            damaged_urls.add(url)
-            skips.add("truncated_tar", url, "-", repr(exn))
+            skips.add("truncated_tar", url, "-", exn if isinstance(exn, ValueError) else repr(exn))
 
         def read(url: str) -> Iterator[Item]:
-            n = 0
-            for raw in shard_samples(url, damaged):
-                n += 1
-                key = str(raw.get("__key__", "?"))
-                try:
-                    yield url, key, decode_sample(raw)
-                except ValueError as exn:
-                    yield url, key, exn if isinstance(exn, BadSample) else BadSample("other", str(exn))
-            # A tar cut at a header boundary reads as a shorter, intact tar: only its size tells.
-            expected = self.sizes.get(url)
-            if expected is not None and n < expected and url not in damaged_urls:
-                skips.add("truncated_tar", url, "-", f"read {n} of the {expected} samples its sizes.json lists")
+            for key, sample in read_shard(url, damaged, self.sizes.get(url)):
+                yield url, key, sample
 
         streams: list[Iterator[Item]] = []
         for i, src in enumerate(self.sources):

@@ -1,4 +1,4 @@
-"""Image preprocessing for evaluation, inference, search and export (SPEC §4): the one module that
+"""Image preprocessing for evaluation, inference, search and export: the one module that
 resizes, centre-crops and normalises an image outside training, under one of two profiles,
 ``official`` (the default everywhere) and ``paddlenlp``.
 
@@ -6,13 +6,13 @@ Both turn encoded image bytes into a float32 ``[3, S, S]`` array normalised with
 mean/std; they differ in decoder, resampling filter, resize rule and crop rounding, so embeddings
 (and recalls) computed with one profile are only comparable with the same profile.
 
-``official`` — the ERNIE-ViL 2.0 release (``ernievil2/utils/preprocess_image.py``, test mode):
+``official`` — the upstream ERNIE-ViL 2.0 release (``ernievil2/utils/preprocess_image.py``, test mode):
 
 * decode with OpenCV (``IMREAD_COLOR``), BGR → RGB;
 * if the short side already equals ``S`` the image is kept as is (no resampling); otherwise the
   short side becomes ``S`` and the long side ``int(S / short * long) + 1``, bilinear
   (``cv2.INTER_LINEAR``). A square image counts its *height* as the short side (it becomes
-  ``S`` high and ``S + 1`` wide), exactly like the release's ``w < h`` test;
+  ``S`` high and ``S + 1`` wide), exactly like the upstream release's ``w < h`` test;
 * centre crop at ``top = ceil((h - S) / 2)``, ``left = ceil((w - S) / 2)``;
 * ``x / 255`` in float32, then ``(x - mean) / std`` with float64 mean/std written back to float32.
 

@@ -1,6 +1,7 @@
 """Shard files: resolving a shard specification to paths/URLs (:func:`list_shards`), the sample counts
 of the ``sizes.json`` files beside them (:func:`shard_sizes`, :func:`read_sizes`) and the raw samples of
-one shard (:func:`shard_samples`, :func:`count_samples`).
+one shard (:func:`shard_samples`, :func:`count_samples`), decoded by the one loop every reader
+uses (:func:`read_shard`), with bad samples counted by kind (:class:`SkipCounter`).
 
 Shards are local paths, ``http(s)://`` URLs or ``pipe:COMMAND``s, read with webdataset's low-level tar
 iterators. Imports no paddle; decoding a raw sample is :func:`ernievil2.data.shard_codec.decode_sample`.
@@ -17,7 +18,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Union
 
 import braceexpand
+import numpy as np
 from webdataset import tariterators
+
+from .sample import SKIP_KINDS, BadSample, RawSample
+from .shard_codec import decode_sample
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +124,81 @@ def shard_samples(url: str, on_damage: Callable[[str, Exception], None]) -> Iter
         on_damage(url, errors[0])
 
 
+def read_shard(
+    url: str, on_damage: Callable[[str, Exception], None], expected: int | None = None,
+    decode: Callable[[dict], object] = decode_sample,
+) -> Iterator[tuple[str, RawSample | BadSample]]:
+    """The one loop that decodes a shard: ``(key, sample)`` for each of its samples in order, where
+    ``sample`` is ``decode(raw)`` (default :func:`~ernievil2.data.shard_codec.decode_sample`) or, for
+    a sample ``decode`` refuses with a ``ValueError``, the :class:`BadSample` (kind ``other`` unless
+    it was one). A damaged shard calls ``on_damage(url, error)`` once after its readable samples, and
+    so does a shard that reads fewer than the ``expected`` samples its ``sizes.json`` lists (a tar
+    cut at a header boundary reads as a shorter, intact tar: only its size tells)."""
+    damaged = False
+
+    def on_error(u: str, exn: Exception) -> None:
+        nonlocal damaged
+        damaged = True
+        on_damage(u, exn)
+
+    n = 0
+    for raw in shard_samples(url, on_error):
+        n += 1
+        key = str(raw.get("__key__", "?"))
+        try:
+            yield key, decode(raw)
+        except ValueError as exn:
+            yield key, exn if isinstance(exn, BadSample) else BadSample("other", str(exn))
+    if expected is not None and n < expected and not damaged:
+        on_damage(url, ValueError(f"read {n} of the {expected} samples its sizes.json lists"))
+
+
 def count_samples(url: str) -> int:
     """Number of raw samples a shard yields when read (a pass over its tar headers and bytes, no decoding)."""
     return sum(1 for _ in shard_samples(url, lambda u, e: None))
+
+
+_MAX_LOGGED_SKIPS = 5
+
+
+class SkipCounter:
+    """Counts bad samples by kind (:data:`SKIP_KINDS`) and logs the first few of each kind with shard and key.
+
+    ``counts`` holds the totals; :meth:`take` returns the counts since its previous call (what a
+    loader batch reports). ``muted`` stops counting and logging (re-reads of already counted data).
+    """
+
+    def __init__(self, max_logged: int = _MAX_LOGGED_SKIPS) -> None:
+        self.counts = np.zeros(len(SKIP_KINDS), dtype=np.int64)
+        self._taken = np.zeros(len(SKIP_KINDS), dtype=np.int64)
+        self.max_logged = max_logged
+        self.muted = False
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def by_kind(self) -> dict[str, int]:
+        """``{kind: count}`` of the non-zero totals."""
+        return {k: int(n) for k, n in zip(SKIP_KINDS, self.counts) if n}
+
+    def add(self, kind: str, url: str, key: str, message: str | Exception) -> None:
+        """Count one bad sample (or damaged shard, ``kind="truncated_tar"``)."""
+        if self.muted:
+            return
+        i = SKIP_KINDS.index(kind)
+        self.counts[i] += 1
+        if self.counts[i] <= self.max_logged:
+            logger.warning("skipping %s: sample %s of shard %s: %s", kind, key, url, message)
+            if self.counts[i] == self.max_logged:
+                logger.warning("further %s skips are only counted", kind)
+
+    def add_error(self, url: str, key: str, exn: ValueError) -> None:
+        """Count a ``ValueError`` raised for a sample: its ``kind`` if a :class:`BadSample`, else ``other``."""
+        self.add(exn.kind if isinstance(exn, BadSample) else "other", url, key, exn)
+
+    def take(self) -> np.ndarray:
+        """Counts (int64, in :data:`SKIP_KINDS` order) since the previous call."""
+        new = self.counts - self._taken
+        self._taken = self.counts.copy()
+        return new

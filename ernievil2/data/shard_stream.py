@@ -2,7 +2,7 @@
 shares with :class:`ernievil2.data.loader.TrainStream` (:class:`SkipCounter`, :func:`draw_shards`,
 :func:`buffer_shuffle`, :func:`too_few_shards`).
 
-Streaming under paddle (see SPEC §8): ``wds.WebDataset``'s node/worker splitters read
+Streaming under paddle (docs/DISTRIBUTED.md, "Data across ranks"): ``wds.WebDataset``'s node/worker splitters read
 ``RANK``/``WORLD_SIZE`` and torch's worker info, neither of which paddle sets, so
 :class:`ShardStream` does the split itself from the rank and world size of
 :func:`ernievil2.distributed.dist_info` (the one reader of the launcher's variables) and
@@ -20,57 +20,10 @@ import paddle
 from ernievil2.distributed import dist_info
 
 from .loader_workers import loader_worker, log_in_worker
-from .sample import SKIP_KINDS, BadSample, RawSample
-from .shard_codec import decode_sample
-from .shard_reader import list_shards, shard_samples
+from .sample import BadSample, RawSample
+from .shard_reader import SkipCounter, list_shards, read_shard
 
 logger = logging.getLogger(__name__)
-
-_MAX_LOGGED_SKIPS = 5
-
-
-class SkipCounter:
-    """Counts bad samples by kind (:data:`SKIP_KINDS`) and logs the first few of each kind with shard and key.
-
-    ``counts`` holds the totals; :meth:`take` returns the counts since its previous call (what a
-    loader batch reports). ``muted`` stops counting and logging (re-reads of already counted data).
-    """
-
-    def __init__(self, max_logged: int = _MAX_LOGGED_SKIPS) -> None:
-        self.counts = np.zeros(len(SKIP_KINDS), dtype=np.int64)
-        self._taken = np.zeros(len(SKIP_KINDS), dtype=np.int64)
-        self.max_logged = max_logged
-        self.muted = False
-
-    @property
-    def total(self) -> int:
-        return int(self.counts.sum())
-
-    def by_kind(self) -> dict[str, int]:
-        """``{kind: count}`` of the non-zero totals."""
-        return {k: int(n) for k, n in zip(SKIP_KINDS, self.counts) if n}
-
-    def add(self, kind: str, url: str, key: str, message: str | Exception) -> None:
-        """Count one bad sample (or damaged shard, ``kind="truncated_tar"``)."""
-        if self.muted:
-            return
-        i = SKIP_KINDS.index(kind)
-        self.counts[i] += 1
-        if self.counts[i] <= self.max_logged:
-            logger.warning("skipping %s: sample %s of shard %s: %s", kind, key, url, message)
-            if self.counts[i] == self.max_logged:
-                logger.warning("further %s skips are only counted", kind)
-
-    def add_error(self, url: str, key: str, exn: ValueError) -> None:
-        """Count a ``ValueError`` raised for a sample: its ``kind`` if a :class:`BadSample`, else ``other``."""
-        self.add(exn.kind if isinstance(exn, BadSample) else "other", url, key, exn)
-
-    def take(self) -> np.ndarray:
-        """Counts (int64, in :data:`SKIP_KINDS` order) since the previous call."""
-        new = self.counts - self._taken
-        self._taken = self.counts.copy()
-        return new
-
 
 def draw_shards(shards: Sequence[str], rng: np.random.Generator, read: Callable[[str], Iterable[Any]],
                 is_good: Callable[[Any], bool] = lambda item: True) -> Iterator[Any]:
@@ -218,12 +171,11 @@ class ShardStream(paddle.io.IterableDataset):
             self.skips.add("truncated_tar", url, "-", repr(exn))
 
         for shard in shards:
-            for raw in shard_samples(shard, damaged):
-                url = str(raw.get("__url__", shard))
-                try:
-                    yield url, decode_sample(raw)
-                except ValueError as exn:
-                    self.skips.add_error(url, str(raw.get("__key__", "?")), exn)
+            for key, sample in read_shard(shard, damaged):
+                if isinstance(sample, BadSample):
+                    self.skips.add_error(shard, key, sample)
+                else:
+                    yield shard, sample
 
     def _resampled(self, gid: int) -> Iterator[tuple[str, RawSample]]:
         """Endless: shards drawn with replacement by reader ``gid``'s own generator."""

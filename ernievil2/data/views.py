@@ -1,4 +1,4 @@
-"""ERNIE-ViL 2.0 multi-view sample transform (SPEC §4) and the deterministic eval transform.
+"""ERNIE-ViL 2.0 multi-view sample transform (the views of the paper) and the deterministic eval transform.
 
 From one :class:`~ernievil2.data.sample.RawSample` :class:`MultiViewTransform` makes
 
@@ -327,7 +327,7 @@ def augment_text_ids(
 # --------------------------------------------------------------------------- config
 @dataclass
 class ViewConfig:
-    """Settings of :class:`MultiViewTransform` (defaults: SPEC §4 / SLIP).
+    """Settings of :class:`MultiViewTransform` (defaults: the views of the module docstring, after SLIP).
 
     ``max_image_pixels`` / ``min_image_side`` reject decompression bombs and tiny placeholders
     (counted skips); ``reduce_on_decode`` (0 disables) lets a JPEG be decoded at 1/2-1/8 scale

@@ -22,7 +22,7 @@ def check_init_scheme(scheme: str, where: str) -> None:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """ViT image tower (SPEC §2): class token, ln_pre/ln_post, QuickGELU, pre-LN blocks."""
+    """ViT image tower: class token, ln_pre/ln_post, QuickGELU, pre-LN blocks."""
 
     image_size: int = 224
     patch_size: int = 16
@@ -40,7 +40,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """ERNIE 3.0 text tower (SPEC §2): post-LN blocks, padding mask, tanh pooler."""
+    """ERNIE 3.0 text tower: post-LN blocks, padding mask, tanh pooler."""
 
     vocab_size: int = 40000
     width: int = 768

@@ -1,4 +1,4 @@
-"""ERNIE 3.0 text tower of ERNIE-ViL 2.0 (SPEC §2)."""
+"""ERNIE 3.0 text tower of ERNIE-ViL 2.0."""
 from __future__ import annotations
 
 import paddle

@@ -1,4 +1,4 @@
-"""ViT image tower of ERNIE-ViL 2.0 (SPEC §2), with two training-time economies: inputs at another
+"""ViT image tower of ERNIE-ViL 2.0, with two training-time economies: inputs at another
 resolution than the native one (position embeddings resampled on the patch grid, multi-crop
 style) and patch dropout (FLIP)."""
 from __future__ import annotations

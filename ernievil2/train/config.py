@@ -97,7 +97,7 @@ class OptimSchema:
 
 @dataclass
 class EvalSetSchema:
-    """One retrieval evaluation set, read by the reader its ``format`` names (ernievil2.evaluation)."""
+    """One retrieval evaluation set, read by the reader its ``format`` names (ernievil2.evaluators.retrieval)."""
 
     name: str = MISSING
     format: str = "demo"  # demo | shards | seed_tsv | chinese_clip | coco | karpathy | jsonl (ernievil2.data.formats)
@@ -107,13 +107,13 @@ class EvalSetSchema:
     image_root: Optional[str] = None  # coco / karpathy / jsonl image folder (default: the file's folder)
     split: str = "test"  # karpathy: the split to evaluate; chinese_clip: the split of a folder path
     caption_key: str = "captions"  # jsonl: the key of each line's caption list
-    protocol: str = "multi"  # SPEC §7: "multi" (multi-caption), "official" (1:1, first caption per image) or "both"
+    protocol: str = "multi"  # "multi" (multi-caption), "official" (1:1, first caption per image) or "both"
     max_images: Optional[int] = None  # keep only the first N images (file order)
 
 
 @dataclass
 class ClassificationSetSchema:
-    """One zero-shot classification set (ernievil2.zeroshot): images with class labels, class names
+    """One zero-shot classification set (ernievil2.evaluators.zeroshot): images with class labels, class names
     put into prompt templates."""
 
     name: str = MISSING
@@ -136,7 +136,7 @@ class EvalSchema:
     batch_size: int = 256  # images / texts per forward pass on each rank
     datasets: list[EvalSetSchema] = field(default_factory=list)  # retrieval sets
     classification: list[ClassificationSetSchema] = field(default_factory=list)  # zero-shot classification sets
-    profile: str = "official"  # image preprocessing of every set (SPEC §4): official | paddlenlp
+    profile: str = "official"  # image preprocessing of every set (ernievil2.data.preprocess): official | paddlenlp
 
 
 @dataclass

@@ -22,7 +22,6 @@ import numpy as np
 import paddle
 from omegaconf import DictConfig, OmegaConf
 
-from ernievil2 import evaluation
 from ernievil2.atomic import atomic_write
 from ernievil2.checkpoint import load_model, load_weights
 from ernievil2.data.demo import DemoDataSpec, ensure_demo_data
@@ -37,7 +36,8 @@ from ernievil2.distributed import (
     init_distributed,
     main_process_first,
 )
-from ernievil2.evaluation import Evaluator
+from ernievil2.evaluators import EvalContext, Evaluator
+from ernievil2.evaluators import build_evaluators as build_configured_evaluators
 from ernievil2.losses import MultiViewLoss
 from ernievil2.models import build_model
 from ernievil2.models.schema import resolve_model
@@ -120,9 +120,8 @@ def resolve_data(cfg: Config) -> tuple[list[str], Optional[list[str]]]:
 def build_evaluators(cfg: Config, image_size: int, tokenizer: WordPieceTokenizer, demo_val: Optional[list[str]],
                      info: DistInfo) -> list[Evaluator]:
     """The configured evaluation sets as evaluators (every rank holds them and embeds its share; rank 0 logs)."""
-    return evaluation.build_evaluators(cfg.eval, image_size=image_size, tokenizer=tokenizer,
-                                       text_max_length=cfg.model.text_max_length, demo_val_shards=demo_val, info=info,
-                                       demo_spec=demo_data_spec(cfg))
+    return build_configured_evaluators(cfg.eval, EvalContext(
+        image_size, tokenizer, cfg.model.text_max_length, info, demo_val_shards=demo_val, demo_spec=demo_data_spec(cfg)))
 
 
 def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:

@@ -32,7 +32,8 @@ from ernievil2.data.loader import TrainData
 from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.views import IMAGE_VIEWS, PHOTOMETRIC_SUFFIX
 from ernievil2.distributed import DistInfo, check_parameters_in_sync
-from ernievil2.evaluation import Evaluator, trim_padding
+from ernievil2.encode import trim_padding
+from ernievil2.evaluators import Evaluator
 from ernievil2.losses import MultiViewLoss
 from ernievil2.models import ErnieViL2
 from ernievil2.train.checkpointing import (

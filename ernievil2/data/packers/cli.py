@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("input")
     src.add_argument("--format", required=True, choices=FORMATS, help="input layout: %(choices)s")
     src.add_argument("--input", required=True, type=Path,
-                     help="seed tsv / imgs.tsv or its folder / COCO captions json / Karpathy json / captions jsonl / "
-                          "shards (folder, brace pattern or glob: a re-pack)")
+                     help="upstream tsv / imgs.tsv or its folder / COCO captions json / Karpathy json / "
+                          "captions jsonl / shards (folder, brace pattern or glob: a re-pack)")
     src.add_argument("--images", type=Path, help="image folder (coco, karpathy; jsonl: base of relative paths); "
                                                  "default: the input's folder")
     src.add_argument("--texts", type=Path, help="chinese_clip texts.jsonl (default: beside imgs.tsv)")

@@ -1,10 +1,4 @@
-"""Evaluators: small units with one interface, ``evaluator(model, step) -> list[record]``.
-
-A record is a flat dict with ``step, dataset, protocol`` and the recall columns of
-:mod:`ernievil2.retrieval`. The trainer (and eval-only mode) calls every evaluator on every rank:
-each rank embeds its contiguous slice of the images and of the texts, the slices are gathered
-(``all_gather_object``; nothing collective in a single process) and every rank computes and
-returns the same records. Rank 0 logs them.
+"""Image↔text retrieval: reading a set, preparing it, and :class:`RetrievalEvaluator`.
 
 Evaluation sets are read by the dataset format readers, :mod:`ernievil2.data.formats` (the packer's
 too): ``format`` is ``demo`` (the embedded demo's val shards) or one of
@@ -16,7 +10,7 @@ caption field. Items (:class:`~ernievil2.data.formats.Item`: one image, its capt
 kept, and where it came from) are taken in file order; the first record the reader cannot use, or
 an image file that does not exist, raises :class:`EvalDataError` naming the file and line (or entry).
 
-Protocols (SPEC §7): ``multi`` (multi-caption, every caption of every image), ``official`` (1:1:
+Protocols: ``multi`` (multi-caption, every caption of every image), ``official`` (1:1:
 one text per image; multi-caption sets use the FIRST caption of each image, in file order) and
 ``both`` (two records).
 """
@@ -25,32 +19,22 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import paddle
 
-from ernievil2.data import preprocess
 from ernievil2.data import formats as data_formats
+from ernievil2.data import preprocess
 from ernievil2.data.formats import FormatError, Item, Problem, Record, SourceSpec, open_source
-from ernievil2.distributed import DistInfo
+from ernievil2.distributed import DistInfo, first_error, gather_rows, shard_range
+from ernievil2.encode import embed_crops, embed_token_ids
+from ernievil2.evaluators.base import EvalContext, EvalDataError, register
 from ernievil2.models import ErnieViL2
 from ernievil2.retrieval import multi_caption_recall, official_recall
 from ernievil2.tokenizer import WordPieceTokenizer
 
 PROTOCOLS = ("multi", "official")
 PROTOCOL_CHOICES = ("multi", "official", "both")
-
-
-class Evaluator(Protocol):
-    name: str
-
-    def __call__(self, model: ErnieViL2, step: int) -> list[dict]:
-        ...
-
-
-class EvalDataError(ValueError):
-    """An evaluation set file that cannot be read; the message names the file and line or entry."""
 
 
 @dataclass
@@ -188,15 +172,6 @@ def items_to_set(items: Sequence[Item], image_size: int, tokenizer: WordPieceTok
                         n_images=len(items), image_start=start, profile=profile)
 
 
-def first_error(error: str | None, info: DistInfo) -> str | None:
-    """The first rank's error, on every rank (``all_gather_object``), so that all ranks stop alike."""
-    if not info.distributed:
-        return error
-    errors: list[str | None] = []
-    paddle.distributed.all_gather_object(errors, error)
-    return next((e for e in errors if e is not None), None)
-
-
 def load_eval_set(spec: EvalSetSpec, image_size: int, tokenizer: WordPieceTokenizer, max_length: int,
                   demo_val_shards: Sequence[str] | None = None, info: DistInfo | None = None) -> RetrievalSet:
     """Read ``spec`` with its reader and preprocess it (:func:`read_items` + :func:`items_to_set`)."""
@@ -213,55 +188,6 @@ def load_retrieval_set(
 
 
 # --------------------------------------------------------------------------- embedding
-def trim_padding(ids: np.ndarray, pad_id: int) -> np.ndarray:
-    """Drop trailing columns that are padding in every row (outputs are unchanged: pads are masked)."""
-    used = np.nonzero((ids != pad_id).any(axis=0))[0]
-    return ids[:, : (used[-1] + 1 if len(used) else 1)]
-
-
-def shard_range(n: int, info: DistInfo) -> tuple[int, int]:
-    """Rank ``info.rank``'s contiguous slice ``[a, b)`` of ``n`` items (sizes differ by at most 1)."""
-    return n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size
-
-
-def gather_rows(local: np.ndarray, info: DistInfo) -> np.ndarray:
-    """Rows of every rank in rank order (``all_gather_object``: slices may differ in size)."""
-    if not info.distributed:
-        return local
-    parts: list[np.ndarray] = []
-    paddle.distributed.all_gather_object(parts, local)
-    return np.concatenate(parts)
-
-
-@paddle.no_grad()
-def embed_images(model: ErnieViL2, crops: np.ndarray, batch_size: int = 256, profile: str = "official") -> np.ndarray:
-    """L2-normalised float32 embeddings of resized crops (uint8 ``[n, S, S, 3]``), normalised batch
-    by batch under ``profile``; the model runs in eval mode (its mode is restored after)."""
-    was_training = model.training
-    model.eval()
-    try:
-        out = [model.encode_image(paddle.to_tensor(preprocess.normalize_batch(crops[i : i + batch_size], profile))).numpy()
-               for i in range(0, len(crops), batch_size)]
-    finally:
-        model.train(was_training)
-    return np.concatenate(out).astype(np.float32) if out else np.empty((0, model.cfg.text.width), dtype=np.float32)
-
-
-@paddle.no_grad()
-def embed_texts(model: ErnieViL2, text_ids: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """L2-normalised float32 embeddings of token ids ``[n, L]`` (all-padding columns trimmed per
-    batch); the model runs in eval mode (its mode is restored after)."""
-    was_training = model.training
-    model.eval()
-    try:
-        pad = model.cfg.text.pad_id
-        out = [model.encode_text(paddle.to_tensor(trim_padding(text_ids[i : i + batch_size], pad))).numpy()
-               for i in range(0, len(text_ids), batch_size)]
-    finally:
-        model.train(was_training)
-    return np.concatenate(out).astype(np.float32) if out else np.empty((0, model.cfg.text.width), dtype=np.float32)
-
-
 def embed(model: ErnieViL2, data: RetrievalSet, batch_size: int = 256,
           info: DistInfo | None = None) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised image and text embeddings of ``data`` (model in eval mode, restored after).
@@ -280,8 +206,8 @@ def embed(model: ErnieViL2, data: RetrievalSet, batch_size: int = 256,
                          f"rank {info.rank} of {info.world_size} embeds {ia}..{ib - 1}: prepare it with the same "
                          "DistInfo (items_to_set(..., info))")
     ta, tb = shard_range(len(data.text_ids), info)
-    img = embed_images(model, images, batch_size, data.profile)
-    txt = embed_texts(model, data.text_ids[ta:tb], batch_size)
+    img = embed_crops(model, images, batch_size, data.profile)
+    txt = embed_token_ids(model, data.text_ids[ta:tb], batch_size)
     return gather_rows(img, info), gather_rows(txt, info)
 
 
@@ -294,7 +220,7 @@ def first_caption_per_image(text_image: np.ndarray, n_images: int) -> np.ndarray
 
 
 class RetrievalEvaluator:
-    """Zero-shot image↔text retrieval on one set, under one protocol or both (SPEC §7)."""
+    """Zero-shot image↔text retrieval on one set, under one protocol or both."""
 
     def __init__(self, name: str, data: RetrievalSet, protocol: str = "multi", batch_size: int = 256,
                  info: DistInfo | None = None):
@@ -329,24 +255,10 @@ def eval_set_spec(cfg: Any) -> EvalSetSpec:
                        caption_key=cfg.caption_key, max_images=cfg.max_images)
 
 
-def build_evaluators(eval_cfg: Any, *, image_size: int, tokenizer: WordPieceTokenizer, text_max_length: int,
-                     demo_val_shards: Sequence[str] | None, info: DistInfo, demo_spec: Any = None) -> list[Evaluator]:
-    """The evaluators of ``eval_cfg`` (``EvalSchema``), on every rank: one :class:`RetrievalEvaluator`
-    per ``datasets`` entry, then one :class:`~ernievil2.zeroshot.ZeroShotEvaluator` per
-    ``classification`` entry (``demo_spec``: the demo data's spec, for ``format: demo``)."""
-    from ernievil2.zeroshot import ClassificationSetSpec, ZeroShotEvaluator, load_classification_set
-
-    profile = getattr(eval_cfg, "profile", "official")
-    preprocess.check_profile(profile)
-    evaluators: list[Evaluator] = []
-    for entry in eval_cfg.datasets:
-        spec = eval_set_spec(entry)
-        data = items_to_set(read_items(spec, demo_val_shards), image_size, tokenizer, text_max_length, info, profile)
-        evaluators.append(RetrievalEvaluator(spec.name, data, entry.protocol, eval_cfg.batch_size, info))
-    for entry in getattr(eval_cfg, "classification", ()):
-        spec = ClassificationSetSpec(name=entry.name, format=entry.format, path=entry.path, classnames=entry.classnames,
-                                     templates=entry.templates, label_key=entry.label_key, language=entry.language,
-                                     max_images=entry.max_images)
-        data = load_classification_set(spec, image_size, info, profile, demo_spec)
-        evaluators.append(ZeroShotEvaluator(spec.name, data, tokenizer, text_max_length, eval_cfg.batch_size, info))
-    return evaluators
+@register("datasets")
+def build_retrieval_evaluator(entry: Any, context: EvalContext) -> RetrievalEvaluator:
+    """The evaluator of one ``eval.datasets`` entry (``EvalSetSchema``)."""
+    spec = eval_set_spec(entry)
+    data = items_to_set(read_items(spec, context.demo_val_shards), context.image_size, context.tokenizer,
+                        context.text_max_length, context.info, context.profile)
+    return RetrievalEvaluator(spec.name, data, entry.protocol, context.batch_size, context.info)

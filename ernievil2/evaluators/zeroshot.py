@@ -28,12 +28,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ernievil2.data import preprocess
-from ernievil2.distributed import DistInfo
-from ernievil2.evaluation import EvalDataError, embed_images, embed_texts, first_error, gather_rows, shard_range
+from ernievil2.distributed import DistInfo, first_error, gather_rows, shard_range
+from ernievil2.encode import embed_crops, embed_texts
+from ernievil2.evaluators.base import EvalContext, EvalDataError, register
 from ernievil2.models import ErnieViL2
 from ernievil2.tokenizer import WordPieceTokenizer
 
@@ -175,8 +177,9 @@ def read_imagefolder(spec: ClassificationSetSpec) -> tuple[list[_Item], list[str
 
 def read_class_shards(spec: ClassificationSetSpec) -> tuple[list[_Item], list[str]]:
     """WebDataset shards with ``KEY.cls`` or ``label_key`` in ``KEY.json``; ``classnames`` required."""
+    from ernievil2.data.sample import BadSample
     from ernievil2.data.shard_codec import IMAGE_EXTS
-    from ernievil2.data.shard_reader import list_shards, shard_samples
+    from ernievil2.data.shard_reader import list_shards, read_shard
 
     if not spec.classnames:
         raise EvalDataError(f"classification set {spec.name!r}: format 'shards' needs 'classnames'")
@@ -187,16 +190,22 @@ def read_class_shards(spec: ClassificationSetSpec) -> tuple[list[_Item], list[st
     def damaged(url: str, exc: Exception) -> None:
         raise EvalDataError(f"{url}: damaged shard: {exc}")
 
+    def decode(raw: dict) -> tuple[bytes, int]:
+        where = f"{raw.get('__url__')}: sample {raw.get('__key__')}"
+        image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
+        if image is None:
+            raise EvalDataError(f"{where}: no image (looked for {', '.join(IMAGE_EXTS)})")
+        label = _shard_label(raw, spec.label_key, index, where)
+        if not 0 <= label < len(names):
+            raise EvalDataError(f"{where}: label {label} outside the {len(names)} classes")
+        return image, label
+
     for url in list_shards(_need(spec, "path")):
-        for raw in shard_samples(url, damaged):
-            where = f"{url}: sample {raw.get('__key__')}"
-            image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
-            if image is None:
-                raise EvalDataError(f"{where}: no image (looked for {', '.join(IMAGE_EXTS)})")
-            label = _shard_label(raw, spec.label_key, index, where)
-            if not 0 <= label < len(names):
-                raise EvalDataError(f"{where}: label {label} outside the {len(names)} classes")
-            items.append(_Item(lambda image=image: image, label, where))
+        for key, sample in read_shard(url, damaged, decode=decode):
+            if isinstance(sample, BadSample):
+                raise EvalDataError(str(sample))
+            image, label = sample
+            items.append(_Item(lambda image=image: image, label, f"{url}: sample {key}"))
     return items, names
 
 
@@ -273,7 +282,7 @@ def class_embeddings(model: ErnieViL2, tokenizer: WordPieceTokenizer, classnames
                      templates: Sequence[str], max_length: int, batch_size: int = 256) -> np.ndarray:
     """float32 ``[C, D]``: per class, the L2-normalised mean of its normalised prompt embeddings."""
     prompts = [t.replace("{}", name) for name in classnames for t in templates]
-    emb = embed_texts(model, tokenizer(prompts, max_length), batch_size)
+    emb = embed_texts(model, tokenizer, prompts, max_length, batch_size)
     mean = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
     return (mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
@@ -303,7 +312,7 @@ class ZeroShotEvaluator:
     def __call__(self, model: ErnieViL2, step: int) -> list[dict]:
         classes = class_embeddings(model, self.tokenizer, self.data.classnames, self.data.templates,
                                    self.text_max_length, self.batch_size)
-        images = gather_rows(embed_images(model, self.data.images, self.batch_size, self.data.profile), self.info)
+        images = gather_rows(embed_crops(model, self.data.images, self.batch_size, self.data.profile), self.info)
         acc = topk_accuracy(images @ classes.T, self.data.labels)
         n_classes = len(self.data.classnames)
         return [{"step": step, "dataset": self.name, "protocol": "zeroshot",
@@ -316,3 +325,14 @@ def format_record(record: dict) -> str:
     return (f"eval {record['dataset']} (zero-shot, {record['n_images']} images, {record['n_classes']} classes) "
             f"at step {record['step']}: top-1 {record['top1']:.2f}  top-5 {record['top5']:.2f}  "
             f"(chance {record['chance_top1']:.2f})")
+
+
+@register("classification")
+def build_zeroshot_evaluator(entry: Any, context: EvalContext) -> ZeroShotEvaluator:
+    """The evaluator of one ``eval.classification`` entry (``ClassificationSetSchema``)."""
+    spec = ClassificationSetSpec(name=entry.name, format=entry.format, path=entry.path, classnames=entry.classnames,
+                                 templates=entry.templates, label_key=entry.label_key, language=entry.language,
+                                 max_images=entry.max_images)
+    data = load_classification_set(spec, context.image_size, context.info, context.profile, context.demo_spec)
+    return ZeroShotEvaluator(spec.name, data, context.tokenizer, context.text_max_length, context.batch_size,
+                             context.info)

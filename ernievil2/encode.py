@@ -1,0 +1,88 @@
+"""The one way to turn images and texts into embeddings: L2-normalised float32 rows, batched.
+
+Evaluation (retrieval and zero-shot), inference (``launch/infer.py``), the photo search and the
+benchmarks embed through these functions, so the same image or text gives the same vector
+everywhere. Images enter as preprocessed pixels (float32 ``[B, 3, S, S]``, what
+:func:`ernievil2.data.preprocess.preprocess` makes of one image), as resized crops (uint8
+``[n, S, S, 3]``, normalised batch by batch: a quarter of float32's memory for held evaluation
+sets) or as encoded files; texts as strings (tokenized here) or token ids. The model runs in eval
+mode and without gradient; its mode is restored after.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paddle
+
+from ernievil2.data import preprocess
+
+
+@contextlib.contextmanager
+def eval_mode(model: paddle.nn.Layer) -> Iterator[None]:
+    """``model`` in eval mode without gradient inside the block; its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with paddle.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def trim_padding(ids: np.ndarray, pad_id: int) -> np.ndarray:
+    """Drop trailing columns that are padding in every row (outputs are unchanged: pads are masked)."""
+    used = np.nonzero((ids != pad_id).any(axis=0))[0]
+    return ids[:, : (used[-1] + 1 if len(used) else 1)]
+
+
+def _empty(model: Any) -> np.ndarray:
+    return np.empty((0, model.cfg.text.width), dtype=np.float32)
+
+
+def embed_pixels(model: Any, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Embeddings ``[B, D]`` of preprocessed pixels (float32 ``[B, 3, S, S]``)."""
+    pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+    with eval_mode(model):
+        out = [model.encode_image(paddle.to_tensor(pixels[i: i + batch_size])).numpy()
+               for i in range(0, len(pixels), batch_size)]
+    return np.concatenate(out).astype(np.float32, copy=False) if out else _empty(model)
+
+
+def embed_crops(model: Any, crops: np.ndarray, batch_size: int = 256, profile: str = "official") -> np.ndarray:
+    """Embeddings of resized centre crops (uint8 ``[n, S, S, 3]``), normalised under ``profile``
+    one batch at a time."""
+    out = [embed_pixels(model, preprocess.normalize_batch(crops[i: i + batch_size], profile), batch_size)
+           for i in range(0, len(crops), batch_size)]
+    return np.concatenate(out) if out else _empty(model)
+
+
+def embed_image_files(model: Any, paths: Sequence[str | os.PathLike], profile: str = "official",
+                      batch_size: int = 256) -> np.ndarray:
+    """Embeddings of encoded image files, preprocessed at the model's image size under ``profile``
+    (``OSError`` / ``ValueError`` naming an unreadable or undecodable file)."""
+    size = int(model.cfg.vision.image_size)
+    pixels = [preprocess.preprocess(Path(p).read_bytes(), profile=profile, size=size, key=str(p)) for p in paths]
+    return embed_pixels(model, np.stack(pixels), batch_size) if pixels else _empty(model)
+
+
+def embed_token_ids(model: Any, text_ids: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Embeddings of token ids ``[n, L]``; the columns that are padding in a whole batch are trimmed."""
+    pad = model.cfg.text.pad_id
+    with eval_mode(model):
+        out = [model.encode_text(paddle.to_tensor(trim_padding(text_ids[i: i + batch_size], pad))).numpy()
+               for i in range(0, len(text_ids), batch_size)]
+    return np.concatenate(out).astype(np.float32, copy=False) if out else _empty(model)
+
+
+def embed_texts(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int,
+                batch_size: int = 256) -> np.ndarray:
+    """Embeddings of strings, tokenized with ``tokenizer`` to at most ``max_length`` tokens."""
+    texts = list(texts)
+    if not texts:
+        return _empty(model)
+    return embed_token_ids(model, tokenizer(texts, max_length), batch_size)
