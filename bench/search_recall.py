@@ -33,7 +33,7 @@ def main() -> int:
     from ernievil2.search import build_index, load_encoder
 
     demo = ensure_demo_data(Path("~/.cache/ernievil2/demo").expanduser(), DemoDataSpec())
-    items = read_items(EvalSetSpec(name="demo_val", format="demo"), demo.val_shards)
+    items = read_items(EvalSetSpec(name="demo_val", format="shards", path=str(demo.val_dir)))
     encoder = load_encoder(args.ckpt, device="cpu", text_max_length=args.text_max_length)
     with tempfile.TemporaryDirectory() as tmp:
         photos = Path(tmp) / "val"

@@ -41,6 +41,7 @@ from ernievil2.data import formats as data_formats
 from ernievil2.data.b64 import decode_base64
 from ernievil2.data.formats import SEED_LINE_CHECKS, LineProblem, SeedLine
 from ernievil2.data.preprocess import PROFILES, preprocess
+from ernievil2.device import resolve_device
 from ernievil2.embeddings_file import format_embedding_lines, sidecar_paths
 from ernievil2.models.schema import ModelSchema, check_keys, resolve_model
 
@@ -245,17 +246,6 @@ def iter_seed_batches(
 
 
 # --------------------------------------------------------------------------- model
-def resolve_device(device: str) -> str:
-    """``auto`` → ``gpu`` when Paddle has CUDA and sees a GPU, else ``cpu``; sets it."""
-    import paddle
-
-    if device == "auto":
-        has_gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
-        device = "gpu" if has_gpu else "cpu"
-    paddle.set_device(device)
-    return device
-
-
 def _init_from(model_cfg: Any) -> Optional[str]:
     value = getattr(model_cfg, "init_from", None) if not isinstance(model_cfg, DictConfig) else model_cfg.get("init_from")
     return os.path.expanduser(str(value)) if value else None

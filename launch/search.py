@@ -7,7 +7,7 @@
 ``index`` embeds every jpg/jpeg/png/webp/bmp/gif under --images (recursively) into --out; run it
 again to add only new files. ``query`` loads the checkpoint the index remembers (--ckpt / --vocab
 override it; a different model or vocab is refused) and prints rank, score and path. The index
-layout and the library API: ernievil2/search.py. Exit status: 0 done, 2 unusable input or options.
+layout and the library API: ernievil2/search/. Exit status: 0 done, 2 unusable input or options.
 """
 from __future__ import annotations
 

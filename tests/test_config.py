@@ -68,7 +68,16 @@ def test_default_compose_is_the_demo():
     assert isinstance(obj.model, ModelSchema) and isinstance(obj.optim, OptimSchema)
     assert isinstance(obj.loss, LossConfig)
     assert isinstance(obj.eval.datasets[0], EvalSetSchema)
-    assert (obj.eval.datasets[0].format, obj.eval.datasets[0].path) == ("demo", None)
+    # the demo's val split, an ordinary shards folder inside the data.demo settings' cache folder
+    from ernievil2.data.demo import demo_path
+
+    spec = {name: getattr(obj.data.demo, name) for name in ("n_train", "n_val", "image_size", "seed", "samples_per_shard",
+                                                            "tags", "tag_recall", "false_tags", "tag_attributes",
+                                                            "attribute_error", "mismatch", "version")}
+    from ernievil2.data.demo import DemoDataSpec
+
+    assert (obj.eval.datasets[0].format, obj.eval.datasets[0].path) == (
+        "shards", demo_path(obj.data.demo.cache_dir, DemoDataSpec(**spec), "val"))
     assert not hasattr(obj.eval.datasets[0], "shards")  # the legacy spelling of format: shards, path: is gone
     # The tiny preset, with a vocab size to be filled from the built vocab.
     model = resolve_model(obj.model, 500, built_vocab=True)
@@ -190,6 +199,7 @@ def test_experiments_pick_a_trainer_instead_of_repeating_precision():
     assert (t.amp, t.recompute, t.checkpoint_every) == ("none", False, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["+optim.lrr=0.1"], "train.py: error: unknown config key 'optim.lrr' (valid keys here: "),
     (["mode=eval", "ckpt=/nonexistent/ckpt"], "train.py: error: /nonexistent/ckpt: no such checkpoint file or folder"),

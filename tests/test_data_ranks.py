@@ -69,6 +69,7 @@ def _records(out: Path, world: int = 2) -> list[dict]:
     return records
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(TIMEOUT_S)
 def test_two_ranks_two_workers_read_each_sample_once(tmp_path):
     shards = _write_shards(tmp_path / "shards", n=40, per_shard=7)  # 6 shards: 7,7,7,7,7,5
@@ -89,6 +90,7 @@ def test_two_ranks_two_workers_read_each_sample_once(tmp_path):
     assert orders[0] != orders[1], "the epoch must change the shard permutation and the shuffle"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(TIMEOUT_S)
 @pytest.mark.parametrize("precheck", [True, False], ids=["main_process_check", "loader_workers_only"])
 def test_too_few_shards_fails_clearly(tmp_path, precheck):
@@ -101,6 +103,7 @@ def test_too_few_shards_fails_clearly(tmp_path, precheck):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(TIMEOUT_S)
 def test_resampled_runs_with_too_few_shards(tmp_path):
     shards = _write_shards(tmp_path / "shards", n=21, per_shard=7)
@@ -254,6 +257,7 @@ print("pdeathsig", sig.value)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux only")
 def test_exit_with_parent_sets_the_parent_death_signal(tmp_path):
     """The loader workers' init function (run.py) asks the kernel for SIGKILL when the rank dies,

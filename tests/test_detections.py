@@ -400,6 +400,7 @@ def test_documented_detection_commands_run(coco_mini: dict, shared_dir: Path, tm
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_tiny_run_on_detection_shards_uses_the_objects_term(coco_mini: dict, tmp_path: Path):
     """COCO-mini packed without annotation tags: the detector's tags alone feed the objects term."""

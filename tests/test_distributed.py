@@ -104,6 +104,7 @@ REFERENCE = {"accum_local_b": "local_b", "accum_global_a": "global_a", "aux_loca
              "dup_masked_accum_local_b": "dup_masked_local_b"}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", ["local_a", "local_b", "global_a", "global_b", "image_only_a",
                                   "accum_local_b", "accum_global_a", "aux_local_b", "dup_masked_local_a",
@@ -180,6 +181,7 @@ def test_accumulation_replays_dropout():
     assert other_loss != pytest.approx(cached_loss, rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_gather_without_gradient_is_caught(two_rank_results, one_process_reference):
     """The silent bug of a plain gather (``all_gather`` without gradient) must fail the comparison above."""
@@ -188,6 +190,7 @@ def test_gather_without_gradient_is_caught(two_rank_results, one_process_referen
     assert max(_grad_errors(grads, ref_grads).values()) > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_data_parallel_averages_gradients(two_rank_results):
     """Paddle 3.3.1's DataParallel averages parameter gradients over ranks (inputs 1 and 2 → 1.5),
@@ -324,6 +327,7 @@ def test_prepare_ranks_leaves_one_process_alone():
     assert hydra_cfg["job"]["name"] == "train" and hydra_cfg["output_subdir"] == ".hydra"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sharded_optimizer_state_trains_like_data_parallel(tmp_path):
     """trainer.sharding_stage=1 (fleet's sharded optimizer) on 2 ranks: each rank holds the Adam

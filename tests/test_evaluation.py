@@ -175,7 +175,7 @@ def test_eval_set_spec_from_config():
     assert (spec.format, spec.path) == ("shards", "/data/{0..3}.tar")
     with pytest.raises(TypeError, match="shards"):  # no legacy 'shards:' key
         EvalSetSchema(name="old", shards="/data/{0..3}.tar")
-    assert eval_set_spec(EvalSetSchema(name="demo_val")).format == "demo"
+    assert eval_set_spec(EvalSetSchema(name="packed", path="/data")).format == "shards"  # the default
     with pytest.raises(ValueError, match="evaluation set 'x': unknown format 'csv'"):
         eval_set_spec(EvalSetSchema(name="x", format="csv", path="f"))
     with pytest.raises(ValueError, match="evaluation set 'x': unknown protocol 'oneway'"):

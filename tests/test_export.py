@@ -113,6 +113,7 @@ def test_export_checks_sizes(exported, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_export_cli(tmp_path):
     out = tmp_path / "exported"
     proc = subprocess.run(

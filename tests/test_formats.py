@@ -297,7 +297,7 @@ def test_one_spelling_per_format_name():
     parser = load_cli().build_parser()
     (fmt_action,) = [a for a in parser._actions if a.dest == "format"]
     assert tuple(fmt_action.choices) == FORMATS
-    assert evaluation.FORMATS == ("demo", *FORMATS)
+    assert evaluation.FORMATS == FORMATS
     # the shipped evaluation configs and every documented --format use these names
     for path in sorted((REPO / "conf" / "eval").glob("*.yaml")):
         for entry in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("datasets") or []:
@@ -323,7 +323,7 @@ def test_hyphen_spellings_are_refused_with_the_choices(old: str, new: str, tmp_p
         pack(SourceSpec(old, tmp_path / "x"), tmp_path / "o", PackOptions(progress=False))
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError,
-                       match=f"evaluation set 'e': unknown format '{old}' .*choose one of: demo, {choices}"):
+                       match=f"evaluation set 'e': unknown format '{old}' .*choose one of: {choices}"):
         eval_set_spec(EvalSetSchema(name="e", format=old, path="x"))
     with pytest.raises(ValueError, match=f"unknown format '{old}'"):
         read_items(EvalSetSpec("e", old, "x"))

@@ -218,6 +218,7 @@ def test_decode_base64_variants():
             decode_base64(bad)
 
 
+@pytest.mark.slow
 def test_cli_bad_line_exit_code_and_wrapper(tmp_path, vocab):
     """launch/infer.py reports a bad line and exits 2; run_infer.sh reads key=value CONFIG files."""
     test_file = tmp_path / "t.tsv"

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
-import zlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import wandb
 from hydra import compose, initialize_config_dir
-from wandb.proto import wandb_internal_pb2
 
 from ernievil2.losses import TERMS
 from ernievil2.train.config import LoggerSchema, register_schemas
@@ -43,51 +42,46 @@ def wandb_env(tmp_path, monkeypatch) -> Path:
 
 
 # ------------------------------------------------------------------ reading wandb's transaction log
-# A run-*.wandb file is a 7-byte header (":W&B", magic 0xBEE1, version 0) followed by LevelDB-log
-# framed chunks in 32 KiB blocks; each chunk: crc32 (of type byte + payload), length, type.
-
-_BLOCK, _CHUNK_HEADER = 32768, struct.Struct("<IHB")
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+# wandb decodes its own run file: ``wandb leet inspect --json RUN.wandb`` prints each record of the
+# transaction log as one JSON object ({"num", "type", <type>: {...}}); a history item maps each key
+# (a table's fields joined with '.') to its logged value.
 
 
-def read_wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:
-    """Every Record of a wandb transaction log, checking each chunk's checksum."""
-    data = path.read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", data[:7])
-    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), f"{path}: not a wandb run file"
-    records, pending, pos = [], b"", 7
-    while pos + _CHUNK_HEADER.size <= len(data):
-        room = _BLOCK - pos % _BLOCK
-        if room < _CHUNK_HEADER.size:  # block trailer: zero padding
-            pos += room
-            continue
-        crc, length, kind = _CHUNK_HEADER.unpack_from(data, pos)
-        if kind == 0 and length == 0:  # zero-filled tail of a block (or of the file)
-            pos += room
-            continue
-        payload = data[pos + _CHUNK_HEADER.size: pos + _CHUNK_HEADER.size + length]
-        assert zlib.crc32(payload, zlib.crc32(bytes([kind]))) == crc, f"{path}: bad checksum at byte {pos}"
-        pos += _CHUNK_HEADER.size + length
-        pending += payload
-        if kind in (_FULL, _LAST):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
+def read_wandb_records(path: Path) -> list[dict]:
+    """Every record of a wandb run file, as wandb's own reader gives it."""
+    proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"wandb could not read {path}: {proc.stderr[-2000:]}"
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert records and records[0]["type"] == "header", f"{path}: not a wandb run file"
     return records
 
 
-def history_rows(records: list[wandb_internal_pb2.Record]) -> list[dict]:
-    """Each history record as {key: value}; nested keys (a table's fields) are joined with '.'."""
-    return [{".".join(item.nested_key) or item.key: json.loads(item.value_json) for item in r.history.item}
-            for r in records if r.WhichOneof("record_type") == "history"]
+def of_type(records: list[dict], kind: str) -> list[dict]:
+    return [r[kind] for r in records if r["type"] == kind]
+
+
+def history_rows(records: list[dict]) -> list[dict]:
+    """Each history record as {key: value}."""
+    return [h["item"] for h in of_type(records, "history")]
+
+
+def config_updates(records: list[dict]) -> dict:
+    """The run's config: what the run record started with, then every config update in order."""
+    config: dict = {}
+    for r in records:
+        if r["type"] == "run":
+            config.update(r["run"].get("config", {}).get("update", {}))
+        elif r["type"] == "config":
+            config.update(r["config"].get("update", {}))
+    return config
 
 
 def offline_runs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
-def finished_run_records(run_dir: Path, run_id: str) -> tuple[Path, list[wandb_internal_pb2.Record]]:
+def finished_run_records(run_dir: Path, run_id: str) -> tuple[Path, list[dict]]:
     """The one offline run folder of ``run_dir`` and its records, once wandb has written them all:
     ``run.finish()`` can return before wandb's service flushes the file; ``wandb.teardown()`` waits."""
     wandb.teardown()
@@ -152,11 +146,10 @@ def test_wandb_offline_run_holds_losses_recalls_and_tables(tmp_path, wandb_env):
 
     assert (tmp_path / RUN_ID_FILE).read_text().strip() == run_id
     folder, records = finished_run_records(tmp_path, run_id)
-    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    assert (run.run_id, run.project, run.display_name) == (run_id, "ernievil2-test", "unit")
-    assert list(run.tags) == ["unit"]
-    config_items = {item.key: json.loads(item.value_json) for r in records
-                    if r.WhichOneof("record_type") == "config" for item in r.config.update}
+    (run,) = of_type(records, "run")
+    assert (run["run_id"], run["project"], run.get("display_name")) == (run_id, "ernievil2-test", "unit")
+    assert run.get("tags") == ["unit"]
+    config_items = config_updates(records)
     assert config_items["loss"] == {"image_caption": 1.0} and config_items["trainer"] == {"max_steps": 10}
 
     rows = history_rows(records)
@@ -181,8 +174,7 @@ def test_wandb_offline_run_holds_losses_recalls_and_tables(tmp_path, wandb_env):
         assert table["data"] == [[s, *(eval_record(s, dataset, protocol)[k] for k in table["columns"][1:])]
                                  for s in (5, 10)]
     # Every train/ and eval/ metric is plotted against the optimizer step.
-    step_metrics = {r.metric.glob_name or r.metric.name: r.metric.step_metric
-                    for r in records if r.WhichOneof("record_type") == "metric"}
+    step_metrics = {m.get("glob_name") or m.get("name"): m.get("step_metric") for m in of_type(records, "metric")}
     assert step_metrics.get("train/*") == STEP_METRIC and step_metrics.get("eval/*") == STEP_METRIC
 
 
@@ -282,11 +274,11 @@ def test_demo_training_run_logs_to_offline_wandb(tmp_path, wandb_env):
     assert sorted(eval_rows) == [2, 4]
     for k in (*RECALL_KEYS, "mean_recall"):
         assert eval_rows[4][f"{prefix}/{k}"] == pytest.approx(final[0][k], rel=1e-12), k
-    config = {item.key: json.loads(item.value_json) for r in records
-              if r.WhichOneof("record_type") == "config" for item in r.config.update}
+    config = config_updates(records)
     assert config["trainer"]["max_steps"] == 4 and config["logger"]["backend"] == "wandb"
 
 
+@pytest.mark.slow
 def test_resumed_training_continues_the_wandb_run_of_its_checkpoint(tmp_path, wandb_env):
     """A run resumed from a checkpoint into another run dir logs to the wandb run that wrote the
     checkpoint (its id travels in trainer_state.json)."""

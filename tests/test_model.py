@@ -365,6 +365,7 @@ def test_init_scheme_sets_linear_std(scheme):
     assert 0.9 * 0.02 < float(_np(model.text.word_emb.weight).std()) < 1.1 * 0.02
 
 
+@pytest.mark.slow
 def test_fan_in_init_separates_inputs_at_the_start(tmp_path):
     """``bench/init_spread.py``: with std 0.02 a 64-wide tower's blocks barely change its class
     token, so every demo scene and caption gets nearly the same embedding (the symmetric start

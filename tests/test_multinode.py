@@ -161,7 +161,6 @@ def test_scripts_build_the_launcher_command(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, (bad, proc.stderr)
 
 
-@pytest.mark.slow
 def _start_two_nodes(tmp_path, port: int, overrides: list[str]) -> list[subprocess.Popen]:
     """Two launchers on this machine acting as nodes 0 and 1 over 127.0.0.1, one process each."""
     procs = []
@@ -174,6 +173,7 @@ def _start_two_nodes(tmp_path, port: int, overrides: list[str]) -> list[subproce
     return procs
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_nodes_over_loopback(tmp_path):
     port = _free_port()

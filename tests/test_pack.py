@@ -162,8 +162,8 @@ def test_seed_tsv_groups_lines_of_one_image(tmp_path: Path):
     assert summary.skipped_examples["bad_base64"][0].startswith(f"{tsv}:7: invalid base64")
 
 
-def test_shared_seed_sample_packs(shared_dir: Path, tmp_path: Path):
-    tsv = shared_dir / "data" / "seed-format-sample.zh.tsv"
+def test_shared_seed_sample_packs(seed_sample: Path, tmp_path: Path):
+    tsv = seed_sample
     lines = tsv.read_text(encoding="utf-8").splitlines()
     summary = pack(SourceSpec("seed_tsv", tsv), tmp_path / "o", QUIET)
     got = read_back(tmp_path / "o")

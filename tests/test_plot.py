@@ -73,6 +73,7 @@ def test_recall_styles():
     assert plot.recall_style("mean_recall")[0] == "mean recall" and plot.recall_style("ndcg") == ("ndcg", {})
 
 
+@pytest.mark.slow
 def test_default_out_dir_and_cli(run_dir):
     proc = subprocess.run([sys.executable, "launch/plot.py", str(run_dir)], cwd=REPO, capture_output=True, text=True,
                           timeout=120, check=False)

@@ -207,6 +207,7 @@ def test_resize_crop_output_is_uint8_square():
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_matches_paddlenlp_image_processor():
     """With the ``paddlenlp`` extra: bit-level agreement with ``ErnieViLImageProcessor``."""
     pnlp = pytest.importorskip("paddlenlp.transformers", reason=NEEDS_PADDLENLP)

@@ -33,6 +33,8 @@ SMALL = DualEncoderConfig(
     text=TextConfig(vocab_size=40000, width=64, layers=2, heads=4, ffn_dim=128, max_positions=64),
 )
 
+NEEDS_PADDLENLP = "needs paddlenlp (the paddlenlp extra: pip install -e '.[paddlenlp]')"
+
 
 # ----------------------------------------------------------------------------- real data
 
@@ -354,9 +356,11 @@ def test_paddlenlp_key_conversion_fuses_and_splits_qkv(small_model):
     assert set(back) == set(state) and all(np.array_equal(back[k], state[k]) for k in state)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_init_from_through_run_training(tmp_path, released_vocab):
-    """``model.init_from=CKPT``: with lr 0 the run's final checkpoint equals the one it started from."""
+def test_init_from_through_run_training(tmp_path):
+    """``model.init_from=CKPT``: with lr 0 the run's final checkpoint equals the one it started from.
+    The run's fixed vocab (``model.vocab_file``) is a small stand-in built here."""
     from hydra import compose, initialize_config_dir
 
     from ernievil2.models.schema import resolve_model
@@ -364,16 +368,18 @@ def test_init_from_through_run_training(tmp_path, released_vocab):
     from ernievil2.train.run import run_training
 
     register_schemas()
+    vocab_file = WordPieceTokenizer.build_vocab(["a red circle left of a blue square", "一个红色的圆形"],
+                                                tmp_path / "vocab.txt", vocab_size=100)
     overrides = [
         "data.demo.n_train=64", "data.demo.n_val=16", "data.demo.samples_per_shard=32",
         f"data.demo.cache_dir={tmp_path / 'demo'}", "data.batch_size=8", "data.num_workers=0",
         "data.shuffle_buffer=16", "trainer.device=cpu", "logger.backend=none", "eval=none",
         "trainer.max_steps=2", "optim.lr=0", "optim.warmup_steps=0", "model.vision.layers=1",
-        "model.text.layers=1", f"model.vocab_file={released_vocab}",
+        "model.text.layers=1", f"model.vocab_file={vocab_file}",
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    vocab = WordPieceTokenizer(released_vocab).vocab_size
+    vocab = WordPieceTokenizer(vocab_file).vocab_size
     model_cfg = resolve_model(validate(cfg).model, vocab, built_vocab=False)
     init = save_checkpoint(_seeded_model(model_cfg, 1234), tmp_path / "init")
 
@@ -406,7 +412,7 @@ def test_init_from_through_run_training(tmp_path, released_vocab):
 @pytest.fixture(scope="module")
 def paddlenlp_saved(tmp_path_factory):
     """A random-initialised small PaddleNLP ErnieViLModel and its save_pretrained folder."""
-    transformers = pytest.importorskip("paddlenlp.transformers")
+    transformers = pytest.importorskip("paddlenlp.transformers", reason=NEEDS_PADDLENLP)
     paddle.seed(2024)
     config = transformers.ErnieViLConfig(
         text_config=dict(vocab_size=40000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -421,6 +427,7 @@ def paddlenlp_saved(tmp_path_factory):
     return transformers, model, out
 
 
+@pytest.mark.slow
 def test_paddlenlp_import_parity_on_real_data(paddlenlp_saved, real_batch):
     transformers, ref, folder = paddlenlp_saved
     assert C.detect_layout(folder) == "paddlenlp"
@@ -436,6 +443,7 @@ def test_paddlenlp_import_parity_on_real_data(paddlenlp_saved, real_batch):
     assert np.abs(img[0] - img[1]).max() > 1e-3 and np.abs(txt[0] - txt[1]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_paddlenlp_export_round_trip(paddlenlp_saved, real_batch, released_vocab, tmp_path):
     transformers, ref, folder = paddlenlp_saved
     ours = C.load_model(folder).model
@@ -467,10 +475,11 @@ def test_paddlenlp_export_round_trip(paddlenlp_saved, real_batch, released_vocab
     assert np.array_equal(np.asarray(ids), real_batch["ids"])
 
 
+@pytest.mark.slow
 def test_export_of_our_model_runs_in_paddlenlp(small_model, real_batch, tmp_path, caplog):
     """A model trained here (text eps 1e-5) exports and runs in PaddleNLP: identical image
     embeddings; the text ones differ only through PaddleNLP's fixed 1e-12 text LayerNorm eps."""
-    transformers = pytest.importorskip("paddlenlp.transformers")
+    transformers = pytest.importorskip("paddlenlp.transformers", reason=NEEDS_PADDLENLP)
     with caplog.at_level("WARNING", logger="ernievil2.checkpoint"):
         out = C.export_paddlenlp(small_model, tmp_path / "export")
     assert "eps" in caplog.text

@@ -46,6 +46,7 @@ def test_packed_sources_differ_in_object_tags(packed: Path):
     assert all(s.has_objects for s in coco) and all(s.lang == "en" for s in coco)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_real_mix_trains_with_objects_on_coco_rows_only(packed: Path, shared_dir: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("REAL_MIX_ROOT", str(packed))

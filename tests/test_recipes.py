@@ -165,15 +165,23 @@ def test_view_flops_count_object_tags_at_their_own_length():
     assert view_flops_per_sample(cfg, {"objects": 1.0}, text_len=64)["objects"] == 3 * text_forward_flops(t, 64)
 
 
+@pytest.mark.slow
 def test_step_cost_bench_runs_and_orders_the_recipes(tmp_path):
     """``bench/step_cost.py`` (one repeat): every recipe timed; per-sample FLOPs follow the views
     each recipe encodes (CLIP-only: image + caption; multiview adds the tags; the paper's
     computation adds two SimCLR views and the text view)."""
     out = tmp_path / "step_cost.json"
-    subprocess.run([sys.executable, str(CONF_DIR.parent / "bench" / "step_cost.py"), "--repeats", "1", "--batch", "8",
-                    "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(CONF_DIR.parent / "bench" / "step_cost.py"), "--repeats", "1",
+                           "--batch", "8", "--out", str(out)], check=True, capture_output=True, text=True, cwd=tmp_path)
     res = json.loads(out.read_text())
-    assert set(res["step_s"]) == {"clip_only", "multiview", "multiview_paper"} and min(res["step_s"].values()) > 0
+    assert (res["args"]["repeats"], res["args"]["batch"]) == (1, 8)
+    steps = res["step_s"]
+    assert list(steps) == ["clip_only", "multiview", "multiview_paper"]
+    # the printed table reports the timings of the JSON file, each against clip_only
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in steps}
+    assert {name: [c.strip() for c in cells] for name, cells in rows.items()} == {
+        name: [f"{1e3 * sec:.1f}", f"{sec / steps['clip_only']:.2f}×"] for name, sec in steps.items()}, proc.stdout
     base = res["flops"]["base"]
     assert set(base["clip_only"]) == {"image", "caption"}
     assert set(base["multiview"]) == {"image", "caption", "objects"}

@@ -1,4 +1,4 @@
-"""Photo search (ernievil2/search.py, launch/search.py, bench/search.py): index, resume, queries,
+"""Photo search (ernievil2/search/, launch/search.py, bench/search.py): index, resume, queries,
 identity check, faiss, HTML gallery, the README commands, and search vs the in-loop evaluator."""
 from __future__ import annotations
 
@@ -383,6 +383,7 @@ def _readme_search_commands() -> list[list[str]]:
     return [shlex.split(ln, comments=True) for ln in lines if "launch/search.py" in ln]
 
 
+@pytest.mark.slow
 def test_readme_commands_run(tmp_path, ckpt):
     photos = make_photos(tmp_path / "Pictures")
     index, page = tmp_path / "photos.index", tmp_path / "results.html"
@@ -421,6 +422,7 @@ def _one_error_line(proc: subprocess.CompletedProcess, pattern: str) -> None:
     assert re.search(pattern, lines[0]), lines[0]
 
 
+@pytest.mark.slow
 def test_cli_user_errors(tmp_path, built, other_ckpt):
     photos, folder, _ = built
     _one_error_line(_cli("index", "--images", str(tmp_path / "missing"), "--ckpt", str(other_ckpt),
@@ -432,6 +434,7 @@ def test_cli_user_errors(tmp_path, built, other_ckpt):
                     "no WordPiece vocab.*--vocab")
 
 
+@pytest.mark.slow
 def test_bench_quick(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "search.py"), "--quick", "--out", str(out)],
@@ -460,7 +463,8 @@ def demo_run(tmp_path_factory):
     from hydra import compose, initialize_config_dir
 
     from ernievil2.train.config import register_schemas, validate
-    from ernievil2.train.run import resolve_data, run_training
+    from ernievil2.data.demo import DemoDataSpec, demo_path
+    from ernievil2.train.run import run_training
 
     register_schemas()
     base = tmp_path_factory.mktemp("demo")
@@ -471,15 +475,18 @@ def demo_run(tmp_path_factory):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     run_training(cfg, base / "run")
-    _, val_shards = resolve_data(validate(cfg))  # the cached demo data the run trained on
-    return base / "run" / "checkpoints" / "step_0000060", val_shards, int(cfg.model.text_max_length)
+    demo = validate(cfg).data.demo  # the cached demo data the run trained on
+    spec = DemoDataSpec(**{name: getattr(demo, name) for name in DemoDataSpec.__dataclass_fields__})
+    return base / "run" / "checkpoints" / "step_0000060", demo_path(demo.cache_dir, spec, "val"), \
+        int(cfg.model.text_max_length)
 
 
+@pytest.mark.slow
 def test_search_recall_at_5_matches_the_evaluator(demo_run, tmp_path):
     from ernievil2.evaluators.retrieval import EvalSetSpec, RetrievalEvaluator, embed, items_to_set, read_items
 
     ckpt, val_shards, max_length = demo_run
-    items = read_items(EvalSetSpec(name="demo_val", format="demo"), val_shards)
+    items = read_items(EvalSetSpec(name="demo_val", format="shards", path=val_shards))
     assert len(items) == 100
     photos = tmp_path / "val"
     photos.mkdir()

@@ -10,6 +10,8 @@ import pytest
 
 from ernievil2.tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
 
+NEEDS_PADDLENLP = "needs paddlenlp (the paddlenlp extra: pip install -e '.[paddlenlp]')"
+
 
 # --------------------------------------------------------------------------- reference
 class RefBertTokenizer:
@@ -127,7 +129,7 @@ def tok(released_vocab: Path) -> WordPieceTokenizer:
 
 
 @pytest.fixture(scope="module")
-def all_captions(flickr8k_dir: Path, coco_mini_dir: Path, shared_dir: Path) -> list[str]:
+def all_captions(flickr8k_dir: Path, coco_mini_dir: Path, seed_sample: Path) -> list[str]:
     texts: list[str] = []
     with open(flickr8k_dir / "captions.jsonl", encoding="utf-8") as f:
         for line in f:
@@ -136,10 +138,7 @@ def all_captions(flickr8k_dir: Path, coco_mini_dir: Path, shared_dir: Path) -> l
     with open(coco_mini_dir / "captions.jsonl", encoding="utf-8") as f:
         for line in f:
             texts += json.loads(line)["captions_en"]
-    tsv = shared_dir / "data" / "seed-format-sample.zh.tsv"
-    if not tsv.exists():
-        pytest.skip(f"shared data not found at {tsv}")
-    with open(tsv, encoding="utf-8") as f:
+    with open(seed_sample, encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 texts.append(line.split("\t", 1)[0])
@@ -168,8 +167,9 @@ def test_edge_cases_match_python_reference(tok, released_vocab):
     assert tok.tokenize("") == []
 
 
+@pytest.mark.slow
 def test_parity_with_paddlenlp(tok, released_vocab, all_captions, tmp_path):
-    pytest.importorskip("paddlenlp")
+    pytest.importorskip("paddlenlp", reason=NEEDS_PADDLENLP)
     from paddlenlp.transformers import ErnieTokenizer
 
     # PaddleNLP reads one token per line; the release is ``token<TAB>id``.
@@ -215,7 +215,12 @@ def test_special_ids_and_truncation(tok):
         tok.encode("a", max_length=1)
 
 
-def test_call_and_pad(tok):
+def test_call_and_pad(tmp_path):
+    """Needs no released vocab: a stand-in with the special tokens first, as both vocabs have them."""
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join([*SPECIAL_TOKENS, "a", "cat", "dog"]) + "\n", encoding="utf-8")
+    tok = WordPieceTokenizer(vocab)
+    assert (tok.pad_id, tok.cls_id, tok.sep_id) == (0, 1, 2)
     arr = tok(["a dog", "dog " * 100, ""], max_length=8)
     assert arr.dtype == np.int64 and arr.shape == (3, 8)
     dog = tok.token_to_id("dog")

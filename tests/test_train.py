@@ -20,7 +20,7 @@ from ernievil2.models.config import DualEncoderConfig
 from ernievil2.tokenizer import WordPieceTokenizer
 from ernievil2.train.config import register_schemas
 from ernievil2.train.optim import cosine_with_warmup
-from ernievil2.train.run import resolve_data, run_training
+from ernievil2.train.run import run_training
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -123,8 +123,7 @@ def test_checkpoint_written_and_loadable(multiview_run):
     assert model.cfg.vision.width == 64
     # The checkpoint is the final model: re-evaluating it reproduces the final metrics.
     cfg = OmegaConf.to_object(multiview_run["cfg"])
-    _, demo_val = resolve_data(cfg)
-    data = load_retrieval_set(demo_val, model.cfg.vision.image_size, tokenizer, cfg.model.text_max_length)
+    data = load_retrieval_set(cfg.eval.datasets[0].path, model.cfg.vision.image_size, tokenizer, cfg.model.text_max_length)
     record = RetrievalEvaluator("demo_val", data, "multi")(model, 30)[0]
     final = multiview_run["final"][0]
     for k in RECALL_KEYS:

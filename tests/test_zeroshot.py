@@ -194,6 +194,7 @@ def test_demo_classification_set_is_the_held_out_objects():
     assert len(set(labels)) > 12  # many classes represented
 
 
+@pytest.mark.slow
 def test_demo_run_logs_zero_shot_records(tmp_path):
     """A short demo run evaluates the two zero-shot sets in the loop, logs them and plots them."""
     run = tmp_path / "run"
@@ -208,3 +209,50 @@ def test_demo_run_logs_zero_shot_records(tmp_path):
                                                       (4, "demo_objects_en"), (4, "demo_objects_zh")]
     assert all(r["n_images"] == 40 and r["n_classes"] == 24 and 0 <= r["top1"] <= r["top5"] <= 100 for r in zs)
     assert "zero-shot, 40 images, 24 classes" in proc.stderr + proc.stdout
+
+
+def test_demo_objects_are_ordinary_class_shards(tmp_path):
+    """The demo generator writes its classification set as class shards with class names and
+    templates beside them; read by the ordinary shards reader, it is the held-out objects."""
+    from ernievil2.data.demo import OBJECT_TEMPLATES, demo_path, ensure_demo_data
+
+    spec = DemoDataSpec(n_train=8, n_val=30, samples_per_shard=8)
+    demo = ensure_demo_data(tmp_path, spec)
+    assert demo_path(tmp_path, spec, "objects") == str(demo.objects_dir)
+    assert demo_path(tmp_path, spec, "val") == str(demo.val_dir)
+    images, labels, _ = demo_object_images(spec)
+    for language in ("en", "zh"):
+        data = load_classification_set(ClassificationSetSpec(
+            name="objects", format="shards", path=str(demo.objects_dir),
+            classnames=str(demo.objects_dir / f"classnames_{language}.txt"),
+            templates=str(demo.objects_dir / f"templates_{language}.txt")), image_size=32)
+        assert data.labels.tolist() == labels and data.classnames == object_class_names(language)
+        assert data.templates == list(OBJECT_TEMPLATES[language])
+    with pytest.raises(ValueError, match="unknown demo data part 'test'"):
+        demo_path(tmp_path, spec, "test")
+
+
+def test_eval_only_classifies_alone_and_never_generates_the_demo(tmp_path):
+    """mode=eval runs classification sets without any retrieval set; pointed at demo data that
+    was never generated it stops naming the folder, and generates nothing."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["data.demo.n_train=32", "data.demo.n_val=20", "data.demo.samples_per_shard=16", "data.num_workers=0"]
+    train = [sys.executable, "launch/train.py", "trainer.max_steps=2", "data.batch_size=8", "eval=none",
+             f"hydra.run.dir={run}", f"data.demo.cache_dir={cache}", *common]
+    proc = subprocess.run(train, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "eval"
+    evaluate = [sys.executable, "launch/train.py", "mode=eval", f"ckpt={run}", "eval=demo", "eval.datasets=[]",
+                f"hydra.run.dir={out}", *common]
+    proc = subprocess.run([*evaluate, f"data.demo.cache_dir={cache}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads((out / "eval_results.json").read_text(encoding="utf-8"))["records"]
+    assert [(r["dataset"], r["protocol"], r["n_images"]) for r in records] == [
+        ("demo_objects_en", "zeroshot", 20), ("demo_objects_zh", "zeroshot", 20)]
+    empty = tmp_path / "never"
+    proc = subprocess.run([*evaluate, f"data.demo.cache_dir={empty}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode != 0
+    assert f"{empty}/demo-v1-" in proc.stderr and "/objects" in proc.stderr
+    assert not empty.exists()

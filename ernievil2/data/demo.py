@@ -484,6 +484,65 @@ class DemoData:
     val_shards: list[str]
     spec: DemoDataSpec = field(default_factory=DemoDataSpec)
 
+    @property
+    def objects_dir(self) -> Path:
+        """The zero-shot classification set: class shards (``KEY.jpg`` + ``KEY.cls``) and
+        ``classnames_{en,zh}.txt`` (:func:`demo_object_images`)."""
+        return self.root / OBJECTS_DIR
+
+
+#: The parts of a demo folder an evaluation config may point at (:func:`demo_path`).
+DEMO_PARTS: tuple[str, ...] = ("train", "val", "objects")
+OBJECTS_DIR = "objects"
+
+
+def demo_folder(root: Union[str, Path], spec: DemoDataSpec) -> Path:
+    """Where :func:`ensure_demo_data` keeps the dataset of ``spec`` under ``root`` (``~`` expanded)."""
+    return Path(os.path.expanduser(str(root))) / f"demo-v{spec.version}-{spec.digest()}"
+
+
+def demo_path(root: Union[str, Path], spec: DemoDataSpec, part: str) -> str:
+    """The folder of one part (:data:`DEMO_PARTS`) of the demo dataset of ``spec`` under ``root``:
+    what ``conf/eval/demo.yaml`` points its sets at (``${demo_data:val}``). Nothing is generated."""
+    if part not in DEMO_PARTS:
+        raise ValueError(f"unknown demo data part {part!r}; choose from {list(DEMO_PARTS)}")
+    return str(demo_folder(root, spec) / part)
+
+
+def _write_objects(out_dir: Path, spec: DemoDataSpec) -> None:
+    """The classification set as ordinary class shards: one tar of ``KEY.jpg`` + ``KEY.cls`` (the
+    class index), in held-out scene order, and the class names and prompt templates in English and
+    Chinese (``classnames_{en,zh}.txt``, ``templates_{en,zh}.txt``)."""
+    from webdataset import TarWriter
+
+    images, labels, _ = demo_object_images(spec)
+    out_dir.mkdir(parents=True)
+    with TarWriter(str(out_dir / "demo-objects-000000.tar"), encoder=False) as tar:
+        for i, (image, label) in enumerate(zip(images, labels)):
+            tar.write({"__key__": f"object-{i:05d}", "jpg": image, "cls": str(label).encode("ascii")})
+    for language in ("en", "zh"):
+        (out_dir / f"classnames_{language}.txt").write_text("\n".join(object_class_names(language)) + "\n",
+                                                            encoding="utf-8")
+        (out_dir / f"templates_{language}.txt").write_text("\n".join(OBJECT_TEMPLATES[language]) + "\n",
+                                                           encoding="utf-8")
+
+
+def _ensure_objects(folder: Path, spec: DemoDataSpec) -> None:
+    """Add the classification set to a dataset generated before it was part of one (atomically)."""
+    if (folder / OBJECTS_DIR).is_dir():
+        return
+    tmp = folder / f".{OBJECTS_DIR}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_objects(tmp, spec)
+        try:
+            os.rename(tmp, folder / OBJECTS_DIR)
+        except OSError:
+            if not (folder / OBJECTS_DIR).is_dir():  # not a concurrent writer winning the race
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
 
 _TAG_CODE = 3  # RNG streams of the detector's tags and of the mismatched captions (train 0, val 1, classification 2)
 _MISMATCH_CODE = 4
@@ -539,7 +598,8 @@ def _load(folder: Path, spec: DemoDataSpec) -> DemoData:
 def ensure_demo_data(root: Union[str, Path], spec: DemoDataSpec = DemoDataSpec()) -> DemoData:
     """Return the demo dataset for ``spec`` under ``root``, generating it first if it is not cached.
 
-    The dataset lives in ``root/demo-v{version}-{spec.digest()}/{train,val}/`` and is valid once its
+    The dataset lives in ``root/demo-v{version}-{spec.digest()}/{train,val,objects}/`` (:func:`demo_path`;
+    ``objects``: the zero-shot classification set as class shards) and is valid once its
     ``manifest.json`` exists; generation happens in a temporary sibling folder renamed into place,
     so concurrent callers and interrupted runs never see a partial dataset.
     """
@@ -547,9 +607,10 @@ def ensure_demo_data(root: Union[str, Path], spec: DemoDataSpec = DemoDataSpec()
         raise ValueError(f"n_train and n_val must be >= 1, got {spec.n_train}, {spec.n_val}")
     if spec.image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {spec.image_size}")
-    root = Path(root)
-    final = root / f"demo-v{spec.version}-{spec.digest()}"
+    final = demo_folder(root, spec)
+    root = final.parent
     if (final / "manifest.json").exists():
+        _ensure_objects(final, spec)
         return _load(final, spec)
     if final.exists():
         raise RuntimeError(f"{final} exists without manifest.json (not written by ensure_demo_data?); delete it")
@@ -561,6 +622,7 @@ def ensure_demo_data(root: Union[str, Path], spec: DemoDataSpec = DemoDataSpec()
         held_set = set(held)
         train = _write_split(tmp / "train", "train", spec.n_train, spec, held_set)
         val = _write_split(tmp / "val", "val", held, spec, held_set)
+        _write_objects(tmp / OBJECTS_DIR, spec)
         manifest = {
             "generator": "ernievil2.data.demo",
             "spec": asdict(spec),
@@ -589,6 +651,14 @@ OBJECT_CLASSES: tuple[tuple[str, str], ...] = tuple((c, h) for c in COLOURS for 
 """The 24 classes of the demo classification set: (colour, shape), the size left open."""
 
 _CLASSIFICATION_CODE = 2  # RNG stream of the classification images (train 0, val 1, tags 3, mismatch 4)
+
+
+#: Zero-shot prompts in the captions' styles, the object's size left open.
+OBJECT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "en": ("a large {}", "a small {}", "a picture of a large {}", "a picture of a small {}", "one large {}",
+           "one small {}"),
+    "zh": ("一个大的{}", "一个小的{}", "黑色背景上的一个大的{}", "黑色背景上的一个小的{}"),
+}
 
 
 def object_class_names(language: str = "en") -> list[str]:

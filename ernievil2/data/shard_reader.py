@@ -153,6 +153,23 @@ def read_shard(
         on_damage(url, ValueError(f"read {n} of the {expected} samples its sizes.json lists"))
 
 
+def iter_samples(shards: PathLike | Sequence[PathLike], skips: "SkipCounter | None" = None) -> Iterator[RawSample]:
+    """Every good sample of ``shards`` (any :func:`list_shards` spec), shard by shard in list order,
+    in one process; bad samples and damaged shards are counted in ``skips`` (a new
+    :class:`SkipCounter` when None), the first few of each kind logged."""
+    skips = skips if skips is not None else SkipCounter()
+
+    def damaged(url: str, exn: Exception) -> None:
+        skips.add("truncated_tar", url, "-", exn)
+
+    for url in list_shards(shards):
+        for key, sample in read_shard(url, damaged):
+            if isinstance(sample, BadSample):
+                skips.add_error(url, key, sample)
+            else:
+                yield sample
+
+
 def count_samples(url: str) -> int:
     """Number of raw samples a shard yields when read (a pass over its tar headers and bytes, no decoding)."""
     return sum(1 for _ in shard_samples(url, lambda u, e: None))

@@ -3,7 +3,7 @@ that maps an ``eval`` config list (``eval.datasets``, ``eval.classification``) t
 its evaluators."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,8 +34,6 @@ class EvalContext:
     info: DistInfo = DistInfo()
     batch_size: int = 256
     profile: str = "official"
-    demo_val_shards: Sequence[str] | None = None  # the demo's val shards, for ``format: demo`` sets
-    demo_spec: Any = None  # the demo data's spec, for ``format: demo`` classification sets
 
 
 Builder = Callable[[Any, EvalContext], Evaluator]

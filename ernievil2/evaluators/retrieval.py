@@ -1,8 +1,7 @@
 """Image↔text retrieval: reading a set, preparing it, and :class:`RetrievalEvaluator`.
 
 Evaluation sets are read by the dataset format readers, :mod:`ernievil2.data.formats` (the packer's
-too): ``format`` is ``demo`` (the embedded demo's val shards) or one of
-:data:`ernievil2.data.formats.FORMATS` (``shards``, ``seed_tsv``, ``chinese_clip``, ``coco``,
+too): ``format`` is one of :data:`ernievil2.data.formats.FORMATS` (``shards``, ``seed_tsv``, ``chinese_clip``, ``coco``,
 ``karpathy``, ``jsonl``), spelled as there; adding a benchmark is a config entry plus, at most, one
 reader there. An entry's ``path`` is the reader's input, ``image_root`` its image folder, ``split``
 the Karpathy split kept (default ``test``) or the Chinese-CLIP split, ``caption_key`` the jsonl
@@ -101,8 +100,8 @@ def _need(spec: EvalSetSpec, key: str) -> Any:
     return value
 
 
-FORMATS = ("demo", *data_formats.FORMATS)
-"""The ``format`` names of evaluation sets: ``demo`` and those of :mod:`ernievil2.data.formats`."""
+FORMATS = data_formats.FORMATS
+"""The ``format`` names of evaluation sets: those of :mod:`ernievil2.data.formats`."""
 
 
 def check_format(name: str, fmt: str) -> str:
@@ -113,18 +112,12 @@ def check_format(name: str, fmt: str) -> str:
         raise ValueError(f"evaluation set {name!r}: {exc}") from None
 
 
-def read_items(spec: EvalSetSpec, demo_val_shards: Sequence[str] | None = None) -> list[Item]:
-    """The items of ``spec`` through its format reader (``demo``: the given demo val shards), at
-    most ``max_images`` of them (the first ones, in file order)."""
-    if spec.format == "demo":
-        if demo_val_shards is None:
-            raise ValueError(f"evaluation set {spec.name!r}: format 'demo' needs the demo val shards")
-        data_spec = SourceSpec("shards", list(demo_val_shards))
-    else:
-        check_format(spec.name, spec.format)
-        data_spec = source_spec(spec)
+def read_items(spec: EvalSetSpec) -> list[Item]:
+    """The items of ``spec`` through its format reader, at most ``max_images`` of them (the first
+    ones, in file order)."""
+    check_format(spec.name, spec.format)
     try:
-        source = open_source(data_spec)
+        source = open_source(source_spec(spec))
     except FormatError as exc:
         raise EvalDataError(f"evaluation set {spec.name!r}: {exc}") from None
     return _take(spec, eval_items(source.records))
@@ -139,7 +132,7 @@ def _take(spec: EvalSetSpec, items: Iterator[Item]) -> list[Item]:
         if spec.max_images is not None and len(out) >= spec.max_images:
             break
     if not out:
-        raise EvalDataError(f"evaluation set {spec.name!r} ({spec.format}, {spec.path or 'demo'}) holds no image")
+        raise EvalDataError(f"evaluation set {spec.name!r} ({spec.format}, {spec.path}) holds no image")
     return out
 
 
@@ -173,9 +166,9 @@ def items_to_set(items: Sequence[Item], image_size: int, tokenizer: WordPieceTok
 
 
 def load_eval_set(spec: EvalSetSpec, image_size: int, tokenizer: WordPieceTokenizer, max_length: int,
-                  demo_val_shards: Sequence[str] | None = None, info: DistInfo | None = None) -> RetrievalSet:
+                  info: DistInfo | None = None) -> RetrievalSet:
     """Read ``spec`` with its reader and preprocess it (:func:`read_items` + :func:`items_to_set`)."""
-    return items_to_set(read_items(spec, demo_val_shards), image_size, tokenizer, max_length, info)
+    return items_to_set(read_items(spec), image_size, tokenizer, max_length, info)
 
 
 def load_retrieval_set(
@@ -259,6 +252,6 @@ def eval_set_spec(cfg: Any) -> EvalSetSpec:
 def build_retrieval_evaluator(entry: Any, context: EvalContext) -> RetrievalEvaluator:
     """The evaluator of one ``eval.datasets`` entry (``EvalSetSchema``)."""
     spec = eval_set_spec(entry)
-    data = items_to_set(read_items(spec, context.demo_val_shards), context.image_size, context.tokenizer,
+    data = items_to_set(read_items(spec), context.image_size, context.tokenizer,
                         context.text_max_length, context.info, context.profile)
     return RetrievalEvaluator(spec.name, data, entry.protocol, context.batch_size, context.info)

@@ -14,12 +14,11 @@ Sets (``eval.classification`` entries, :class:`ClassificationSetSpec`), one read
   the sorted class folder names; ``classnames`` (optional) names them: a text file with one name
   per line in that order, or a JSON object ``{folder: name}``;
 * ``shards``: WebDataset shards whose samples carry the label as ``KEY.cls`` (an integer) or as
-  ``label_key`` in ``KEY.json`` (an integer index or a class name); ``classnames`` is required;
-* ``demo``: the embedded demo's held-out scenes, each one's leftmost object drawn alone; 24 classes
-  (colour × shape), names in ``language`` (``en`` or ``zh``). Chance is 1/24.
+  ``label_key`` in ``KEY.json`` (an integer index or a class name); ``classnames`` is required
+  (the demo generator writes its held-out objects this way, ``conf/eval/demo.yaml``).
 
-Templates: a built-in set (:data:`TEMPLATE_SETS`: ``en``, ``zh``, ``demo_en``, ``demo_zh``) or a
-text file with one template per line, each holding ``{}`` once.
+Templates: a built-in set (:data:`TEMPLATE_SETS`: ``en``, ``zh``) or a text file with one template
+per line, each holding ``{}`` once.
 """
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ from ernievil2.evaluators.base import EvalContext, EvalDataError, register
 from ernievil2.models import ErnieViL2
 from ernievil2.tokenizer import WordPieceTokenizer
 
-FORMATS = ("imagefolder", "shards", "demo")
+FORMATS = ("imagefolder", "shards")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 KS: tuple[int, ...] = (1, 5)
 
@@ -64,10 +63,6 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
         "一张小{}的照片。",
         "一张大{}的照片。",
     ),
-    # the demo's caption styles (ernievil2.data.demo), the object's size left open
-    "demo_en": ("a large {}", "a small {}", "a picture of a large {}", "a picture of a small {}", "one large {}",
-                "one small {}"),
-    "demo_zh": ("一个大的{}", "一个小的{}", "黑色背景上的一个大的{}", "黑色背景上的一个小的{}"),
 }
 
 
@@ -228,16 +223,6 @@ def _shard_label(raw: dict, key: str, index: dict[str, int], where: str) -> int:
         raise EvalDataError(f"{where}: label {value!r} is neither a class index nor a class name") from None
 
 
-def read_demo(spec: ClassificationSetSpec, demo_spec: object | None = None) -> tuple[list[_Item], list[str]]:
-    """The demo's held-out scenes, each one's leftmost object drawn alone
-    (:func:`ernievil2.data.demo.demo_object_images`)."""
-    from ernievil2.data.demo import DemoDataSpec, demo_object_images
-
-    images, labels, names = demo_object_images(demo_spec or DemoDataSpec(), spec.language)
-    items = [_Item(lambda b=b: b, int(y), f"demo object image {k}") for k, (b, y) in enumerate(zip(images, labels))]
-    return items, names
-
-
 def _need(spec: ClassificationSetSpec, key: str) -> str:
     value = getattr(spec, key)
     if not value:
@@ -246,20 +231,18 @@ def _need(spec: ClassificationSetSpec, key: str) -> str:
 
 
 def load_classification_set(spec: ClassificationSetSpec, image_size: int, info: DistInfo | None = None,
-                            profile: str = "official", demo_spec: object | None = None) -> ClassificationSet:
+                            profile: str = "official") -> ClassificationSet:
     """Read ``spec`` and preprocess this rank's share of its images (:mod:`ernievil2.data.preprocess`)."""
     if spec.format == "imagefolder":
         items, names = read_imagefolder(spec)
     elif spec.format == "shards":
         items, names = read_class_shards(spec)
-    elif spec.format == "demo":
-        items, names = read_demo(spec, demo_spec)
     else:
         raise EvalDataError(f"classification set {spec.name!r}: unknown format {spec.format!r}; choose from {FORMATS}")
     if spec.max_images is not None:
         items = items[: spec.max_images]
     if not items:
-        raise EvalDataError(f"classification set {spec.name!r} ({spec.format}, {spec.path or 'demo'}) holds no image")
+        raise EvalDataError(f"classification set {spec.name!r} ({spec.format}, {spec.path}) holds no image")
     info = info or DistInfo()
     start, stop = shard_range(len(items), info)
     crops, error = [], None
@@ -333,6 +316,6 @@ def build_zeroshot_evaluator(entry: Any, context: EvalContext) -> ZeroShotEvalua
     spec = ClassificationSetSpec(name=entry.name, format=entry.format, path=entry.path, classnames=entry.classnames,
                                  templates=entry.templates, label_key=entry.label_key, language=entry.language,
                                  max_images=entry.max_images)
-    data = load_classification_set(spec, context.image_size, context.info, context.profile, context.demo_spec)
+    data = load_classification_set(spec, context.image_size, context.info, context.profile)
     return ZeroShotEvaluator(spec.name, data, context.tokenizer, context.text_max_length, context.batch_size,
                              context.info)

@@ -14,7 +14,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ernievil2.data.demo import DemoDataSpec
+from ernievil2.data.demo import DemoDataSpec, demo_path
 from ernievil2.data.loader import StreamSource
 from ernievil2.data.views import ViewConfig
 from ernievil2.losses import LossConfig
@@ -100,7 +100,7 @@ class EvalSetSchema:
     """One retrieval evaluation set, read by the reader its ``format`` names (ernievil2.evaluators.retrieval)."""
 
     name: str = MISSING
-    format: str = "demo"  # demo | shards | seed_tsv | chinese_clip | coco | karpathy | jsonl (ernievil2.data.formats)
+    format: str = "shards"  # shards | seed_tsv | chinese_clip | coco | karpathy | jsonl (ernievil2.data.formats)
     # shards: dir/pattern; seed_tsv: .tsv; chinese_clip: imgs.tsv or its folder; coco: captions json;
     # karpathy: dataset_*.json; jsonl: .jsonl
     path: Optional[str] = None
@@ -117,12 +117,12 @@ class ClassificationSetSchema:
     put into prompt templates."""
 
     name: str = MISSING
-    format: str = "demo"  # demo | imagefolder (path/CLASS/image) | shards (KEY.cls or label_key in KEY.json)
+    format: str = "shards"  # imagefolder (path/CLASS/image) | shards (KEY.cls or label_key in KEY.json)
     path: Optional[str] = None  # imagefolder: the root folder; shards: dir/pattern
     classnames: Optional[str] = None  # one name per line (label order) or JSON; imagefolder default: folder names
     templates: str = "en"  # built-in en | zh | demo_en | demo_zh, or a file of templates holding {}
     label_key: str = "label"  # shards: the label's key in KEY.json (KEY.cls wins when present)
-    language: str = "en"  # demo: class names in en or zh
+    language: str = "en"  # the language of the class names and templates
     max_images: Optional[int] = None  # keep only the first N images
 
 
@@ -218,11 +218,21 @@ def run_time(pattern: str) -> str:
     return (datetime.fromisoformat(stamp) if stamp else datetime.now()).strftime(pattern)
 
 
+def demo_data(part: str, _root_: DictConfig) -> str:
+    """The ``${demo_data:PART}`` resolver: the folder of one part (``train``, ``val``, ``objects``)
+    of the demo dataset that ``data.demo`` describes (:func:`ernievil2.data.demo.demo_path`), for
+    evaluation sets such as ``conf/eval/demo.yaml``'s. Resolving generates nothing."""
+    demo = _root_.data.demo
+    spec = DemoDataSpec(**{name: demo[name] for name in DemoDataSpec.__dataclass_fields__})
+    return demo_path(demo.cache_dir, spec, part)
+
+
 def register_schemas() -> None:
     """Register :class:`Config` as ``schema`` (used by ``conf/config.yaml``'s defaults) and the
-    ``run_time`` resolver."""
+    ``run_time`` and ``demo_data`` resolvers."""
     ConfigStore.instance().store(name="schema", node=Config)
     OmegaConf.register_new_resolver("run_time", run_time, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("demo_data", demo_data, replace=True)
 
 
 def validate(cfg: DictConfig) -> Config:

@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ernievil2.atomic import atomic_write
 from ernievil2.checkpoint import load_model, load_weights
-from ernievil2.data.demo import DemoDataSpec, ensure_demo_data
+from ernievil2.data.demo import DemoDataSpec, demo_folder, ensure_demo_data
 from ernievil2.data.loader import build_train_data
-from ernievil2.data.shard_stream import ShardStream
+from ernievil2.data.shard_reader import iter_samples
 from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.views import MultiViewTransform, simclr_size
 from ernievil2.distributed import (
@@ -63,7 +63,7 @@ def set_seed(seed: int) -> None:
 
 def _training_captions(shards: list[str], limit: int = 200_000) -> Iterable[str]:
     n = 0
-    for sample in ShardStream(shards, shuffle_shards=False, split_by_rank=False):
+    for sample in iter_samples(shards):
         for c in sample.captions:
             yield c
         n += 1
@@ -101,27 +101,24 @@ def demo_data_spec(cfg: Config) -> DemoDataSpec:
     return DemoDataSpec(**{f.name: getattr(cfg.data.demo, f.name) for f in dataclasses.fields(DemoDataSpec)})
 
 
-def resolve_data(cfg: Config) -> tuple[list[str], Optional[list[str]]]:
-    """Training shards and the demo validation shards (None unless an evaluation set uses them),
-    generating the demo data when it is used."""
+def resolve_data(cfg: Config) -> list[str]:
+    """The training shards. The demo dataset is generated on first use: when training reads it
+    (``data.source=demo``) or an evaluation set lies in its folder (``conf/eval/demo.yaml``)."""
     d = cfg.data
-    demo_val: Optional[list[str]] = None
-    if d.source == "demo" or any(s.format == "demo" for s in cfg.eval.datasets):
-        demo = ensure_demo_data(os.path.expanduser(d.demo.cache_dir), demo_data_spec(cfg))
-        demo_val = demo.val_shards
-        train = demo.train_shards if d.source == "demo" else None
-    if d.source == "shards":
-        train = [shard for src in d.stream_sources() for shard in src.shards]
-    elif d.source != "demo":
+    if d.source not in ("demo", "shards"):
         raise ValueError(f"data.source must be 'demo' or 'shards', got {d.source!r}")
-    return train, demo_val
+    folder = demo_folder(d.demo.cache_dir, demo_data_spec(cfg))
+    eval_paths = [Path(os.path.expanduser(s.path)) for s in (*cfg.eval.datasets, *cfg.eval.classification) if s.path]
+    if d.source == "demo" or any(p.is_relative_to(folder) for p in eval_paths):
+        demo = ensure_demo_data(d.demo.cache_dir, demo_data_spec(cfg))
+        if d.source == "demo":
+            return demo.train_shards
+    return [shard for src in d.stream_sources() for shard in src.shards]
 
 
-def build_evaluators(cfg: Config, image_size: int, tokenizer: WordPieceTokenizer, demo_val: Optional[list[str]],
-                     info: DistInfo) -> list[Evaluator]:
+def build_evaluators(cfg: Config, image_size: int, tokenizer: WordPieceTokenizer, info: DistInfo) -> list[Evaluator]:
     """The configured evaluation sets as evaluators (every rank holds them and embeds its share; rank 0 logs)."""
-    return build_configured_evaluators(cfg.eval, EvalContext(
-        image_size, tokenizer, cfg.model.text_max_length, info, demo_val_shards=demo_val, demo_spec=demo_data_spec(cfg)))
+    return build_configured_evaluators(cfg.eval, EvalContext(image_size, tokenizer, cfg.model.text_max_length, info))
 
 
 def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
@@ -140,7 +137,7 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     set_seed(cfg.trainer.seed)  # the same on every rank: identical model init
 
     with main_process_first():  # rank 0 generates the demo data once; the others find it cached
-        train_shards, demo_val = resolve_data(cfg)
+        train_shards = resolve_data(cfg)
     tokenizer = prepare_tokenizer(cfg, train_shards, run_dir, info)
     model_cfg = resolve_model(cfg.model, tokenizer.vocab_size, built_vocab=not cfg.model.vocab_file)
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
@@ -173,7 +170,7 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
                             shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.trainer.seed, world_size=info.world_size,
                             finisher=finish_views if finish_in_loader else None)
 
-    evaluators = build_evaluators(cfg, model_cfg.vision.image_size, tokenizer, demo_val, info)
+    evaluators = build_evaluators(cfg, model_cfg.vision.image_size, tokenizer, info)
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.trainer.max_steps, cfg.trainer.time_budget_s)
     resume_from = resolve_resume(cfg.resume, run_dir)
     logger = RunLogger(run_dir, cfg.logger, resolved, write_files=info.is_main,
@@ -222,8 +219,9 @@ def run_evaluation(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     if not cfg.ckpt:
         raise ValueError("mode=eval needs ckpt=PATH (a checkpoint or run dir of ours, a .safetensors file, an "
                          "official .pdparams or a PaddleNLP folder)")
-    if not cfg.eval.datasets:
-        raise ValueError("mode=eval: no evaluation set configured (eval.datasets is empty; e.g. eval=demo)")
+    if not cfg.eval.datasets and not cfg.eval.classification:
+        raise ValueError("mode=eval: no evaluation set configured (eval.datasets and eval.classification are empty; "
+                         "e.g. eval=demo)")
     if cfg.trainer.device != "auto":
         paddle.set_device(cfg.trainer.device)
     info = init_distributed()
@@ -239,9 +237,7 @@ def run_evaluation(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     tokenizer = loaded.tokenizer(cfg.model.text_max_length)
     state_file = src.weights.parent
     step = read_trainer_state(state_file)["step"] if (state_file / TRAINER_STATE).is_file() else 0
-    with main_process_first():
-        _, demo_val = resolve_data(cfg)
-    evaluators = build_evaluators(cfg, model.cfg.vision.image_size, tokenizer, demo_val, info)
+    evaluators = build_evaluators(cfg, model.cfg.vision.image_size, tokenizer, info)
     logger = RunLogger(run_dir, cfg.logger, resolved, write_files=info.is_main)
     try:
         records = [r for ev in evaluators for r in ev(model, step)]
