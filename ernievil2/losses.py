@@ -230,19 +230,11 @@ def masked_info_nce(
                                 true_texts)
     t2i_logits = scale * paddle.matmul(texts, images_all, transpose_y=True)
     if true_texts == "negative":
-        i2t = _cross_entropy_rows(i2t_logits, labels)
-        t2i = _cross_entropy_rows(t2i_logits, labels)
+        i2t, t2i = _cross_entropy_rows(i2t_logits, labels), _cross_entropy_rows(t2i_logits, labels)
     else:
-        own = F.one_hot(labels, i2t_logits.shape[1]) > 0
         # i2t: text j (all) true of image i (rows); t2i: text i (rows) true of image j (all)
-        i2t_true = texts_true_of_images(image_tags, text_tags_all).logical_or(own)
-        t2i_true = texts_true_of_images(image_tags_all, text_tags).t().logical_or(own)
-        if true_texts == "masked":
-            i2t = _cross_entropy_rows(i2t_logits + _others(i2t_true, own, i2t_logits.dtype), labels)
-            t2i = _cross_entropy_rows(t2i_logits + _others(t2i_true, own, t2i_logits.dtype), labels)
-        else:
-            i2t = _soft_cross_entropy_rows(i2t_logits, _share(i2t_true))
-            t2i = _soft_cross_entropy_rows(t2i_logits, _share(t2i_true))
+        i2t = _true_texts_rows(i2t_logits, labels, texts_true_of_images(image_tags, text_tags_all), true_texts)
+        t2i = _true_texts_rows(t2i_logits, labels, texts_true_of_images(image_tags_all, text_tags).t(), true_texts)
     # Local: each rank divides by (valid rows of the job) / world size, so averaging over ranks
     # gives the global masked mean; global: every rank holds all valid rows of the job.
     # A batch with no tagged sample contributes an exact zero.
@@ -250,6 +242,16 @@ def masked_info_nce(
     denom = paddle.maximum(count, paddle.ones_like(count))
     rows = paddle.where(mask > 0, i2t + t2i, paddle.zeros_like(i2t))
     return rows.sum() / (2 * denom)
+
+
+def _true_texts_rows(logits: paddle.Tensor, labels: paddle.Tensor, true: paddle.Tensor, mode: str) -> paddle.Tensor:
+    """Per-row loss when the candidates ``true`` of a query (beside its own, ``labels``) are left out
+    (``masked``) or are equal-share targets (``positive``)."""
+    own = F.one_hot(labels, logits.shape[1]) > 0
+    true = true.logical_or(own)
+    if mode == "masked":
+        return _cross_entropy_rows(logits + _others(true, own, logits.dtype), labels)
+    return _soft_cross_entropy_rows(logits, _share(true))
 
 
 def _sigmoid_objects(

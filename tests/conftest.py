@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to the real data beside the repository (skipped cleanly when absent)."""
+"""Shared fixtures: paths to the real data beside the repository. Without them (a fresh clone has no
+``../shared``) the tests that need them skip, each naming what is missing and where it was looked for."""
 from __future__ import annotations
 
 import os
@@ -8,29 +9,35 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("ERNIEVIL2_SHARED", REPO_ROOT.parent / "shared"))
+WHERE = "set ERNIEVIL2_SHARED to move it"
 
 
-def _require(path: Path) -> Path:
+def _require(path: Path, what: str) -> Path:
     if not path.exists():
-        pytest.skip(f"shared data not found at {path}")
+        pytest.skip(f"needs {what}: {path} not found ({WHERE})")
     return path
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    return _require(SHARED_DIR)
+    return _require(SHARED_DIR, "the shared data folder ../shared")
 
 
 @pytest.fixture(scope="session")
 def released_vocab() -> Path:
-    return _require(SHARED_DIR / "assets" / "ernie-3.0-base-zh" / "vocab.txt")
+    return _require(SHARED_DIR / "assets" / "ernie-3.0-base-zh" / "vocab.txt", "the released ERNIE 3.0 vocab")
 
 
 @pytest.fixture(scope="session")
 def flickr8k_dir() -> Path:
-    return _require(SHARED_DIR / "data" / "flickr8k-cn-train")
+    return _require(SHARED_DIR / "data" / "flickr8k-cn-train", "the Flickr8k-CN training set")
 
 
 @pytest.fixture(scope="session")
 def coco_mini_dir() -> Path:
-    return _require(SHARED_DIR / "data" / "coco-mini-train")
+    return _require(SHARED_DIR / "data" / "coco-mini-train", "the COCO-mini training set")
+
+
+@pytest.fixture(scope="session")
+def seed_sample() -> Path:
+    return _require(SHARED_DIR / "data" / "seed-format-sample.zh.tsv", "the seed-format evaluation sample")

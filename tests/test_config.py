@@ -128,6 +128,7 @@ def test_appended_unknown_key_is_rejected():
         validate(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_entry_point_fails_fast_naming_the_key(tmp_path):
     proc = subprocess.run(

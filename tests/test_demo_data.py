@@ -74,7 +74,7 @@ def test_cache_reuse(small, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("cached demo data was regenerated")
 
-    monkeypatch.setattr(demo, "_write_split", must_not_run)
+    monkeypatch.setattr(demo.dataset, "_write_split", must_not_run)  # where ensure_demo_data looks it up
     again = ensure_demo_data(small.root.parent, SPEC)
     assert again.train_shards == small.train_shards and again.val_shards == small.val_shards
     assert {p: Path(p).stat().st_mtime_ns for p in before} == before
@@ -84,7 +84,7 @@ def test_cache_reuse(small, monkeypatch):
 
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = demo.make_sample
+    real = demo.dataset.make_sample
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -92,7 +92,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(demo, "make_sample", flaky)
+    monkeypatch.setattr(demo.dataset, "make_sample", flaky)
     with pytest.raises(KeyboardInterrupt):
         ensure_demo_data(tmp_path, SPEC)
     assert list(tmp_path.iterdir()) == []

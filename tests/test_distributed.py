@@ -151,7 +151,7 @@ def test_accumulation_matches_one_batch_in_one_process(case, one_process_referen
 def test_accumulation_replays_dropout():
     """With dropout on, a micro-batch recomputed with gradient sees the dropout masks of its cached
     pass (RNG replay): the loss the step reports equals the loss of the cached features alone."""
-    from ernievil2.train.trainer import encode_views
+    from ernievil2.train.step import encode_views
 
     previous = paddle.get_default_dtype()
     paddle.set_default_dtype("float64")
@@ -316,6 +316,7 @@ def test_run_time_resolver_uses_shared_stamp(monkeypatch):
     assert re.fullmatch(r"\d{4}-\d\d-\d\d", run_time("%Y-%m-%d"))
 
 
+@pytest.mark.slow
 def test_prepare_ranks_leaves_one_process_alone():
     """One process: launch/train.py adds no Hydra override (job name, output subdir) of its own."""
     env = {k: v for k, v in os.environ.items() if k != "PADDLE_TRAINERS_NUM"}

@@ -23,7 +23,7 @@ from ernievil2.models.flops import text_forward_flops, view_flops_per_sample
 from ernievil2.models.vision import drop_patches, kept_patches
 from ernievil2.train.config import register_schemas, validate
 from ernievil2.train.optim import WarmupCosine, cosine_on_budget
-from ernievil2.train.trainer import encode_views, merge_micro_batches
+from ernievil2.train.step import encode_views, merge_micro_batches
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 register_schemas()

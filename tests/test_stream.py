@@ -181,10 +181,12 @@ def test_resampled_resume_continues(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_mixed_sources_weights_and_objects_mask(tmp_path, released_vocab):
+def test_mixed_sources_weights_and_objects_mask(tmp_path):
     tagged = write_shards(tmp_path / "coco", sizes=(20, 20), prefix="c", objects=True)
     plain = write_shards(tmp_path / "web", sizes=(20, 20), prefix="w", start=1000)
-    tok = WordPieceTokenizer(released_vocab)
+    # any WordPiece vocab does: a stand-in built here
+    tok = WordPieceTokenizer(WordPieceTokenizer.build_vocab(["the picture contains a dog, a cat"], tmp_path / "vocab.txt",
+                                                            vocab_size=60))
     transform = MultiViewTransform(ViewConfig(image_size=16, min_image_side=4), tok, max_length=12, seed=0,
                                    views=["image", "caption_ids", "objects_ids"])
     sources = [StreamSource.of("coco", tagged, weight=0.25), StreamSource.of("web", plain, weight=0.75, resampled=True)]

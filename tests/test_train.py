@@ -239,7 +239,7 @@ def test_base_preset_one_step_on_cpu(demo_cache, tmp_path, monkeypatch, capsys):
 
 
 def test_eval_schedule_by_steps_and_by_training_seconds():
-    from ernievil2.train.trainer import EvalSchedule
+    from ernievil2.train.schedule import EvalSchedule
 
     by_steps = EvalSchedule(every_steps=10, every_s=0.0)
     assert [s for s in range(1, 31) if by_steps.due(s, None)] == [10, 20, 30]

@@ -232,6 +232,7 @@ def test_demo_objects_are_ordinary_class_shards(tmp_path):
         demo_path(tmp_path, spec, "test")
 
 
+@pytest.mark.slow
 def test_eval_only_classifies_alone_and_never_generates_the_demo(tmp_path):
     """mode=eval runs classification sets without any retrieval set; pointed at demo data that
     was never generated it stops naming the folder, and generates nothing."""
