@@ -40,11 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from ernievil2.embeddings_file import available_cpus, format_embedding_lines, read_embeddings  # noqa: E402
-from ernievil2.retrieval import one_to_one_ranks, seed_recalls  # noqa: E402
+from ernievil2.embeddings_file import available_cpus, format_embedding_lines, read_embeddings
+from ernievil2.retrieval import one_to_one_ranks, seed_recalls
 
 
 # --------------------------------------------------------------------------- the measured code

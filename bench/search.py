@@ -32,12 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from ernievil2.threads import use_all_cpu_threads  # noqa: E402
+from ernievil2.threads import use_all_cpu_threads
 
 use_all_cpu_threads()  # as launch/search.py
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_images(folder: Path, n: int, h: int = 480, w: int = 640, seed: int = 0) -> None:

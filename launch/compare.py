@@ -10,13 +10,10 @@ training seconds, one line per recipe), and prints the table. See :mod:`ernievil
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from ernievil2.compare import DEFAULT_METRIC, load_runs, markdown_table, plot_curves, summary_rows  # noqa: E402
+from ernievil2.compare import DEFAULT_METRIC, load_runs, markdown_table, plot_curves, summary_rows
 
 
 def main(argv: list[str] | None = None) -> int:

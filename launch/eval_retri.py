@@ -23,9 +23,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from ernievil2.embeddings_file import evaluate_embeddings_file, read_ids, read_test_file_ids  # noqa: E402
+from ernievil2.embeddings_file import evaluate_embeddings_file, read_ids, read_test_file_ids
 
 
 def main(argv: Sequence[str] | None = None) -> int:

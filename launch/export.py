@@ -12,12 +12,9 @@ and, when a vocab is known, ``vocab.txt``. Both models output L2-normalised embe
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -31,8 +28,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import paddle
     from hydra import compose, initialize_config_dir
 
-    from ernievil2.inference import InferError, build_inference_model, export_inference, register_infer_schema
+    from ernievil2.inference import InferError, build_inference_model, export_inference
     from ernievil2.models.schema import check_keys
+    from ernievil2.train.infer_config import register_infer_schema
 
     register_infer_schema()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -5,7 +5,7 @@ format (``text_emb \\t image_emb \\t 1``).
     python launch/infer.py test_file=F output_file=O model.init_from=WEIGHTS     # released / own weights
     python launch/infer.py ... model=tiny write_npy=true skip_bad_lines=true profile=paddlenlp
 
-Settings: conf/infer.yaml (typed by ``ernievil2.inference.InferSchema``). Writes O atomically,
+Settings: conf/infer.yaml (typed by ``ernievil2.train.infer_config.InferSchema``). Writes O atomically,
 plus O.ids.txt (and O.text.npy / O.image.npy with write_npy=true, O.skipped.tsv when lines were
 skipped). Then: ``python launch/eval_retri.py O``.
 """
@@ -15,7 +15,6 @@ import os
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from ernievil2.threads import use_all_cpu_threads  # noqa: E402
 
@@ -24,7 +23,8 @@ use_all_cpu_threads()  # before Paddle is imported
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ernievil2.inference import InferError, infer_main, register_infer_schema  # noqa: E402
+from ernievil2.inference import InferError, infer_main  # noqa: E402
+from ernievil2.train.infer_config import register_infer_schema  # noqa: E402
 
 register_infer_schema()
 

@@ -16,12 +16,9 @@ docs/DATA.md. Exit status: 0 done, 1 nothing written, 2 unusable input or option
 """
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from ernievil2.data.packers.cli import main  # noqa: E402  (light imports: see ernievil2.data.packers.cli)
+from ernievil2.data.packers.cli import main  # light imports: see ernievil2.data.packers.cli
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,13 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from ernievil2.plots import plot_run  # noqa: E402
+from ernievil2.plots import plot_run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

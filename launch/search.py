@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from ernievil2.threads import use_all_cpu_threads  # noqa: E402
+from ernievil2.threads import use_all_cpu_threads
 
 use_all_cpu_threads()  # before Paddle is imported, as launch/infer.py
 

@@ -22,7 +22,6 @@ from datetime import datetime
 # Paddle pins OMP_NUM_THREADS=1 at import when unset. On CPU that is also the fastest setting
 # next to a data-loader worker (measured: docs/BENCHMARKS.md); export OMP_NUM_THREADS to change it.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402

@@ -1,19 +1,24 @@
-"""Worker of tests/test_data_ranks.py: read a shard stream through paddle's DataLoader on this rank.
+"""Worker of tests/test_data_ranks.py: read the training stream through paddle's DataLoader on this rank.
 
     python -m paddle.distributed.launch --nproc_per_node 2 tests/dist_data_worker.py \
-        --shards DIR --out OUT_DIR --workers 2 [--epochs 2] [--resampled --max-batches 5] [--no-precheck]
+        --shards DIR --out OUT_DIR --workers 2 [--epochs 2] [--batch-size 1] [--resampled --max-batches 5] \
+        [--no-precheck]
 
-Every rank reads its share of :class:`ernievil2.data.shard_stream.ShardStream` with ``--workers`` loader
-workers, exactly as ``ernievil2/train/run.py`` does (the main-process ``check_readers`` first,
-unless ``--no-precheck``), and writes ``OUT_DIR/rank{R}.json``: ``{"rank", "world", "epochs":
-[{"idx": [...], "worker": [...]}, ...]}``, the sample numbers it received (key ``sNNNNN`` → NNNNN)
-and the loader worker that read each. Run as a plain process it is a world of one.
+Every rank reads its share of :class:`ernievil2.data.loader.TrainStream` (one source: ``--shards``)
+with ``--workers`` loader workers, built as ``ernievil2/train/run.py`` builds it, by
+:func:`ernievil2.data.loader.build_train_data` (which checks the shard count in the main process).
+``--no-precheck`` hands the same stream to a plain ``paddle.io.DataLoader`` instead, leaving that check
+to the loader workers. Writes ``OUT_DIR/rank{R}.json``: ``{"rank", "world", "epochs": [{"idx": [...],
+"worker": [...], "batches_per_epoch": N or null}, ...]}``, the sample numbers it received (key
+``sNNNNN`` → NNNNN), the loader worker that read each and the batch count the loader announced for
+the epoch. Run as a plain process it is a world of one.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +26,13 @@ import paddle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ernievil2.data.loader import StreamSource, TrainStream, build_train_data  # noqa: E402
+from ernievil2.data.loader_workers import ExitWithParent, iterate_loader  # noqa: E402
 from ernievil2.data.sample import RawSample  # noqa: E402
-from ernievil2.data.loader_workers import ExitWithParent, collate_arrays, iterate_loader  # noqa: E402
-from ernievil2.data.shard_stream import ShardStream  # noqa: E402
 from ernievil2.distributed import dist_info  # noqa: E402
+
+SEED = 3
+SHUFFLE_BUFFER = 4
 
 
 def key_number(sample: RawSample, epoch: int) -> dict[str, np.ndarray]:
@@ -53,23 +61,37 @@ def main(argv: list[str] | None = None) -> None:
     paddle.set_device("cpu")
     info = dist_info()
     rank, world = info.rank, info.world_size
-    stream = ShardStream(args.shards, transform=key_number, shuffle_buffer=4, seed=3, resampled=args.resampled)
-    if not args.no_precheck:
-        stream.check_readers(args.workers)
+    sources = [StreamSource.of("train", args.shards, resampled=args.resampled)]
+    if args.no_precheck:
+        stream = TrainStream(sources, key_number, args.batch_size, shuffle_buffer=SHUFFLE_BUFFER, seed=SEED)
+
+        def batches(epoch: int) -> Iterator[dict]:
+            stream.set_position(epoch)
+            return iterate_loader(paddle.io.DataLoader(stream, batch_size=None, num_workers=args.workers,
+                                                       worker_init_fn=ExitWithParent()))
+
+        def batches_per_epoch(epoch: int) -> int | None:
+            return None
+    else:
+        data = build_train_data(sources, key_number, batch_size=args.batch_size, num_workers=args.workers,
+                                shuffle_buffer=SHUFFLE_BUFFER, seed=SEED, world_size=world)
+        batches, batches_per_epoch = data.batches, data.batches_per_epoch
     record: dict = {"rank": rank, "world": world, "epochs": []}
     for epoch in range(args.epochs):
-        stream.set_epoch(epoch)
-        loader = iterate_loader(paddle.io.DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers,
-                                                     collate_fn=collate_arrays, worker_init_fn=ExitWithParent()))
+        loader = batches(epoch)
         idx: list[int] = []
         workers: list[int] = []
-        for n, batch in enumerate(loader, start=1):
+        n = 0
+        for batch in loader:
+            if "idx" not in batch:  # a loader worker's last skip counts alone (plain DataLoader)
+                continue
+            n += 1
             idx += _values(batch["idx"])
             workers += _values(batch["worker"])
             if args.max_batches and n >= args.max_batches:
                 break
         loader.close()  # shut the loader down now (iterate_loader), not whenever it is collected
-        record["epochs"].append({"idx": idx, "worker": workers})
+        record["epochs"].append({"idx": idx, "worker": workers, "batches_per_epoch": batches_per_epoch(epoch)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ernievil2.data import shard_stream
+from ernievil2.data import shard_reader
 from ernievil2.data.loader import StreamSource, build_train_data
 from ernievil2.data.views import MultiViewTransform, ViewConfig
 from ernievil2.tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
@@ -81,7 +81,7 @@ def test_each_kind_is_a_counted_logged_skip(tmp_path, transform, caplog, case):
     _write_tar(tmp_path / "shard-0.tar", members)
     data = build_train_data([StreamSource.of("x", tmp_path)], transform, batch_size=2, num_workers=0,
                             shuffle_buffer=0, seed=0, world_size=1)
-    with caplog.at_level("WARNING", logger=shard_stream.__name__):
+    with caplog.at_level("WARNING", logger=shard_reader.__name__):
         batches = list(data.batches(0))
     kind = case.removesuffix("_utf8")
     assert _skipped(batches) == {kind: 1}
@@ -102,7 +102,7 @@ def test_truncated_tar_is_counted_and_the_rest_is_read(tmp_path, transform, capl
     (tmp_path / "sizes.json").write_text(json.dumps({"a.tar": GOOD, "b.tar": GOOD, "c.tar": GOOD}))
     stream = build_train_data([StreamSource.of("x", tmp_path)], transform, batch_size=2, num_workers=0,
                               shuffle_buffer=0, seed=0, world_size=1)
-    with caplog.at_level("WARNING", logger=shard_stream.__name__):
+    with caplog.at_level("WARNING", logger=shard_reader.__name__):
         batches = list(stream.batches(0))
     assert _skipped(batches) == {"truncated_tar": 2}
     assert "skipping truncated_tar" in caplog.text and "a.tar" in caplog.text and "c.tar" in caplog.text

@@ -19,23 +19,23 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, load_model
 from ernievil2.models import build_model
 from ernievil2.models.config import model_config
-from ernievil2.train import checkpointing
-from ernievil2.train.checkpointing import (
+from ernievil2.train import checkpoint_manager, rng_state, training_checkpoint
+from ernievil2.train.checkpoint_manager import CheckpointManager
+from ernievil2.train.config import OptimSchema
+from ernievil2.train.optim import build_optimizer
+from ernievil2.train.training_checkpoint import (
     METRICS,
     OPTIMIZER_STATE,
     TRAINER_STATE,
-    CheckpointManager,
-    CheckpointMismatchError,
     TrainingState,
     load_training_checkpoint,
     read_trainer_state,
     save_training_checkpoint,
 )
-from ernievil2.train.config import OptimSchema
-from ernievil2.train.optim import build_optimizer
+from ernievil2.weights.layouts import MODEL_CONFIG, WEIGHTS
+from ernievil2.weights.load import CheckpointMismatchError, load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OPTIM = OptimSchema(lr=1e-3, warmup_steps=2, weight_decay=0.1, grad_clip=1.0)
@@ -132,7 +132,7 @@ def test_resume_reproduces_losses_and_parameters_bit_for_bit(tmp_path):
         "sys.path.insert(0, sys.argv[1])\n"
         "from safetensors.numpy import save_file\n"
         "from test_checkpointing import build, snapshot, train_steps\n"
-        "from ernievil2.train.checkpointing import load_training_checkpoint\n"
+        "from ernievil2.train.training_checkpoint import load_training_checkpoint\n"
         "model, optimizer, scheduler = build()\n"
         "load_training_checkpoint(sys.argv[2], model=model, optimizer=optimizer, scheduler=scheduler)\n"
         "print(json.dumps(train_steps(model, optimizer, scheduler, 3)))\n"
@@ -171,8 +171,8 @@ def test_master_weights_and_their_moments_get_structured_keys():
         layer = paddle.nn.Linear(4, 3)
         layer.to(dtype="bfloat16")
         optimizer = paddle.optimizer.AdamW(parameters=layer.parameters(), multi_precision=True)
-        checkpointing._materialise_accumulators(optimizer, list(layer.parameters()))
-        tensors, other = checkpointing._optimizer_entries(optimizer, layer)
+        training_checkpoint._materialise_accumulators(optimizer, list(layer.parameters()))
+        tensors, other = training_checkpoint._optimizer_entries(optimizer, layer)
         keys.append(sorted(tensors))
         np.testing.assert_array_equal(tensors["weight@master_weight"].numpy(), layer.weight.astype("float32").numpy())
         assert other == {}
@@ -212,8 +212,9 @@ def test_only_safetensors_and_json_no_pickle(trained_checkpoint):
         assert not path.read_bytes().startswith(b"\x80"), f"{path.name} looks like a pickle"
         if path.suffix == ".json":
             json.loads(path.read_text(encoding="utf-8"))
-    source = Path(checkpointing.__file__).read_text(encoding="utf-8")
-    assert not re.search(r"import pickle|from pickle|paddle\.(save|load)\(|np\.load\(", source)
+    for module in (training_checkpoint, checkpoint_manager, rng_state):
+        source = Path(module.__file__).read_text(encoding="utf-8")
+        assert not re.search(r"import pickle|from pickle|paddle\.(save|load)\(|np\.load\(", source), module.__name__
 
 
 def test_other_architecture_fails_naming_first_differing_key_and_changes_nothing(trained_checkpoint):
@@ -319,7 +320,7 @@ def test_non_json_state_fails_before_anything_is_written(tmp_path):
 
 
 def test_weights_only_folder_is_refused_with_a_hint(tmp_path):
-    from ernievil2.checkpoint import save_checkpoint
+    from ernievil2.weights.save import save_checkpoint
 
     model = build_model(tiny_config())
     folder = save_checkpoint(model, tmp_path / "weights")
@@ -378,7 +379,9 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from ernievil2.train.checkpointing import CheckpointManager, TRAINER_STATE, WEIGHTS\n"
+        "from ernievil2.train.checkpoint_manager import CheckpointManager\n"
+        "from ernievil2.train.training_checkpoint import TRAINER_STATE\n"
+        "from ernievil2.weights.layouts import WEIGHTS\n"
         "def dying(folder):\n"
         "    (folder / WEIGHTS).write_bytes(b'new')\n"
         "    (folder / TRAINER_STATE).write_text('{}')\n"
@@ -448,9 +451,11 @@ def test_half_precision_weights_are_saved_as_float32_and_load_back(tmp_path):
     loading casts back to the model's dtype."""
     from safetensors.numpy import load_file
 
-    from ernievil2.checkpoint import WEIGHTS, load_weights, save_checkpoint
     from ernievil2.models import build_model
     from ernievil2.models.config import model_config
+    from ernievil2.weights.layouts import WEIGHTS
+    from ernievil2.weights.load import load_weights
+    from ernievil2.weights.save import save_checkpoint
 
     cfg = model_config("tiny", text={"vocab_size": 64})
     model = build_model(cfg)

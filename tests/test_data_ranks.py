@@ -1,11 +1,12 @@
-"""Data across ranks, with real processes (``paddle.distributed.launch`` on CPU).
+"""The training stream (:class:`ernievil2.data.loader.TrainStream`) across ranks, with real processes
+(``paddle.distributed.launch`` on CPU, ``tests/dist_data_worker.py``).
 
 - 2 ranks × 2 loader workers over 6 uneven shards: every sample of an epoch is read exactly once
   across the job, in each of two epochs, and every (rank, worker) reads some.
 - Fewer shards than ranks × workers: the job exits non-zero with a message that names the numbers
   and the ways out (``data.resampled=true``, fewer workers), both through the main-process check
-  that ``run.py`` makes and through the loader workers alone; nothing hangs.
-- ``resampled=True`` over the same too-few shards runs: an endless stream per reader.
+  that ``run.py`` makes (``build_train_data``) and through the loader workers alone; nothing hangs.
+- A resampled source over the same too-few shards runs: an endless stream per reader.
 - ``launch/train.py`` wires ``data.resampled``.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -23,15 +25,16 @@ import numpy as np
 import paddle
 import pytest
 
+from ernievil2.data.loader import StreamSource, TrainStream, build_train_data
+from ernievil2.data.loader_workers import iterate_loader
 from ernievil2.data.sample import RawSample
-from ernievil2.data.loader_workers import collate_arrays, iterate_loader
-from ernievil2.data.shard_stream import ShardStream
 from ernievil2.data.shard_writer import ShardWriter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = REPO_ROOT / "tests" / "dist_data_worker.py"
 TIMEOUT_S = 120
-TOO_FEW = r"3 shard(s) cannot feed 2 rank(s) x 2 loader worker(s) = 4 readers"
+# The same words in the main process (check_readers) and inside a loader worker.
+TOO_FEW = re.escape("source 'train': 3 shard(s) cannot feed 2 rank(s) x 2 loader worker(s) = 4 readers")
 
 
 def _env() -> dict[str, str]:
@@ -74,11 +77,14 @@ def _records(out: Path, world: int = 2) -> list[dict]:
 def test_two_ranks_two_workers_read_each_sample_once(tmp_path):
     shards = _write_shards(tmp_path / "shards", n=40, per_shard=7)  # 6 shards: 7,7,7,7,7,5
     assert len(list(shards.glob("*.tar"))) == 6
-    proc, logs = _launch_worker(tmp_path, shards, "--workers", "2", "--epochs", "2")
+    # Batches of 1: an exact epoch drops each reader's last partial batch, here there is none.
+    proc, logs = _launch_worker(tmp_path, shards, "--workers", "2", "--epochs", "2", "--batch-size", "1")
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}{logs[-6000:]}"
     records = _records(tmp_path / "out")
     orders = []
     for epoch in range(2):
+        for r in records:  # each rank yields the batches its loader announced (the trainer's epoch length)
+            assert len(r["epochs"][epoch]["idx"]) == r["epochs"][epoch]["batches_per_epoch"], (r["rank"], epoch)
         everything = [i for r in records for i in r["epochs"][epoch]["idx"]]
         dup = {i: c for i, c in Counter(everything).items() if c > 1}
         assert not dup, f"epoch {epoch}: samples read more than once: {dup}"
@@ -98,7 +104,7 @@ def test_too_few_shards_fails_clearly(tmp_path, precheck):
     args = ["--workers", "2"] + ([] if precheck else ["--no-precheck"])
     proc, logs = _launch_worker(tmp_path, shards, *args)
     assert proc.returncode != 0
-    assert TOO_FEW in logs, logs[-6000:]
+    assert re.search(TOO_FEW, logs), logs[-6000:]
     assert "data.resampled=true" in logs and "fewer loader workers" in logs
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
@@ -134,7 +140,8 @@ def test_loader_workers_error_is_a_failure_not_a_hang(tmp_path):
     proc = _run([sys.executable, str(WORKER), "--shards", str(shards), "--out", str(tmp_path / "out"),
                  "--workers", "2", "--no-precheck"], tmp_path)
     assert proc.returncode != 0
-    assert "1 shard(s) cannot feed 1 rank(s) x 2 loader worker(s) = 2 readers" in proc.stderr, proc.stderr[-4000:]
+    assert "source 'train': 1 shard(s) cannot feed 1 rank(s) x 2 loader worker(s) = 2 readers" in proc.stderr, \
+        proc.stderr[-4000:]
     assert "data.resampled=true" in proc.stderr
 
 
@@ -144,25 +151,34 @@ def _fake_rank(monkeypatch, rank: int, world: int, worker: int, workers: int) ->
     monkeypatch.setattr(paddle.io, "get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=workers))
 
 
+def _stream(shards: Path, resampled: bool = False, **kw) -> TrainStream:
+    """A training stream of one source, batches of one sample: ``{"idx": [number]}``."""
+    return TrainStream([StreamSource.of("train", shards, resampled=resampled)],
+                       lambda s, e: {"idx": np.asarray(int(s.key[1:]))}, batch_size=1, **kw)
+
+
 def test_check_readers_in_the_main_process(tmp_path, monkeypatch):
     shards = _write_shards(tmp_path, n=21, per_shard=7)
     monkeypatch.setenv("PADDLE_TRAINER_ID", "1")
     monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
-    stream = ShardStream(str(shards))
+    stream = _stream(shards)
     with pytest.raises(ValueError) as err:
         stream.check_readers(2)
-    assert TOO_FEW in str(err.value) and "data.resampled=true" in str(err.value)
+    assert re.search(TOO_FEW, str(err.value)) and "data.resampled=true" in str(err.value)
     stream.check_readers(1)  # 2 readers, 3 shards
     stream.check_readers(0)  # reading in the main process: one reader per rank
     with pytest.raises(ValueError, match=r"3 shard\(s\) cannot feed 4 rank\(s\) x 1"):
         stream.check_readers(0, world=4)
-    ShardStream(str(shards), split_by_rank=False).check_readers(3)
-    ShardStream(str(shards), resampled=True).check_readers(64, world=1024)
+    _stream(shards, split_by_rank=False).check_readers(3)
+    _stream(shards, resampled=True).check_readers(64, world=1024)
 
 
-def _take(stream: ShardStream, n: int) -> list[str]:
+def _take(stream: TrainStream, n: int, epoch: int = 0) -> list[int]:
+    stream.set_position(epoch)
     it = iter(stream)
-    return [next(it).key for _ in range(n)]
+    out = [int(next(it)["idx"][0]) for _ in range(n)]
+    it.close()
+    return out
 
 
 def test_resampled_stream_is_endless_and_seeded_per_reader(tmp_path, monkeypatch):
@@ -171,18 +187,16 @@ def test_resampled_stream_is_endless_and_seeded_per_reader(tmp_path, monkeypatch
     for rank in range(2):
         for worker in range(2):
             _fake_rank(monkeypatch, rank, 2, worker, 2)
-            streams[(rank, worker)] = _take(ShardStream(str(shards), seed=4, resampled=True), 100)
+            streams[(rank, worker)] = _take(_stream(shards, resampled=True, seed=4), 100)
     assert all(len(s) == 100 for s in streams.values())  # 100 > 21 samples: no end of epoch
     assert len({tuple(s) for s in streams.values()}) == 4, "every reader draws its own sequence"
     _fake_rank(monkeypatch, 1, 2, 0, 2)
-    again = ShardStream(str(shards), seed=4, resampled=True)
+    again = _stream(shards, resampled=True, seed=4)
     assert _take(again, 100) == streams[(1, 0)], "same (seed, epoch, reader): same stream"
-    again.set_epoch(1)
-    assert _take(again, 100) != streams[(1, 0)], "the epoch reseeds the draws"
-    assert _take(ShardStream(str(shards), seed=5, resampled=True), 100) != streams[(1, 0)]
+    assert _take(again, 100, epoch=1) != streams[(1, 0)], "the epoch reseeds the draws"
+    assert _take(_stream(shards, resampled=True, seed=5), 100) != streams[(1, 0)]
     # With a shuffle buffer the stream stays endless and covers every shard eventually.
-    keys = _take(ShardStream(str(shards), seed=4, resampled=True, shuffle_buffer=8), 300)
-    assert len(set(keys)) == 21
+    assert len(set(_take(_stream(shards, resampled=True, seed=4, shuffle_buffer=8), 300))) == 21
 
 
 def test_resampled_stream_of_unreadable_shards_raises(tmp_path, monkeypatch):
@@ -193,7 +207,7 @@ def test_resampled_stream_of_unreadable_shards_raises(tmp_path, monkeypatch):
     for i in range(3):
         (bad / f"b-{i}.tar").write_bytes(b"this is not a tar file" * 10)
     with pytest.raises(ValueError, match=r"none of the 3 shard\(s\) yields a readable sample"):
-        next(iter(ShardStream(str(bad), resampled=True)))
+        _take(_stream(bad, resampled=True), 1)
 
 
 class _FakeIterator:
@@ -236,12 +250,14 @@ def test_iterate_loader_with_workers_over_an_endless_stream(tmp_path, monkeypatc
     for var in ("PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM"):
         monkeypatch.delenv(var, raising=False)
     shards = _write_shards(tmp_path, n=21, per_shard=7)
-    stream = ShardStream(str(shards), resampled=True, transform=lambda s, e: {"i": np.asarray(int(s.key[1:]))})
+    data = build_train_data([StreamSource.of("a", shards, resampled=True)],
+                            lambda s, e: {"i": np.asarray(int(s.key[1:]))}, batch_size=4, num_workers=2,
+                            shuffle_buffer=0, seed=0, world_size=1)
     for _ in range(2):  # a second loader after the first was left early still works
-        batches = iterate_loader(paddle.io.DataLoader(stream, batch_size=4, num_workers=2, collate_fn=collate_arrays))
+        batches = data.batches(0)
         got = [next(batches) for _ in range(5)]
         batches.close()
-        assert len(got) == 5
+        assert len(got) == 5 and all(np.asarray(b["i"]).shape == (4,) for b in got)
         assert not [p for p in multiprocessing.active_children() if p.is_alive()]
 
 

@@ -26,7 +26,7 @@ from ernievil2.data.demo import (
     val_scenes,
 )
 from ernievil2.data.sample import RawSample
-from ernievil2.data.shard_stream import ShardStream
+from ernievil2.data.shard_reader import iter_samples
 
 SPEC = DemoDataSpec(n_train=200, n_val=50, image_size=64, seed=0, samples_per_shard=64)
 
@@ -40,8 +40,8 @@ def small(tmp_path_factory):
 @pytest.fixture(scope="module")
 def samples(small) -> dict[str, list[RawSample]]:
     return {
-        "train": list(ShardStream(small.train_shards, shuffle_shards=False)),
-        "val": list(ShardStream(small.val_shards, shuffle_shards=False)),
+        "train": list(iter_samples(small.train_shards)),
+        "val": list(iter_samples(small.val_shards)),
     }
 
 
@@ -217,7 +217,7 @@ def web(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_web")
     clean = dataclasses.replace(WEB, tags="exact", mismatch=0.0)
     return {
-        name: {split: list(ShardStream(getattr(d, f"{split}_shards"), shuffle_shards=False))
+        name: {split: list(iter_samples(getattr(d, f"{split}_shards")))
                for split in ("train", "val")} | {"data": d}
         for name, d in (("web", ensure_demo_data(root, WEB)), ("clean", ensure_demo_data(root, clean)))
     }
@@ -240,11 +240,11 @@ def test_detector_tags_have_the_requested_recall_and_false_rate(web):
 
 def test_category_and_attribute_tags(tmp_path):
     category = ensure_demo_data(tmp_path, dataclasses.replace(WEB, n_train=300, tags="category", mismatch=0.0))
-    for s in ShardStream(category.train_shards, shuffle_shards=False):
+    for s in iter_samples(category.train_shards):
         assert s.objects == [o.shape for o in scene_from_meta(s.meta)]
     spec = dataclasses.replace(WEB, tags="detector", tag_recall=1.0, false_tags=0.0, tag_attributes=0.5,
                                attribute_error=0.25, mismatch=0.0)
-    samples = list(ShardStream(ensure_demo_data(tmp_path, spec).train_shards, shuffle_shards=False))
+    samples = list(iter_samples(ensure_demo_data(tmp_path, spec).train_shards))
     with_colour = right = total = 0
     for s in samples:
         scene = scene_from_meta(s.meta)

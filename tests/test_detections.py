@@ -29,7 +29,7 @@ from ernievil2.data.formats import SourceSpec
 from ernievil2.data.packers.errors import PackError
 from ernievil2.data.packers.pipeline import SUMMARY_FILE, PackOptions, combine_tags, pack
 from ernievil2.data.sample import RawSample
-from ernievil2.data.shard_stream import ShardStream
+from ernievil2.data.shard_reader import iter_samples
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 2024
@@ -37,7 +37,7 @@ THRESHOLD = 0.5
 
 
 def read_back(out: Path) -> dict[str, RawSample]:
-    return {s.key: s for s in ShardStream(out, shuffle_shards=False, split_by_rank=False)}
+    return {s.key: s for s in iter_samples(out)}
 
 
 def write_json(path: Path, data) -> Path:

@@ -21,7 +21,6 @@ import pytest
 import yaml
 
 import dist_worker
-from ernievil2.checkpoint import load_model
 from ernievil2.distributed import (
     DistInfo,
     DistributedExchange,
@@ -34,6 +33,7 @@ from ernievil2.distributed import (
 )
 from ernievil2.losses import LossConfig, MultiViewLoss
 from ernievil2.train.config import RUN_TIME_ENV, run_time
+from ernievil2.weights.load import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5

@@ -15,9 +15,10 @@ from ernievil2.data.formats import ImageSource, Item
 from ernievil2.encode import embed_crops, embed_image_files, embed_pixels, embed_texts, embed_token_ids, trim_padding
 from ernievil2.evaluators.retrieval import embed, items_to_set
 from ernievil2.evaluators.zeroshot import ClassificationSetSpec, class_embeddings, load_classification_set
-from ernievil2.inference import build_inference_model, infer_main, register_infer_schema, sidecar_paths
+from ernievil2.inference import build_inference_model, infer_main, sidecar_paths
 from ernievil2.search import Encoder
 from ernievil2.tokenizer import WordPieceTokenizer
+from ernievil2.train.infer_config import register_infer_schema
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["a red circle", "两只猫在沙发上睡觉", "a boat on the lake", "城市夜景"]

@@ -14,20 +14,14 @@ import paddle.nn as nn
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from ernievil2.checkpoint import (
-    MODEL_CONFIG,
-    WEIGHTS,
-    CheckpointMismatchError,
-    load_model,
-    load_weights,
-    save_checkpoint,
-    state_to_numpy,
-)
 from ernievil2.models import MAX_LOGIT_SCALE, PRESETS, build_model, model_config
 from ernievil2.models.attention import attention, padding_mask
 from ernievil2.models.config import INIT_TEMPERATURE
 from ernievil2.models.text import TextBlock
 from ernievil2.models.vision import QuickGELU, VisionBlock
+from ernievil2.weights.layouts import MODEL_CONFIG, WEIGHTS
+from ernievil2.weights.load import CheckpointMismatchError, load_model, load_weights
+from ernievil2.weights.save import save_checkpoint, state_to_numpy
 from ernievil2.train.config import OptimSchema
 from ernievil2.train.optim import build_optimizer, cosine_with_warmup, decays
 

@@ -23,8 +23,8 @@ from typing import Optional
 
 import pytest
 
-from ernievil2.checkpoint import load_model
 from ernievil2.distributed import parameter_digest
+from ernievil2.weights.load import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN = REPO_ROOT / "launch" / "train.py"

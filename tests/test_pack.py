@@ -1,4 +1,4 @@
-"""Packers (launch/pack.py, ernievil2.data.packers): every input format round-trips through ShardStream."""
+"""Packers (launch/pack.py, ernievil2.data.packers): every input format round-trips through the shard reader."""
 from __future__ import annotations
 
 import base64
@@ -24,7 +24,7 @@ from ernievil2.data.packers.objects import (
 )
 from ernievil2.data.packers.pipeline import PackOptions, pack
 from ernievil2.data.sample import RawSample
-from ernievil2.data.shard_stream import ShardStream
+from ernievil2.data.shard_reader import iter_samples
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = PackOptions(progress=False)
@@ -44,8 +44,7 @@ def png(w: int = 10, h: int = 6, mode: str = "RGB") -> bytes:
 
 
 def read_back(out: Path) -> dict[str, RawSample]:
-    samples = list(ShardStream(out, shuffle_shards=False, split_by_rank=False))
-    return {s.key: s for s in samples}
+    return {s.key: s for s in iter_samples(out)}
 
 
 def options(**kw) -> PackOptions:
@@ -388,7 +387,7 @@ def test_failure_midway_leaves_only_complete_shards(jsonl_set: Path, tmp_path: P
     # im0's shard was closed when im1 arrived; im1's shard was still open when the 4th call raised
     # (the 3rd image is missing): it is dropped, and there is no sizes.json or summary
     assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar"]
-    assert [s.key for s in ShardStream(out, shuffle_shards=False, split_by_rank=False)] == ["a_0"]
+    assert [s.key for s in iter_samples(out)] == ["a_0"]
 
 
 KILL_SCRIPT = """

@@ -14,12 +14,14 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from ernievil2 import checkpoint as C
-from ernievil2 import pretrained as P
-from ernievil2.checkpoint import WEIGHTS, save_checkpoint, state_to_numpy
 from ernievil2.models import build_model
 from ernievil2.models.config import DualEncoderConfig, TextConfig, VisionConfig
 from ernievil2.tokenizer import WordPieceTokenizer
+from ernievil2.weights.configs import infer_config
+from ernievil2.weights.find import detect_layout, resolve_source, vocab_candidates
+from ernievil2.weights.layouts import PADDLENLP_TEXT_LN_EPS, WEIGHTS, ours_to_paddlenlp, paddlenlp_to_ours
+from ernievil2.weights.load import CheckpointMismatchError, load_model, load_state_into, load_weights
+from ernievil2.weights.save import export_paddlenlp, save_checkpoint, state_to_numpy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -138,13 +140,13 @@ def test_official_pdparams_reproduces_embeddings(small_model, real_batch, tmp_pa
     with open(path, "wb") as f:  # an old-Paddle-style pickle: protocol 2, plain dict of arrays
         pickle.dump(official, f, protocol=2)
 
-    assert C.detect_layout(path) == "official"
-    assert C.detect_layout(path.parent) == "official"
+    assert detect_layout(path) == "official"
+    assert detect_layout(path.parent) == "official"
     # Width 64 has no known head count: the error asks for a config.
     with pytest.raises(ValueError, match="attention heads"):
-        C.load_model(path).model
+        load_model(path).model
 
-    model = C.load_model(path.parent, config=SMALL).model
+    model = load_model(path.parent, config=SMALL).model
     got = state_to_numpy(model)
     assert set(got) == set(state)
     for k in state:
@@ -153,7 +155,7 @@ def test_official_pdparams_reproduces_embeddings(small_model, real_batch, tmp_pa
     img, txt = _ours(model, real_batch)
     assert np.array_equal(img, ref_img) and np.array_equal(txt, ref_txt)
 
-    report = C.load_weights(build_model(SMALL), path)
+    report = load_weights(build_model(SMALL), path)
     assert report.source.layout == "official" and report.loaded == len(state)
     assert report.ignored == ["visual.classfy.bias", "visual.classfy.weight"]
 
@@ -169,7 +171,7 @@ def test_infer_config_for_the_released_base_shapes():
         model_shapes[f"vision.blocks.{i}.fc1.weight"] = (768, 3072)
         model_shapes[f"text.blocks.{i}.ffn_i.weight"] = (768, 3072)
     state = {k: np.broadcast_to(np.float32(0), s) for k, s in model_shapes.items()}
-    cfg = P.infer_config(state)
+    cfg = infer_config(state)
     assert cfg.vision == base.vision
     assert cfg.text == base.text
 
@@ -178,11 +180,11 @@ def test_infer_config_for_the_released_base_shapes():
 
 def test_detect_layout_of_our_checkpoints(small_model, tmp_path):
     ckpt = save_checkpoint(small_model, tmp_path / "run" / "checkpoints" / "step_0000010")
-    assert C.detect_layout(ckpt) == "ernievil2"
-    assert C.detect_layout(ckpt / WEIGHTS) == "ernievil2"
-    src = C.resolve_source(tmp_path / "run")  # a run folder: its latest checkpoint
+    assert detect_layout(ckpt) == "ernievil2"
+    assert detect_layout(ckpt / WEIGHTS) == "ernievil2"
+    src = resolve_source(tmp_path / "run")  # a run folder: its latest checkpoint
     assert src.layout == "ernievil2" and src.weights == ckpt / WEIGHTS
-    model = C.load_model(tmp_path / "run").model
+    model = load_model(tmp_path / "run").model
     assert model.cfg == SMALL
 
 
@@ -192,18 +194,18 @@ def test_detect_layout_fails_clearly(tmp_path):
     (folder / "notes.txt").write_text("hello")
     (folder / "beach.jpg").write_bytes(b"\xff\xd8")
     with pytest.raises(ValueError) as e:
-        C.detect_layout(folder)
+        detect_layout(folder)
     msg = str(e.value)
     assert str(folder) in msg and "notes.txt" in msg and "beach.jpg" in msg and "model_config.json" in msg
 
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
-        C.detect_layout(tmp_path / "no_such_dir")
+        detect_layout(tmp_path / "no_such_dir")
 
     stray = tmp_path / "other.pdparams"
     with open(stray, "wb") as f:
         pickle.dump({"encoder.weight": np.zeros(2, np.float32)}, f)
     with pytest.raises(ValueError, match=r"other\.pdparams.*encoder\.weight"):
-        C.detect_layout(stray)
+        detect_layout(stray)
 
 
 def test_strict_load_lists_missing_and_unexpected_in_one_error(small_model, tmp_path):
@@ -213,8 +215,8 @@ def test_strict_load_lists_missing_and_unexpected_in_one_error(small_model, tmp_
     state["text.extra_head.weight"] = np.zeros((3,), np.float32)
     save_file(state, str(ckpt / WEIGHTS))
 
-    with pytest.raises(C.CheckpointMismatchError) as e:
-        C.load_weights(build_model(SMALL), ckpt)
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_weights(build_model(SMALL), ckpt)
     msg = str(e.value)
     assert str(ckpt / WEIGHTS) in msg
     assert "missing keys (1): ['text.pooler.bias']" in msg
@@ -223,7 +225,7 @@ def test_strict_load_lists_missing_and_unexpected_in_one_error(small_model, tmp_
 
     # strict=False loads what fits.
     model = build_model(SMALL)
-    report = C.load_weights(model, ckpt, strict=False)
+    report = load_weights(model, ckpt, strict=False)
     assert report.missing == ["text.pooler.bias"] and report.unexpected == ["text.extra_head.weight"]
     assert np.array_equal(model.text.pooler.weight.numpy(), small_model.text.pooler.weight.numpy())
 
@@ -231,8 +233,8 @@ def test_strict_load_lists_missing_and_unexpected_in_one_error(small_model, tmp_
 def test_shape_mismatch_names_key_and_both_shapes(small_model, tmp_path):
     ckpt = save_checkpoint(small_model, tmp_path / "ck")
     other = build_model(replace(SMALL, vision=replace(SMALL.vision, mlp_dim=96)))
-    with pytest.raises(C.CheckpointMismatchError) as e:
-        C.load_weights(other, ckpt)
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_weights(other, ckpt)
     msg = str(e.value)
     assert str(ckpt / WEIGHTS) in msg
     assert "shape mismatch for vision.blocks.0.fc1.weight: checkpoint [64, 128], model [64, 96]" in msg
@@ -256,23 +258,23 @@ def test_load_model_finds_the_vocab_by_one_rule(small_model, tmp_path):
     explicit = _vocab(tmp_path / "explicit.txt", ["explicit"])
     fallback = _vocab(tmp_path / "fallback.txt", ["fallback"])
 
-    assert C.load_model(run).vocab_file == beside
-    assert C.load_model(ckpt).vocab_file == beside
-    assert C.load_model(ckpt / WEIGHTS).vocab_file == beside  # a file: the vocab beside it
-    assert C.load_model(run, explicit, fallback_vocab=fallback).vocab_file == explicit
-    loaded = C.load_model(run)
+    assert load_model(run).vocab_file == beside
+    assert load_model(ckpt).vocab_file == beside
+    assert load_model(ckpt / WEIGHTS).vocab_file == beside  # a file: the vocab beside it
+    assert load_model(run, explicit, fallback_vocab=fallback).vocab_file == explicit
+    loaded = load_model(run)
     assert loaded.tokenizer(16).token_to_id("beside") == 5 and loaded.tokenizer(16).max_length == 16
     assert loaded.source.weights == ckpt / WEIGHTS and loaded.report.loaded == len(state_to_numpy(small_model))
     with pytest.raises(FileNotFoundError, match="vocab file not found: .*nowhere.txt"):
-        C.load_model(run, tmp_path / "nowhere.txt")
+        load_model(run, tmp_path / "nowhere.txt")
 
     beside.unlink()
-    assert C.load_model(run).vocab_file == in_run  # the run folder's own
-    assert C.load_model(ckpt, fallback_vocab=fallback).vocab_file == fallback  # nothing beside the weights
+    assert load_model(run).vocab_file == in_run  # the run folder's own
+    assert load_model(ckpt, fallback_vocab=fallback).vocab_file == fallback  # nothing beside the weights
     in_run.unlink()
-    assert C.load_model(run, fallback_vocab=tmp_path / "gone.txt").vocab_file is None
-    bare = C.load_model(run)
-    assert bare.vocab_file is None and C.vocab_candidates(bare.source) == [ckpt / "vocab.txt", run / "vocab.txt"]
+    assert load_model(run, fallback_vocab=tmp_path / "gone.txt").vocab_file is None
+    bare = load_model(run)
+    assert bare.vocab_file is None and vocab_candidates(bare.source) == [ckpt / "vocab.txt", run / "vocab.txt"]
     with pytest.raises(FileNotFoundError, match=r"no WordPiece vocab \(looked for .*step_0000010/vocab.txt"):
         bare.tokenizer()
 
@@ -280,7 +282,7 @@ def test_load_model_finds_the_vocab_by_one_rule(small_model, tmp_path):
     big = tmp_path / "big.txt"
     big.write_text("[PAD]\t0\n[CLS]\t1\n[SEP]\t2\n[MASK]\t3\n[UNK]\t40000\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"40001 ids .* 40000-row word embedding"):
-        C.load_model(ckpt, big)
+        load_model(ckpt, big)
 
 
 def test_bare_safetensors_takes_its_architecture_from_the_fallback(small_model, tmp_path):
@@ -291,25 +293,26 @@ def test_bare_safetensors_takes_its_architecture_from_the_fallback(small_model, 
     bare.parent.mkdir()
     bare.write_bytes((ckpt / WEIGHTS).read_bytes())
     with pytest.raises(ValueError, match="no model_config.json beside it"):
-        C.load_model(bare)
+        load_model(bare)
     vocab = _vocab(bare.parent / "vocab.txt", ["a", "b"])
     sizes = []
-    loaded = C.load_model(bare, fallback_config=lambda n: sizes.append(n) or SMALL)
+    loaded = load_model(bare, fallback_config=lambda n: sizes.append(n) or SMALL)
     assert sizes == [7] and loaded.vocab_file == vocab and loaded.model.cfg == SMALL
     a, b = state_to_numpy(small_model), state_to_numpy(loaded.model)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     # A folder's own config wins over the fallback; an explicit config wins over everything.
-    assert C.load_model(ckpt, fallback_config=lambda n: 1 / 0).model.cfg == SMALL
-    with pytest.raises(C.CheckpointMismatchError, match="shape mismatch for vision.blocks.0.fc1.weight"):
-        C.load_model(ckpt, config=replace(SMALL, vision=replace(SMALL.vision, mlp_dim=96)))
+    assert load_model(ckpt, fallback_config=lambda n: 1 / 0).model.cfg == SMALL
+    with pytest.raises(CheckpointMismatchError, match="shape mismatch for vision.blocks.0.fc1.weight"):
+        load_model(ckpt, config=replace(SMALL, vision=replace(SMALL.vision, mlp_dim=96)))
 
 
 def test_inference_and_search_find_the_same_vocab(small_model, tmp_path):
     """``launch/infer.py`` / ``launch/export.py`` and search load through :func:`load_model`: a run
     folder trained on an explicit vocab (none in the run folder itself) gives its checkpoint's vocab."""
-    from ernievil2.inference import InferSchema, build_inference_model
+    from ernievil2.inference import build_inference_model
     from ernievil2.models.schema import ModelSchema
     from ernievil2.search import load_encoder
+    from ernievil2.train.infer_config import InferSchema
 
     vocab = _vocab(tmp_path / "released" / "vocab.txt", ["词"])
     run = tmp_path / "run"
@@ -324,10 +327,10 @@ def test_inference_and_search_find_the_same_vocab(small_model, tmp_path):
 
 def test_export_then_import_without_paddlenlp(small_model, tmp_path):
     """Export → import is lossless (tensors and config) and reads the .pdparams without paddle.load."""
-    out = C.export_paddlenlp(small_model, tmp_path / "pnlp")
+    out = export_paddlenlp(small_model, tmp_path / "pnlp")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model_state.pdparams"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
-    assert C.detect_layout(out) == "paddlenlp"
+    assert detect_layout(out) == "paddlenlp"
 
     def refuse(*a, **k):
         raise AssertionError("paddle.load must not be used on checkpoints")
@@ -335,7 +338,7 @@ def test_export_then_import_without_paddlenlp(small_model, tmp_path):
     orig = paddle.load
     paddle.load = refuse
     try:
-        model = C.load_model(out).model
+        model = load_model(out).model
     finally:
         paddle.load = orig
     assert model.cfg == SMALL  # the exact config travels inside config.json
@@ -345,14 +348,14 @@ def test_export_then_import_without_paddlenlp(small_model, tmp_path):
 
 def test_paddlenlp_key_conversion_fuses_and_splits_qkv(small_model):
     state = state_to_numpy(small_model)
-    pn = P.ours_to_paddlenlp(state, SMALL)
+    pn = ours_to_paddlenlp(state, SMALL)
     q = pn["vision_model.transformer.layers.1.self_attn.q_proj.weight"]
     v = pn["vision_model.transformer.layers.1.self_attn.v_proj.bias"]
     assert q.shape == (64, 64)
     assert np.array_equal(q, state["vision.blocks.1.attn.qkv.weight"][:, :64])
     assert np.array_equal(v, state["vision.blocks.1.attn.qkv.bias"][128:])
     assert pn["vision_model.positional_embedding.weight"].shape == (197, 64)
-    back = P.paddlenlp_to_ours(pn)
+    back = paddlenlp_to_ours(pn)
     assert set(back) == set(state) and all(np.array_equal(back[k], state[k]) for k in state)
 
 
@@ -401,7 +404,7 @@ def test_init_from_through_run_training(tmp_path):
                             tmp_path / "other")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides + [f"model.init_from={other}"])
-    with pytest.raises(C.CheckpointMismatchError) as e:
+    with pytest.raises(CheckpointMismatchError) as e:
         run_training(cfg, tmp_path / "run2")
     assert str(other / WEIGHTS) in str(e.value) and "unexpected keys" in str(e.value)
     assert all(k.startswith("vision.blocks.1.") for k in e.value.unexpected)
@@ -430,8 +433,8 @@ def paddlenlp_saved(tmp_path_factory):
 @pytest.mark.slow
 def test_paddlenlp_import_parity_on_real_data(paddlenlp_saved, real_batch):
     transformers, ref, folder = paddlenlp_saved
-    assert C.detect_layout(folder) == "paddlenlp"
-    ours = C.load_model(folder).model
+    assert detect_layout(folder) == "paddlenlp"
+    ours = load_model(folder).model
     # PaddleNLP runs the text LayerNorms at eps 1e-12 whatever config.json says; the vision ones at 1e-6.
     assert ours.cfg.text.ln_eps == 1e-12 and ours.cfg.vision.ln_eps == 1e-6
     ref_img, ref_txt = _paddlenlp_embeddings(ref, real_batch)
@@ -446,18 +449,18 @@ def test_paddlenlp_import_parity_on_real_data(paddlenlp_saved, real_batch):
 @pytest.mark.slow
 def test_paddlenlp_export_round_trip(paddlenlp_saved, real_batch, released_vocab, tmp_path):
     transformers, ref, folder = paddlenlp_saved
-    ours = C.load_model(folder).model
-    out = C.export_paddlenlp(ours, tmp_path / "export", vocab_file=released_vocab)
+    ours = load_model(folder).model
+    out = export_paddlenlp(ours, tmp_path / "export", vocab_file=released_vocab)
 
     # Export → import: identical tensors.
-    back = C.load_model(out).model
+    back = load_model(out).model
     a, b = state_to_numpy(ours), state_to_numpy(back)
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert back.cfg == ours.cfg
 
     # The exported tensors equal PaddleNLP's own, key for key.
     theirs = {k: v.numpy() for k, v in ref.state_dict().items()}
-    exported = P.ours_to_paddlenlp(a, ours.cfg)
+    exported = ours_to_paddlenlp(a, ours.cfg)
     assert set(exported) == set(theirs)
     assert all(np.array_equal(exported[k], theirs[k]) for k in theirs)
 
@@ -480,16 +483,16 @@ def test_export_of_our_model_runs_in_paddlenlp(small_model, real_batch, tmp_path
     """A model trained here (text eps 1e-5) exports and runs in PaddleNLP: identical image
     embeddings; the text ones differ only through PaddleNLP's fixed 1e-12 text LayerNorm eps."""
     transformers = pytest.importorskip("paddlenlp.transformers", reason=NEEDS_PADDLENLP)
-    with caplog.at_level("WARNING", logger="ernievil2.checkpoint"):
-        out = C.export_paddlenlp(small_model, tmp_path / "export")
+    with caplog.at_level("WARNING", logger="ernievil2.weights.save"):
+        out = export_paddlenlp(small_model, tmp_path / "export")
     assert "eps" in caplog.text
     loaded = transformers.ErnieViLModel.from_pretrained(str(out))
     img, txt = _ours(small_model, real_batch)
     p_img, p_txt = _paddlenlp_embeddings(loaded, real_batch)
     assert float(np.abs(img - p_img).max()) <= PARITY_ATOL
     # The same model run at PaddleNLP's eps matches PaddleNLP's text embeddings.
-    same = build_model(replace(SMALL, text=replace(SMALL.text, ln_eps=P.PADDLENLP_TEXT_LN_EPS)))
-    C.load_state_into(same, state_to_numpy(small_model), "small_model")
+    same = build_model(replace(SMALL, text=replace(SMALL.text, ln_eps=PADDLENLP_TEXT_LN_EPS)))
+    load_state_into(same, state_to_numpy(small_model), "small_model")
     _, txt_eps = _ours(same, real_batch)
     d_eps = float(np.abs(txt - p_txt).max())
     print(f"\ntext eps 1e-5 vs PaddleNLP's 1e-12 on a random-init model: max |Δ| {d_eps:.3g}")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from ernievil2.data.shard_stream import ShardStream
+from ernievil2.data.shard_reader import iter_samples
 from ernievil2.train.config import register_schemas
 from ernievil2.train.run import run_training
 
@@ -39,8 +39,8 @@ def packed(tmp_path_factory, flickr8k_dir: Path, coco_mini_dir: Path) -> Path:
 
 
 def test_packed_sources_differ_in_object_tags(packed: Path):
-    flickr = list(ShardStream(packed / "flickr8k-cn", shuffle_shards=False, split_by_rank=False))
-    coco = list(ShardStream(packed / "coco-mini", shuffle_shards=False, split_by_rank=False))
+    flickr = list(iter_samples(packed / "flickr8k-cn"))
+    coco = list(iter_samples(packed / "coco-mini"))
     assert len(flickr) == 120 and len(coco) == 40
     assert not any(s.has_objects for s in flickr) and all(s.lang == "zh" for s in flickr)
     assert all(s.has_objects for s in coco) and all(s.lang == "en" for s in coco)

@@ -233,7 +233,8 @@ def test_patch_dropout_keeps_cls_and_is_off_in_eval():
 
 
 def test_position_embeddings_identity_at_native_size_and_resampled_elsewhere(tmp_path):
-    from ernievil2.checkpoint import load_model, save_checkpoint
+    from ernievil2.weights.load import load_model
+    from ernievil2.weights.save import save_checkpoint
 
     model = _tiny_model()
     vision = model.vision

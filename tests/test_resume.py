@@ -20,10 +20,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from safetensors.numpy import load_file
 
-from ernievil2.checkpoint import WEIGHTS
 from ernievil2.train.config import register_schemas
 from ernievil2.train.run import run_evaluation, run_training
 from ernievil2.train.trainer import NonFiniteLossError
+from ernievil2.weights.layouts import WEIGHTS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"

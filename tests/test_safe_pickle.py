@@ -14,7 +14,7 @@ import pytest
 
 from ernievil2.models import model_config
 from ernievil2.models.dual_encoder import build_model
-from ernievil2.safe_pickle import NAME_TABLE_KEY, UNPACK_INFO_KEY, UnsafeCheckpointError, load_pdparams
+from ernievil2.weights.pdparams import NAME_TABLE_KEY, UNPACK_INFO_KEY, UnsafeCheckpointError, load_pdparams
 
 
 @pytest.fixture(scope="module")

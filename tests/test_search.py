@@ -18,7 +18,6 @@ import paddle
 import pytest
 from PIL import Image
 
-from ernievil2.checkpoint import save_checkpoint
 from ernievil2.data.preprocess import preprocess
 from ernievil2.models import build_model, model_config
 from ernievil2.search import (
@@ -26,6 +25,7 @@ from ernievil2.search import (
     load_encoder, load_index, query_image, query_text, top_k, write_html,
 )
 from ernievil2.tokenizer import WordPieceTokenizer
+from ernievil2.weights.save import save_checkpoint
 
 NEEDS_FAISS = "needs faiss (the search extra: pip install -e '.[search]')"
 

@@ -1,4 +1,4 @@
-"""ShardWriter / decode_sample / list_shards / ShardStream: round trip, splitting, robustness."""
+"""ShardWriter / decode_sample / list_shards / iter_samples: round trip, robustness, skip counting."""
 from __future__ import annotations
 
 import io
@@ -6,19 +6,16 @@ import json
 import re
 import tarfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
-import paddle
 import pytest
 
-from ernievil2.data import shard_stream
+from ernievil2.data import shard_reader
 from ernievil2.data.loader_workers import collate_arrays, loader_worker
 from ernievil2.data.sample import RawSample
 from ernievil2.data.shard_codec import decode_sample
-from ernievil2.data.shard_reader import list_shards, read_sizes
-from ernievil2.data.shard_stream import ShardStream
+from ernievil2.data.shard_reader import SkipCounter, iter_samples, list_shards, read_sizes
 from ernievil2.data.shard_writer import ShardWriter
 from ernievil2.distributed import DistInfo, dist_info
 
@@ -60,10 +57,6 @@ def _write(out: Path, n: int = N, max_samples: int = 10, prefix: str = "shard") 
     return samples
 
 
-def _idx_transform(sample: RawSample, epoch: int) -> dict:
-    return {"idx": np.array(int(sample.key[1:]), dtype=np.int64)}
-
-
 @pytest.fixture()
 def three_shards(tmp_path: Path) -> tuple[Path, list[RawSample]]:
     return tmp_path, _write(tmp_path)
@@ -89,7 +82,8 @@ def test_round_trip_all_fields(three_shards):
         assert rec["key"] == "s00003" and rec["language"] == "zh" and rec["objects"] == ["cat 3", "mat"]
         assert "objects" not in json.loads(tf.extractfile("s00004.json").read())
 
-    got = {s.key: s for s in ShardStream(str(out), shuffle_shards=False)}
+    assert [s.key for s in iter_samples(out)] == [s.key for s in samples]  # shard by shard, in order
+    got = {s.key: s for s in iter_samples(str(out))}
     assert len(got) == N
     for s in samples:
         r = got[s.key]
@@ -190,57 +184,6 @@ def test_list_shards_forms(tmp_path: Path):
         list_shards([])
 
 
-@pytest.mark.timeout(120)
-def test_dataloader_two_workers_reads_each_sample_once(tmp_path: Path):
-    _write(tmp_path, n=45)  # 5 shards
-    ds = ShardStream(str(tmp_path), transform=_idx_transform, shuffle_buffer=8, seed=3)
-    loader = paddle.io.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_arrays)
-    seen: list[int] = []
-    for batch in loader:
-        idx = batch["idx"]
-        seen.extend(np.asarray(idx.numpy() if hasattr(idx, "numpy") else idx).reshape(-1).tolist())
-    assert sorted(seen) == list(range(45))
-
-
-def _fake_worker(monkeypatch, worker_id: int, num_workers: int) -> None:
-    monkeypatch.setattr(paddle.io, "get_worker_info", lambda: SimpleNamespace(id=worker_id, num_workers=num_workers))
-
-
-def test_ranks_times_workers_partition(tmp_path: Path, monkeypatch):
-    _write(tmp_path, n=40)  # 4 shards for 2 ranks x 2 workers
-    for var in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    per_reader: dict[tuple[int, int], list[str]] = {}
-    for rank in range(2):
-        for worker in range(2):
-            monkeypatch.setenv("PADDLE_TRAINER_ID", str(rank))
-            monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
-            _fake_worker(monkeypatch, worker, 2)
-            ds = ShardStream(str(tmp_path), seed=1, epoch=2, shuffle_buffer=4)
-            per_reader[(rank, worker)] = [s.key for s in ds]
-    all_keys = [k for keys in per_reader.values() for k in keys]
-    assert sorted(all_keys) == [f"s{i:05d}" for i in range(40)]
-    assert all(len(keys) == 10 for keys in per_reader.values())
-    # RANK/WORLD_SIZE are not paddle's: without PADDLE_TRAINER_ID/PADDLE_TRAINERS_NUM this is rank 0 of 1
-    # (the process group agrees: training never splits data differently from the model's ranks)
-    monkeypatch.delenv("PADDLE_TRAINER_ID")
-    monkeypatch.delenv("PADDLE_TRAINERS_NUM")
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    _fake_worker(monkeypatch, 1, 2)
-    alone = [s.key for s in ShardStream(str(tmp_path), seed=1, epoch=2, shuffle_buffer=4)]
-    assert sorted(alone) == sorted(per_reader[(0, 1)] + per_reader[(1, 1)])
-
-
-def test_too_few_shards_is_a_clear_error(tmp_path: Path, monkeypatch):
-    _write(tmp_path, n=25)  # 3 shards
-    monkeypatch.setenv("PADDLE_TRAINER_ID", "0")
-    monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
-    _fake_worker(monkeypatch, 0, 2)
-    with pytest.raises(ValueError, match=r"3 shard\(s\) cannot feed 2 rank\(s\) x 2 loader worker\(s\) = 4"):
-        next(iter(ShardStream(str(tmp_path))))
-
-
 def _rewrite_with_corruption(src: Path, dst: Path) -> None:
     """Copy a shard, replacing s00002's json with garbage and dropping s00005's image."""
     with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
@@ -254,43 +197,30 @@ def _rewrite_with_corruption(src: Path, dst: Path) -> None:
             tout.addfile(m, io.BytesIO(data))
 
 
-def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path, caplog):
+def _cut_inside(src: Path, dst: Path, key: str) -> None:
+    """Copy a shard cut in the middle of ``key``'s first member (a tar that ends early)."""
+    with tarfile.open(src) as tf:
+        first = next(m for m in tf.getmembers() if m.name.startswith(f"{key}."))
+    dst.write_bytes(src.read_bytes()[: first.offset_data + 16])
+
+
+def test_corrupt_samples_and_damaged_shards_are_skipped_and_counted(tmp_path: Path, caplog):
     _write(tmp_path / "ok", n=25)
     bad = tmp_path / "bad"
     bad.mkdir()
-    for name in ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]:
-        if name == "shard-000000.tar":
-            _rewrite_with_corruption(tmp_path / "ok" / name, bad / name)
-        else:
-            (bad / name).write_bytes((tmp_path / "ok" / name).read_bytes())
+    _rewrite_with_corruption(tmp_path / "ok" / "shard-000000.tar", bad / "shard-000000.tar")
+    _cut_inside(tmp_path / "ok" / "shard-000001.tar", bad / "shard-000001.tar", "s00013")
+    (bad / "shard-000002.tar").write_bytes((tmp_path / "ok" / "shard-000002.tar").read_bytes())
 
-    def picky(sample: RawSample, epoch: int) -> dict:
-        if sample.key == "s00011":
-            raise ValueError("transform rejects this one")
-        return _idx_transform(sample, epoch)
-
-    ds = ShardStream(str(bad), transform=picky, shuffle_shards=False)
-    with caplog.at_level("WARNING", logger=shard_stream.__name__):
-        got = sorted(int(d["idx"]) for d in ds)
-    assert got == [i for i in range(25) if i not in (2, 5, 11)]
-    assert ds.skipped == 3
+    skips = SkipCounter()
+    with caplog.at_level("WARNING", logger=shard_reader.__name__):
+        got = [s.key for s in iter_samples(bad, skips)]
+    # the samples before the damage are read, then the next shard
+    assert got == [f"s{i:05d}" for i in range(25) if i not in (2, 5) and not 13 <= i < 20]
+    assert skips.by_kind() == {"bad_json": 1, "no_image": 1, "truncated_tar": 1}
     text = caplog.text
-    assert "s00002" in text and "s00005" in text and "s00011" in text and "shard-000000.tar" in text
-
-
-def test_epoch_controls_order(tmp_path: Path):
-    _write(tmp_path, n=40)
-
-    def order(epoch: int, shuffle: bool = True) -> list[str]:
-        return [s.key for s in ShardStream(str(tmp_path), shuffle_shards=shuffle, shuffle_buffer=8 if shuffle else 0, seed=5, epoch=epoch)]
-
-    e0, e0_again, e1 = order(0), order(0), order(1)
-    assert e0 == e0_again
-    assert e0 != e1 and sorted(e0) == sorted(e1)
-    ds = ShardStream(str(tmp_path), shuffle_buffer=8, seed=5)
-    ds.set_epoch(1)
-    assert [s.key for s in ds] == e1
-    assert order(0, shuffle=False) == [f"s{i:05d}" for i in range(40)]
+    assert "sample s00002 of shard" in text and "sample s00005 of shard" in text and "shard-000000.tar" in text
+    assert "skipping truncated_tar" in text and "shard-000001.tar" in text
 
 
 def test_collate_arrays():

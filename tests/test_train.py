@@ -13,7 +13,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import ernievil2.train.run as run_module
-from ernievil2.checkpoint import MODEL_CONFIG, WEIGHTS, load_model
 from ernievil2.evaluators.retrieval import RetrievalEvaluator, load_retrieval_set
 from ernievil2.losses import TERMS
 from ernievil2.models.config import DualEncoderConfig
@@ -21,6 +20,8 @@ from ernievil2.tokenizer import WordPieceTokenizer
 from ernievil2.train.config import register_schemas
 from ernievil2.train.optim import cosine_with_warmup
 from ernievil2.train.run import run_training
+from ernievil2.weights.layouts import MODEL_CONFIG, WEIGHTS
+from ernievil2.weights.load import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"

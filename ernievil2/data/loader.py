@@ -55,14 +55,14 @@ from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.loader_workers import ExitWithParent, collate_arrays, iterate_loader, loader_worker, log_in_worker
 from ernievil2.data.sample import SKIP_KINDS, RawSample
 from ernievil2.data.shard_reader import SkipCounter, count_samples, list_shards, read_shard, shard_sizes
-from ernievil2.data.shard_stream import buffer_shuffle, draw_shards, too_few_shards
+from ernievil2.data.reader_pass import ReaderPass
+from ernievil2.data.sampling import draw_shards, too_few_shards
 from ernievil2.data.slots import SLOT_KEY, BatchSlots, SlotsClosed, slots_supported
 from ernievil2.distributed import dist_info
 
 logger = logging.getLogger(__name__)
 
-Item = tuple[str, str, Any]
-_PASS_END = object()  # marks the end of a reader's first pass over its stream  # (shard url, key, RawSample or the BadSample decoding raised)
+Item = tuple[str, str, Any]  # (shard url, key, RawSample or the BadSample decoding raised)
 
 
 class TrainData(Protocol):
@@ -216,7 +216,8 @@ class TrainStream(paddle.io.IterableDataset):
 
     def _exact_shards(self, index: int, epoch: int, gid: int, readers: int) -> list[str]:
         src = self.sources[index]
-        message = too_few_shards(len(src.shards), readers, 1, f"source {src.name!r}: ")
+        world = self._rank_world()[1]
+        message = too_few_shards(len(src.shards), world, max(readers // world, 1), f"source {src.name!r}: ")
         if message:
             raise ValueError(message)
         perm = np.random.default_rng([self.seed, epoch, index]).permutation(len(src.shards))
@@ -282,62 +283,6 @@ class TrainStream(paddle.io.IterableDataset):
         """Leading rows of each batch that get the transform's auxiliary views (None: every row)."""
         return getattr(self.transform, "aux_rows", None)
 
-    def _pass(self, epoch: int, gid: int, readers: int, salt: int, skips: SkipCounter,
-              checking: list[bool], position: list[int]) -> Iterator[dict | None]:
-        """One pass of good samples: their views, or None for each while ``checking[0]`` (validated
-        only). ``position[0]`` counts the samples yielded by this reader (their row in a batch is
-        it modulo the batch size), told to a transform with auxiliary rows."""
-        def decoded() -> Iterator[tuple[str, RawSample]]:
-            for url, key, sample in self._items(epoch, gid, readers, salt, skips):
-                if isinstance(sample, RawSample):
-                    yield url, sample
-                else:
-                    skips.add_error(url, key, sample)
-
-        samples: Iterator[tuple[str, RawSample]] = decoded()
-        if self.shuffle_buffer > 1:
-            samples = buffer_shuffle(samples, self.shuffle_buffer, self._rng(epoch, gid, 3, salt))
-        validate = getattr(self.transform, "validate", None)
-        by_row = self._aux_rows() is not None
-        for url, sample in samples:
-            try:
-                if checking[0] and validate is not None:
-                    validate(sample)
-                    out = None
-                elif checking[0]:
-                    self.transform(sample, epoch)
-                    out = None
-                elif by_row:
-                    out = self.transform(sample, epoch, row=position[0] % self.batch_size)
-                else:
-                    out = self.transform(sample, epoch)
-            except ValueError as exn:
-                skips.add_error(url, sample.key, exn)
-                continue
-            position[0] += 1
-            yield out
-
-    def _good_samples(self, epoch: int, gid: int, readers: int, salt: int, skips: SkipCounter,
-                      checking: list[bool], needed: int | None) -> Iterator[dict | None]:
-        """The first pass, then (exact mode) further passes over the same stream as long as needed."""
-        got = 0
-        position = [0]
-        for out in self._pass(epoch, gid, readers, salt, skips, checking, position):
-            got += 1
-            yield out
-        yield _PASS_END
-        if needed is None or got >= needed:
-            return
-        if got == 0:
-            logger.error("reader %d: no good sample in epoch %d (see the skip warnings)", gid, epoch)
-            return
-        logger.warning("reader %d: %d good samples for %d batches of %d in epoch %d: the last %d are "
-                       "repeated from the start of its stream", gid, got, needed // self.batch_size,
-                       self.batch_size, epoch, needed - got)
-        skips.muted = True  # the bad samples of a repeated pass were counted the first time
-        while True:
-            yield from self._pass(epoch, gid, readers, salt, skips, checking, position)
-
     def __iter__(self) -> Iterator[dict]:
         rank, world = self._rank_world()
         wid, nw = loader_worker()
@@ -359,52 +304,35 @@ class TrainStream(paddle.io.IterableDataset):
         except ValueError as exn:
             log_in_worker(f"rank {rank}: {exn}")
             raise
-        skips = SkipCounter()
-        checking = [done > 0]
-        needed = None if n_batches is None else n_batches * self.batch_size
-        good = self._good_samples(epoch, gid, readers, salt, skips, checking, needed)
-        first_pass_done = [False]
-
-        def take(n: int) -> list:
-            out: list = []
-            if n == 0:
-                return out
-            for item in good:
-                if item is _PASS_END:
-                    first_pass_done[0] = True
-                    continue
-                out.append(item)
-                if len(out) == n:
-                    break
-            return out
-
-        take(done * self.batch_size)
-        checking[0] = False
-        skips.take()  # the skipped batches' bad samples were reported before the checkpoint
+        reader = ReaderPass(self, epoch, gid, readers, salt,
+                             None if n_batches is None else n_batches * self.batch_size)
+        reader.checking = done > 0
+        reader.take(done * self.batch_size)
+        reader.checking = False
+        reader.skips.take()  # the skipped batches' bad samples were reported before the checkpoint
         slots = self.slots if paddle.io.get_worker_info() is not None else None
         sent = 0
         while n_batches is None or done < n_batches:
-            samples = take(self.batch_size)
+            samples = reader.take(self.batch_size)
             if len(samples) < self.batch_size:
                 break
             try:
                 batch = self._ship(samples, slots, wid, sent)
             except SlotsClosed:
                 return
-            batch["skipped"] = skips.take()
+            batch["skipped"] = reader.skips.take()
             done += 1
             sent += 1
             yield batch
         # The bad data of the samples left unread (e.g. a damaged end of shard) is still reported:
         # check them without making views, then send the counts alone (ShardLoader.batches adds
         # them to a batch; a count-only item does not disturb the order of the batches).
-        checking[0] = True
-        while not first_pass_done[0] and take(1):
+        reader.checking = True
+        while not reader.first_pass_done and reader.take(1):
             pass
-        pending = skips.take()
+        pending = reader.skips.take()
         if pending.any():
             yield {"skipped": pending}
-
 
     def _ship(self, samples: list[dict], slots: BatchSlots | None, worker: int, n: int) -> dict:
         """Batch ``n`` of this reader as it leaves it: finished by ``finisher`` when set, its fixed

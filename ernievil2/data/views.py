@@ -37,20 +37,34 @@ epochs give different views, and computing fewer views never changes the ones th
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import math
-import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from PIL import Image
 
+from ernievil2.data.image_views import (
+    PHOTOMETRIC_PARAMS,
+    decode_for_views,
+    decode_rgb,
+    photometric_params,
+    random_resized_crop_box,
+    resize_to,
+)
 from ernievil2.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ernievil2.data.sample import BadSample, RawSample
+from ernievil2.data.text_views import (
+    DEFAULT_OBJECTS_JOINERS,
+    DEFAULT_OBJECTS_TEMPLATES,
+    MAX_TAGS,
+    augment_text_ids,
+    objects_text,
+    tag_key,
+    tag_keys,
+    unique_tags,
+)
 from ernievil2.tokenizer import WordPieceTokenizer
 
 __all__ = [
@@ -74,8 +88,6 @@ __all__ = [
     "stable_hash",
 ]
 
-DEFAULT_OBJECTS_TEMPLATES: dict[str, str] = {"en": "the picture contains {objects}", "zh": "图中有{objects}"}
-DEFAULT_OBJECTS_JOINERS: dict[str, str] = {"en": ", ", "zh": "、"}
 
 #: Every output key of :class:`MultiViewTransform`, in output order.
 ALL_VIEWS: tuple[str, ...] = (
@@ -92,7 +104,6 @@ ALL_VIEWS: tuple[str, ...] = (
 #: The outputs that always come together: the objects text, whether there is one, the tag keys.
 OBJECTS_OUTPUTS: frozenset[str] = frozenset({"objects_ids", "has_objects", "objects_tags", "objects_text_tags"})
 #: Tags per sample whose keys travel with it (a sample with more keeps its first ``MAX_TAGS``).
-MAX_TAGS = 16
 #: Loss-side view names (``ernievil2.losses.TERM_VIEWS``) accepted as aliases in ``views``.
 VIEW_ALIASES: dict[str, str] = {"caption": "caption_ids", "text_view": "text_view_ids", "objects": "objects_ids"}
 # independent random streams, fixed order (changing it changes every sample's views)
@@ -108,220 +119,6 @@ PHOTOMETRIC_SUFFIX = "_photometric"
 def stable_hash(key: str) -> int:
     """Process-independent 32-bit hash of a sample key (CRC-32 of its UTF-8 bytes)."""
     return zlib.crc32(key.encode("utf-8")) & 0xFFFFFFFF
-
-
-def decode_rgb(data: bytes, key: str = "?") -> np.ndarray:
-    """Decode image bytes into an RGB uint8 ``[H, W, 3]`` array with OpenCV.
-
-    Grayscale and alpha images become 3-channel (``IMREAD_COLOR``). Raises ``ValueError`` naming
-    ``key`` when the bytes are not a decodable image.
-    """
-    buf = np.frombuffer(data, dtype=np.uint8) if data else np.empty(0, np.uint8)
-    img = None
-    if buf.size:
-        try:
-            img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-        except cv2.error:
-            img = None
-    if img is None or img.ndim != 3 or img.shape[0] == 0 or img.shape[1] == 0:
-        raise BadSample("corrupt_image", f"cannot decode image of sample {key!r} ({len(data) if data else 0} bytes)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-_REDUCED_READS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
-
-
-def decode_for_views(
-    data: bytes,
-    key: str = "?",
-    max_pixels: int = 40_000_000,
-    min_side: int = 10,
-    keep_short_side: int = 0,
-) -> np.ndarray:
-    """Decode training image bytes into RGB uint8 ``[H, W, 3]``, checking the header first.
-
-    The header (PIL, no pixel data) gives the size: more than ``max_pixels`` pixels raises
-    :class:`BadSample` ``image_too_large`` and a side under ``min_side`` ``image_too_small``,
-    before anything is decoded; bytes PIL cannot identify raise ``corrupt_image``. A JPEG whose
-    short side is at least twice ``keep_short_side`` is decoded at the smallest libjpeg scale
-    (1/2, 1/4, 1/8) that keeps the short side ``>= keep_short_side`` (0: always full size).
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as header:
-                width, height = header.size
-                fmt = header.format
-    except Image.DecompressionBombError as exn:
-        raise BadSample("image_too_large", f"sample {key!r}: {exn}") from exn
-    except (OSError, SyntaxError, ValueError) as exn:
-        raise BadSample("corrupt_image", f"cannot read the image header of sample {key!r}: {exn}") from exn
-    if width * height > max_pixels:
-        raise BadSample("image_too_large", f"sample {key!r}: {width}x{height} image has more than {max_pixels} pixels")
-    if min(width, height) < min_side:
-        raise BadSample("image_too_small", f"sample {key!r}: {width}x{height} image has a side under {min_side} px")
-    if fmt == "JPEG" and keep_short_side > 0:
-        for factor, flag in _REDUCED_READS:
-            if min(width, height) >= factor * keep_short_side:
-                img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
-                if img is None or img.ndim != 3:
-                    raise BadSample("corrupt_image", f"cannot decode image of sample {key!r} ({len(data)} bytes)")
-                return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return decode_rgb(data, key)
-
-
-def random_resized_crop_box(
-    rng: np.random.Generator,
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    attempts: int = 10,
-) -> tuple[int, int, int, int]:
-    """``(top, left, crop_h, crop_w)`` of a RandomResizedCrop (torchvision's sampling rule).
-
-    Tries ``attempts`` (area fraction in ``scale``, log-uniform aspect ratio in ``ratio``) pairs
-    and takes the first that fits; otherwise a centre crop with the ratio clamped into ``ratio``.
-    """
-    area = height * width
-    # all draws first (a fixed number per call), then plain Python arithmetic: 10 elements are
-    # cheaper as floats than as numpy arrays
-    fractions = rng.uniform(scale[0], scale[1], attempts).tolist()
-    log_aspects = rng.uniform(math.log(ratio[0]), math.log(ratio[1]), attempts).tolist()
-    off_top, off_left = rng.random(2).tolist()
-    for fraction, log_aspect in zip(fractions, log_aspects):
-        target, aspect = area * fraction, math.exp(log_aspect)
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < cw <= width and 0 < ch <= height:
-            top = min(int(off_top * (height - ch + 1)), height - ch)
-            left = min(int(off_left * (width - cw + 1)), width - cw)
-            return top, left, ch, cw
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        cw, ch = width, max(1, int(round(width / ratio[0])))
-    elif in_ratio > ratio[1]:
-        ch, cw = height, max(1, int(round(height * ratio[1])))
-    else:
-        ch, cw = height, width
-    ch, cw = min(ch, height), min(cw, width)
-    return (height - ch) // 2, (width - cw) // 2, ch, cw
-
-
-#: Length of a SimCLR view's photometric draws; see :func:`photometric_params`.
-PHOTOMETRIC_PARAMS = 12
-
-
-def photometric_params(order: Sequence[int] | None, factors: Sequence[float] | None, grayscale: bool,
-                       blur_sigma: float, blur_kernel: int) -> np.ndarray:
-    """A SimCLR view's photometric draws as float32 ``[12]``: ``[jitter on, order of the four
-    adjustments (4), brightness, contrast, saturation factors, hue shift (fraction of a turn),
-    grayscale, blur sigma (0: no blur), blur kernel size]``. ``order`` / ``factors`` None: no
-    colour jitter. Applied on the device by :func:`ernievil2.data.device_views.apply_photometric`.
-    """
-    jitter = order is not None
-    if jitter and (sorted(int(o) for o in order) != [0, 1, 2, 3] or factors is None or len(factors) != 4):
-        raise ValueError(f"order must be a permutation of 0..3 with 4 factors, got {order}, {factors}")
-    return np.array([float(jitter), *(order if jitter else (0, 1, 2, 3)), *(factors if jitter else (1.0, 1.0, 1.0, 0.0)),
-                     float(grayscale), float(blur_sigma), float(blur_kernel)], dtype=np.float32)
-
-
-def _resize(img: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    # area averaging when shrinking a lot (less aliasing), bilinear otherwise
-    interp = cv2.INTER_AREA if (h >= 2 * out_h and w >= 2 * out_w) else cv2.INTER_LINEAR
-    return cv2.resize(img, (out_w, out_h), interpolation=interp)
-
-
-def _resolve_lang(table: Mapping[str, str], lang: str, what: str) -> str:
-    if lang in table:
-        return table[lang]
-    base = lang.replace("_", "-").split("-")[0].lower()
-    if base in table:
-        return table[base]
-    if "en" in table:
-        return table["en"]
-    raise ValueError(f"no objects {what} for language {lang!r} (have {sorted(table)})")
-
-
-def _unique_tags(objects: Sequence[str] | None) -> list[str]:
-    """Tags stripped, empty ones dropped, duplicates removed keeping first occurrences."""
-    seen: dict[str, None] = {}
-    for obj in objects or ():
-        obj = str(obj).strip()
-        if obj and obj not in seen:
-            seen[obj] = None
-    return list(seen)
-
-
-def tag_key(tag: str) -> int:
-    """A positive int64 naming one (stripped) tag: equal tags, equal keys (collisions 2^-63)."""
-    digest = hashlib.blake2b(tag.strip().encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF or 1
-
-
-def _tag_keys(tags: Sequence[str]) -> np.ndarray:
-    out = np.zeros(MAX_TAGS, dtype=np.int64)
-    keys = [tag_key(t) for t in tags[:MAX_TAGS]]
-    out[: len(keys)] = keys
-    return out
-
-
-def objects_text(
-    objects: Sequence[str] | None,
-    lang: str,
-    templates: Mapping[str, str] = DEFAULT_OBJECTS_TEMPLATES,
-    joiners: Mapping[str, str] = DEFAULT_OBJECTS_JOINERS,
-) -> str | None:
-    """The object-tags text of a sample, or ``None`` when it has no tags.
-
-    Tags are stripped, empty ones dropped and duplicates removed keeping first occurrences; they
-    are joined with the language's joiner and put into the language's template at ``{objects}``.
-    The language is looked up as given, then by its base (``zh-CN`` → ``zh``), then ``en``.
-    """
-    seen = _unique_tags(objects)
-    if not seen:
-        return None
-    template = _resolve_lang(templates, lang, "template")
-    joiner = _resolve_lang(joiners, lang, "joiner") if joiners else ", "
-    return template.replace("{objects}", joiner.join(seen))
-
-
-def augment_text_ids(
-    ids: Sequence[int],
-    rng: np.random.Generator,
-    mask_id: int,
-    mask_prob: float = 0.15,
-    delete_prob: float = 0.1,
-    swap_prob: float = 0.1,
-) -> list[int]:
-    """Token-level text view of ``[CLS] pieces [SEP]`` ids (unpadded); the ends are kept.
-
-    Each word piece is independently deleted with ``delete_prob`` (at least one piece always
-    survives); then, left to right, a piece is swapped with its right neighbour with
-    ``swap_prob`` (a swapped pair is not swapped again); then each piece is replaced by
-    ``mask_id`` with ``mask_prob``. Returns the new unpadded id list (never longer).
-    """
-    if len(ids) <= 2:
-        return list(ids)
-    pieces = np.asarray(ids[1:-1], dtype=np.int64)
-    n = len(pieces)
-    keep = rng.random(n) >= delete_prob
-    if not keep.any():
-        keep[int(rng.integers(n))] = True
-    pieces = pieces[keep]
-    m = len(pieces)
-    if swap_prob > 0 and m > 1:
-        swaps = rng.random(m - 1) < swap_prob
-        i = 0
-        while i < m - 1:
-            if swaps[i]:
-                pieces[i], pieces[i + 1] = pieces[i + 1], pieces[i]
-                i += 2
-            else:
-                i += 1
-    if mask_prob > 0:
-        pieces[rng.random(m) < mask_prob] = mask_id
-    return [int(ids[0]), *pieces.tolist(), int(ids[-1])]
 
 
 # --------------------------------------------------------------------------- config
@@ -445,7 +242,7 @@ class MultiViewTransform:
                    size: int | None = None) -> np.ndarray:
         s = size or self.cfg.image_size
         top, left, ch, cw = random_resized_crop_box(rng, img.shape[0], img.shape[1], scale, self.cfg.crop_ratio)
-        out = _resize(img[top : top + ch, left : left + cw], s, s)
+        out = resize_to(img[top : top + ch, left : left + cw], s, s)
         if rng.random() < self.cfg.flip_prob:
             cv2.flip(out, 1, dst=out)  # in place: no second 150 KB array
         return out
@@ -496,7 +293,7 @@ class MultiViewTransform:
             out["text_view_ids"] = self._pad(tv)
 
     def _objects(self, sample: RawSample, out: dict[str, np.ndarray], rng: np.random.Generator) -> None:
-        tags = _unique_tags(sample.objects)
+        tags = unique_tags(sample.objects)
         named = tags
         if tags and self.cfg.objects_pick == "one":
             named = [tags[int(rng.integers(len(tags)))]]
@@ -512,8 +309,8 @@ class MultiViewTransform:
         else:
             out["objects_ids"] = self._pad(self.tokenizer.encode(text, self.max_length))
             out["has_objects"] = np.array(1.0, dtype=np.float32)
-        out["objects_tags"] = _tag_keys(tags)
-        out["objects_text_tags"] = _tag_keys(named)
+        out["objects_tags"] = tag_keys(tags)
+        out["objects_text_tags"] = tag_keys(named)
 
     # ------------------------------------------------------------------ main
     def fixed_outputs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

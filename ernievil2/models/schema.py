@@ -36,7 +36,7 @@ class ModelSchema:
 
     ``init_from``: start from pretrained weights instead of a random init: one of our checkpoint
     folders (or a run folder: its latest checkpoint), a PaddleNLP ``save_pretrained`` folder or an
-    official ERNIE-ViL 2.0 ``.pdparams`` (layout detected; see :mod:`ernievil2.checkpoint`). The
+    official ERNIE-ViL 2.0 ``.pdparams`` (layout detected; see :mod:`ernievil2.weights.find`). The
     preset and overrides must describe the same architecture: loading is strict.
     """
 

@@ -100,13 +100,13 @@ def load_encoder(checkpoint: str | os.PathLike, vocab: Optional[str | os.PathLik
                  profile: str = "official", text_max_length: int = 48, device: str = "auto",
                  fallback_vocab: Optional[str | os.PathLike] = None) -> Encoder:
     """The model of ``checkpoint`` (any layout) and its tokenizer, loaded by
-    :func:`ernievil2.checkpoint.load_model`.
+    :func:`ernievil2.weights.load.load_model`.
 
-    The vocab is ``vocab``, else the checkpoint's (:func:`ernievil2.checkpoint.find_vocab`:
+    The vocab is ``vocab``, else the checkpoint's (:func:`ernievil2.weights.find.find_vocab`:
     ``vocab.txt`` beside its weights, then in its run folder), else ``fallback_vocab`` when it exists
     (an index's recorded vocab). Errors (missing checkpoint, no vocab, a checkpoint that does not
     load) are :class:`SearchError`."""
-    from ernievil2.checkpoint import load_model
+    from ernievil2.weights.load import load_model
     from ernievil2.device import resolve_device
 
     ckpt = Path(checkpoint).expanduser()

@@ -51,7 +51,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def model_sha256(model: Any) -> str:
     """Hex sha256 of a dual encoder's configuration (``model.cfg``) and of every tensor of its state
     (name, shape, float32 bytes), in name order: the same for any layout the weights came from."""
-    from ernievil2.checkpoint import state_to_numpy
+    from ernievil2.weights.save import state_to_numpy
 
     h = hashlib.sha256()
     h.update(json.dumps(asdict(model.cfg), sort_keys=True, default=str).encode("utf-8"))

@@ -23,7 +23,6 @@ import paddle
 from omegaconf import DictConfig, OmegaConf
 
 from ernievil2.atomic import atomic_write
-from ernievil2.checkpoint import load_model, load_weights
 from ernievil2.data.demo import DemoDataSpec, demo_folder, ensure_demo_data
 from ernievil2.data.loader import build_train_data
 from ernievil2.data.shard_reader import iter_samples
@@ -42,15 +41,13 @@ from ernievil2.losses import MultiViewLoss
 from ernievil2.models import build_model
 from ernievil2.models.schema import resolve_model
 from ernievil2.tokenizer import WordPieceTokenizer
-from ernievil2.train.checkpointing import (
-    TRAINER_STATE,
-    CheckpointManager,
-    read_trainer_state,
-)
+from ernievil2.train.checkpoint_manager import CheckpointManager
 from ernievil2.train.config import Config, validate
 from ernievil2.train.loggers import RunLogger
 from ernievil2.train.optim import build_optimizer
 from ernievil2.train.trainer import Trainer
+from ernievil2.train.training_checkpoint import TRAINER_STATE, read_trainer_state
+from ernievil2.weights.load import load_model, load_weights
 
 log = logging.getLogger("ernievil2")
 

@@ -35,12 +35,7 @@ from ernievil2.distributed import DistInfo, check_parameters_in_sync
 from ernievil2.evaluators import Evaluator
 from ernievil2.losses import MultiViewLoss
 from ernievil2.models import ErnieViL2
-from ernievil2.train.checkpointing import (
-    CheckpointManager,
-    TrainingState,
-    load_training_checkpoint,
-    write_training_checkpoint,
-)
+from ernievil2.train.checkpoint_manager import CheckpointManager
 from ernievil2.train.config import TrainerSchema
 from ernievil2.train.loggers import RunLogger
 from ernievil2.train.parallel import ParallelModel, is_out_of_memory, out_of_memory_hint, setup_parallel
@@ -54,6 +49,7 @@ from ernievil2.train.step import (
     global_grad_norm,
     merge_micro_batches,
 )
+from ernievil2.train.training_checkpoint import TrainingState, load_training_checkpoint, write_training_checkpoint
 
 log = logging.getLogger("ernievil2")
 

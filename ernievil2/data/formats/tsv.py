@@ -37,6 +37,9 @@ from ernievil2.jsonl import jsonl_objects
 # seed_tsv: text \t image_id \t base64, several lines per image allowed
 # --------------------------------------------------------------------------------------------
 
+
+def read_seed_tsv(spec: SourceSpec) -> Source:
+    """Seed lines grouped by image id, in first-seen order: an id's item has the texts of all its
     good lines and the image of the first one. A line is good when it passes every check of
     :data:`SEED_LINE_CHECKS` (base64 included) and has an image id; every other line is a
     :class:`Problem` (reason per :data:`SEED_LINE_REASONS`, ``bad_record`` for an empty id), in

@@ -4,8 +4,8 @@ A checkpoint is one folder, written atomically (:func:`ernievil2.atomic.atomic_d
 folder, fsync, rename), so a kill at any moment leaves the previous checkpoint intact:
 
 - ``model.safetensors`` + ``model_config.json`` (+ extra files such as ``vocab.txt``), written by
-  :func:`ernievil2.checkpoint.write_model_files` as for any checkpoint of ours:
-  :func:`ernievil2.checkpoint.load_model`, ``model.init_from`` and inference read a training
+  :func:`ernievil2.weights.save.write_model_files` as for any checkpoint of ours:
+  :func:`ernievil2.weights.load.load_model`, ``model.init_from`` and inference read a training
   checkpoint like any other, and resuming loads its weights through the same entry point;
 - ``optimizer.safetensors``: every tensor of ``optimizer.state_dict()``, keyed
   ``<parameter>@<accumulator>`` with the parameter's structured name
@@ -16,8 +16,9 @@ folder, fsync, rename), so a kill at any moment leaves the previous checkpoint i
   scheduler, the optimizer's other entries, the loss scaler, the RNG states (Python, NumPy, Paddle
   CPU and CUDA), the resolved config, the code version and the creation time.
 
-Only safetensors and JSON: nothing is pickled. :class:`CheckpointManager` keeps the ``step_NNNNNNN``
-folders of a run under one root with a ``latest`` and a ``best`` pointer and removes old ones.
+Only safetensors and JSON: nothing is pickled. The folders of a run (``step_NNNNNNN``, the
+``latest`` and ``best`` pointers, retention) are :mod:`ernievil2.train.checkpoint_manager`'s; the
+RNG states' JSON is :mod:`ernievil2.train.rng_state`'s.
 """
 from __future__ import annotations
 
@@ -25,13 +26,9 @@ import functools
 import importlib.metadata
 import json
 import logging
-import math
 import os
-import random
 import re
-import shutil
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,40 +36,27 @@ from typing import Any
 
 import numpy as np
 import paddle
-from paddle.base.core import GeneratorState
 from safetensors.numpy import load_file, save_file
 
-from ernievil2.atomic import atomic_dir, atomic_write, fsync_dir
-from ernievil2.checkpoint import (
-    MODEL_CONFIG,
-    WEIGHTS,
-    CheckpointMismatchError,
-    check_state,
-    first_difference,
-    load_state_into,
-    read_state,
-    write_model_files,
-)
+from ernievil2.atomic import atomic_dir
 from ernievil2.models import ErnieViL2
 from ernievil2.train.parallel import unwrap
+from ernievil2.train.rng_state import capture_rng_state, rng_restorer
+from ernievil2.weights.layouts import MODEL_CONFIG, WEIGHTS
+from ernievil2.weights.load import CheckpointMismatchError, check_state, first_difference, load_state_into, read_state
+from ernievil2.weights.save import write_model_files
 
 log = logging.getLogger("ernievil2")
 
 OPTIMIZER_STATE = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 METRICS = "metrics.json"
-LATEST = "latest"
-BEST = "best"
 FORMAT_VERSION = 1
 RESERVED_FILES = {WEIGHTS, MODEL_CONFIG, OPTIMIZER_STATE, TRAINER_STATE, METRICS}
 
 _KEY_SEP = "@"
 _MASTER_WEIGHT = "master_weight"
 _LR_ENTRY = "LR_Scheduler"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-# What killed saves leave in the root: atomic_dir's ".step_N.XXXX" / ".step_N.old", atomic_write's
-# ".latest.XXXX.tmp", and the ".trash.step_N" of an interrupted removal.
-_LEFTOVER = re.compile(r"^\.(step_\d+\.|trash\.|latest\.|best\.)")
 
 
 @dataclass
@@ -88,7 +72,7 @@ class TrainingState:
 # --------------------------------------------------------------------------- JSON and versions
 
 
-def _jsonable(value: Any, where: str) -> Any:
+def jsonable(value: Any, where: str) -> Any:
     """``value`` with NumPy/Paddle scalars and arrays as plain numbers and lists; anything that JSON
     cannot hold raises, naming ``where``."""
     if isinstance(value, paddle.Tensor):
@@ -103,9 +87,9 @@ def _jsonable(value: Any, where: str) -> Any:
         bad = [k for k in value if not isinstance(k, str)]
         if bad:
             raise TypeError(f"{where}: key {bad[0]!r} is not a string (checkpoints hold JSON)")
-        return {k: _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+        return {k: jsonable(v, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
     raise TypeError(f"{where}: a {type(value).__name__} is not JSON-serialisable (checkpoints hold JSON and "
                     "safetensors only)")
 
@@ -125,66 +109,6 @@ def code_version() -> dict[str, str | None]:
     except (OSError, subprocess.TimeoutExpired):
         git = None
     return {"package": package, "git": git}
-
-
-# --------------------------------------------------------------------------- random generators
-
-
-def _generator_to_json(state: GeneratorState) -> dict[str, Any]:
-    # A Paddle GeneratorState pickles as (device id, seed, offset, engine): the engine is the byte
-    # list of the std::mt19937_64's text form; latin-1 maps each byte to one character and back.
-    device, seed, offset, engine = state.__getstate__()
-    return {"device": device, "seed": seed, "offset": offset, "engine": bytes(engine).decode("latin-1")}
-
-
-def _generator_from_json(saved: dict[str, Any]) -> GeneratorState:
-    # GeneratorState has no constructor: build it the way unpickling does (__new__ + __setstate__).
-    state = GeneratorState.__new__(GeneratorState)
-    state.__setstate__((saved["device"], saved["seed"], saved["offset"], list(saved["engine"].encode("latin-1"))))
-    return state
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """The states of Python's ``random``, NumPy's global generator and Paddle's CPU and CUDA
-    generators, as JSON."""
-    version, internal, gauss_next = random.getstate()
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": [version, list(internal), gauss_next],
-        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "gauss": float(gauss)},
-        "paddle_cpu": [_generator_to_json(s) for s in paddle.get_rng_state("cpu")],
-        "paddle_cuda": [_generator_to_json(s) for s in paddle.get_cuda_rng_state()],
-    }
-
-
-def _rng_restorer(saved: dict[str, Any], where: str) -> Callable[[], None]:
-    """Parse the saved RNG states now (a malformed entry fails before anything is restored); the
-    returned function applies them."""
-    try:
-        version, internal, gauss_next = saved["python"]
-        python_state = (version, tuple(internal), gauss_next)
-        np_saved = saved["numpy"]
-        numpy_state = (np_saved["kind"], np.asarray(np_saved["keys"], dtype=np.uint32), np_saved["pos"],
-                       np_saved["has_gauss"], np_saved["gauss"])
-        cpu = [_generator_from_json(s) for s in saved["paddle_cpu"]]
-        cuda = [_generator_from_json(s) for s in saved["paddle_cuda"]]
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{where}: malformed RNG state ({type(err).__name__}: {err})") from err
-
-    def restore() -> None:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        paddle.set_rng_state(cpu, device="cpu")
-        if cuda:
-            here = len(paddle.get_cuda_rng_state())
-            if here == len(cuda):
-                paddle.set_cuda_rng_state(cuda)
-            else:
-                log.warning("%s: saved %d CUDA generator state(s), this process has %d CUDA device(s): the "
-                            "CUDA random streams are not restored", where, len(cuda), here)
-
-    return restore
 
 
 # --------------------------------------------------------------------------- optimizer state
@@ -243,7 +167,7 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
 
 def _check_same_keys(saved: dict[str, list[int]], live: dict[str, list[int]], where: str, what: str) -> None:
     """Raise :class:`CheckpointMismatchError` naming the first key (sorted) whose shape differs or
-    that only one side has (the message of :func:`ernievil2.checkpoint.first_difference`)."""
+    that only one side has (the message of :func:`ernievil2.weights.load.first_difference`)."""
     difference = first_difference(saved, live, what)
     if difference:
         raise CheckpointMismatchError(f"{where}: the checkpoint does not match the {what}: {difference}")
@@ -255,7 +179,8 @@ def write_training_checkpoint(
     state: TrainingState, config: dict | None = None, files: dict[str, Any] | None = None,
 ) -> None:
     """Fill the existing empty ``folder`` with a training checkpoint (layout: module docstring). Not
-    atomic by itself: use :func:`save_training_checkpoint`, or pass it to :meth:`CheckpointManager.save`."""
+    atomic by itself: use :func:`save_training_checkpoint`, or pass it to
+    :meth:`ernievil2.train.checkpoint_manager.CheckpointManager.save`."""
     folder = Path(folder)
     clashes = sorted(RESERVED_FILES & set(files or {}))
     if clashes:
@@ -271,13 +196,13 @@ def write_training_checkpoint(
         "format": FORMAT_VERSION,
         "step": state.step,
         "samples_seen": state.samples_seen,
-        "data_state": _jsonable(state.data_state, "data_state"),
-        "extra": _jsonable(state.extra, "extra"),
-        "scheduler": None if scheduler is None else _jsonable(scheduler.state_dict(), "scheduler"),
-        "optimizer": _jsonable(other, "optimizer"),
-        "scaler": None if scaler is None else _jsonable(scaler.state_dict(), "scaler"),
+        "data_state": jsonable(state.data_state, "data_state"),
+        "extra": jsonable(state.extra, "extra"),
+        "scheduler": None if scheduler is None else jsonable(scheduler.state_dict(), "scheduler"),
+        "optimizer": jsonable(other, "optimizer"),
+        "scaler": None if scaler is None else jsonable(scaler.state_dict(), "scaler"),
         "rng": capture_rng_state(),
-        "config": _jsonable(config, "config"),
+        "config": jsonable(config, "config"),
         "code_version": code_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -356,7 +281,7 @@ def load_training_checkpoint(
             raise ValueError(f"{ckpt}: the optimizer runs on an LR scheduler: pass scheduler= to restore it")
     if scheduler is not None and saved.get("scheduler") is None:
         raise ValueError(f"{ckpt / TRAINER_STATE}: no LR scheduler state saved, but a scheduler was given")
-    restore = _rng_restorer(saved.get("rng") or {}, str(ckpt / TRAINER_STATE)) if restore_rng else None
+    restore = rng_restorer(saved.get("rng") or {}, str(ckpt / TRAINER_STATE)) if restore_rng else None
 
     load_state_into(model, weights, str(source.weights))
     for key, tensor in live_moments.items():
@@ -375,139 +300,3 @@ def load_training_checkpoint(
     return TrainingState(step=saved["step"], samples_seen=saved["samples_seen"],
                          data_state=saved["data_state"], extra=saved["extra"])
 
-
-# --------------------------------------------------------------------------- a run's checkpoints
-
-
-def _step_of(path: Path) -> int:
-    return int(_STEP_DIR.match(path.name).group(1))
-
-
-class CheckpointManager:
-    """The ``step_NNNNNNN`` checkpoint folders of a run under ``root``, a ``latest`` and a ``best``
-    pointer (small text files naming a folder) and retention: the last ``keep_last`` folders plus the
-    best by ``metrics[best_metric]`` (``best_mode`` ``"max"`` or ``"min"``) are kept."""
-
-    def __init__(self, root: str | os.PathLike, keep_last: int = 3, best_metric: str | None = None,
-                 best_mode: str = "max"):
-        if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        if best_mode not in ("max", "min"):
-            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-        self.root = Path(root)
-        self.keep_last, self.best_metric, self.best_mode = keep_last, best_metric, best_mode
-
-    def step_dir(self, step: int) -> Path:
-        return self.root / f"step_{step:07d}"
-
-    def checkpoints(self) -> list[Path]:
-        """The complete checkpoint folders, lowest step first."""
-        if not self.root.is_dir():
-            return []
-        found = [d for d in self.root.iterdir() if _STEP_DIR.match(d.name) and is_complete_checkpoint(d)]
-        return sorted(found, key=_step_of)
-
-    def _pointer(self, name: str) -> Path | None:
-        """The complete checkpoint folder the pointer file ``name`` names; None when there is no
-        pointer or it names anything else."""
-        try:
-            target = (self.root / name).read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            return None
-        if _STEP_DIR.match(target) and is_complete_checkpoint(self.root / target):
-            return self.root / target
-        log.warning("%s names %r, which is not a complete checkpoint: ignored", self.root / name, target)
-        return None
-
-    def latest(self) -> Path | None:
-        """The folder ``latest`` names; without a valid pointer, the complete folder of the highest step."""
-        pointed = self._pointer(LATEST)
-        if pointed is not None:
-            return pointed
-        done = self.checkpoints()
-        return done[-1] if done else None
-
-    def best(self) -> Path | None:
-        """The folder ``best`` names (None before any checkpoint had the metric)."""
-        return self._pointer(BEST)
-
-    def resolve(self, resume: str | os.PathLike) -> Path:
-        """``"latest"`` → :meth:`latest`; a checkpoint folder → itself; a checkpoints root or a run
-        folder (holding ``checkpoints/``) → its latest checkpoint."""
-        if str(resume) == LATEST:
-            found = self.latest()
-            if found is None:
-                raise FileNotFoundError(f"resume=latest: no complete checkpoint under {self.root}")
-            return found
-        path = Path(resume)
-        if is_complete_checkpoint(path):
-            return path
-        for root in (path, path / "checkpoints"):
-            found = CheckpointManager(root).latest()
-            if found is not None:
-                return found
-        read_trainer_state(path)  # raises with the reason when path is a folder of model weights only
-        raise FileNotFoundError(f"resume={resume}: neither a training checkpoint (a folder with {WEIGHTS} and "
-                                f"{TRAINER_STATE}) nor a run or checkpoints folder holding one")
-
-    def _metric(self, metrics: dict | None) -> float | None:
-        if self.best_metric is None or not metrics or self.best_metric not in metrics:
-            return None
-        value = float(metrics[self.best_metric])
-        return None if math.isnan(value) else value
-
-    def _beats_best(self, value: float | None) -> bool:
-        if value is None:
-            return False
-        best = self.best()
-        current = None
-        if best is not None and (best / METRICS).is_file():
-            current = self._metric(json.loads((best / METRICS).read_text(encoding="utf-8")))
-        if current is None:
-            return True
-        return value > current if self.best_mode == "max" else value < current
-
-    def _write_pointer(self, name: str, target: Path) -> None:
-        with atomic_write(self.root / name) as f:
-            f.write(target.name + "\n")
-
-    def _remove(self, path: Path) -> None:
-        # Renamed out of sight first: a kill during the removal never leaves a half-deleted step_ folder.
-        trash = self.root / f".trash.{path.name}"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(path, trash)
-        shutil.rmtree(trash)
-
-    def _clear_leftovers(self) -> None:
-        if self.root.is_dir():
-            for entry in self.root.iterdir():
-                if _LEFTOVER.match(entry.name):
-                    log.info("removing %s, left by an interrupted save", entry)
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-
-    def save(self, step: int, save_fn: Callable[[Path], None], metrics: dict | None = None) -> Path:
-        """Write ``step_NNNNNNN`` atomically (``save_fn`` fills a temporary folder, e.g. with
-        :func:`write_training_checkpoint`; ``metrics`` go to its ``metrics.json``), then point
-        ``latest`` at it (and ``best`` when its metric is the best so far), and only then remove the
-        folders retention lets go. Folders of later steps (left by a run resumed from an earlier
-        checkpoint) stay until this run overwrites them."""
-        self._clear_leftovers()
-        target = self.step_dir(step)
-        value = self._metric(metrics)
-        with atomic_dir(target) as tmp:
-            if metrics is not None:
-                (tmp / METRICS).write_text(json.dumps(_jsonable(metrics, "metrics"), indent=1), encoding="utf-8")
-            save_fn(tmp)
-            if not is_complete_checkpoint(tmp):
-                raise RuntimeError(f"save_fn left no complete checkpoint for step {step} ({WEIGHTS} and "
-                                   f"{TRAINER_STATE} are needed)")
-        self._write_pointer(LATEST, target)
-        if self._beats_best(value):
-            self._write_pointer(BEST, target)
-        fsync_dir(self.root)  # the pointer renames are durable before anything is removed
-        best = self.best()
-        done = [d for d in self.checkpoints() if _step_of(d) <= step]
-        for old in done[:-self.keep_last]:
-            if old != best:
-                self._remove(old)
-        return target
