@@ -39,8 +39,8 @@ import paddle
 
 from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.loader import StreamSource, build_train_data
-from ernievil2.data.sample import RawSample
 from ernievil2.data.loader_workers import collate_arrays
+from ernievil2.data.sample import RawSample
 from ernievil2.data.shard_writer import ShardWriter
 from ernievil2.data.views import IMAGE_VIEWS, PHOTOMETRIC_SUFFIX, MultiViewTransform, ViewConfig, decode_for_views
 from ernievil2.tokenizer import WordPieceTokenizer

@@ -23,8 +23,8 @@ from typing import Optional
 import numpy as np
 import paddle
 
-from ernievil2.losses import LossConfig, MultiViewLoss
 from ernievil2.data.views import IMAGE_VIEWS, MAX_TAGS
+from ernievil2.losses import LossConfig, MultiViewLoss
 from ernievil2.models import build_model
 from ernievil2.models.config import DualEncoderConfig, model_config
 from ernievil2.models.flops import view_flops_per_sample

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from ernievil2.atomic import atomic_write
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+from ernievil2.atomic import atomic_write
 
 __all__ = ["WordPieceTokenizer", "SPECIAL_TOKENS", "load_vocab"]
 

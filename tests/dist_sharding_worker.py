@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dist_worker  # noqa: E402
+
 from ernievil2.distributed import DistributedExchange, init_distributed  # noqa: E402
 from ernievil2.losses import LossConfig, MultiViewLoss  # noqa: E402
 from ernievil2.train.config import OptimSchema, TrainerSchema  # noqa: E402

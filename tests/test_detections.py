@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ernievil2.data.formats import SourceSpec
 from ernievil2.data.packers.detections import (
     DetectionOptions,
     detection_key,
@@ -25,7 +26,6 @@ from ernievil2.data.packers.detections import (
     load_detections,
     load_translation,
 )
-from ernievil2.data.formats import SourceSpec
 from ernievil2.data.packers.errors import PackError
 from ernievil2.data.packers.pipeline import SUMMARY_FILE, PackOptions, combine_tags, pack
 from ernievil2.data.sample import RawSample

@@ -15,12 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dist_worker
 import numpy as np
 import paddle
 import pytest
 import yaml
 
-import dist_worker
 from ernievil2.distributed import (
     DistInfo,
     DistributedExchange,

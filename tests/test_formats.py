@@ -17,7 +17,6 @@ import yaml
 from PIL import Image
 
 from ernievil2 import inference
-from ernievil2.evaluators import retrieval as evaluation
 from ernievil2.data import formats
 from ernievil2.data.formats import (
     FORMATS,
@@ -33,6 +32,7 @@ from ernievil2.data.formats import (
 )
 from ernievil2.data.packers.errors import PackError
 from ernievil2.data.packers.pipeline import PackOptions, pack
+from ernievil2.evaluators import retrieval as evaluation
 from ernievil2.evaluators.retrieval import EvalDataError, EvalSetSpec, eval_set_spec, read_items
 from ernievil2.train.config import EvalSetSchema
 

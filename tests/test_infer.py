@@ -18,7 +18,13 @@ from hydra import compose, initialize_config_dir
 from ernievil2 import embeddings_file
 from ernievil2.data.preprocess import preprocess
 from ernievil2.inference import (
-    BadLineError, InferError, build_inference_model, decode_base64, infer_main, run_inference, sidecar_paths,
+    BadLineError,
+    InferError,
+    build_inference_model,
+    decode_base64,
+    infer_main,
+    run_inference,
+    sidecar_paths,
 )
 from ernievil2.retrieval import format_seed_table, one_to_one_ranks, seed_table_from_metrics
 from ernievil2.tokenizer import WordPieceTokenizer

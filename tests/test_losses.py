@@ -5,7 +5,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ernievil2.losses import LossConfig, MultiViewLoss, info_nce, masked_info_nce, nt_xent, FeatureExchange
+from ernievil2.losses import FeatureExchange, LossConfig, MultiViewLoss, info_nce, masked_info_nce, nt_xent
 
 RTOL = 1e-5
 

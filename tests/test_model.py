@@ -19,11 +19,11 @@ from ernievil2.models.attention import attention, padding_mask
 from ernievil2.models.config import INIT_TEMPERATURE
 from ernievil2.models.text import TextBlock
 from ernievil2.models.vision import QuickGELU, VisionBlock
+from ernievil2.train.config import OptimSchema
+from ernievil2.train.optim import build_optimizer, cosine_with_warmup, decays
 from ernievil2.weights.layouts import MODEL_CONFIG, WEIGHTS
 from ernievil2.weights.load import CheckpointMismatchError, load_model, load_weights
 from ernievil2.weights.save import save_checkpoint, state_to_numpy
-from ernievil2.train.config import OptimSchema
-from ernievil2.train.optim import build_optimizer, cosine_with_warmup, decays
 
 CLS, SEP, PAD = 1, 2, 0
 REPO = Path(__file__).resolve().parents[1]

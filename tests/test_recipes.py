@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from ernievil2.data.sample import RawSample
 from ernievil2.data.views import MultiViewTransform, ViewConfig, photometric_params
-from ernievil2.losses import LossConfig, MultiViewLoss, aux_rows, nt_xent, FeatureExchange
+from ernievil2.losses import FeatureExchange, LossConfig, MultiViewLoss, aux_rows, nt_xent
 from ernievil2.models import build_model
 from ernievil2.models.config import model_config
 from ernievil2.models.flops import text_forward_flops, view_flops_per_sample

@@ -21,8 +21,19 @@ from PIL import Image
 from ernievil2.data.preprocess import preprocess
 from ernievil2.models import build_model, model_config
 from ernievil2.search import (
-    Encoder, IdentityMismatchError, SearchError, SearchHit, build_index, encoder_for_index, faiss_top_k,
-    load_encoder, load_index, query_image, query_text, top_k, write_html,
+    Encoder,
+    IdentityMismatchError,
+    SearchError,
+    SearchHit,
+    build_index,
+    encoder_for_index,
+    faiss_top_k,
+    load_encoder,
+    load_index,
+    query_image,
+    query_text,
+    top_k,
+    write_html,
 )
 from ernievil2.tokenizer import WordPieceTokenizer
 from ernievil2.weights.save import save_checkpoint
@@ -462,8 +473,8 @@ def demo_run(tmp_path_factory):
     """The tiny demo model after a brief training run (clip-only loss, 60 steps), 100 val images."""
     from hydra import compose, initialize_config_dir
 
-    from ernievil2.train.config import register_schemas, validate
     from ernievil2.data.demo import DemoDataSpec, demo_path
+    from ernievil2.train.config import register_schemas, validate
     from ernievil2.train.run import run_training
 
     register_schemas()

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+from test_stream import write_shards
 
 import ernievil2.data.loader as loader_mod
-from ernievil2.data.loader import StreamSource, build_train_data
 from ernievil2.data.device_views import ViewFinisher
+from ernievil2.data.loader import StreamSource, build_train_data
 from ernievil2.data.slots import BatchSlots, SlotsClosed
 from ernievil2.data.views import MultiViewTransform, ViewConfig
 from ernievil2.tokenizer import WordPieceTokenizer
-from test_stream import write_shards
 
 BATCH = 4
 

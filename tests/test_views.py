@@ -13,18 +13,18 @@ import paddle
 import pytest
 
 from ernievil2.data.device_views import ViewFinisher, gaussian_kernels
-from ernievil2.data.sample import RawSample
 from ernievil2.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from ernievil2.data.sample import RawSample
 from ernievil2.data.views import (
     ALL_VIEWS,
     MultiViewTransform,
     ViewConfig,
     augment_text_ids,
     decode_rgb,
-    tag_key,
     objects_text,
     random_resized_crop_box,
     stable_hash,
+    tag_key,
 )
 from ernievil2.tokenizer import WordPieceTokenizer
 

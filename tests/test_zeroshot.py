@@ -18,7 +18,6 @@ from ernievil2.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ernievil2.data.sample import RawSample
 from ernievil2.data.shard_writer import ShardWriter
 from ernievil2.evaluators.base import EvalDataError
-from ernievil2.tokenizer import WordPieceTokenizer
 from ernievil2.evaluators.zeroshot import (
     TEMPLATE_SETS,
     ClassificationSet,
@@ -29,6 +28,7 @@ from ernievil2.evaluators.zeroshot import (
     load_templates,
     topk_accuracy,
 )
+from ernievil2.tokenizer import WordPieceTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "fox", "owl", "bee", "ant"]

@@ -53,10 +53,10 @@ import paddle
 
 from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.loader_workers import ExitWithParent, collate_arrays, iterate_loader, loader_worker, log_in_worker
-from ernievil2.data.sample import SKIP_KINDS, RawSample
-from ernievil2.data.shard_reader import SkipCounter, count_samples, list_shards, read_shard, shard_sizes
 from ernievil2.data.reader_pass import ReaderPass
+from ernievil2.data.sample import SKIP_KINDS, RawSample
 from ernievil2.data.sampling import draw_shards, too_few_shards
+from ernievil2.data.shard_reader import SkipCounter, count_samples, list_shards, read_shard, shard_sizes
 from ernievil2.data.slots import SLOT_KEY, BatchSlots, SlotsClosed, slots_supported
 from ernievil2.distributed import dist_info
 

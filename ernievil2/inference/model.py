@@ -52,9 +52,9 @@ def build_inference_model(cfg: Any, require_vocab: bool = True):
     ``tokenizer`` is ``None`` when no vocab is found and ``require_vocab`` is false."""
     import paddle
 
-    from ernievil2.weights.load import load_model
     from ernievil2.models import build_model
     from ernievil2.tokenizer import WordPieceTokenizer
+    from ernievil2.weights.load import load_model
 
     explicit = _explicit_vocab(cfg)
     init_from = _init_from(cfg.model)

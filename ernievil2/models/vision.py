@@ -3,7 +3,6 @@ resolution than the native one (position embeddings resampled on the patch grid,
 style) and patch dropout (FLIP)."""
 from __future__ import annotations
 
-
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F

@@ -32,7 +32,15 @@ from ernievil2.search.encoder import Encoder, load_encoder
 from ernievil2.search.gallery import write_html
 from ernievil2.search.identity import IdentityMismatchError, ModelIdentity, SearchError, model_sha256, sha256_file
 from ernievil2.search.index import (
-    FORMAT, FORMAT_VERSION, META_FILE, PATHS_FILE, VECTORS_FILE, SearchHit, SearchIndex, SkippedFile, check_identity,
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    PATHS_FILE,
+    VECTORS_FILE,
+    SearchHit,
+    SearchIndex,
+    SkippedFile,
+    check_identity,
     load_index,
 )
 from ernievil2.search.query import encoder_for_index, query_image, query_text

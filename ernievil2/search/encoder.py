@@ -106,8 +106,8 @@ def load_encoder(checkpoint: str | os.PathLike, vocab: Optional[str | os.PathLik
     ``vocab.txt`` beside its weights, then in its run folder), else ``fallback_vocab`` when it exists
     (an index's recorded vocab). Errors (missing checkpoint, no vocab, a checkpoint that does not
     load) are :class:`SearchError`."""
-    from ernievil2.weights.load import load_model
     from ernievil2.device import resolve_device
+    from ernievil2.weights.load import load_model
 
     ckpt = Path(checkpoint).expanduser()
     if not ckpt.exists():

@@ -13,7 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ernievil2.atomic import atomic_dir, atomic_write, fsync_dir
-from ernievil2.train.training_checkpoint import METRICS, TRAINER_STATE, is_complete_checkpoint, jsonable, read_trainer_state
+from ernievil2.train.training_checkpoint import (
+    METRICS,
+    TRAINER_STATE,
+    is_complete_checkpoint,
+    jsonable,
+    read_trainer_state,
+)
 from ernievil2.weights.layouts import WEIGHTS
 
 log = logging.getLogger("ernievil2")

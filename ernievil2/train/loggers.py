@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ernievil2.retrieval import format_table
 from ernievil2.evaluators.zeroshot import format_record as format_zeroshot
+from ernievil2.retrieval import format_table
 from ernievil2.train.config import LoggerSchema
 
 log = logging.getLogger("ernievil2")

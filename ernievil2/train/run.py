@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ernievil2.atomic import atomic_write
 from ernievil2.data.demo import DemoDataSpec, demo_folder, ensure_demo_data
+from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.loader import build_train_data
 from ernievil2.data.shard_reader import iter_samples
-from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.views import MultiViewTransform, simclr_size
 from ernievil2.distributed import (
     DistInfo,

@@ -8,6 +8,7 @@ import math
 import time
 from typing import Iterator, Optional
 
+
 class TrainClock:
     """Training seconds: wall time inside the loop, minus the time :meth:`paused` (evaluation,
     checkpoints). Starts at ``elapsed`` (a resumed run's)."""

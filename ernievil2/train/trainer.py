@@ -28,8 +28,8 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import paddle
 
-from ernievil2.data.loader import TrainData
 from ernievil2.data.device_views import ViewFinisher
+from ernievil2.data.loader import TrainData
 from ernievil2.data.views import IMAGE_VIEWS
 from ernievil2.distributed import DistInfo, check_parameters_in_sync
 from ernievil2.evaluators import Evaluator

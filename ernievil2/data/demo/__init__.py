@@ -55,8 +55,24 @@ from __future__ import annotations
 from .classification import OBJECT_CLASSES, OBJECT_TEMPLATES, OBJECTS_DIR, demo_object_images, object_class_names
 from .dataset import DEMO_PARTS, DemoData, demo_folder, demo_path, ensure_demo_data, make_sample, mismatched_indices
 from .scenes import (
-    COLOUR_RGB, COLOURS, COLOURS_ZH, OBJECT_KINDS, SHAPES, SHAPES_ZH, SIZES, SIZES_ZH, Scene, SceneObject, describe,
-    encode_jpeg, layout, object_radius, render_scene, scene_from_meta, train_scene, val_scenes,
+    COLOUR_RGB,
+    COLOURS,
+    COLOURS_ZH,
+    OBJECT_KINDS,
+    SHAPES,
+    SHAPES_ZH,
+    SIZES,
+    SIZES_ZH,
+    Scene,
+    SceneObject,
+    describe,
+    encode_jpeg,
+    layout,
+    object_radius,
+    render_scene,
+    scene_from_meta,
+    train_scene,
+    val_scenes,
 )
 from .spec import DemoDataSpec
 from .text import EN_TEMPLATES, TAG_MODES, ZH_TEMPLATES, TagNoise, all_captions, object_tags, scene_captions

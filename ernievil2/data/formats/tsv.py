@@ -32,7 +32,6 @@ from ernievil2.data.formats.seed_lines import (
 )
 from ernievil2.jsonl import jsonl_objects
 
-
 # --------------------------------------------------------------------------------------------
 # seed_tsv: text \t image_id \t base64, several lines per image allowed
 # --------------------------------------------------------------------------------------------
