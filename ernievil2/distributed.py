@@ -196,6 +196,15 @@ def gather_rows(local: np.ndarray, info: DistInfo) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def gather_lists(local: list, info: DistInfo) -> list:
+    """Every rank's list concatenated in rank order, on every rank (``all_gather_object``)."""
+    if not info.distributed:
+        return list(local)
+    parts: list[list] = []
+    dist.all_gather_object(parts, list(local))
+    return [x for part in parts for x in part]
+
+
 def first_error(error: Optional[str], info: DistInfo) -> Optional[str]:
     """The first rank's error, on every rank (``all_gather_object``), so that all ranks stop alike."""
     if not info.distributed:

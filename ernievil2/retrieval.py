@@ -68,10 +68,12 @@ def recall_at(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[int, float]:
     return {k: float((ranks < k).mean() * 100.0) for k in ks}
 
 
-def official_recall(text_emb: np.ndarray, image_emb: np.ndarray, chunk: int = 2048) -> dict[str, float]:
-    """Official 1:1 protocol: line ``i``'s text and line ``i``'s image are the only pair."""
+def official_recall(text_emb: np.ndarray, image_emb: np.ndarray, chunk: int = 2048,
+                    ks: Sequence[int] = KS) -> dict[str, float]:
+    """Official 1:1 protocol: line ``i``'s text and line ``i``'s image are the only pair. Recall at
+    every ``k`` of ``ks`` (:func:`_table`: the means are over R@1/5/10)."""
     t2i, i2t = one_to_one_ranks(text_emb, image_emb, chunk)
-    return _table(recall_at(i2t), recall_at(t2i))
+    return _table(recall_at(i2t, ks), recall_at(t2i, ks))
 
 
 def multi_caption_recall(
@@ -79,11 +81,16 @@ def multi_caption_recall(
     text_emb: np.ndarray,
     text_image: np.ndarray,
     chunk: int = 2048,
+    ks: Sequence[int] = KS,
 ) -> dict[str, float]:
     """Multi-caption protocol: ``text_image[j]`` is the index of text ``j``'s image.
 
     Text→image: the rank of the text's image. Image→text: a query image scores at K when any of
-    its captions is in the top K (the rank of its best-scoring caption).
+    its captions is in the top K (the rank of its best-scoring caption). This is clip_benchmark's
+    ``zeroshot_retrieval`` definition too (``image_retrieval_recall@K``: text→image, each caption a
+    query; ``text_retrieval_recall@K``: image→text, any caption in the top K), except for exact
+    ties, which count for the ground truth here (strict ``>``) and in ``torch.topk``'s order there.
+    Recall at every ``k`` of ``ks`` (:func:`_table`: the means are over R@1/5/10).
     """
     image_emb, text_emb = _as_f32(image_emb), _as_f32(text_emb)
     text_image = np.asarray(text_image, dtype=np.int64)
@@ -108,7 +115,7 @@ def multi_caption_recall(
         own = text_image[None, :] == np.arange(a, b)[:, None]
         best_gt = np.where(own, scores, -np.inf).max(axis=1)
         i2t_ranks[a:b] = ((scores > best_gt[:, None]) & ~own).sum(axis=1)
-    return _table(recall_at(i2t_ranks), recall_at(t2i_ranks))
+    return _table(recall_at(i2t_ranks, ks), recall_at(t2i_ranks, ks))
 
 
 def group_by_image_id(ids: Sequence[str], image: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -128,11 +135,14 @@ def group_by_image_id(ids: Sequence[str], image: np.ndarray) -> tuple[np.ndarray
 
 
 def _table(i2t: dict[int, float], t2i: dict[int, float]) -> dict[str, float]:
+    """``i2t_rK`` / ``t2i_rK`` for every K given; the means over the K of :data:`KS` among them (the
+    R@1/5/10 table; over every K given when none of :data:`KS` is), so extra Ks leave them unchanged."""
     out = {f"i2t_r{k}": v for k, v in i2t.items()}
     out.update({f"t2i_r{k}": v for k, v in t2i.items()})
-    out["i2t_mean"] = float(np.mean(list(i2t.values())))
-    out["t2i_mean"] = float(np.mean(list(t2i.values())))
-    out["mean_recall"] = float(np.mean(list(i2t.values()) + list(t2i.values())))
+    mean_ks = [k for k in KS if k in i2t] or list(i2t)
+    out["i2t_mean"] = float(np.mean([i2t[k] for k in mean_ks]))
+    out["t2i_mean"] = float(np.mean([t2i[k] for k in mean_ks]))
+    out["mean_recall"] = float(np.mean([i2t[k] for k in mean_ks] + [t2i[k] for k in mean_ks]))
     return out
 
 

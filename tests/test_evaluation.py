@@ -238,17 +238,26 @@ def test_two_ranks_give_the_same_records_as_one_process(tmp_path, tokenizer):
     paddle.save(dist_eval_worker.tiny_model(tokenizer.vocab_size).state_dict(), str(work / "model.pdparams"))
     jsonl = _write_jsonl(tmp_path / "jsonl")
     seed = _write_seed_tsv(tmp_path / "test.tsv")
+    bad = _write_jsonl(tmp_path / "bad")
+    (tmp_path / "bad" / "images" / "im4.jpg").write_bytes(b"not an image")  # line 5: rank 1's share
+    bad0 = _write_jsonl(tmp_path / "bad0")
+    (tmp_path / "bad0" / "images" / "im1.jpg").write_bytes(b"not an image")  # line 2: rank 0's share
     sets = [
         {"name": "j", "format": "jsonl", "path": str(jsonl), "caption_key": "captions_en", "protocol": "both"},
         {"name": "s", "format": "seed_tsv", "path": str(seed), "protocol": "multi"},
+        # the undecodable image skipped: rank 1 holds one image less, the ranks agree on the set
+        {"name": "k", "format": "jsonl", "path": str(bad), "caption_key": "captions_en", "protocol": "both",
+         "skip_bad_samples": True},
+        # ... and rank 0 one less: the ranks' shares are no longer shard_range's of the 4 images left
+        {"name": "k0", "format": "jsonl", "path": str(bad0), "caption_key": "captions_en", "protocol": "multi",
+         "skip_bad_samples": True},
     ]
     (work / "sets.json").write_text(json.dumps(sets), encoding="utf-8")
-    bad = _write_jsonl(tmp_path / "bad")
-    (tmp_path / "bad" / "images" / "im4.jpg").write_bytes(b"not an image")  # line 5: rank 1's share
     (work / "bad_set.json").write_text(json.dumps({"name": "bad", "format": "jsonl", "path": str(bad),
                                                    "caption_key": "captions_en"}), encoding="utf-8")
     single = dist_eval_worker.evaluate_sets(work, DistInfo())
-    assert [(r["dataset"], r["protocol"]) for r in single] == [("j", "multi"), ("j", "official"), ("s", "multi")]
+    assert [(r["dataset"], r["protocol"]) for r in single] == [("j", "multi"), ("j", "official"), ("s", "multi"),
+                                                               ("k", "multi"), ("k", "official"), ("k0", "multi")]
 
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
            str(tmp_path / "log"), str(REPO_ROOT / "tests" / "dist_eval_worker.py"), str(work)]
@@ -265,9 +274,10 @@ def test_two_ranks_give_the_same_records_as_one_process(tmp_path, tokenizer):
             for key, value in want.items():
                 if not isinstance(value, str):
                     assert got[key] == pytest.approx(value, abs=1e-6), (rank, want["dataset"], want["protocol"], key)
-    # each rank decoded only its share of the images (5 = 2 + 3, 3 = 1 + 2)
+    # each rank decoded only its share of the images (5 = 2 + 3, 3 = 1 + 2; 4 = 2 + (3 - 1 skipped),
+    # 4 = (2 - 1 skipped) + 3)
     held = [json.loads((work / f"held_rank{rank}.json").read_text(encoding="utf-8")) for rank in (0, 1)]
-    assert held == [[[0, 2, 5], [0, 1, 3]], [[2, 3, 5], [1, 2, 3]]]
+    assert held == [[[0, 2, 5], [0, 1, 3], [0, 2, 4], [0, 1, 4]], [[2, 3, 5], [1, 2, 3], [2, 2, 4], [1, 3, 4]]]
     # an undecodable image in rank 1's share stops both ranks, naming it
     errors = [(work / f"bad_rank{rank}.txt").read_text(encoding="utf-8") for rank in (0, 1)]
     assert errors[0] == errors[1] and f"{bad}:5: " in errors[0], errors

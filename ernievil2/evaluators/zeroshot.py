@@ -7,6 +7,8 @@ class vector; top-k accuracy counts an image when its class is among the k best.
 
 Ties: a class whose score equals the true class's score is broken at random, in expectation
 (:func:`topk_accuracy`): a model that gives every class the same score scores chance, never 100 %.
+The mean per-class recall (:func:`mean_per_class_recall`, clip_benchmark's balanced accuracy) is
+the mean over the classes present of their images' top-1 credit, under the same tie rule.
 
 Sets (``eval.classification`` entries, :class:`ClassificationSetSpec`), one reader per ``format``:
 
@@ -15,28 +17,38 @@ Sets (``eval.classification`` entries, :class:`ClassificationSetSpec`), one read
   per line in that order, or a JSON object ``{folder: name}``;
 * ``shards``: WebDataset shards whose samples carry the label as ``KEY.cls`` (an integer) or as
   ``label_key`` in ``KEY.json`` (an integer index or a class name); ``classnames`` is required
-  (the demo generator writes its held-out objects this way, ``conf/eval/demo.yaml``).
+  (the demo generator writes its held-out objects this way, ``conf/eval/demo.yaml``). ``path`` may
+  also be a clip_benchmark dataset folder (its ``test/`` split is read) or split folder
+  (``nshards.txt`` + ``0.tar …``, :func:`ernievil2.data.formats.wds_shards`).
 
-Templates: a built-in set (:data:`TEMPLATE_SETS`: ``en``, ``zh``) or a text file with one template
-per line, each holding ``{}`` once.
+With ``skip_bad_samples`` (the benchmark sets of ``launch/benchmark.py``) a sample without image or
+label, a damaged shard or an image that does not decode is counted, logged with shard and key
+(:class:`~ernievil2.evaluators.base.SkipLog`) and skipped; otherwise it is an :class:`EvalDataError`.
+
+Templates: a built-in set (:data:`TEMPLATE_SETS`: ``en``, ``zh``), a text file with one template
+per line, each holding ``{}`` or ``{c}`` (clip_benchmark's placeholder) once, or a JSON file: a
+list of templates or clip_benchmark's ``{dataset: [templates]}`` (:func:`load_templates`). Class
+names: a text file (one per line), a JSON list, ``{folder: name}`` or ``{dataset: [names]}``.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from ernievil2.data import preprocess
-from ernievil2.distributed import DistInfo, first_error, gather_rows, shard_range
+from ernievil2.distributed import DistInfo, gather_rows, shard_range
 from ernievil2.encode import embed_crops, embed_texts
-from ernievil2.evaluators.base import EvalContext, EvalDataError, register
+from ernievil2.evaluators.base import EvalContext, EvalDataError, SkipLog, decode_crops, register
 from ernievil2.models import ErnieViL2
 from ernievil2.tokenizer import WordPieceTokenizer
+
+log = logging.getLogger("ernievil2.evaluators")
 
 FORMATS = ("imagefolder", "shards")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -78,6 +90,7 @@ class ClassificationSetSpec:
     label_key: str = "label"
     language: str = "en"
     max_images: int | None = None
+    skip_bad_samples: bool = False
 
 
 @dataclass
@@ -94,38 +107,85 @@ class ClassificationSet:
 
 
 # --------------------------------------------------------------------------- names and templates
-def load_templates(spec: str) -> list[str]:
-    """A built-in template set (:data:`TEMPLATE_SETS`) or a file of templates, one per line, each
-    with one ``{}``; blank lines are ignored."""
+PLACEHOLDERS: tuple[str, ...] = ("{}", "{c}")
+DEFAULT_TEMPLATE_KEY = "imagenet1k"
+
+
+def dataset_key(name: str) -> str:
+    """The key of a set in clip_benchmark's ``{dataset: [...]}`` files: the last part of its name
+    (``wds/vtab/cifar10`` -> ``cifar10``), as clip_benchmark looks it up."""
+    return name.rstrip("/").split("/")[-1]
+
+
+def load_templates(spec: str, dataset: str | None = None) -> list[str]:
+    """A built-in template set (:data:`TEMPLATE_SETS`), a text file of templates (one per line,
+    blank lines ignored) or a JSON file: a list of templates, or clip_benchmark's ``{dataset:
+    [templates]}`` (the list of ``dataset``, by :func:`dataset_key`, else the ``imagenet1k`` list,
+    clip_benchmark's default). Each template holds ``{}`` or ``{c}`` exactly once and is returned
+    with ``{}``; one with neither, both or either twice is an :class:`EvalDataError` naming the file
+    and the line (JSON: the entry)."""
     if spec in TEMPLATE_SETS:
         return list(TEMPLATE_SETS[spec])
     path = Path(os.path.expanduser(spec))
     if not path.is_file():
         raise EvalDataError(f"templates {spec!r}: neither a built-in set {sorted(TEMPLATE_SETS)} nor a file")
-    out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if line.count("{}") != 1:
-            raise EvalDataError(f"{path}: line {lineno}: a template holds '{{}}' exactly once: {line!r}")
-        out.append(line.strip())
+    if path.suffix == ".json":
+        doc = _json_doc(path)
+        if isinstance(doc, dict):
+            doc, key = _dataset_entry(doc, path, dataset, "templates", fallback=DEFAULT_TEMPLATE_KEY)
+        else:
+            key = None
+        if not isinstance(doc, list) or not all(isinstance(t, str) for t in doc):
+            kind = "class-specific prompts ({class: [prompts]}) are not supported; " if isinstance(doc, dict) else ""
+            raise EvalDataError(f"{path}: {kind}expected a list of templates" + (f" under {key!r}" if key else ""))
+        entries = [(f"entry {f'{key!r} ' if key else ''}[{i}]", t) for i, t in enumerate(doc) if t.strip()]
+    else:
+        entries = [(f"line {n}", line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                   if line.strip()]
+    out = [_template(path, where, text) for where, text in entries]
     if not out:
         raise EvalDataError(f"{path}: no template")
     return out
 
 
-def load_classnames(path: str, folders: Sequence[str] | None = None) -> list[str]:
-    """Class names from ``path``: a text file with one name per line (label order), or a JSON list,
-    or a JSON object ``{folder: name}`` (needs ``folders``, the class folders in label order)."""
+def _template(path: Path, where: str, text: str) -> str:
+    text = text.strip()
+    if sum(text.count(p) for p in PLACEHOLDERS) != 1:
+        raise EvalDataError(f"{path}: {where}: a template holds '{{}}' or '{{c}}' exactly once: {text!r}")
+    return text.replace("{c}", "{}")
+
+
+def _json_doc(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EvalDataError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
+
+
+def _dataset_entry(doc: dict, path: Path, dataset: str | None, what: str,
+                   fallback: str | None = None) -> tuple[Any, str]:
+    """The entry of ``dataset`` (:func:`dataset_key`) in a ``{dataset: ...}`` file, else ``fallback``'s."""
+    key = dataset_key(dataset) if dataset else None
+    if key is not None and key in doc:
+        return doc[key], key
+    if fallback is not None and fallback in doc:
+        log.info("%s: no %s for %r; using %r's (clip_benchmark's default)", path, what, key, fallback)
+        return doc[fallback], fallback
+    keys = ", ".join(sorted(map(str, doc))[:8]) + (", …" if len(doc) > 8 else "")
+    raise EvalDataError(f"{path}: no {what} for dataset {key!r} (the file has: {keys})")
+
+
+def load_classnames(path: str, folders: Sequence[str] | None = None, dataset: str | None = None) -> list[str]:
+    """Class names from ``path``: a text file with one name per line (label order), a JSON list,
+    clip_benchmark's ``{dataset: [names]}`` (the list of ``dataset``, by :func:`dataset_key`), or a
+    JSON object ``{folder: name}`` (needs ``folders``, the class folders in label order)."""
     file = Path(os.path.expanduser(path))
     if not file.is_file():
         raise EvalDataError(f"class names file not found: {file}")
-    text = file.read_text(encoding="utf-8")
     if file.suffix == ".json":
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise EvalDataError(f"{file}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
+        doc = _json_doc(file)
+        if isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()):
+            doc, _ = _dataset_entry(doc, file, dataset, "class names")
         if isinstance(doc, dict):
             if folders is None:
                 raise EvalDataError(f"{file}: a {{folder: name}} object needs an imagefolder set; give a list")
@@ -138,7 +198,7 @@ def load_classnames(path: str, folders: Sequence[str] | None = None) -> list[str
         else:
             raise EvalDataError(f"{file}: expected a list of names or a {{folder: name}} object")
     else:
-        names = [line.strip() for line in text.splitlines() if line.strip()]
+        names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if folders is not None and len(names) != len(folders):
         raise EvalDataError(f"{file}: {len(names)} class names for {len(folders)} class folders")
     if not names:
@@ -152,6 +212,21 @@ class _Item:
     load: Callable[[], bytes]
     label: int
     where: str
+    name: str = ""  # the shard sample's key (image files: their path, ``where``)
+
+    def load_image(self) -> bytes:
+        return self.load()
+
+    @property
+    def key(self) -> str:
+        return self.name or self.where
+
+
+class _Bad(NamedTuple):
+    """A shard sample that gives no item: why, as a skip reason and a sentence."""
+
+    reason: str
+    detail: str
 
 
 def read_imagefolder(spec: ClassificationSetSpec) -> tuple[list[_Item], list[str]]:
@@ -166,61 +241,86 @@ def read_imagefolder(spec: ClassificationSetSpec) -> tuple[list[_Item], list[str
     for label, folder in enumerate(folders):
         for path in sorted(p for p in (root / folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             items.append(_Item(path.read_bytes, label, str(path)))
-    names = load_classnames(spec.classnames, folders) if spec.classnames else [f.replace("_", " ") for f in folders]
+    names = (load_classnames(spec.classnames, folders, dataset=spec.name) if spec.classnames
+             else [f.replace("_", " ") for f in folders])
     return items, names
 
 
-def read_class_shards(spec: ClassificationSetSpec) -> tuple[list[_Item], list[str]]:
-    """WebDataset shards with ``KEY.cls`` or ``label_key`` in ``KEY.json``; ``classnames`` required."""
-    from ernievil2.data.sample import BadSample
+def read_class_shards(spec: ClassificationSetSpec, skips: SkipLog | None = None) -> tuple[list[_Item], list[str]]:
+    """WebDataset shards with ``KEY.cls`` or ``label_key`` in ``KEY.json``; ``classnames`` required.
+    ``path``: any shard specification, or a clip_benchmark dataset or split folder. A sample without
+    image or usable label, or a damaged shard, raises :class:`EvalDataError` naming shard and key;
+    with ``skips`` it is counted there and skipped."""
+    from ernievil2.data.formats.wds import missing_local, wds_shards
     from ernievil2.data.shard_codec import IMAGE_EXTS
     from ernievil2.data.shard_reader import list_shards, read_shard
 
     if not spec.classnames:
         raise EvalDataError(f"classification set {spec.name!r}: format 'shards' needs 'classnames'")
-    names = load_classnames(spec.classnames)
+    path = _need(spec, "path")
+    if missing_local(path):
+        raise EvalDataError(f"classification set {spec.name!r}: folder not found: {path}")
+    names = load_classnames(spec.classnames, dataset=spec.name)
     index = {n: k for k, n in enumerate(names)}
-    items = []
+    try:
+        urls = list_shards(wds_shards(path))
+    except (OSError, ValueError) as exc:
+        raise EvalDataError(f"classification set {spec.name!r}: {exc}") from None
 
-    def damaged(url: str, exc: Exception) -> None:
-        raise EvalDataError(f"{url}: damaged shard: {exc}")
-
-    def decode(raw: dict) -> tuple[bytes, int]:
-        where = f"{raw.get('__url__')}: sample {raw.get('__key__')}"
-        image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
+    def decode(raw: dict) -> tuple[bytes, int] | _Bad:
+        image = next((raw[e] for e in IMAGE_EXTS if raw.get(e)), None)
         if image is None:
-            raise EvalDataError(f"{where}: no image (looked for {', '.join(IMAGE_EXTS)})")
-        label = _shard_label(raw, spec.label_key, index, where)
+            return _Bad("no_image", f"no image (looked for {', '.join(IMAGE_EXTS)})")
+        try:
+            label = _shard_label(raw, spec.label_key, index)
+        except ValueError as exc:
+            return _Bad("no_label" if str(exc).startswith("no label") else "bad_label", str(exc))
         if not 0 <= label < len(names):
-            raise EvalDataError(f"{where}: label {label} outside the {len(names)} classes")
+            return _Bad("bad_label", f"label {label} outside the {len(names)} classes")
         return image, label
 
-    for url in list_shards(_need(spec, "path")):
-        for key, sample in read_shard(url, damaged, decode=decode):
-            if isinstance(sample, BadSample):
-                raise EvalDataError(str(sample))
-            image, label = sample
-            items.append(_Item(lambda image=image: image, label, f"{url}: sample {key}"))
+    def bad(reason: str, where: str, detail: str) -> None:
+        if skips is None:
+            raise EvalDataError(f"{where}: {detail}")
+        skips.add(reason, where, detail)
+
+    items = []
+    for url in urls:
+        damage: list[Exception] = []
+        for key, sample in read_shard(url, lambda u, exc: damage.append(exc), decode=decode):
+            where = f"{url}: sample {key}"
+            if isinstance(sample, _Bad):
+                bad(sample.reason, where, sample.detail)
+            elif isinstance(sample, ValueError):  # read_shard's own refusal
+                bad("bad_sample", where, str(sample))
+            else:
+                image, label = sample
+                items.append(_Item(lambda image=image: image, label, where, key))
+        if damage:
+            bad("damaged_shard", url, f"damaged shard: {damage[0]}")
     return items, names
 
 
-def _shard_label(raw: dict, key: str, index: dict[str, int], where: str) -> int:
+def _shard_label(raw: dict, key: str, index: dict[str, int]) -> int:
     value: object = None
-    if "cls" in raw:
-        value = raw["cls"].decode("utf-8").strip() if isinstance(raw["cls"], bytes) else raw["cls"]
+    if raw.get("cls") is not None:
+        try:
+            value = raw["cls"].decode("utf-8").strip() if isinstance(raw["cls"], bytes) else raw["cls"]
+        except UnicodeDecodeError:
+            raise ValueError("KEY.cls is not UTF-8") from None
     elif "json" in raw:
         try:
             value = json.loads(raw["json"]).get(key)
         except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            raise EvalDataError(f"{where}: json is not an object") from None
-    if value is None:
-        raise EvalDataError(f"{where}: no label (neither KEY.cls nor '{key}' in KEY.json)")
+            raise ValueError("json is not an object") from None
+    if value is None or value == "":
+        raise ValueError(f"no label (neither KEY.cls nor '{key}' in KEY.json)")
     if isinstance(value, str) and value in index:
         return index[value]
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise EvalDataError(f"{where}: label {value!r} is neither a class index nor a class name") from None
+        raise ValueError(f"label {value!r} is neither a class index nor a class name") from None
 
 
 def _need(spec: ClassificationSetSpec, key: str) -> str:
@@ -231,33 +331,39 @@ def _need(spec: ClassificationSetSpec, key: str) -> str:
 
 
 def load_classification_set(spec: ClassificationSetSpec, image_size: int, info: DistInfo | None = None,
-                            profile: str = "official") -> ClassificationSet:
-    """Read ``spec`` and preprocess this rank's share of its images (:mod:`ernievil2.data.preprocess`)."""
+                            profile: str = "official", skips: SkipLog | None = None) -> ClassificationSet:
+    """Read ``spec`` and preprocess this rank's share of its images (:mod:`ernievil2.data.preprocess`).
+    With ``spec.skip_bad_samples`` malformed samples and images that do not decode are counted in
+    ``skips`` (a new :class:`SkipLog` when None, totals logged at the end) and left out."""
+    info = info or DistInfo()
+    if spec.skip_bad_samples and skips is None:
+        skips = SkipLog(spec.name, quiet=not info.is_main)
+    skips = skips if spec.skip_bad_samples else None
     if spec.format == "imagefolder":
         items, names = read_imagefolder(spec)
     elif spec.format == "shards":
-        items, names = read_class_shards(spec)
+        items, names = read_class_shards(spec, skips)
     else:
         raise EvalDataError(f"classification set {spec.name!r}: unknown format {spec.format!r}; choose from {FORMATS}")
+    templates = load_templates(spec.templates, dataset=spec.name)
     if spec.max_images is not None:
         items = items[: spec.max_images]
     if not items:
         raise EvalDataError(f"classification set {spec.name!r} ({spec.format}, {spec.path}) holds no image")
-    info = info or DistInfo()
     start, stop = shard_range(len(items), info)
-    crops, error = [], None
-    for item in items[start:stop]:
-        try:
-            crops.append(preprocess.resize_crop(preprocess.decode(item.load(), profile, item.where), image_size, profile))
-        except (OSError, ValueError) as exc:
-            error = f"{item.where}: {exc}"
-            break
-    error = first_error(error, info)
-    if error is not None:
-        raise EvalDataError(error)
+    crops, bad = decode_crops(items, start, stop, image_size, profile, info, skip=skips is not None)
+    dropped = {k for k, _, _ in bad}
+    for _, where, detail in bad:
+        skips.add("undecodable_image", where, detail)
+    if skips is not None:
+        skips.finish()
+    labels = [it.label for k, it in enumerate(items) if k not in dropped]
+    if not labels:
+        raise EvalDataError(f"classification set {spec.name!r}: no image decodes ({len(dropped)} skipped)")
+    start -= sum(1 for k in dropped if k < start)
     images = np.stack(crops) if crops else np.empty((0, image_size, image_size, 3), dtype=np.uint8)
-    return ClassificationSet(images, np.asarray([it.label for it in items], dtype=np.int64), names,
-                             load_templates(spec.templates), image_start=start, profile=profile)
+    return ClassificationSet(images, np.asarray(labels, dtype=np.int64), names, templates,
+                             image_start=start, profile=profile)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -270,21 +376,38 @@ def class_embeddings(model: ErnieViL2, tokenizer: WordPieceTokenizer, classnames
     return (mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
+def _above_tied(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(labels, g, t)``: per image the classes scored above its true class and tied with it."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    true = scores[np.arange(len(labels)), labels][:, None]
+    return labels, (scores > true).sum(axis=1), (scores == true).sum(axis=1) - 1
+
+
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = KS) -> dict[int, float]:
     """Top-k accuracy in percent of ``scores [N, C]`` for ``labels [N]``. A class tied with the true
     one is broken at random in expectation: with ``g`` classes above the truth and ``t`` tied with
     it, the image counts ``clip((k - g) / (t + 1), 0, 1)``."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.int64)
-    true = scores[np.arange(len(labels)), labels][:, None]
-    above = (scores > true).sum(axis=1)
-    tied = (scores == true).sum(axis=1) - 1
+    _, above, tied = _above_tied(scores, labels)
     return {k: float(np.clip((k - above) / (tied + 1), 0.0, 1.0).mean() * 100.0) for k in ks}
+
+
+def mean_per_class_recall(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean per-class recall in percent (balanced accuracy; clip_benchmark's ``mean_per_class_recall``):
+    for every class present in ``labels``, the mean top-1 credit of its images, under
+    :func:`topk_accuracy`'s tie rule (``clip((1 - g) / (t + 1), 0, 1)``); then the mean over those
+    classes."""
+    labels, above, tied = _above_tied(scores, labels)
+    credit = np.clip((1 - above) / (tied + 1), 0.0, 1.0)
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    per_class = np.bincount(inverse, weights=credit, minlength=len(classes)) / counts
+    return float(per_class.mean() * 100.0)
 
 
 class ZeroShotEvaluator:
     """Zero-shot classification on one set: records ``{step, dataset, protocol: "zeroshot", top1,
-    top5, n_images, n_classes, chance_top1}`` (every rank embeds its share; all get the record)."""
+    top5, mean_per_class_recall, n_images, n_classes, chance_top1}`` (percentages; every rank embeds
+    its share; all get the record)."""
 
     def __init__(self, name: str, data: ClassificationSet, tokenizer: WordPieceTokenizer, text_max_length: int,
                  batch_size: int = 256, info: DistInfo | None = None):
@@ -296,10 +419,12 @@ class ZeroShotEvaluator:
         classes = class_embeddings(model, self.tokenizer, self.data.classnames, self.data.templates,
                                    self.text_max_length, self.batch_size)
         images = gather_rows(embed_crops(model, self.data.images, self.batch_size, self.data.profile), self.info)
-        acc = topk_accuracy(images @ classes.T, self.data.labels)
+        scores = images @ classes.T
+        acc = topk_accuracy(scores, self.data.labels)
         n_classes = len(self.data.classnames)
         return [{"step": step, "dataset": self.name, "protocol": "zeroshot",
                  **{f"top{k}": v for k, v in acc.items()},
+                 "mean_per_class_recall": mean_per_class_recall(scores, self.data.labels),
                  "n_images": len(self.data.labels), "n_classes": n_classes, "chance_top1": 100.0 / n_classes}]
 
 
@@ -307,7 +432,9 @@ def format_record(record: dict) -> str:
     """One console line of a zero-shot record."""
     return (f"eval {record['dataset']} (zero-shot, {record['n_images']} images, {record['n_classes']} classes) "
             f"at step {record['step']}: top-1 {record['top1']:.2f}  top-5 {record['top5']:.2f}  "
-            f"(chance {record['chance_top1']:.2f})")
+            + (f"mean per-class recall {record['mean_per_class_recall']:.2f}  "
+               if "mean_per_class_recall" in record else "")
+            + f"(chance {record['chance_top1']:.2f})")
 
 
 @register("classification")
@@ -315,7 +442,7 @@ def build_zeroshot_evaluator(entry: Any, context: EvalContext) -> ZeroShotEvalua
     """The evaluator of one ``eval.classification`` entry (``ClassificationSetSchema``)."""
     spec = ClassificationSetSpec(name=entry.name, format=entry.format, path=entry.path, classnames=entry.classnames,
                                  templates=entry.templates, label_key=entry.label_key, language=entry.language,
-                                 max_images=entry.max_images)
+                                 max_images=entry.max_images, skip_bad_samples=entry.skip_bad_samples)
     data = load_classification_set(spec, context.image_size, context.info, context.profile)
     return ZeroShotEvaluator(spec.name, data, context.tokenizer, context.text_max_length, context.batch_size,
                              context.info)

@@ -100,15 +100,19 @@ class EvalSetSchema:
     """One retrieval evaluation set, read by the reader its ``format`` names (ernievil2.evaluators.retrieval)."""
 
     name: str = MISSING
-    format: str = "shards"  # shards | seed_tsv | chinese_clip | coco | karpathy | jsonl (ernievil2.data.formats)
+    # shards | seed_tsv | chinese_clip | coco | karpathy | jsonl | wds_retrieval (ernievil2.data.formats)
+    format: str = "shards"
     # shards: dir/pattern; seed_tsv: .tsv; chinese_clip: imgs.tsv or its folder; coco: captions json;
-    # karpathy: dataset_*.json; jsonl: .jsonl
+    # karpathy: dataset_*.json; jsonl: .jsonl; wds_retrieval: a clip_benchmark dataset folder
     path: Optional[str] = None
     image_root: Optional[str] = None  # coco / karpathy / jsonl image folder (default: the file's folder)
-    split: str = "test"  # karpathy: the split to evaluate; chinese_clip: the split of a folder path
+    # karpathy: the split to evaluate; chinese_clip: the split of a folder path; wds_retrieval: the split folder
+    split: str = "test"
     caption_key: str = "captions"  # jsonl: the key of each line's caption list
     protocol: str = "multi"  # "multi" (multi-caption), "official" (1:1, first caption per image) or "both"
     max_images: Optional[int] = None  # keep only the first N images (file order)
+    recall_k: list[int] = field(default_factory=lambda: [1, 5, 10])  # R@1/5/10 always, plus any other K here
+    skip_bad_samples: bool = False  # count, log and skip malformed samples / undecodable images (else: an error)
 
 
 @dataclass
@@ -118,12 +122,15 @@ class ClassificationSetSchema:
 
     name: str = MISSING
     format: str = "shards"  # imagefolder (path/CLASS/image) | shards (KEY.cls or label_key in KEY.json)
-    path: Optional[str] = None  # imagefolder: the root folder; shards: dir/pattern
+    # imagefolder: the root folder; shards: dir/pattern, or a clip_benchmark dataset (its test/ split) or split folder
+    path: Optional[str] = None
     classnames: Optional[str] = None  # one name per line (label order) or JSON; imagefolder default: folder names
-    templates: str = "en"  # built-in en | zh | demo_en | demo_zh, or a file of templates holding {}
+    # built-in en | zh | demo_en | demo_zh, or a file: one template per line holding {} or {c}, or JSON
+    templates: str = "en"
     label_key: str = "label"  # shards: the label's key in KEY.json (KEY.cls wins when present)
     language: str = "en"  # the language of the class names and templates
     max_images: Optional[int] = None  # keep only the first N images
+    skip_bad_samples: bool = False  # count, log and skip malformed samples / undecodable images (else: an error)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Everything that reads image-text data goes through this package: the packer (``launch/pack.py``,
 :mod:`ernievil2.data.packers`), the evaluation sets (:mod:`ernievil2.evaluators.retrieval`) and, for the upstream
 TSV's per-line parse, inference (:mod:`ernievil2.inference`). It imports nothing heavier than the
-standard library (the ``shards`` reader imports :mod:`ernievil2.data.shard_reader`, and webdataset
+standard library (the ``shards`` and ``wds_retrieval`` readers import :mod:`ernievil2.data.shard_reader`, and webdataset
 with it, only when it is called; never paddle), so the packer's image worker processes can import it.
 
 Formats (:data:`FORMATS`, spelled with underscores; :data:`READERS` maps each name to its reader):
@@ -13,7 +13,9 @@ Formats (:data:`FORMATS`, spelled with underscores; :data:`READERS` maps each na
 * ``coco``: ``captions_*.json`` (+ ``instances_*.json`` for object tags) + an image folder;
 * ``karpathy``: ``dataset_{flickr30k,coco}.json`` + an image folder;
 * ``jsonl``: one JSON object per image (the layout of ``../shared/data/*/captions.jsonl``);
-* ``shards``: WebDataset shards as the packer writes them (a folder, brace pattern, glob or list).
+* ``shards``: WebDataset shards as the packer writes them (a folder, brace pattern, glob or list);
+* ``wds_retrieval``: a clip_benchmark retrieval set (``ROOT/test/nshards.txt`` + ``ROOT/test/N.tar``,
+  ``KEY.txt`` holding one caption per line).
 
 A reader takes a :class:`SourceSpec` and returns a :class:`Source` whose ``records`` are, in file
 order, :class:`Item` (one image, all its captions) or :class:`Problem` (a record that gives no
@@ -24,7 +26,7 @@ without its top-level lists) raises :class:`FormatError` naming the file when th
 Keys, one rule per format, always in :func:`sample_key` form (the shard key the packer writes):
 ``seed_tsv`` / ``chinese_clip``: the image id; ``coco``: the file-name stem of ``images[].file_name``;
 ``karpathy``: the file-name stem of ``filename``; ``jsonl``: ``image_id``, else the stem of
-``image``; ``shards``: the sample's key. The raw id is kept in ``meta["image_id"]`` where there is one.
+``image``; ``shards``, ``wds_retrieval``: the sample's key. The raw id is kept in ``meta["image_id"]`` where there is one.
 
 Captions: the strings of the record's caption field(s), stripped, empty ones dropped, in file order,
 repeats kept (evaluation counts every caption; the packer keeps one of each, :meth:`Item.deduplicated`).
@@ -37,6 +39,7 @@ Modules: :mod:`~ernievil2.data.formats.base` (format names, :class:`Item`, :clas
 TSV line's parse and checks, :data:`SEED_LINE_CHECKS`, shared with inference);
 :mod:`~ernievil2.data.formats.tsv` (``seed_tsv``, ``chinese_clip``); :mod:`~ernievil2.data.formats.json_files`
 (``coco``, ``karpathy``, ``jsonl``); :mod:`~ernievil2.data.formats.shards` (``shards``);
+:mod:`~ernievil2.data.formats.wds` (``wds_retrieval`` and clip_benchmark's dataset layout);
 :mod:`~ernievil2.data.formats.registry` (:data:`READERS`, :func:`open_source`). Every public name is
 re-exported here.
 """
@@ -74,6 +77,7 @@ from ernievil2.data.formats.seed_lines import (
 )
 from ernievil2.data.formats.shards import read_shards
 from ernievil2.data.formats.tsv import read_chinese_clip, read_seed_tsv
+from ernievil2.data.formats.wds import caption_lines, read_wds_retrieval, wds_shards
 
 __all__ = [
     # base
@@ -84,7 +88,7 @@ __all__ = [
     "SEED_LINE_CHECKS", "SEED_LINE_REASONS", "SeedLine", "LineProblem", "parse_seed_line", "check_seed_image",
     # readers
     "read_seed_tsv", "read_chinese_clip", "category_names", "coco_objects", "read_coco", "read_karpathy",
-    "read_jsonl", "read_shards",
+    "read_jsonl", "read_shards", "read_wds_retrieval", "caption_lines", "wds_shards",
     # registry
     "READERS", "open_source",
 ]

@@ -13,13 +13,13 @@ from typing import Any, Union
 
 from ernievil2.data.b64 import decode_base64
 
-FORMATS: tuple[str, ...] = ("seed_tsv", "chinese_clip", "coco", "karpathy", "jsonl", "shards")
+FORMATS: tuple[str, ...] = ("seed_tsv", "chinese_clip", "coco", "karpathy", "jsonl", "shards", "wds_retrieval")
 """Every format name, in one spelling (underscores)."""
 
 DEFAULT_LANGUAGE: dict[str, str] = {"seed_tsv": "zh", "chinese_clip": "zh", "coco": "en", "karpathy": "en",
                                     "jsonl": "en"}
 """Caption language of each format when the spec gives none (jsonl: the record's ``language``
-first; shards: the sample's)."""
+first; shards: the sample's; wds_retrieval: ``en``)."""
 
 # Problem reasons (the packer's skip reasons use the same names).
 BAD_RECORD = "bad_record"

@@ -8,6 +8,7 @@ from ernievil2.data.formats.base import FORMATS, Source, SourceSpec, check_forma
 from ernievil2.data.formats.json_files import read_coco, read_jsonl, read_karpathy
 from ernievil2.data.formats.shards import read_shards
 from ernievil2.data.formats.tsv import read_chinese_clip, read_seed_tsv
+from ernievil2.data.formats.wds import read_wds_retrieval
 
 READERS: dict[str, Callable[[SourceSpec], Source]] = {
     "seed_tsv": read_seed_tsv,
@@ -16,6 +17,7 @@ READERS: dict[str, Callable[[SourceSpec], Source]] = {
     "karpathy": read_karpathy,
     "jsonl": read_jsonl,
     "shards": read_shards,
+    "wds_retrieval": read_wds_retrieval,
 }
 assert tuple(READERS) == FORMATS
 
