@@ -49,7 +49,7 @@ def test_default_compose_is_the_demo():
     assert cfg.data.source == "demo"
     # the default recipe (conf/loss/multiview.yaml): image-caption + image-objects on every row
     assert {t: cfg.loss[t] for t in ("image_caption", "image_objects", "image_image", "text_text")} == {
-        "image_caption": 1.0, "image_objects": 1.0, "image_image": 0.0, "text_text": 0.0}
+        "image_caption": 1.0, "image_objects": 1.0, "image_image": 1.0, "text_text": 0.0}
     assert cfg.loss.aux_fraction == 1.0
     assert cfg.model.vision.init == cfg.model.text.init == "fan_in"
     assert len(cfg.eval.datasets) == 1

@@ -399,7 +399,7 @@ def test_readme_commands_run(tmp_path, ckpt):
     photos = make_photos(tmp_path / "Pictures")
     index, page = tmp_path / "photos.index", tmp_path / "results.html"
     subst = {"~/Pictures": str(photos), "~/Pictures/cat.jpg": str(photos / "top.jpg"),
-             "outputs/demo/RUN/checkpoints/step_0000600": str(ckpt), "photos.index": str(index),
+             "outputs/demo/RUN/checkpoints/step_0000480": str(ckpt), "photos.index": str(index),
              "results.html": str(page)}
     commands = _readme_search_commands()
     assert [c[2] for c in commands] == ["index", "query", "query"]
