@@ -342,3 +342,23 @@ def test_user_errors_are_one_line(sets, tmp_path):
     assert proc.returncode == 2 and lines == [
         f"benchmark.py: error: --output {tmp_path}/{{dataset}}.json names one file for wds/flickr30k (en) and "
         "wds/flickr30k (zh); put {dataset} and {language} in it"], proc.stderr
+
+
+def test_readme_zero_shot_command_runs_on_an_imagenet_folder(ckpt, tmp_path):
+    """README's zero-shot line (eval-only, classification alone) on an ImageNet-style folder."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    [line] = [ln for ln in text.splitlines() if "eval=imagenet" in ln and ln.startswith("python launch/train.py")]
+    folder, names = tmp_path / "val", tmp_path / "imagenet_zh.txt"
+    for k, synset in enumerate(["n01", "n02", "n03"]):
+        (folder / synset).mkdir(parents=True)
+        for i in range(2):
+            (folder / synset / f"{i}.jpg").write_bytes(_jpeg(20 * k + i, _colour(k)))
+    names.write_text("红色方块\n绿色圆形\n蓝色星星\n", encoding="utf-8")
+    words = [w.replace("outputs/demo/RUN", str(ckpt)).replace("/data/imagenet/val", str(folder))
+             .replace("=imagenet_zh.txt", f"={names}") for w in shlex.split(line)[1:]]
+    proc = _run([str(REPO / words[0]), *words[1:]], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [results] = list((tmp_path / "outputs").rglob("eval_results.json"))
+    [record] = json.loads(results.read_text(encoding="utf-8"))["records"]
+    assert (record["dataset"], record["n_images"], record["n_classes"]) == ("imagenet", 6, 3)
+    assert 0 <= record["top1"] <= record["top5"] == 100.0  # 3 classes: every image's class is in the top 5

@@ -125,7 +125,7 @@ class ClassificationSetSchema:
     # imagefolder: the root folder; shards: dir/pattern, or a clip_benchmark dataset (its test/ split) or split folder
     path: Optional[str] = None
     classnames: Optional[str] = None  # one name per line (label order) or JSON; imagefolder default: folder names
-    # built-in en | zh | demo_en | demo_zh, or a file: one template per line holding {} or {c}, or JSON
+    # built-in en | zh, or a file: one template per line holding {} or {c}, or JSON
     templates: str = "en"
     label_key: str = "label"  # shards: the label's key in KEY.json (KEY.cls wins when present)
     language: str = "en"  # the language of the class names and templates
