@@ -168,8 +168,8 @@ def test_view_flops_count_object_tags_at_their_own_length():
 @pytest.mark.slow
 def test_step_cost_bench_runs_and_orders_the_recipes(tmp_path):
     """``bench/step_cost.py`` (one repeat): every recipe timed; per-sample FLOPs follow the views
-    each recipe encodes (CLIP-only: image + caption; multiview adds the tags; the paper's
-    computation adds two SimCLR views and the text view)."""
+    each recipe encodes (CLIP-only: image + caption; multiview adds the tags and one half-size SimCLR
+    view; the paper's computation adds two full-size SimCLR views and the text view)."""
     out = tmp_path / "step_cost.json"
     proc = subprocess.run([sys.executable, str(CONF_DIR.parent / "bench" / "step_cost.py"), "--repeats", "1",
                            "--batch", "8", "--out", str(out)], check=True, capture_output=True, text=True, cwd=tmp_path)
@@ -184,7 +184,9 @@ def test_step_cost_bench_runs_and_orders_the_recipes(tmp_path):
         name: [f"{1e3 * sec:.1f}", f"{sec / steps['clip_only']:.2f}×"] for name, sec in steps.items()}, proc.stdout
     base = res["flops"]["base"]
     assert set(base["clip_only"]) == {"image", "caption"}
-    assert set(base["multiview"]) == {"image", "caption", "objects"}
+    assert set(base["multiview"]) == {"image", "caption", "objects", "image_view2"}
+    # the SimCLR view at half the side: a quarter of the patches (and the class token)
+    assert base["multiview"]["image_view2"] < 0.3 * base["multiview"]["image"]
     assert base["multiview"]["objects"] == base["multiview"]["caption"]  # --base-objects-len defaults to 64
     tiny = res["flops"]["tiny"]
     assert tiny["multiview"]["objects"] < tiny["multiview"]["caption"]  # 23-token tags against 32-token captions
