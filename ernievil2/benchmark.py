@@ -212,6 +212,17 @@ def clip_benchmark_metrics(task: str, record: dict, recall_k: Sequence[int] = DE
     return out
 
 
+def result_document(record: dict, model: str, pretrained: str, language: str = "en", dataset: str | None = None,
+                    recall_k: Sequence[int] = DEFAULT_RECALL_K) -> dict | None:
+    """clip_benchmark's result JSON (``{dataset, model, pretrained, task, metrics, language}``) of one
+    evaluator record; None for a record of no clip_benchmark task (the 1:1 ``official`` protocol)."""
+    task = {"zeroshot": CLASSIFICATION, "multi": RETRIEVAL}.get(record.get("protocol"))
+    if task is None:
+        return None
+    return {"dataset": dataset or record["dataset"], "model": model, "pretrained": pretrained, "task": task,
+            "metrics": clip_benchmark_metrics(task, record, recall_k), "language": language}
+
+
 def output_path(template: str, bset: BenchmarkSet, model: str, pretrained: str) -> Path:
     """``--output`` with its placeholders filled: ``{dataset}`` (the set's slug), ``{model}``,
     ``{pretrained}`` (the checkpoint's base name), ``{task}``, ``{language}``."""
@@ -293,9 +304,9 @@ def run_benchmark(opts: BenchmarkOptions, sets: Sequence[BenchmarkSet] | None = 
             log.info("skip %s: %s exists", bset.dataset, out)
             continue
         log.info("running %s on %s (%s) with %s", bset.task, bset.dataset, bset.language, opts.ckpt)
-        metrics = clip_benchmark_metrics(bset.task, evaluate_set(bset, loaded.model, tokenizer, opts), opts.recall_k)
-        dump = {"dataset": bset.dataset, "model": model_name, "pretrained": opts.ckpt, "task": bset.task,
-                "metrics": metrics, "language": bset.language}
+        dump = result_document(evaluate_set(bset, loaded.model, tokenizer, opts), model_name, opts.ckpt,
+                               bset.language, bset.dataset, opts.recall_k)
+        metrics = dump["metrics"]
         with atomic_write(out) as f:
             json.dump(dump, f)
         log.info("%s: %s -> %s", bset.dataset, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), out)

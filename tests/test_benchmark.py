@@ -319,6 +319,10 @@ def test_readme_mode_eval_command_gives_the_same_records(sets, ckpt, tmp_path):
     for name, task in (("imagenet1k", "zeroshot_classification"), ("flickr30k", "zeroshot_retrieval")):
         got = clip_benchmark_metrics(task, records[f"wds/{name}"], (1, 5, 10))
         assert got == pytest.approx(want[name], abs=1e-9), name
+        # mode=eval also writes clip_benchmark's result JSON, one per set
+        doc = json.loads((results.parent / "clip_benchmark" / f"wds-{name}_{task}.json").read_text(encoding="utf-8"))
+        assert set(doc) == RESULT_KEYS and (doc["dataset"], doc["task"], doc["language"]) == (f"wds/{name}", task, "en")
+        assert doc["metrics"] == pytest.approx(want[name], abs=1e-9), name
 
 
 def test_user_errors_are_one_line(sets, tmp_path):

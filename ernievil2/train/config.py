@@ -113,6 +113,7 @@ class EvalSetSchema:
     max_images: Optional[int] = None  # keep only the first N images (file order)
     recall_k: list[int] = field(default_factory=lambda: [1, 5, 10])  # R@1/5/10 always, plus any other K here
     skip_bad_samples: bool = False  # count, log and skip malformed samples / undecodable images (else: an error)
+    language: str = "en"  # the captions' language (recorded in mode=eval's clip_benchmark result JSON)
 
 
 @dataclass

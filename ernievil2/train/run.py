@@ -23,6 +23,7 @@ import paddle
 from omegaconf import DictConfig, OmegaConf
 
 from ernievil2.atomic import atomic_write
+from ernievil2.benchmark import DEFAULT_RECALL_K, model_label, result_document
 from ernievil2.data.demo import DemoDataSpec, demo_folder, ensure_demo_data
 from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.loader import build_train_data
@@ -246,4 +247,19 @@ def run_evaluation(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
         with atomic_write(run_dir / "eval_results.json") as f:
             f.write(json.dumps(out, indent=2, ensure_ascii=False))
         log.info("evaluation results written to %s", run_dir / "eval_results.json")
+        write_clip_benchmark_results(cfg, records, str(src.weights), model_label(model.cfg), run_dir / "clip_benchmark")
     return records
+
+
+def write_clip_benchmark_results(cfg: Config, records: list[dict], pretrained: str, model: str, folder: Path) -> None:
+    """One clip_benchmark result JSON per record of a clip_benchmark task, ``DATASET_TASK.json``
+    (``/`` in a set's name becomes ``-``), as ``launch/benchmark.py eval`` writes them."""
+    languages = {e.name: e.language for e in (*cfg.eval.datasets, *cfg.eval.classification)}
+    recall_k = {e.name: e.recall_k for e in cfg.eval.datasets}
+    for record in records:
+        doc = result_document(record, model, pretrained, languages.get(record["dataset"], "en"),
+                              recall_k=recall_k.get(record["dataset"], DEFAULT_RECALL_K))
+        if doc is None:
+            continue
+        with atomic_write(folder / f"{record['dataset'].replace('/', '-')}_{doc['task']}.json") as f:
+            f.write(json.dumps(doc))
