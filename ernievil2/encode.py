@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import paddle
+from tqdm.auto import tqdm
 
 from ernievil2.data import preprocess
 
@@ -53,11 +54,18 @@ def embed_pixels(model: Any, pixels: np.ndarray, batch_size: int = 256) -> np.nd
     return np.concatenate(out).astype(np.float32, copy=False) if out else _empty(model)
 
 
-def embed_crops(model: Any, crops: np.ndarray, batch_size: int = 256, profile: str = "official") -> np.ndarray:
+def _batches(n: int, batch_size: int, progress: str | None) -> Iterable[int]:
+    """Batch starts; with ``progress`` a bar of that name on an interactive terminal (tqdm's disable=None)."""
+    starts = range(0, n, batch_size)
+    return starts if progress is None else tqdm(starts, desc=progress, unit="batch", leave=False, disable=None)
+
+
+def embed_crops(model: Any, crops: np.ndarray, batch_size: int = 256, profile: str = "official",
+                progress: str | None = None) -> np.ndarray:
     """Embeddings of resized centre crops (uint8 ``[n, S, S, 3]``), normalised under ``profile``
-    one batch at a time."""
+    one batch at a time (``progress``: see :func:`embed_token_ids`)."""
     out = [embed_pixels(model, preprocess.normalize_batch(crops[i: i + batch_size], profile), batch_size)
-           for i in range(0, len(crops), batch_size)]
+           for i in _batches(len(crops), batch_size, progress)]
     return np.concatenate(out) if out else _empty(model)
 
 
@@ -70,12 +78,13 @@ def embed_image_files(model: Any, paths: Sequence[str | os.PathLike], profile: s
     return embed_pixels(model, np.stack(pixels), batch_size) if pixels else _empty(model)
 
 
-def embed_token_ids(model: Any, text_ids: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Embeddings of token ids ``[n, L]``; the columns that are padding in a whole batch are trimmed."""
+def embed_token_ids(model: Any, text_ids: np.ndarray, batch_size: int = 256, progress: str | None = None) -> np.ndarray:
+    """Embeddings of token ids ``[n, L]``; the columns that are padding in a whole batch are trimmed.
+    ``progress``: the name of a progress bar over the batches, shown on an interactive terminal."""
     pad = model.cfg.text.pad_id
     with eval_mode(model):
         out = [model.encode_text(paddle.to_tensor(trim_padding(text_ids[i: i + batch_size], pad))).numpy()
-               for i in range(0, len(text_ids), batch_size)]
+               for i in _batches(len(text_ids), batch_size, progress)]
     return np.concatenate(out).astype(np.float32, copy=False) if out else _empty(model)
 
 

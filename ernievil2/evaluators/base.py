@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ernievil2.data import preprocess
 from ernievil2.distributed import DistInfo, first_error, gather_lists
@@ -69,7 +70,9 @@ def decode_crops(items: Sequence[Any], start: int, stop: int, image_size: int, p
     crops: list[np.ndarray] = []
     bad: list[tuple[int, str, str]] = []
     error = None
-    for k in range(start, stop):
+    # a bar on an interactive terminal only (tqdm's disable=None), on the first rank
+    for k in tqdm(range(start, stop), desc="decode images", unit="img", leave=False,
+                  disable=None if info.is_main else True):
         item = items[k]
         try:
             image = preprocess.decode(item.load_image(), profile, item.key)

@@ -418,7 +418,8 @@ class ZeroShotEvaluator:
     def __call__(self, model: ErnieViL2, step: int) -> list[dict]:
         classes = class_embeddings(model, self.tokenizer, self.data.classnames, self.data.templates,
                                    self.text_max_length, self.batch_size)
-        images = gather_rows(embed_crops(model, self.data.images, self.batch_size, self.data.profile), self.info)
+        images = gather_rows(embed_crops(model, self.data.images, self.batch_size, self.data.profile,
+                                             "embed images" if self.info.is_main else None), self.info)
         scores = images @ classes.T
         acc = topk_accuracy(scores, self.data.labels)
         n_classes = len(self.data.classnames)
