@@ -115,7 +115,8 @@ def _kill_all(pids: list[int]) -> None:
 
 
 def _stop(procs: list[subprocess.Popen], extra: list[int] = ()) -> None:
-    """SIGKILL launchers (their own sessions), everything below them and ``extra``; reap."""
+    """SIGKILL the launchers (each leads its own process group), every process below them and
+    ``extra``; reap them."""
     pids = list(extra)
     for p in procs:
         pids += _descendants(p.pid)

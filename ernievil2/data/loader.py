@@ -223,7 +223,7 @@ class TrainStream(paddle.io.IterableDataset):
         perm = np.random.default_rng([self.seed, epoch, index]).permutation(len(src.shards))
         return [src.shards[i] for i in perm[gid::readers]]
 
-    def _rng(self, epoch: int, gid: int, purpose: int, salt: int, *extra: int) -> np.random.Generator:
+    def reader_rng(self, epoch: int, gid: int, purpose: int, salt: int, *extra: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, epoch, gid, purpose, salt, *extra])
 
     def raw_samples(self, epoch: int, gid: int, readers: int, salt: int = 0) -> int:
@@ -258,9 +258,9 @@ class TrainStream(paddle.io.IterableDataset):
     # ------------------------------------------------------------------ reading (in the reader)
     def _mix(self, streams: Sequence[Iterator[Any]], epoch: int, gid: int, salt: int) -> Iterator[Any]:
         return mix(streams, [s.weight for s in self.sources], [s.resampled for s in self.sources],
-                   self._rng(epoch, gid, 2, salt))
+                   self.reader_rng(epoch, gid, 2, salt))
 
-    def _items(self, epoch: int, gid: int, readers: int, salt: int, skips: SkipCounter) -> Iterator[Item]:
+    def raw_items(self, epoch: int, gid: int, readers: int, salt: int, skips: SkipCounter) -> Iterator[Item]:
         """One pass over this reader's raw samples, decoded (bad ones as their BadSample), mixed."""
 
         def damaged(url: str, exn: Exception) -> None:
@@ -273,13 +273,13 @@ class TrainStream(paddle.io.IterableDataset):
         streams: list[Iterator[Item]] = []
         for i, src in enumerate(self.sources):
             if src.resampled:
-                streams.append(draw_shards(list(src.shards), self._rng(epoch, gid, 1, salt, i), read,
+                streams.append(draw_shards(list(src.shards), self.reader_rng(epoch, gid, 1, salt, i), read,
                                            is_good=lambda item: isinstance(item[2], RawSample)))
             else:
                 streams.append(itertools.chain.from_iterable(map(read, self._exact_shards(i, epoch, gid, readers))))
         return self._mix(streams, epoch, gid, salt)
 
-    def _aux_rows(self) -> int | None:
+    def transform_aux_rows(self) -> int | None:
         """Leading rows of each batch that get the transform's auxiliary views (None: every row)."""
         return getattr(self.transform, "aux_rows", None)
 
@@ -343,7 +343,7 @@ class TrainStream(paddle.io.IterableDataset):
             descriptor = slots.put(worker, n, samples)
             batch = collate_arrays([{k: v for k, v in s.items() if k not in slots.layout} for s in samples])
         else:
-            aux_rows = self._aux_rows()
+            aux_rows = self.transform_aux_rows()
             rows = {} if aux_rows is None else {v: aux_rows for v in getattr(self.transform, "aux_views", ())}
             batch = self.finisher.finish_batch(collate_arrays(samples), rows)
             if slots is None:

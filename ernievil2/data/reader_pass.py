@@ -43,7 +43,7 @@ class ReaderPass:
         return out
 
     def _decoded(self) -> Iterator[tuple[str, RawSample]]:
-        for url, key, sample in self.stream._items(self.epoch, self.gid, self.readers, self.salt, self.skips):
+        for url, key, sample in self.stream.raw_items(self.epoch, self.gid, self.readers, self.salt, self.skips):
             if isinstance(sample, RawSample):
                 yield url, sample
             else:
@@ -54,9 +54,9 @@ class ReaderPass:
         stream = self.stream
         samples: Iterator[tuple[str, RawSample]] = self._decoded()
         if stream.shuffle_buffer > 1:
-            samples = buffer_shuffle(samples, stream.shuffle_buffer, stream._rng(self.epoch, self.gid, 3, self.salt))
+            samples = buffer_shuffle(samples, stream.shuffle_buffer, stream.reader_rng(self.epoch, self.gid, 3, self.salt))
         validate = getattr(stream.transform, "validate", None)
-        by_row = stream._aux_rows() is not None
+        by_row = stream.transform_aux_rows() is not None
         for url, sample in samples:
             try:
                 if self.checking and validate is not None:

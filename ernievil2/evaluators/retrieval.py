@@ -222,9 +222,8 @@ def embed(model: ErnieViL2, data: RetrievalSet, batch_size: int = 256,
                          f"rank {info.rank} of {info.world_size} embeds {ia}..{ib - 1}: prepare it with the same "
                          "DistInfo (items_to_set(..., info))")
     ta, tb = shard_range(len(data.text_ids), info)
-    bar = None if not info.is_main else "embed {}"
-    img = embed_crops(model, images, batch_size, data.profile, bar and bar.format("images"))
-    txt = embed_token_ids(model, data.text_ids[ta:tb], batch_size, bar and bar.format("texts"))
+    img = embed_crops(model, images, batch_size, data.profile, "embed images" if info.is_main else None)
+    txt = embed_token_ids(model, data.text_ids[ta:tb], batch_size, "embed texts" if info.is_main else None)
     return gather_rows(img, info), gather_rows(txt, info)
 
 
