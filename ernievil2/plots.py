@@ -6,7 +6,8 @@ scalar (``lr.png``, ``logit_scale.png``, ``grad_norm.png``, ``samples_per_s.png`
 ``bad_samples.png`` (the ``bad/<kind>`` counters, when logged) and one
 ``recall_<dataset>_<protocol>.png`` per retrieval set with every recall metric, and one
 ``zeroshot_<dataset>.png`` per zero-shot classification set (top-1, top-5, chance). A step logged twice
-(a run resumed from an earlier checkpoint) keeps its latest value.
+(a run resumed from an earlier checkpoint) keeps its latest value. :func:`score_histogram` draws the
+pair scores of a filtering run (``launch/filter.py select``) with its cut.
 """
 from __future__ import annotations
 
@@ -175,3 +176,18 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
             written.append(plot_group(f"retrieval on {dataset} ({protocol} protocol)", to_series(records),
                                       "recall (%)", out / _file_name("recall", dataset, protocol), styled=True))
     return written
+
+
+def score_histogram(scores: Sequence[float], cuts: dict[str, float], path: str | os.PathLike,
+                    title: str = "score") -> Path:
+    """Histogram of pair scores (``launch/filter.py select``) with a vertical line at each cut."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(list(scores), bins=60, color="tab:blue", alpha=0.8)
+    for name, cut in cuts.items():
+        if math.isfinite(cut):
+            ax.axvline(cut, color="tab:red", linestyle="--", label=f"cut {cut:.3f}" + ("" if name == "all" else f" ({name})"))
+    if any(math.isfinite(c) for c in cuts.values()):
+        ax.legend(fontsize="small")
+    ax.set(title=title, xlabel="cosine of caption and image", ylabel="pairs")
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(path))

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--language", help="caption language (default: zh for seed_tsv/chinese_clip, en for "
                                         "coco/karpathy, the samples' own for shards; jsonl: selects captions_LANG)")
     src.add_argument("--limit", type=int, help="read only the first N images of the input")
+    src.add_argument("--keep-keys", type=Path, help="pack only the samples whose key this file lists, one per "
+                                                    "line (launch/filter.py select writes it)")
     out = p.add_argument_group("output")
     out.add_argument("--output", required=True, type=Path, help="folder for the shards")
     out.add_argument("--overwrite", action="store_true", help="replace a previous pack in --output")
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from ernievil2.data.packers.pipeline import (  # paddle comes in here (see above)
         PackOptions,
         pack,
+        read_key_list,
     )
 
     try:
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             detections=None if args.detections is None else DetectionOptions(
                 file=args.detections, categories_file=args.det_categories, min_score=args.det_min_score,
                 max_count=args.det_max, translate_file=args.det_translate),
-            limit=args.limit, overwrite=args.overwrite, progress=False if args.no_progress else None)
+            limit=args.limit, overwrite=args.overwrite, progress=False if args.no_progress else None,
+            keep_keys=read_key_list(args.keep_keys) if args.keep_keys is not None else None)
         summary = pack(spec, args.output, options)
     except (PackError, ValueError) as exn:
         print(f"pack.py: error: {exn}", file=sys.stderr)

@@ -69,6 +69,7 @@ class PackOptions:
     overwrite: bool = False
     progress: bool | None = None
     batch_size: int = 16
+    keep_keys: frozenset[str] | None = None  # pack only these keys (``--keep-keys``: a filter's selection)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -96,6 +97,7 @@ class PackSummary:
     detector: dict[str, Any] = field(default_factory=dict)
     detections: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    keep_keys: dict[str, Any] = field(default_factory=dict)
     workers: int = 1
     seconds: float = 0.0
 
@@ -119,6 +121,7 @@ class PackSummary:
             "skipped_examples": dict(sorted(self.skipped_examples.items())),
             "resized": self.resized, "reencoded": self.reencoded, "with_objects": self.with_objects,
             "detector": self.detector, "detections": self.detections, "notes": self.notes,
+            "keep_keys": self.keep_keys,
             "workers": self.workers, "seconds": round(self.seconds, 3),
         }
 
@@ -130,6 +133,11 @@ class PackSummary:
         lines.append(f"skipped {self.skipped_total}" + (":" if self.skipped else ""))
         for reason, n in sorted(self.skipped.items()):
             lines.append(f"  {reason}: {n} (e.g. {self.skipped_examples[reason][0]})")
+        if self.keep_keys:
+            k = self.keep_keys
+            lines.append(f"--keep-keys: {k['listed']} key(s) listed, {k['left_out']} input sample(s) left out"
+                         + (f"; {k['not_found']} listed key(s) not in the input (e.g. {', '.join(k['not_found_examples'])})"
+                            if k["not_found"] else ""))
         if self.detector:
             lines.append(f"detector tags: {self.detector}")
         if self.detections:
@@ -161,12 +169,28 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
             (out_dir / name).unlink()
 
 
-def _accepted(records: Iterable[Record], summary: PackSummary, seen: set[str], bar: tqdm) -> Iterator[Item]:
-    """Items with a new key, each caption once; the reader's problems and duplicate keys are counted
-    (and ticked) here."""
+def read_key_list(path: str | os.PathLike) -> frozenset[str]:
+    """The keys of a ``--keep-keys`` file: one per line, blank lines ignored (:class:`PackError`
+    naming the file when it is missing or lists none)."""
+    try:
+        keys = frozenset(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as exn:
+        raise PackError(f"--keep-keys {path}: {exn}") from None
+    if not keys:
+        raise PackError(f"--keep-keys {path}: lists no keys")
+    return keys
+
+
+def _accepted(records: Iterable[Record], summary: PackSummary, seen: set[str], bar: tqdm,
+              keep: frozenset[str] | None = None) -> Iterator[Item]:
+    """Items with a new key (and, with ``keep``, a listed one), each caption once; the reader's
+    problems, duplicate keys and unlisted samples are counted (and ticked) here."""
     for record in records:
         if isinstance(record, Problem):
             summary.skip(record.reason, str(record))
+            bar.update(1)
+        elif keep is not None and record.key not in keep:
+            summary.keep_keys["left_out"] += 1
             bar.update(1)
         elif record.key in seen:
             summary.skip(DUPLICATE_KEY, f"{record.where} (key {record.key})")
@@ -262,7 +286,9 @@ def pack(spec: SourceSpec, output: str | os.PathLike, options: PackOptions = Pac
     matched = det_matched = 0
     bar = tqdm(total=total, unit="img", desc=f"pack {spec.format}", dynamic_ncols=True,
                disable=None if options.progress is None else not options.progress)
-    encoded = _encoded(_accepted(records, summary, seen, bar), options)
+    if options.keep_keys is not None:
+        summary.keep_keys = {"listed": len(options.keep_keys), "left_out": 0}
+    encoded = _encoded(_accepted(records, summary, seen, bar, options.keep_keys), options)
     try:
         # closing(): on an error the worker pool is stopped at once, not when the generator is collected
         with closing(encoded), ShardWriter(output, prefix=options.prefix, max_samples=options.samples_per_shard,
@@ -284,6 +310,9 @@ def pack(spec: SourceSpec, output: str | os.PathLike, options: PackOptions = Pac
     finally:
         bar.close()
     summary.shards = len(writer.shards)
+    if options.keep_keys is not None:
+        missing = sorted(options.keep_keys - seen)
+        summary.keep_keys.update(not_found=len(missing), not_found_examples=missing[:_EXAMPLES_PER_REASON])
     summary.notes = dict(source.notes)
     if detector is not None:
         summary.detector = {"file": str(options.objects_file), "keys": len(detector),
