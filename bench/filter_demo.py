@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -83,8 +84,12 @@ def main() -> None:
     sizes = {"n_train": 200, "n_val": 20, "samples_per_shard": 50} if args.quick else {}
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 2
-    schema = DemoSchema(mismatch=args.mismatch, **sizes)
-    demo = [f"data.demo.{k}={v}" for k, v in {"mismatch": args.mismatch, **sizes}.items()]
+    # The demo's web-like data as conf/data/demo.yaml describes it (detector tags), with --mismatch;
+    # data=shards starts from the schema's defaults, so every run names them.
+    knobs = {**OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "data" / "demo.yaml").demo),
+             "mismatch": args.mismatch, **sizes}
+    schema = DemoSchema(**knobs)
+    demo = [f"data.demo.{k}={v}" for k, v in knobs.items()]
     data = ensure_demo_data(schema.cache_dir, schema)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

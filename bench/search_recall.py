@@ -1,6 +1,7 @@
 """Search against the evaluator on the demo's held-out images, with a trained demo checkpoint.
 
     python bench/search_recall.py outputs/demo/RUN/checkpoints/step_0000600
+    python bench/search_recall.py CKPT --quick      # smoke run: 16 held-out images of a 64-scene demo
 
 Writes the 500 held-out images (``data.demo`` defaults) to a folder, indexes them with
 ``ernievil2.search``, queries every caption (top 5) and prints the share of captions whose image
@@ -25,13 +26,15 @@ def main() -> int:
     parser.add_argument("ckpt", help="a demo checkpoint folder (checkpoints/step_NNNNNNN)")
     parser.add_argument("--text-max-length", type=int, default=32, help="the demo's text length (default %(default)s)")
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench" / "search_recall.json"))
+    parser.add_argument("--quick", action="store_true", help="smoke run: 16 held-out images of a 64-scene demo")
     args = parser.parse_args()
 
     from ernievil2.data.demo import DemoDataSpec, ensure_demo_data
     from ernievil2.evaluators.retrieval import EvalSetSpec, RetrievalEvaluator, items_to_set, read_items
     from ernievil2.search import build_index, load_encoder
 
-    demo = ensure_demo_data(Path("~/.cache/ernievil2/demo").expanduser(), DemoDataSpec())
+    spec = DemoDataSpec(n_train=64, n_val=16, samples_per_shard=32) if args.quick else DemoDataSpec()
+    demo = ensure_demo_data(Path("~/.cache/ernievil2/demo").expanduser(), spec)
     items = read_items(EvalSetSpec(name="demo_val", format="shards", path=str(demo.val_dir)))
     encoder = load_encoder(args.ckpt, device="cpu", text_max_length=args.text_max_length)
     with tempfile.TemporaryDirectory() as tmp:

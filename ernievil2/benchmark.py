@@ -208,7 +208,8 @@ def clip_benchmark_metrics(task: str, record: dict, recall_k: Sequence[int] = DE
     out = {}
     for k in recall_k:
         out[f"image_retrieval_recall@{k}"] = record[f"t2i_r{k}"] / 100.0
-        out[f"text_retrieval_recall@{k}"] = record[f"i2t_r{k}"] / 100.0
+        if f"i2t_r{k}" in record:  # absent from a text→image-only record (directions: t2i)
+            out[f"text_retrieval_recall@{k}"] = record[f"i2t_r{k}"] / 100.0
     return out
 
 

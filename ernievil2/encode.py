@@ -5,7 +5,8 @@ benchmarks embed through these functions, so the same image or text gives the sa
 everywhere. Images enter as preprocessed pixels (float32 ``[B, 3, S, S]``, what
 :func:`ernievil2.data.preprocess.preprocess` makes of one image), as resized crops (uint8
 ``[n, S, S, 3]``, normalised batch by batch: a quarter of float32's memory for held evaluation
-sets) or as encoded files; texts as strings (tokenized here) or token ids. The model runs in eval
+sets; or an iterable of such batches, decoded as they are embedded, for streamed ones) or as
+encoded files; texts as strings (tokenized here) or token ids. The model runs in eval
 mode and without gradient; its mode is restored after.
 """
 from __future__ import annotations
@@ -60,13 +61,22 @@ def _batches(n: int, batch_size: int, progress: str | None) -> Iterable[int]:
     return starts if progress is None else tqdm(starts, desc=progress, unit="batch", leave=False, disable=None)
 
 
+def embed_crop_batches(model: Any, batches: Iterable[np.ndarray], batch_size: int = 256,
+                       profile: str = "official") -> np.ndarray:
+    """Embeddings of resized centre crops that come batch by batch (each uint8 ``[b, S, S, 3]``,
+    normalised under ``profile``), in order: a batch can be dropped once embedded, so crops decoded
+    as they are consumed (a streamed evaluation set) never need to be held together. Batches of at
+    most ``batch_size`` crops give the vectors :func:`embed_crops` gives for the same batches."""
+    out = [embed_pixels(model, preprocess.normalize_batch(batch, profile), batch_size) for batch in batches]
+    return np.concatenate(out) if out else _empty(model)
+
+
 def embed_crops(model: Any, crops: np.ndarray, batch_size: int = 256, profile: str = "official",
                 progress: str | None = None) -> np.ndarray:
     """Embeddings of resized centre crops (uint8 ``[n, S, S, 3]``), normalised under ``profile``
-    one batch at a time (``progress``: see :func:`embed_token_ids`)."""
-    out = [embed_pixels(model, preprocess.normalize_batch(crops[i: i + batch_size], profile), batch_size)
-           for i in _batches(len(crops), batch_size, progress)]
-    return np.concatenate(out) if out else _empty(model)
+    one batch at a time (:func:`embed_crop_batches`; ``progress``: see :func:`embed_token_ids`)."""
+    batches = (crops[i: i + batch_size] for i in _batches(len(crops), batch_size, progress))
+    return embed_crop_batches(model, batches, batch_size, profile)
 
 
 def embed_image_files(model: Any, paths: Sequence[str | os.PathLike], profile: str = "official",

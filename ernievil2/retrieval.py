@@ -82,6 +82,8 @@ def multi_caption_recall(
     text_image: np.ndarray,
     chunk: int = 2048,
     ks: Sequence[int] = KS,
+    extra_pairs: np.ndarray | None = None,
+    distractors: bool = False,
 ) -> dict[str, float]:
     """Multi-caption protocol: ``text_image[j]`` is the index of text ``j``'s image.
 
@@ -91,28 +93,52 @@ def multi_caption_recall(
     query; ``text_retrieval_recall@K``: image→text, any caption in the top K), except for exact
     ties, which count for the ground truth here (strict ``>``) and in ``torch.topk``'s order there.
     Recall at every ``k`` of ``ks`` (:func:`_table`: the means are over R@1/5/10).
+
+    ``extra_pairs`` (int ``[P, 2]``): further ``(text, image)`` ground truths, for texts that
+    caption several images (Chinese-CLIP's ``image_ids`` lists): text→image then ranks the text's
+    best-scoring image (a hit when any of its images is in the top K, as Chinese-CLIP's
+    ``evaluation.py`` counts), and the text is a caption of each of its images for image→text.
+
+    ``distractors``: images that no text names are allowed (else a ``ValueError``): they are in the
+    pool every text is ranked against (text→image, as Chinese-CLIP ranks every image of its
+    ``imgs.tsv``), but are no image→text queries, whose recall is over the images with a text.
     """
     image_emb, text_emb = _as_f32(image_emb), _as_f32(text_emb)
     text_image = np.asarray(text_image, dtype=np.int64)
+    extra = np.empty((0, 2), dtype=np.int64) if extra_pairs is None else np.asarray(extra_pairs, dtype=np.int64)
     n_img = len(image_emb)
     if len(text_image) != len(text_emb):
         raise ValueError(f"text_image has {len(text_image)} entries for {len(text_emb)} texts")
-    if len(text_image) and (text_image.min() < 0 or text_image.max() >= n_img):
+    if extra.ndim != 2 or extra.shape[1] != 2 or (len(extra) and (extra[:, 0].min() < 0
+                                                                  or extra[:, 0].max() >= len(text_emb))):
+        raise ValueError(f"extra_pairs must be (text, image) rows with texts in [0, {len(text_emb)})")
+    every_image = np.concatenate([text_image, extra[:, 1]])
+    if len(every_image) and (every_image.min() < 0 or every_image.max() >= n_img):
         raise ValueError(f"text_image holds indices outside [0, {n_img})")
-    captionless = np.setdiff1d(np.arange(n_img), text_image)
-    if len(captionless):
+    listed = np.unique(every_image)
+    if len(listed) < n_img and not distractors:
+        captionless = np.setdiff1d(np.arange(n_img), listed)
         raise ValueError(f"{len(captionless)} image(s) have no caption, e.g. index {int(captionless[0])}")
+    if not len(listed):
+        raise ValueError("no text: nothing to rank")
 
     t2i_ranks = np.empty(len(text_emb), dtype=np.int64)
     for a, b in _chunks(len(text_emb), chunk):
         scores = text_emb[a:b] @ image_emb.T
         gt = scores[np.arange(b - a), text_image[a:b]]
+        more = extra[(extra[:, 0] >= a) & (extra[:, 0] < b)]
+        if len(more):  # a text's best image: its other images score no higher, and ties do not count
+            np.maximum.at(gt, more[:, 0] - a, scores[more[:, 0] - a, more[:, 1]])
         t2i_ranks[a:b] = (scores > gt[:, None]).sum(axis=1)
 
-    i2t_ranks = np.empty(n_img, dtype=np.int64)
-    for a, b in _chunks(n_img, chunk):
-        scores = image_emb[a:b] @ text_emb.T  # [n, Nt]
-        own = text_image[None, :] == np.arange(a, b)[:, None]
+    i2t_ranks = np.empty(len(listed), dtype=np.int64)  # the queries: the images with a text
+    for a, b in _chunks(len(listed), chunk):
+        queries = listed[a:b]
+        # every image a query (no distractor): the rows as a slice, the very product as before
+        scores = (image_emb[a:b] if len(listed) == n_img else image_emb[queries]) @ text_emb.T  # [n, Nt]
+        own = text_image[None, :] == queries[:, None]
+        more = extra[np.isin(extra[:, 1], queries)]
+        own[np.searchsorted(queries, more[:, 1]), more[:, 0]] = True
         best_gt = np.where(own, scores, -np.inf).max(axis=1)
         i2t_ranks[a:b] = ((scores > best_gt[:, None]) & ~own).sum(axis=1)
     return _table(recall_at(i2t_ranks, ks), recall_at(t2i_ranks, ks))
@@ -147,13 +173,15 @@ def _table(i2t: dict[int, float], t2i: dict[int, float]) -> dict[str, float]:
 
 
 def format_table(metrics: dict[str, float], title: str = "") -> str:
-    """A console table: rows Image2Text / Text2Image / MeanRecall, columns R@1 R@5 R@10 mean."""
+    """A console table: rows Image2Text / Text2Image / MeanRecall, columns R@1 R@5 R@10 mean (a
+    text→image-only record: rows Text2Image / MeanRecall)."""
     lines = [title] if title else []
     lines.append(f"{'':<12}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean':>8}")
-    for name, p in (("Image2Text", "i2t"), ("Text2Image", "t2i")):
+    directions = [(name, p) for name, p in (("Image2Text", "i2t"), ("Text2Image", "t2i")) if f"{p}_mean" in metrics]
+    for name, p in directions:
         vals = [metrics[f"{p}_r{k}"] for k in KS] + [metrics[f"{p}_mean"]]
         lines.append(f"{name:<12}" + "".join(f"{v:>8.2f}" for v in vals))
-    avg = [(metrics[f"i2t_r{k}"] + metrics[f"t2i_r{k}"]) / 2 for k in KS] + [metrics["mean_recall"]]
+    avg = [float(np.mean([metrics[f"{p}_r{k}"] for _, p in directions])) for k in KS] + [metrics["mean_recall"]]
     lines.append(f"{'MeanRecall':<12}" + "".join(f"{v:>8.2f}" for v in avg))
     return "\n".join(lines)
 

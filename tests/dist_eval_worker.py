@@ -5,8 +5,10 @@
 ``WORK_DIR`` holds ``model.pdparams`` (a tiny model's weights), ``vocab.txt`` and ``sets.json`` (a
 list of ``EvalSetSchema`` fields), written by the test. Every rank builds the evaluators with
 :func:`ernievil2.evaluators.build_evaluators`, runs them (each rank embeds its slice, the slices are
-gathered) and writes its records to ``WORK_DIR/records_rank{R}.json``. The test runs
-:func:`evaluate_sets` in its own single process and compares.
+gathered) and writes its records to ``WORK_DIR/records_rank{R}.json``, and those of the same sets
+streamed (``eval.hold_images_mb=0``: decoded batch by batch at every evaluation) to
+``WORK_DIR/records_stream_rank{R}.json``. The test runs :func:`evaluate_sets` in its own single
+process and compares.
 """
 from __future__ import annotations
 
@@ -39,13 +41,13 @@ def tiny_model(vocab_size: int):
     return build_model(cfg)
 
 
-def evaluate_sets(work: Path, info: DistInfo) -> list[dict]:
+def evaluate_sets(work: Path, info: DistInfo, hold_images_mb: int = 512) -> list[dict]:
     """Every record of the evaluation sets in ``work/sets.json`` for the model in ``work``."""
     tokenizer = WordPieceTokenizer(work / "vocab.txt", max_length=MAX_LEN)
     model = tiny_model(tokenizer.vocab_size)
     model.set_state_dict(paddle.load(str(work / "model.pdparams")))
     sets = [EvalSetSchema(**entry) for entry in json.loads((work / "sets.json").read_text(encoding="utf-8"))]
-    eval_cfg = OmegaConf.structured(EvalSchema(batch_size=BATCH_SIZE, datasets=sets))
+    eval_cfg = OmegaConf.structured(EvalSchema(batch_size=BATCH_SIZE, datasets=sets, hold_images_mb=hold_images_mb))
     evaluators = build_evaluators(eval_cfg, EvalContext(IMAGE_SIZE, tokenizer, MAX_LEN, info))
     return [record for evaluator in evaluators for record in evaluator(model, STEP)]
 
@@ -77,6 +79,8 @@ def main() -> None:
     info = init_distributed()
     records = evaluate_sets(work, info)
     (work / f"records_rank{info.rank}.json").write_text(json.dumps(records), encoding="utf-8")
+    streamed = evaluate_sets(work, info, hold_images_mb=0)
+    (work / f"records_stream_rank{info.rank}.json").write_text(json.dumps(streamed), encoding="utf-8")
     (work / f"held_rank{info.rank}.json").write_text(json.dumps(held_images(work, info)), encoding="utf-8")
     if (work / "bad_set.json").exists():
         (work / f"bad_rank{info.rank}.txt").write_text(bad_set_error(work, info), encoding="utf-8")

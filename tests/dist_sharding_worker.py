@@ -1,7 +1,8 @@
 """Worker of tests/test_distributed.py's sharding test: a few optimizer steps of the trainer with
-``trainer.sharding_stage`` 0 (data parallel) or 1 (optimizer state sharded over the ranks).
+``trainer.sharding_stage`` 0 (data parallel) or 1 (optimizer state sharded over the ranks), with
+``trainer.recompute`` when a third argument ``recompute`` is given.
 
-    python -m paddle.distributed.launch --nproc_per_node 2 tests/dist_sharding_worker.py OUT_DIR STAGE
+    python -m paddle.distributed.launch --nproc_per_node 2 tests/dist_sharding_worker.py OUT_DIR STAGE [recompute]
 
 Writes ``OUT_DIR/rank{R}.npz``: the parameters after the steps (``param/<name>``) and the number of
 parameters whose Adam moments this rank holds (``moments``).
@@ -30,7 +31,7 @@ STEPS = 3
 # due would show, which it would not with the usual eps (Adam is nearly scale-invariant).
 
 
-def main(out_dir: str, stage: int) -> None:
+def main(out_dir: str, stage: int, recompute: bool = False) -> None:
     paddle.set_device("cpu")
     paddle.set_default_dtype("float64")
     info = init_distributed()
@@ -38,7 +39,7 @@ def main(out_dir: str, stage: int) -> None:
     optimizer, scheduler = build_optimizer(model, OptimSchema(lr=1e-2, warmup_steps=0, eps=1.0, grad_clip=0.0), STEPS)
     loss = MultiViewLoss(LossConfig(), DistributedExchange(info))
     trainer = Trainer(model, loss, optimizer, scheduler, None, [], None, "unused",
-                      TrainerSchema(max_steps=STEPS, sharding_stage=stage), dist=info)
+                      TrainerSchema(max_steps=STEPS, sharding_stage=stage, recompute=recompute), dist=info)
     for step in range(STEPS):
         batch = dist_worker.make_batch("a" if step % 2 == 0 else "b")
         trainer.train_step(dist_worker.shard(batch, info.rank, info.world_size))
@@ -53,4 +54,4 @@ def main(out_dir: str, stage: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["recompute"])

@@ -307,7 +307,7 @@ def test_readme_benchmark_command_matches_numpy(sets, ckpt, tmp_path):
 def test_readme_mode_eval_command_gives_the_same_records(sets, ckpt, tmp_path):
     """``mode=eval eval=clip_benchmark`` runs the evaluators the benchmark command runs: same numbers."""
     root, good_cls, good_ret = sets
-    [line] = [c for c in _readme_commands() if "launch/train.py" in c]
+    [line] = [c for c in _readme_commands() if "launch/train.py" in c and "eval=clip_benchmark" in c]
     words = shlex.split(line)
     assert words[0] == "CLIP_BENCHMARK_ROOT=/data/clip_benchmark" and words[1:3] == ["python", "launch/train.py"]
     args = [str(REPO / "launch" / "train.py")] + [w.replace("outputs/demo/RUN", str(ckpt)) for w in words[3:]]

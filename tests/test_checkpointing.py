@@ -319,6 +319,21 @@ def test_non_json_state_fails_before_anything_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_without_optimizer_state_the_rest_round_trips(tmp_path):
+    """Sharded optimizer state (trainer.sharding_stage >= 1): rank 0 saves no optimizer file; a
+    resume restores the weights and the schedule, and asking for the moments names what is missing."""
+    model, optimizer, scheduler = build()
+    train_steps(model, optimizer, scheduler, 2)
+    ckpt = save_training_checkpoint(tmp_path / "ckpt", model=model, optimizer=None, scheduler=scheduler, state=STATE)
+    assert not (ckpt / OPTIMIZER_STATE).exists()
+    resumed, optimizer2, scheduler2 = build()
+    assert load_training_checkpoint(ckpt, model=resumed, scheduler=scheduler2).step == STATE.step
+    assert all(np.array_equal(v, snapshot(resumed)[k]) for k, v in snapshot(model).items())
+    assert scheduler2.last_epoch == scheduler.last_epoch
+    with pytest.raises(FileNotFoundError, match="no optimizer.safetensors"):
+        load_training_checkpoint(ckpt, model=resumed, optimizer=optimizer2, scheduler=scheduler2)
+
+
 def test_weights_only_folder_is_refused_with_a_hint(tmp_path):
     from ernievil2.weights.save import save_checkpoint
 

@@ -333,22 +333,24 @@ def test_prepare_ranks_leaves_one_process_alone():
 def test_sharded_optimizer_state_trains_like_data_parallel(tmp_path):
     """trainer.sharding_stage=1 (fleet's sharded optimizer) on 2 ranks: each rank holds the Adam
     moments of part of the parameters only, and after 3 steps the parameters equal plain data
-    parallel's (float64) and are identical on both ranks."""
+    parallel's (float64) and are identical on both ranks. So do data parallel's with
+    trainer.recompute (its gradients averaged after backward, not by data parallel's hooks)."""
     results = {}
-    for stage in (0, 1):
-        base = tmp_path / f"stage{stage}"
-        _launch(REPO_ROOT / "tests" / "dist_sharding_worker.py", [str(base / "out"), str(stage)], base / "log", cwd=tmp_path)
-        results[stage] = [dict(np.load(base / "out" / f"rank{r}.npz")) for r in (0, 1)]
+    for setting, args in (("dp", ["0"]), ("sharded", ["1"]), ("recompute", ["0", "recompute"])):
+        base = tmp_path / setting
+        _launch(REPO_ROOT / "tests" / "dist_sharding_worker.py", [str(base / "out"), *args], base / "log", cwd=tmp_path)
+        results[setting] = [dict(np.load(base / "out" / f"rank{r}.npz")) for r in (0, 1)]
     n_params = len(list(dist_worker.make_model().parameters()))
-    dp, sharded = results[0], results[1]
+    dp, sharded, recompute = results["dp"], results["sharded"], results["recompute"]
     assert [int(r["moments"]) for r in dp] == [n_params, n_params]
     held = [int(r["moments"]) for r in sharded]
     assert sum(held) == n_params and all(0 < h < n_params for h in held), held
     names = [k for k in dp[0] if k.startswith("param/")]
     assert len(names) == n_params
     for name in names:
-        np.testing.assert_array_equal(sharded[0][name], sharded[1][name], err_msg=name)
-        np.testing.assert_allclose(sharded[0][name], dp[0][name], rtol=1e-6, atol=1e-9, err_msg=name)
+        for run in (sharded, recompute):
+            np.testing.assert_array_equal(run[0][name], run[1][name], err_msg=name)
+            np.testing.assert_allclose(run[0][name], dp[0][name], rtol=1e-6, atol=1e-9, err_msg=name)
 
 
 @pytest.mark.slow

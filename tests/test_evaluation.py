@@ -81,6 +81,19 @@ def _write_seed_tsv(path: Path) -> Path:
     return path
 
 
+def _write_chinese_clip(root: Path) -> Path:
+    """Chinese-CLIP's layout (``test_imgs.tsv`` + ``test_texts.jsonl``), 7 images; no text lists
+    images 1, 4 and 6 (text->image distractors, in both ranks' shares of two)."""
+    root.mkdir(parents=True)
+    (root / "test_imgs.tsv").write_text(
+        "".join(f"{50 + k}\t{base64.b64encode(_jpeg(40 + k)).decode()}\n" for k in range(7)), encoding="utf-8")
+    texts = [[50], [52, 53], [55], [50], [53]]
+    (root / "test_texts.jsonl").write_text("".join(
+        json.dumps({"text_id": t, "text": c, "image_ids": ids}) + "\n" for t, (c, ids) in enumerate(zip(_captions(3, 5), texts))),
+        encoding="utf-8")
+    return root
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> WordPieceTokenizer:
     vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
@@ -196,6 +209,7 @@ def test_first_caption_per_image():
     assert first_caption_per_image(np.array([0, 1, 0, 2, 1, 0]), 3).tolist() == [0, 1, 3]
     with pytest.raises(ValueError, match="1 image"):
         first_caption_per_image(np.array([0, 0, 2]), 3)
+    assert first_caption_per_image(np.array([0, 0, 2]), 4, distractors=True).tolist() == [0, -1, 2, -1]
 
 
 def test_protocol_both_gives_multi_and_official_records(tmp_path, tokenizer):
@@ -240,6 +254,7 @@ def test_two_ranks_give_the_same_records_as_one_process(tmp_path, tokenizer):
     seed = _write_seed_tsv(tmp_path / "test.tsv")
     bad = _write_jsonl(tmp_path / "bad")
     (tmp_path / "bad" / "images" / "im4.jpg").write_bytes(b"not an image")  # line 5: rank 1's share
+    cn = _write_chinese_clip(tmp_path / "cn")
     bad0 = _write_jsonl(tmp_path / "bad0")
     (tmp_path / "bad0" / "images" / "im1.jpg").write_bytes(b"not an image")  # line 2: rank 0's share
     sets = [
@@ -251,13 +266,16 @@ def test_two_ranks_give_the_same_records_as_one_process(tmp_path, tokenizer):
         # ... and rank 0 one less: the ranks' shares are no longer shard_range's of the 4 images left
         {"name": "k0", "format": "jsonl", "path": str(bad0), "caption_key": "captions_en", "protocol": "multi",
          "skip_bad_samples": True},
+        # images no text lists: in the text->image pool, no image->text queries, on either rank
+        {"name": "cn", "format": "chinese_clip", "path": str(cn), "split": "test", "protocol": "both"},
     ]
     (work / "sets.json").write_text(json.dumps(sets), encoding="utf-8")
     (work / "bad_set.json").write_text(json.dumps({"name": "bad", "format": "jsonl", "path": str(bad),
                                                    "caption_key": "captions_en"}), encoding="utf-8")
     single = dist_eval_worker.evaluate_sets(work, DistInfo())
     assert [(r["dataset"], r["protocol"]) for r in single] == [("j", "multi"), ("j", "official"), ("s", "multi"),
-                                                               ("k", "multi"), ("k", "official"), ("k0", "multi")]
+                                                               ("k", "multi"), ("k", "official"), ("k0", "multi"),
+                                                               ("cn", "multi"), ("cn", "official")]
 
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
            str(tmp_path / "log"), str(REPO_ROOT / "tests" / "dist_eval_worker.py"), str(work)]
@@ -266,18 +284,20 @@ def test_two_ranks_give_the_same_records_as_one_process(tmp_path, tokenizer):
         logs = "".join(f"\n==== {p.name}\n{p.read_text(errors='replace')[-3000:]}"
                        for p in sorted((tmp_path / "log").glob("workerlog.*")))
         pytest.fail(f"launcher exited {proc.returncode}\n{proc.stderr[-3000:]}{logs}")
-    for rank in (0, 1):
-        records = json.loads((work / f"records_rank{rank}.json").read_text(encoding="utf-8"))
+    # held (the sets fit the default budget) and streamed (eval.hold_images_mb=0: decoded batch by batch)
+    for rank, mode in ((0, ""), (1, ""), (0, "stream_"), (1, "stream_")):
+        records = json.loads((work / f"records_{mode}rank{rank}.json").read_text(encoding="utf-8"))
         assert len(records) == len(single)
         for got, want in zip(records, single):
             assert {k: v for k, v in got.items() if isinstance(v, str)} == {k: v for k, v in want.items() if isinstance(v, str)}
             for key, value in want.items():
                 if not isinstance(value, str):
-                    assert got[key] == pytest.approx(value, abs=1e-6), (rank, want["dataset"], want["protocol"], key)
+                    assert got[key] == pytest.approx(value, abs=1e-6), (rank, mode, want["dataset"], want["protocol"], key)
     # each rank decoded only its share of the images (5 = 2 + 3, 3 = 1 + 2; 4 = 2 + (3 - 1 skipped),
-    # 4 = (2 - 1 skipped) + 3)
+    # 4 = (2 - 1 skipped) + 3; 7 = 3 + 4, the distractors included)
     held = [json.loads((work / f"held_rank{rank}.json").read_text(encoding="utf-8")) for rank in (0, 1)]
-    assert held == [[[0, 2, 5], [0, 1, 3], [0, 2, 4], [0, 1, 4]], [[2, 3, 5], [1, 2, 3], [2, 2, 4], [1, 3, 4]]]
+    assert held == [[[0, 2, 5], [0, 1, 3], [0, 2, 4], [0, 1, 4], [0, 3, 7]],
+                    [[2, 3, 5], [1, 2, 3], [2, 2, 4], [1, 3, 4], [3, 4, 7]]]
     # an undecodable image in rank 1's share stops both ranks, naming it
     errors = [(work / f"bad_rank{rank}.txt").read_text(encoding="utf-8") for rank in (0, 1)]
     assert errors[0] == errors[1] and f"{bad}:5: " in errors[0], errors

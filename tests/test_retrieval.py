@@ -47,6 +47,41 @@ def test_multi_caption_matches_brute_force_with_small_chunks():
     assert m["mean_recall"] == pytest.approx(np.mean([m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]))
 
 
+@pytest.mark.parametrize("chunk", [2, 5, 2048])
+def test_images_no_text_names_are_text_to_image_distractors(chunk):
+    """Images without a text are candidates of every text query and no image query; exact ties (half-
+    integer vectors, a distractor equal to a ground truth) still count for the ground truth."""
+    rng = np.random.default_rng(7)
+    img = rng.integers(-1, 2, (11, 6)).astype(np.float32) / 2
+    img[9] = img[0]  # distractor 9 ties with image 0 for every text
+    owner = np.array([0, 0, 2, 4, 4, 4, 7, 8])  # images 1, 3, 5, 6, 9, 10 are no text's first image
+    extra = np.array([[2, 3], [6, 0]])  # text 2 also names image 3 (1, 5, 6, 9, 10: no text), text 6 image 0
+    txt = rng.integers(-1, 2, (len(owner), 6)).astype(np.float32) / 2
+    with pytest.raises(ValueError, match="5 image\\(s\\) have no caption"):
+        multi_caption_recall(img, txt, owner, extra_pairs=extra)
+    m = multi_caption_recall(img, txt, owner, chunk=chunk, extra_pairs=extra, distractors=True)
+    s = txt @ img.T
+    truth = [{int(owner[t])} | {int(i) for tt, i in extra if tt == t} for t in range(len(txt))]
+    t2i = [int((s[t] > max(s[t, i] for i in truth[t])).sum()) for t in range(len(txt))]  # all 11 images
+    queries = [i for i in range(len(img)) if any(i in g for g in truth)]  # 0, 2, 3, 4, 7, 8
+    own = {i: [t for t in range(len(txt)) if i in truth[t]] for i in queries}
+    i2t = [int(sum(s[t, i] > max(s[o, i] for o in own[i]) for t in range(len(txt)) if t not in own[i]))
+           for i in queries]
+    for k in (1, 5, 10):
+        assert m[f"t2i_r{k}"] == pytest.approx(100 * np.mean(np.array(t2i) < k))
+        assert m[f"i2t_r{k}"] == pytest.approx(100 * np.mean(np.array(i2t) < k))
+    assert len(queries) == 6 and sum(s[t, 9] == s[t, 0] for t in range(len(txt))) == len(txt)
+    # the distractors only make text->image harder; image->text is unchanged
+    keep = np.array(queries)
+    remap = {int(i): n for n, i in enumerate(keep)}
+    plain = multi_caption_recall(img[keep], txt, np.array([remap[int(i)] for i in owner]), chunk=chunk,
+                                 extra_pairs=np.array([[t, remap[int(i)]] for t, i in extra]))
+    assert all(plain[f"t2i_r{k}"] >= m[f"t2i_r{k}"] for k in (1, 5, 10))
+    assert {k: v for k, v in plain.items() if k.startswith("i2t")} == {k: v for k, v in m.items() if k.startswith("i2t")}
+    with pytest.raises(ValueError, match="no text"):
+        multi_caption_recall(img, txt[:0], owner[:0], distractors=True)
+
+
 def test_perfect_embeddings_score_100_and_ties_favour_ground_truth():
     img = np.eye(4, dtype=np.float32)
     txt = np.repeat(img, 2, axis=0)

@@ -13,10 +13,11 @@ import pytest
 
 from ernievil2.data import shard_reader
 from ernievil2.data.loader_workers import collate_arrays, loader_worker
-from ernievil2.data.sample import RawSample
+from ernievil2.data.sample import SKIP_KINDS, BadSample, RawSample
 from ernievil2.data.shard_codec import decode_sample
-from ernievil2.data.shard_reader import SkipCounter, iter_samples, list_shards, read_sizes
+from ernievil2.data.shard_reader import iter_samples, list_shards, read_sizes
 from ernievil2.data.shard_writer import ShardWriter
+from ernievil2.data.skips import SkipCounter
 from ernievil2.distributed import DistInfo, dist_info
 
 N = 25
@@ -220,7 +221,42 @@ def test_corrupt_samples_and_damaged_shards_are_skipped_and_counted(tmp_path: Pa
     assert skips.by_kind() == {"bad_json": 1, "no_image": 1, "truncated_tar": 1}
     text = caplog.text
     assert "sample s00002 of shard" in text and "sample s00005 of shard" in text and "shard-000000.tar" in text
-    assert "skipping truncated_tar" in text and "shard-000001.tar" in text
+    assert "skipping truncated_tar: shard " in text and "shard-000001.tar" in text
+
+
+def test_one_skip_counter_for_training_and_evaluation(caplog):
+    """SKIP_KINDS in the loader's vector order, free-form evaluation reasons, a name prefix, quiet and muted."""
+    train = SkipCounter(max_logged=2)
+    with caplog.at_level("WARNING"):
+        for key in "abc":
+            train.add_error("s.tar", key, BadSample("corrupt_image", "broken"))
+        train.add_error("s.tar", "d", ValueError("plain"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "skipping corrupt_image: sample a of shard s.tar: broken", "skipping corrupt_image: sample b of shard s.tar: broken",
+        "further corrupt_image skips are only counted", "skipping other: sample d of shard s.tar: plain"]
+    vector = train.take()
+    assert vector.dtype == np.int64 and dict(zip(SKIP_KINDS, vector.tolist())) == {
+        k: {"corrupt_image": 3, "other": 1}.get(k, 0) for k in SKIP_KINDS}
+    train.muted = True
+    train.add_damage("t.tar", "cut")
+    assert not train.take().any() and train.by_kind() == {"corrupt_image": 3, "other": 1} and train.total == 4
+
+    caplog.clear()
+    evaluation = SkipCounter("evaluation set x")
+    with caplog.at_level("WARNING"):
+        evaluation.add("undecodable_image", "f.tsv:3", "not an image")
+        evaluation.add("no_captions", "f.tsv:4", "no text lists image id '7'")
+        evaluation.add("no_image", "s.tar: sample k", "no image")
+        evaluation.finish()
+        SkipCounter("evaluation set x", quiet=True).add("bad_record", "f.tsv:5", "columns")
+    assert [r.getMessage() for r in caplog.records] == [
+        "evaluation set x: skipping undecodable_image: f.tsv:3: not an image",
+        "evaluation set x: skipping no_captions: f.tsv:4: no text lists image id '7'",
+        "evaluation set x: skipping no_image: s.tar: sample k: no image",
+        "evaluation set x: skipped 3 malformed sample(s) (no_captions 1, no_image 1, undecodable_image 1)"]
+    assert evaluation.by_kind() == {"no_image": 1, "no_captions": 1, "undecodable_image": 1}
+    with pytest.raises(ValueError, match="not in SKIP_KINDS"):
+        evaluation.take()  # a free-form reason has no place in the loader's vector
 
 
 def test_collate_arrays():

@@ -22,7 +22,7 @@ DataLoader:
   (:func:`round_robin_skips` inverts it). ``W = 0`` is one reader.
 - That order is only predictable if every worker's batch count is known in advance, whatever the
   bad samples: in exact-epoch mode worker ``w`` yields exactly ``n_w = raw_w // batch_size``
-  batches, ``raw_w`` being the samples its shards hold (``sizes.json``, else counted once). A
+  batches, ``raw_w`` being the samples its shards hold (:mod:`ernievil2.data.epoch_sizes`). A
   worker that ends up short of good samples (bad samples, a truncated shard) tops its last
   batches up with the first good samples of its own stream again (logged); extra samples are
   dropped, as ``drop_last`` would.
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -52,11 +53,13 @@ import numpy as np
 import paddle
 
 from ernievil2.data.device_views import ViewFinisher
+from ernievil2.data.epoch_sizes import known_sizes
 from ernievil2.data.loader_workers import ExitWithParent, collate_arrays, iterate_loader, loader_worker, log_in_worker
 from ernievil2.data.reader_pass import ReaderPass
 from ernievil2.data.sample import SKIP_KINDS, RawSample
 from ernievil2.data.sampling import draw_shards, too_few_shards
-from ernievil2.data.shard_reader import SkipCounter, count_samples, list_shards, read_shard, shard_sizes
+from ernievil2.data.shard_reader import list_shards, read_shard
+from ernievil2.data.skips import SkipCounter
 from ernievil2.data.slots import SLOT_KEY, BatchSlots, SlotsClosed, slots_supported
 from ernievil2.distributed import dist_info
 
@@ -78,19 +81,27 @@ class StreamSource:
 
     ``resampled=False`` (exact epochs): every shard is read once per epoch, split over ranks and
     loader workers. ``True``: each reader draws shards with replacement, without end.
+    ``num_samples``: the source's sample count, for the shards that neither a ``sizes.json`` nor an
+    img2dataset ``_stats.json`` counts (:mod:`ernievil2.data.epoch_sizes`; exact sources only).
     """
 
     name: str
     shards: tuple[str, ...]
     weight: float = 1.0
     resampled: bool = False
+    num_samples: int | None = None
 
     @classmethod
-    def of(cls, name: str, shards: str | Sequence[str], weight: float = 1.0, resampled: bool = False) -> StreamSource:
+    def of(cls, name: str, shards: str | Sequence[str], weight: float = 1.0, resampled: bool = False,
+           num_samples: int | None = None) -> StreamSource:
         """A source from a shard specification (see :func:`ernievil2.data.shard_reader.list_shards`)."""
         if not weight > 0:
             raise ValueError(f"source {name!r}: weight must be > 0, got {weight}")
-        return cls(name, tuple(list_shards(shards)), float(weight), bool(resampled))
+        if num_samples is not None and (isinstance(num_samples, bool) or int(num_samples) != num_samples
+                                        or num_samples < 1):
+            raise ValueError(f"source {name!r}: num_samples must be a whole number >= 1 (or null), got {num_samples!r}")
+        return cls(name, tuple(list_shards(shards)), float(weight), bool(resampled),
+                   None if num_samples is None else int(num_samples))
 
 
 def round_robin_skips(counts: Sequence[int], skip: int) -> tuple[list[int], int]:
@@ -152,7 +163,8 @@ class TrainStream(paddle.io.IterableDataset):
 
     ``transform.validate(sample)`` (optional) must raise what ``transform`` would raise for a bad
     sample, without the work of making it; without it a resume runs ``transform`` on the samples
-    it skips.
+    it skips. ``sizes_cache``: where shard sizes counted by reading are cached (see
+    :func:`ernievil2.data.epoch_sizes.known_sizes`; None: not cached).
     """
 
     def __init__(
@@ -164,6 +176,7 @@ class TrainStream(paddle.io.IterableDataset):
         seed: int = 0,
         split_by_rank: bool = True,
         finisher: ViewFinisher | None = None,
+        sizes_cache: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         if not sources:
@@ -185,11 +198,9 @@ class TrainStream(paddle.io.IterableDataset):
         self.slots: BatchSlots | None = None  # set by ShardLoader for its loader workers
         self.finisher = finisher
         self.endless = all(s.resampled for s in self.sources)
-        # Samples per shard of the exact sources (what fixes each worker's batch count).
-        self.sizes: dict[str, int] = {}
-        for src in self.sources:
-            if not src.resampled:
-                self.sizes.update(_known_sizes(src))
+        # Samples per shard of the exact sources (what fixes each worker's batch count); a shard in
+        # ``estimated`` (from num_samples) is not checked for ending early.
+        self.sizes, self.estimated = known_sizes(self.sources, sizes_cache)
 
     # ------------------------------------------------------------------ planning (any process)
     def set_position(self, epoch: int, skip_batches: int = 0) -> None:
@@ -264,10 +275,10 @@ class TrainStream(paddle.io.IterableDataset):
         """One pass over this reader's raw samples, decoded (bad ones as their BadSample), mixed."""
 
         def damaged(url: str, exn: Exception) -> None:
-            skips.add("truncated_tar", url, "-", exn if isinstance(exn, ValueError) else repr(exn))
+            skips.add_damage(url, exn if isinstance(exn, ValueError) else repr(exn))
 
         def read(url: str) -> Iterator[Item]:
-            for key, sample in read_shard(url, damaged, self.sizes.get(url)):
+            for key, sample in read_shard(url, damaged, None if url in self.estimated else self.sizes.get(url)):
                 yield url, key, sample
 
         streams: list[Iterator[Item]] = []
@@ -351,18 +362,6 @@ class TrainStream(paddle.io.IterableDataset):
             descriptor = slots.put_batch(worker, n, {k: batch.pop(k) for k in slots.layout})
         batch[SLOT_KEY] = descriptor
         return batch
-
-
-def _known_sizes(src: StreamSource) -> dict[str, int]:
-    """Samples per shard of ``src``: from ``sizes.json``, else counted by reading the shard once (logged)."""
-    sizes = dict(zip(src.shards, shard_sizes(src.shards)))
-    missing = [u for u, n in sizes.items() if n is None]
-    if missing:
-        logger.warning("source %r: %d shard(s) not listed in a sizes.json (first: %s): counting their samples by "
-                       "reading them once", src.name, len(missing), missing[0])
-        for url in missing:
-            sizes[url] = count_samples(url)
-    return {u: int(n) for u, n in sizes.items()}
 
 
 def _with_skip_dicts(batches: Iterator[dict]) -> Iterator[dict]:
@@ -477,9 +476,11 @@ class ShardLoader:
 
 def build_train_data(sources: Sequence[StreamSource], transform: Callable[[RawSample, int], dict], *,
                      batch_size: int, num_workers: int, shuffle_buffer: int, seed: int,
-                     world_size: int, finisher: ViewFinisher | None = None) -> ShardLoader:
+                     world_size: int, finisher: ViewFinisher | None = None,
+                     sizes_cache: str | os.PathLike | None = None) -> ShardLoader:
     """The configured training data of this rank (``finisher``: finish the image views in the
-    reader, for a model on the CPU; see :class:`~ernievil2.data.device_views.ViewFinisher`)."""
+    reader, for a model on the CPU; see :class:`~ernievil2.data.device_views.ViewFinisher`;
+    ``sizes_cache``: the file caching shard sizes counted by reading, e.g. ``RUN_DIR/shard_sizes.json``)."""
     stream = TrainStream(sources, transform, batch_size, shuffle_buffer=shuffle_buffer, seed=seed,
-                         finisher=finisher)
+                         finisher=finisher, sizes_cache=sizes_cache)
     return ShardLoader(stream, num_workers, world_size)

@@ -8,7 +8,7 @@ from typing import Any
 
 from ernievil2.data.sample import RawSample
 from ernievil2.data.sampling import buffer_shuffle
-from ernievil2.data.shard_reader import SkipCounter
+from ernievil2.data.skips import SkipCounter
 
 logger = logging.getLogger("ernievil2.data.loader")
 

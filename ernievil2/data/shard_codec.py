@@ -7,6 +7,10 @@ Layout (img2dataset-compatible, one sample = three tar members sharing a key):
 - ``KEY.json``: ``{"key", "captions": [...], "language", "objects": [...] (absent when the sample
   has no object tags), **meta}``.
 
+img2dataset's own shards read the same way: ``KEY.txt`` is the caption, ``KEY.json`` its metadata
+(``url``, ``caption``, ``status``, ``width``, ... — no ``captions``, no ``language``: the language is
+then guessed from the caption's script).
+
 A ``sizes.json`` beside the shards maps each shard file name to its number of samples
 (:class:`~ernievil2.data.shard_writer.ShardWriter` writes it, :func:`~ernievil2.data.shard_reader.shard_sizes`
 reads it).
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .caption_language import guess_language
 from .sample import BadSample, RawSample
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
@@ -108,7 +113,10 @@ def decode_sample(raw: dict) -> RawSample:
     """Turn a WebDataset-grouped dict (``__key__``, ``__url__``, image, ``txt``, ``json``) into a RawSample.
 
     Captions come from ``json["captions"]`` when present and non-empty, else from ``txt`` (else
-    img2dataset's ``json["caption"]``). Object tags come from ``json["objects"]`` (strings or
+    img2dataset's ``json["caption"]``). The language is ``json["language"]`` (or ``"lang"``, or LAION's
+``"LANGUAGE"`` column as ``--save_additional_columns`` keeps it; lower-cased), else
+    guessed from the captions' script (:func:`~ernievil2.data.caption_language.guess_language`:
+    img2dataset's json names none). Object tags come from ``json["objects"]`` (strings or
     ``{"name", "count"}`` dicts → names); absent → ``None``. Unrecognised json fields become ``meta``.
     Raises :class:`BadSample` (a ``ValueError``) naming shard and key, of kind ``no_image``,
     ``bad_json`` (does not parse, not an object, malformed objects), ``no_caption`` or
@@ -137,6 +145,7 @@ def decode_sample(raw: dict) -> RawSample:
 
     captions = _captions(raw, record, where)
     objects = _object_names(record["objects"], where) if record.get("objects") is not None else None
-    lang = record.get("language") or record.get("lang") or "en"
+    named = record.get("language") or record.get("lang") or record.get("LANGUAGE")  # LAION's column, upper case
+    lang = str(named).lower() if named else guess_language(" ".join(captions))
     meta = {k: v for k, v in record.items() if k not in _RESERVED_JSON_KEYS}
     return RawSample(key=key, image=bytes(image), captions=captions, objects=objects, lang=str(lang), meta=meta)

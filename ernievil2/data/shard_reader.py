@@ -1,7 +1,8 @@
 """Shard files: resolving a shard specification to paths/URLs (:func:`list_shards`), the sample counts
 of the ``sizes.json`` files beside them (:func:`shard_sizes`, :func:`read_sizes`) and the raw samples of
 one shard (:func:`shard_samples`, :func:`count_samples`), decoded by the one loop every reader
-uses (:func:`read_shard`), with bad samples counted by kind (:class:`SkipCounter`).
+uses (:func:`read_shard`), with bad samples counted by kind
+(:class:`~ernievil2.data.skips.SkipCounter`, re-exported here).
 
 Shards are local paths, ``http(s)://`` URLs or ``pipe:COMMAND``s, read with webdataset's low-level tar
 iterators. Imports no paddle; decoding a raw sample is :func:`ernievil2.data.shard_codec.decode_sample`.
@@ -18,11 +19,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Union
 
 import braceexpand
-import numpy as np
 from webdataset import tariterators
 
-from .sample import SKIP_KINDS, BadSample, RawSample
+from .sample import BadSample, RawSample
 from .shard_codec import decode_sample
+from .skips import SkipCounter
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +133,9 @@ def read_shard(
     ``sample`` is ``decode(raw)`` (default :func:`~ernievil2.data.shard_codec.decode_sample`) or, for
     a sample ``decode`` refuses with a ``ValueError``, the :class:`BadSample` (kind ``other`` unless
     it was one). A damaged shard calls ``on_damage(url, error)`` once after its readable samples, and
-    so does a shard that reads fewer than the ``expected`` samples its ``sizes.json`` lists (a tar
-    cut at a header boundary reads as a shorter, intact tar: only its size tells)."""
+    so does a shard that reads fewer than the ``expected`` samples its ``sizes.json`` (or img2dataset
+    ``_stats.json``) lists (a tar cut at a header boundary reads as a shorter, intact tar: only its
+    size tells)."""
     damaged = False
 
     def on_error(u: str, exn: Exception) -> None:
@@ -150,20 +152,16 @@ def read_shard(
         except ValueError as exn:
             yield key, exn if isinstance(exn, BadSample) else BadSample("other", str(exn))
     if expected is not None and n < expected and not damaged:
-        on_damage(url, ValueError(f"read {n} of the {expected} samples its sizes.json lists"))
+        on_damage(url, ValueError(f"read {n} of the {expected} samples its sizes.json / _stats.json lists"))
 
 
-def iter_samples(shards: PathLike | Sequence[PathLike], skips: "SkipCounter | None" = None) -> Iterator[RawSample]:
+def iter_samples(shards: PathLike | Sequence[PathLike], skips: SkipCounter | None = None) -> Iterator[RawSample]:
     """Every good sample of ``shards`` (any :func:`list_shards` spec), shard by shard in list order,
     in one process; bad samples and damaged shards are counted in ``skips`` (a new
     :class:`SkipCounter` when None), the first few of each kind logged."""
     skips = skips if skips is not None else SkipCounter()
-
-    def damaged(url: str, exn: Exception) -> None:
-        skips.add("truncated_tar", url, "-", exn)
-
     for url in list_shards(shards):
-        for key, sample in read_shard(url, damaged):
+        for key, sample in read_shard(url, skips.add_damage):
             if isinstance(sample, BadSample):
                 skips.add_error(url, key, sample)
             else:
@@ -173,49 +171,3 @@ def iter_samples(shards: PathLike | Sequence[PathLike], skips: "SkipCounter | No
 def count_samples(url: str) -> int:
     """Number of raw samples a shard yields when read (a pass over its tar headers and bytes, no decoding)."""
     return sum(1 for _ in shard_samples(url, lambda u, e: None))
-
-
-_MAX_LOGGED_SKIPS = 5
-
-
-class SkipCounter:
-    """Counts bad samples by kind (:data:`SKIP_KINDS`) and logs the first few of each kind with shard and key.
-
-    ``counts`` holds the totals; :meth:`take` returns the counts since its previous call (what a
-    loader batch reports). ``muted`` stops counting and logging (re-reads of already counted data).
-    """
-
-    def __init__(self, max_logged: int = _MAX_LOGGED_SKIPS) -> None:
-        self.counts = np.zeros(len(SKIP_KINDS), dtype=np.int64)
-        self._taken = np.zeros(len(SKIP_KINDS), dtype=np.int64)
-        self.max_logged = max_logged
-        self.muted = False
-
-    @property
-    def total(self) -> int:
-        return int(self.counts.sum())
-
-    def by_kind(self) -> dict[str, int]:
-        """``{kind: count}`` of the non-zero totals."""
-        return {k: int(n) for k, n in zip(SKIP_KINDS, self.counts) if n}
-
-    def add(self, kind: str, url: str, key: str, message: str | Exception) -> None:
-        """Count one bad sample (or damaged shard, ``kind="truncated_tar"``)."""
-        if self.muted:
-            return
-        i = SKIP_KINDS.index(kind)
-        self.counts[i] += 1
-        if self.counts[i] <= self.max_logged:
-            logger.warning("skipping %s: sample %s of shard %s: %s", kind, key, url, message)
-            if self.counts[i] == self.max_logged:
-                logger.warning("further %s skips are only counted", kind)
-
-    def add_error(self, url: str, key: str, exn: ValueError) -> None:
-        """Count a ``ValueError`` raised for a sample: its ``kind`` if a :class:`BadSample`, else ``other``."""
-        self.add(exn.kind if isinstance(exn, BadSample) else "other", url, key, exn)
-
-    def take(self) -> np.ndarray:
-        """Counts (int64, in :data:`SKIP_KINDS` order) since the previous call."""
-        new = self.counts - self._taken
-        self._taken = self.counts.copy()
-        return new

@@ -4,6 +4,8 @@ Each kind registers the builder of the ``eval`` config list it reads (:func:`bas
 ``eval.datasets`` -> :class:`~ernievil2.evaluators.retrieval.RetrievalEvaluator` (image↔text
 retrieval), ``eval.classification`` -> :class:`~ernievil2.evaluators.zeroshot.ZeroShotEvaluator`.
 The trainer and eval-only mode call :func:`build_evaluators` and then every evaluator on every rank.
+A set's images are held as crops between evaluations or streamed at each one, by
+``eval.hold_images_mb`` (:mod:`ernievil2.evaluators.base`).
 """
 from __future__ import annotations
 
@@ -22,5 +24,6 @@ def build_evaluators(eval_cfg: Any, context: EvalContext) -> list[Evaluator]:
     list, in registration order (retrieval sets, then classification sets)."""
     profile = getattr(eval_cfg, "profile", "official")
     preprocess.check_profile(profile)
-    context = dataclasses.replace(context, batch_size=eval_cfg.batch_size, profile=profile)
+    context = dataclasses.replace(context, batch_size=eval_cfg.batch_size, profile=profile,
+                                  hold_images_mb=getattr(eval_cfg, "hold_images_mb", context.hold_images_mb))
     return [build(entry, context) for key, build in BUILDERS.items() for entry in getattr(eval_cfg, key, ())]

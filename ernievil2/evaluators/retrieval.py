@@ -10,11 +10,26 @@ clip_benchmark split folder, ``caption_key`` the jsonl caption field. Items
 from) are taken in file order; the first record the reader cannot use, an image file that does not
 exist or an image that does not decode raises :class:`EvalDataError` naming the file and line (or
 entry). With ``skip_bad_samples`` (the benchmark sets of ``launch/benchmark.py``) each of them is
-skipped instead, counted and logged with its place (:class:`~ernievil2.evaluators.base.SkipLog`).
+skipped instead, counted and logged with its place (:class:`~ernievil2.data.skips.SkipCounter`).
 
 Protocols: ``multi`` (multi-caption, every caption of every image), ``official`` (1:1:
 one text per image; multi-caption sets use the FIRST caption of each image, in file order) and
 ``both`` (two records). Recall is reported at R@1/5/10 and at every other K of ``recall_k``.
+
+A text that captions several images (``chinese_clip``'s ``image_ids`` lists, e.g. MUGE) is one text
+with several ground-truth images: text→image counts a hit when any of them is in the top K, and the
+text is a ground truth of each of its images for image→text. ``directions`` reports both directions
+(``both``) or text→image only (``t2i``: MUGE's protocol; ``mean_recall`` is then text→image's).
+
+An image that no text lists (a ``chinese_clip`` image missing from its texts file: the reader keeps
+it, :attr:`~ernievil2.data.formats.SourceSpec.keep_uncaptioned`) is a distractor, as Chinese-CLIP's
+evaluation ranks every image of its ``imgs.tsv``: it is in the pool every text is ranked against
+(text→image), and is no image→text query: image→text recall is over the images that have a text,
+under either protocol (``official`` pairs each such image with its first text). The other formats
+give an image without captions as a malformed record (an error, or a skip).
+
+Images are held as crops between evaluations or streamed at every one, by ``eval.hold_images_mb``
+(:mod:`ernievil2.evaluators.base`); a streamed set's skips are found by its first evaluation.
 """
 from __future__ import annotations
 
@@ -27,27 +42,45 @@ import numpy as np
 
 from ernievil2.data import formats as data_formats
 from ernievil2.data.formats import FormatError, Item, Problem, Record, SourceSpec, open_source
+from ernievil2.data.skips import SkipCounter
 from ernievil2.distributed import DistInfo, gather_rows, shard_range
 from ernievil2.encode import embed_crops, embed_token_ids
-from ernievil2.evaluators.base import EvalContext, EvalDataError, SkipLog, decode_crops, register
+from ernievil2.evaluators.base import (
+    Bad,
+    CropStream,
+    EvalContext,
+    EvalDataError,
+    count_undecodable,
+    decode_crops,
+    holds_crops,
+    register,
+    set_skips,
+)
 from ernievil2.models import ErnieViL2
 from ernievil2.retrieval import KS, multi_caption_recall, official_recall
 from ernievil2.tokenizer import WordPieceTokenizer
 
 PROTOCOLS = ("multi", "official")
 PROTOCOL_CHOICES = ("multi", "official", "both")
+DIRECTIONS = ("both", "t2i")
 
 
 @dataclass
 class RetrievalSet:
     """An evaluation set ready to embed: this process's share of the images, every text tokenized
-    and the image index of each text.
+    and the image(s) of each text.
 
     ``images`` are the resized centre crops of :mod:`ernievil2.data.preprocess` under ``profile``
     (RGB uint8 ``[n, S, S, 3]``, a quarter of float32's memory; normalised batch by batch when
     embedded, exactly as :func:`~ernievil2.data.preprocess.preprocess` does one image) of images ``image_start`` to
     ``image_start + n - 1`` of the ``n_images`` of the set: all of them in one process, the rank's
-    :func:`shard_range` when built for several ranks.
+    :func:`shard_range` when built for several ranks. A streamed set (``stream``) holds none: its
+    share is decoded at every :func:`embed`, and the first one drops the images that do not decode
+    (with ``skip_bad_samples``) from the set.
+
+    ``text_image`` is each text's (first) image; ``extra_pairs`` the further ``(text, image)``
+    ground truths of texts that caption several images (``None``: none). An image no text names
+    (a ``chinese_clip`` image missing from its texts file) is a distractor (module doc).
     """
 
     images: np.ndarray  # uint8 [n, S, S, 3]
@@ -58,6 +91,8 @@ class RetrievalSet:
     profile: str = "official"
     # (rank, world size) whose share ``images`` are when skipped images moved it off shard_range
     share_of: tuple[int, int] | None = None
+    extra_pairs: np.ndarray | None = None  # int64 [P, 2]: (text, image)
+    stream: CropStream | None = None
 
     def __post_init__(self) -> None:
         if self.n_images < 0:
@@ -81,12 +116,14 @@ class EvalSetSpec:
 # --------------------------------------------------------------------------- reading
 def source_spec(spec: EvalSetSpec) -> SourceSpec:
     """The format reader's spec of an evaluation set (``path`` -> input, ``image_root`` -> images,
-    ``split`` -> splits, ``caption_key``: jsonl)."""
+    ``split`` -> splits, ``caption_key``: jsonl), keeping the images no text lists (``chinese_clip``:
+    the distractors of text→image)."""
     return SourceSpec(format=spec.format, input=_need(spec, "path"), images=spec.image_root,
-                      splits=(spec.split,) if spec.split else (), caption_key=spec.caption_key)
+                      splits=(spec.split,) if spec.split else (), caption_key=spec.caption_key,
+                      keep_uncaptioned=True)
 
 
-def eval_items(records: Iterable[Record], skips: SkipLog | None = None) -> Iterator[Item]:
+def eval_items(records: Iterable[Record], skips: SkipCounter | None = None) -> Iterator[Item]:
     """The items of a reader's records; the first :class:`~ernievil2.data.formats.Problem`, or an
     item whose image file does not exist, raises :class:`EvalDataError` naming its place (with
     ``skips``: is counted there and skipped)."""
@@ -124,13 +161,13 @@ def check_format(name: str, fmt: str) -> str:
         raise ValueError(f"evaluation set {name!r}: {exc}") from None
 
 
-def read_items(spec: EvalSetSpec, skips: SkipLog | None = None) -> list[Item]:
+def read_items(spec: EvalSetSpec, skips: SkipCounter | None = None) -> list[Item]:
     """The items of ``spec`` through its format reader, at most ``max_images`` of them (the first
     ones, in file order). With ``spec.skip_bad_samples`` the records it cannot use are counted in
-    ``skips`` (a new :class:`SkipLog` when None) and skipped."""
+    ``skips`` (a new one, :func:`~ernievil2.evaluators.base.set_skips`, when None) and skipped."""
     check_format(spec.name, spec.format)
     if spec.skip_bad_samples and skips is None:
-        skips = SkipLog(spec.name)
+        skips = set_skips(spec.name)
     try:
         source = open_source(source_spec(spec))
     except FormatError as exc:
@@ -148,46 +185,101 @@ def _take(spec: EvalSetSpec, items: Iterator[Item]) -> list[Item]:
             break
     if not out:
         raise EvalDataError(f"evaluation set {spec.name!r} ({spec.format}, {spec.path}) holds no image")
+    if not any(item.captions for item in out):
+        raise EvalDataError(f"evaluation set {spec.name!r} ({spec.format}, {spec.path}): no text lists any of its "
+                            f"{len(out)} image(s)")
     return out
 
 
+def text_table(items: Sequence[Item]) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    """Every text of ``items`` once, in item order: ``(texts, text_image, extra_pairs)``, each text's
+    first image and the further ``(text, image)`` pairs of a text that captions several images
+    (:attr:`Item.caption_ids`; ``None`` when there are none)."""
+    texts: list[str] = []
+    owner: list[int] = []
+    extra: list[tuple[int, int]] = []
+    row_of: dict[str, int] = {}
+    for k, item in enumerate(items):
+        ids = getattr(item, "caption_ids", None) or [None] * len(item.captions)
+        for caption, cid in zip(item.captions, ids):
+            if cid is not None and cid in row_of:
+                extra.append((row_of[cid], k))
+                continue
+            if cid is not None:
+                row_of[cid] = len(texts)
+            texts.append(caption)
+            owner.append(k)
+    pairs = np.asarray(sorted(set(extra)), dtype=np.int64).reshape(-1, 2) if extra else None
+    return texts, np.asarray(owner, dtype=np.int64), pairs
+
+
 def items_to_set(items: Sequence[Item], image_size: int, tokenizer: WordPieceTokenizer, max_length: int,
-                 info: DistInfo | None = None, profile: str = "official", skips: SkipLog | None = None) -> RetrievalSet:
+                 info: DistInfo | None = None, profile: str = "official", skips: SkipCounter | None = None,
+                 hold_mb: float | None = None) -> RetrievalSet:
     """Decode and resize + centre-crop the images (:mod:`ernievil2.data.preprocess`, ``profile``:
-    the same pixels as inference and search), and tokenize every caption.
+    the same pixels as inference and search), and tokenize every caption (:func:`text_table`).
 
     With several ranks (``info``) each rank prepares only its :func:`shard_range` of the images
     (every rank must call it: a bad image anywhere raises the same :class:`EvalDataError`, naming
     it, on every rank). With ``skips`` an image that does not decode is counted there and left out
-    with its captions, on every rank alike."""
+    with its captions, on every rank alike. The crops are held when they fit ``hold_mb`` MiB per
+    rank (:func:`~ernievil2.evaluators.base.holds_crops`; ``None``: always); else the set is
+    streamed, and decoding, with its errors and skips, happens at every :func:`embed`."""
     info = info or DistInfo()
     start, stop = shard_range(len(items), info)
-    crops, bad = decode_crops(items, start, stop, image_size, profile, info, skip=skips is not None)
-    share_of = None
-    if skips is not None:
-        for _, where, detail in bad:
-            skips.add("undecodable_image", where, detail)
-        dropped = {k for k, _, _ in bad}
-        if dropped:
-            start -= sum(1 for k in dropped if k < start)
-            items = [item for k, item in enumerate(items) if k not in dropped]
-            share_of = (info.rank, info.world_size)
-        if not items:
-            raise EvalDataError(f"no image of the set decodes ({len(dropped)} skipped)")
-    texts = [c for item in items for c in item.captions]
-    owner = [k for k, item in enumerate(items) for _ in item.captions]
+    crops: list[np.ndarray] = []
+    bad: list[Bad] = []
+    stream = None
+    if holds_crops(len(items), image_size, info, hold_mb):
+        crops, bad = decode_crops(items, start, stop, image_size, profile, info, skip=skips is not None)
+        count_undecodable(skips, bad)
+    else:
+        stream = CropStream(items[start:stop], start, image_size, profile, info, skips)
+    texts, owner, pairs = text_table(items)
     images = np.stack(crops) if crops else np.empty((0, image_size, image_size, 3), dtype=np.uint8)
-    return RetrievalSet(images, tokenizer(texts, max_length), np.asarray(owner, dtype=np.int64),
-                        n_images=len(items), image_start=start, profile=profile, share_of=share_of)
+    data = RetrievalSet(images, tokenizer(texts, max_length), owner, n_images=len(items), image_start=start,
+                        profile=profile, extra_pairs=pairs, stream=stream)
+    drop_images(data, bad, info)
+    return data
+
+
+def drop_images(data: RetrievalSet, bad: Sequence[Bad], info: DistInfo) -> None:
+    """Leave the images ``bad`` names (set indices) out of ``data``, in place: each text keeps its
+    other images, a text left with none goes; the image indices close up."""
+    dropped = np.asarray(sorted({k for k, _, _ in bad}), dtype=np.int64)
+    if not len(dropped):
+        return
+    n_txt = len(data.text_image)
+    extra = data.extra_pairs if data.extra_pairs is not None else np.empty((0, 2), dtype=np.int64)
+    text = np.concatenate([np.arange(n_txt), extra[:, 0]])
+    image = np.concatenate([data.text_image, extra[:, 1]])
+    keep = ~np.isin(image, dropped)
+    if not keep.any():
+        raise EvalDataError(f"no image of the set that a text lists decodes ({len(dropped)} skipped)")
+    text, image = text[keep], image[keep]
+    image = image - np.searchsorted(dropped, image)
+    order = np.lexsort((image, text))
+    text, image = text[order], image[order]
+    rows, first = np.unique(text, return_index=True)
+    row = np.searchsorted(rows, text)
+    rest = np.ones(len(text), dtype=bool)
+    rest[first] = False
+    data.text_ids, data.text_image = data.text_ids[rows], image[first]
+    data.extra_pairs = np.stack([row[rest], image[rest]], axis=1) if rest.any() else None
+    data.n_images -= len(dropped)
+    data.image_start -= int(np.searchsorted(dropped, data.image_start))
+    data.share_of = (info.rank, info.world_size)
 
 
 def load_eval_set(spec: EvalSetSpec, image_size: int, tokenizer: WordPieceTokenizer, max_length: int,
-                  info: DistInfo | None = None) -> RetrievalSet:
+                  info: DistInfo | None = None, profile: str = "official", hold_mb: float | None = None) -> RetrievalSet:
     """Read ``spec`` with its reader and preprocess it (:func:`read_items` + :func:`items_to_set`;
-    with ``spec.skip_bad_samples`` both skip into one :class:`SkipLog`)."""
-    skips = SkipLog(spec.name, quiet=not (info or DistInfo()).is_main) if spec.skip_bad_samples else None
-    data = items_to_set(read_items(spec, skips), image_size, tokenizer, max_length, info, skips=skips)
-    if skips is not None:
+    with ``spec.skip_bad_samples`` both skip into one :class:`~ernievil2.data.skips.SkipCounter`,
+    whose totals are logged once the images are decoded: here, or at a streamed set's first
+    :func:`embed`)."""
+    skips = set_skips(spec.name, info) if spec.skip_bad_samples else None
+    data = items_to_set(read_items(spec, skips), image_size, tokenizer, max_length, info, profile, skips, hold_mb)
+    if skips is not None and data.stream is None:
         skips.finish()
     return data
 
@@ -202,46 +294,93 @@ def load_retrieval_set(
 
 
 # --------------------------------------------------------------------------- embedding
+def _held_share(data: RetrievalSet, info: DistInfo) -> np.ndarray:
+    """The crops of ``data`` this rank embeds."""
+    ia, ib = shard_range(data.n_images, info)
+    held = (data.image_start, len(data.images))
+    if held == (ia, ib - ia):
+        return data.images  # this rank's share (prepared with the same DistInfo), or the whole set in one process
+    if held == (0, data.n_images):
+        return data.images[ia:ib]  # the whole set: this rank's slice of it
+    if data.share_of == (info.rank, info.world_size):
+        return data.images  # this rank's share, less the images skipped (in rank order, contiguous)
+    raise ValueError(f"this evaluation set holds images {held[0]}..{held[0] + held[1] - 1} of {data.n_images}, but "
+                     f"rank {info.rank} of {info.world_size} embeds {ia}..{ib - 1}: prepare it with the same "
+                     "DistInfo (items_to_set(..., info))")
+
+
 def embed(model: ErnieViL2, data: RetrievalSet, batch_size: int = 256,
           info: DistInfo | None = None) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised image and text embeddings of ``data`` (model in eval mode, restored after).
 
     With several ranks each embeds its slice of the images and of the texts and every rank
-    receives all rows, in order; every rank must call it (a collective)."""
+    receives all rows, in order; every rank must call it (a collective). A streamed set is decoded
+    here, batch by batch; its first pass leaves the images that do not decode out of ``data``."""
     info = info or DistInfo()
-    ia, ib = shard_range(data.n_images, info)
-    held = (data.image_start, len(data.images))
-    if held == (ia, ib - ia):
-        images = data.images  # this rank's share (prepared with the same DistInfo), or the whole set in one process
-    elif held == (0, data.n_images):
-        images = data.images[ia:ib]  # the whole set: this rank's slice of it
-    elif data.share_of == (info.rank, info.world_size):
-        images = data.images  # this rank's share, less the images skipped (in rank order, contiguous)
+    if data.stream is not None:
+        own = (data.stream.info.rank, data.stream.info.world_size)
+        if own != (info.rank, info.world_size):
+            raise ValueError(f"this streamed evaluation set is rank {own[0]} of {own[1]}'s share, but rank {info.rank} "
+                             f"of {info.world_size} embeds it: prepare it with the same DistInfo")
+        img, found = data.stream.embed(model, batch_size)
+        drop_images(data, found or (), info)
     else:
-        raise ValueError(f"this evaluation set holds images {held[0]}..{held[0] + held[1] - 1} of {data.n_images}, but "
-                         f"rank {info.rank} of {info.world_size} embeds {ia}..{ib - 1}: prepare it with the same "
-                         "DistInfo (items_to_set(..., info))")
+        img = embed_crops(model, _held_share(data, info), batch_size, data.profile,
+                          "embed images" if info.is_main else None)
     ta, tb = shard_range(len(data.text_ids), info)
-    img = embed_crops(model, images, batch_size, data.profile, "embed images" if info.is_main else None)
     txt = embed_token_ids(model, data.text_ids[ta:tb], batch_size, "embed texts" if info.is_main else None)
     return gather_rows(img, info), gather_rows(txt, info)
 
 
-def first_caption_per_image(text_image: np.ndarray, n_images: int) -> np.ndarray:
-    """Index of the first text of every image (image order): the 1:1 protocol's text of each image."""
+def first_caption_per_image(text_image: np.ndarray, n_images: int, extra_pairs: np.ndarray | None = None,
+                            distractors: bool = False) -> np.ndarray:
+    """Index of the first text of every image (image order): the 1:1 protocol's text of each image
+    (``extra_pairs``: the further ``(text, image)`` pairs of texts with several images). An image
+    with no text is a ``ValueError``, or, with ``distractors``, gets ``-1``."""
+    text = np.arange(len(text_image))
+    if extra_pairs is not None and len(extra_pairs):
+        text = np.concatenate([text, extra_pairs[:, 0]])
+        text_image = np.concatenate([text_image, extra_pairs[:, 1]])
+        order = np.lexsort((text, text_image))
+        text, text_image = text[order], text_image[order]
     images, first = np.unique(text_image, return_index=True)
-    if len(images) != n_images:
+    if len(images) != n_images and not distractors:
         raise ValueError(f"{n_images - len(images)} image(s) have no caption")
-    return first
+    out = np.full(n_images, -1, dtype=np.int64)
+    out[images] = text[first]
+    return out
+
+
+def one_to_one_recall(img: np.ndarray, txt: np.ndarray, data: RetrievalSet, ks: Sequence[int]) -> dict[str, float]:
+    """The ``official`` (1:1) protocol: each image with a text and its first text are a pair
+    (:func:`first_caption_per_image`). Without distractors it is :func:`official_recall`; images no
+    text lists stay in the text→image pool and are no image→text queries (the 1:1 pairs through
+    :func:`multi_caption_recall`, one text per image: the same ranks, the same strict ``>``)."""
+    first = first_caption_per_image(data.text_image, len(img), data.extra_pairs, distractors=True)
+    if (first >= 0).all():
+        return official_recall(txt[first], img, ks=ks)
+    listed = np.flatnonzero(first >= 0)
+    return multi_caption_recall(img, txt[first[listed]], listed, ks=ks, distractors=True)
+
+
+def text_to_image_only(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` without image→text: the ``t2i_*`` recalls, and ``mean_recall`` their mean
+    (``t2i_mean``), as a text→image-only benchmark (MUGE) reports it."""
+    out = {k: v for k, v in metrics.items() if k.startswith("t2i_")}
+    out["mean_recall"] = metrics["t2i_mean"]
+    return out
 
 
 class RetrievalEvaluator:
-    """Zero-shot image↔text retrieval on one set, under one protocol or both."""
+    """Zero-shot image↔text retrieval on one set, under one protocol or both, in both directions or
+    text→image only (``directions``: :data:`DIRECTIONS`)."""
 
     def __init__(self, name: str, data: RetrievalSet, protocol: str = "multi", batch_size: int = 256,
-                 info: DistInfo | None = None, recall_k: Sequence[int] = ()):
+                 info: DistInfo | None = None, recall_k: Sequence[int] = (), directions: str = "both"):
         if protocol not in PROTOCOL_CHOICES:
             raise ValueError(f"unknown protocol {protocol!r} for evaluation set {name!r}; choose from {PROTOCOL_CHOICES}")
+        if directions not in DIRECTIONS:
+            raise ValueError(f"unknown directions {directions!r} for evaluation set {name!r}; choose from {DIRECTIONS}")
         if any(int(k) < 1 for k in recall_k):
             raise ValueError(f"evaluation set {name!r}: recall_k must hold Ks >= 1, got {list(recall_k)}")
         self.name = name
@@ -250,16 +389,19 @@ class RetrievalEvaluator:
         self.protocols = PROTOCOLS if protocol == "both" else (protocol,)
         self.batch_size = batch_size
         self.info = info or DistInfo()
+        self.directions = directions
 
     def __call__(self, model: ErnieViL2, step: int) -> list[dict]:
         img, txt = embed(model, self.data, self.batch_size, self.info)
-        records = []
+        data, records = self.data, []
         for protocol in self.protocols:
             if protocol == "multi":
-                metrics = multi_caption_recall(img, txt, self.data.text_image, ks=self.ks)
+                metrics = multi_caption_recall(img, txt, data.text_image, ks=self.ks, extra_pairs=data.extra_pairs,
+                                               distractors=True)
             else:
-                metrics = official_recall(txt[first_caption_per_image(self.data.text_image, len(img))], img,
-                                          ks=self.ks)
+                metrics = one_to_one_recall(img, txt, data, self.ks)
+            if self.directions == "t2i":
+                metrics = text_to_image_only(metrics)
             records.append({"step": step, "dataset": self.name, "protocol": protocol, **metrics})
         return records
 
@@ -271,6 +413,9 @@ def eval_set_spec(cfg: Any) -> EvalSetSpec:
     check_format(cfg.name, fmt)
     if cfg.protocol not in PROTOCOL_CHOICES:
         raise ValueError(f"evaluation set {cfg.name!r}: unknown protocol {cfg.protocol!r}; choose from {PROTOCOL_CHOICES}")
+    directions = getattr(cfg, "directions", "both")
+    if directions not in DIRECTIONS:
+        raise ValueError(f"evaluation set {cfg.name!r}: unknown directions {directions!r}; choose from {DIRECTIONS}")
     return EvalSetSpec(name=cfg.name, format=fmt, path=path, image_root=cfg.image_root, split=cfg.split,
                        caption_key=cfg.caption_key, max_images=cfg.max_images,
                        skip_bad_samples=cfg.skip_bad_samples)
@@ -280,9 +425,7 @@ def eval_set_spec(cfg: Any) -> EvalSetSpec:
 def build_retrieval_evaluator(entry: Any, context: EvalContext) -> RetrievalEvaluator:
     """The evaluator of one ``eval.datasets`` entry (``EvalSetSchema``)."""
     spec = eval_set_spec(entry)
-    skips = SkipLog(spec.name, quiet=not context.info.is_main) if spec.skip_bad_samples else None
-    data = items_to_set(read_items(spec, skips), context.image_size, context.tokenizer,
-                        context.text_max_length, context.info, context.profile, skips)
-    if skips is not None:
-        skips.finish()
-    return RetrievalEvaluator(spec.name, data, entry.protocol, context.batch_size, context.info, entry.recall_k)
+    data = load_eval_set(spec, context.image_size, context.tokenizer, context.text_max_length, context.info,
+                         context.profile, context.hold_images_mb)
+    return RetrievalEvaluator(spec.name, data, entry.protocol, context.batch_size, context.info, entry.recall_k,
+                              getattr(entry, "directions", "both"))

@@ -23,7 +23,10 @@ Sets (``eval.classification`` entries, :class:`ClassificationSetSpec`), one read
 
 With ``skip_bad_samples`` (the benchmark sets of ``launch/benchmark.py``) a sample without image or
 label, a damaged shard or an image that does not decode is counted, logged with shard and key
-(:class:`~ernievil2.evaluators.base.SkipLog`) and skipped; otherwise it is an :class:`EvalDataError`.
+(:class:`~ernievil2.data.skips.SkipCounter`) and skipped; otherwise it is an :class:`EvalDataError`.
+Images are held as crops between evaluations or streamed at every one, by ``eval.hold_images_mb``
+(:mod:`ernievil2.evaluators.base`); a streamed set finds the images that do not decode at its first
+evaluation.
 
 Templates: a built-in set (:data:`TEMPLATE_SETS`: ``en``, ``zh``), a text file with one template
 per line, each holding ``{}`` or ``{c}`` (clip_benchmark's placeholder) once, or a JSON file: a
@@ -32,6 +35,7 @@ names: a text file (one per line), a JSON list, ``{folder: name}`` or ``{dataset
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -42,9 +46,20 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ernievil2.data.skips import SkipCounter
 from ernievil2.distributed import DistInfo, gather_rows, shard_range
 from ernievil2.encode import embed_crops, embed_texts
-from ernievil2.evaluators.base import EvalContext, EvalDataError, SkipLog, decode_crops, register
+from ernievil2.evaluators.base import (
+    Bad,
+    CropStream,
+    EvalContext,
+    EvalDataError,
+    count_undecodable,
+    decode_crops,
+    holds_crops,
+    register,
+    set_skips,
+)
 from ernievil2.models import ErnieViL2
 from ernievil2.tokenizer import WordPieceTokenizer
 
@@ -95,8 +110,9 @@ class ClassificationSetSpec:
 
 @dataclass
 class ClassificationSet:
-    """Images ready to embed (this rank's share of the resized crops, uint8 ``[n, S, S, 3]``), the
-    label of every image of the set, the class names and the prompt templates."""
+    """Images ready to embed (this rank's share of the resized crops, uint8 ``[n, S, S, 3]``; none
+    when ``stream`` decodes them at every evaluation), the label of every image of the set, the
+    class names and the prompt templates."""
 
     images: np.ndarray
     labels: np.ndarray  # int64 [n_images]
@@ -104,6 +120,7 @@ class ClassificationSet:
     templates: list[str]
     image_start: int = 0
     profile: str = "official"
+    stream: CropStream | None = None
 
 
 # --------------------------------------------------------------------------- names and templates
@@ -246,7 +263,7 @@ def read_imagefolder(spec: ClassificationSetSpec) -> tuple[list[_Item], list[str
     return items, names
 
 
-def read_class_shards(spec: ClassificationSetSpec, skips: SkipLog | None = None) -> tuple[list[_Item], list[str]]:
+def read_class_shards(spec: ClassificationSetSpec, skips: SkipCounter | None = None) -> tuple[list[_Item], list[str]]:
     """WebDataset shards with ``KEY.cls`` or ``label_key`` in ``KEY.json``; ``classnames`` required.
     ``path``: any shard specification, or a clip_benchmark dataset or split folder. A sample without
     image or usable label, or a damaged shard, raises :class:`EvalDataError` naming shard and key;
@@ -331,13 +348,16 @@ def _need(spec: ClassificationSetSpec, key: str) -> str:
 
 
 def load_classification_set(spec: ClassificationSetSpec, image_size: int, info: DistInfo | None = None,
-                            profile: str = "official", skips: SkipLog | None = None) -> ClassificationSet:
+                            profile: str = "official", skips: SkipCounter | None = None,
+                            hold_mb: float | None = None) -> ClassificationSet:
     """Read ``spec`` and preprocess this rank's share of its images (:mod:`ernievil2.data.preprocess`).
     With ``spec.skip_bad_samples`` malformed samples and images that do not decode are counted in
-    ``skips`` (a new :class:`SkipLog` when None, totals logged at the end) and left out."""
+    ``skips`` (a new one, :func:`~ernievil2.evaluators.base.set_skips`, when None, totals logged at the end) and left out. The crops
+    are held when they fit ``hold_mb`` MiB per rank (:func:`~ernievil2.evaluators.base.holds_crops`;
+    ``None``: always); else the set is streamed and its images decode at every evaluation."""
     info = info or DistInfo()
     if spec.skip_bad_samples and skips is None:
-        skips = SkipLog(spec.name, quiet=not info.is_main)
+        skips = set_skips(spec.name, info)
     skips = skips if spec.skip_bad_samples else None
     if spec.format == "imagefolder":
         items, names = read_imagefolder(spec)
@@ -351,19 +371,30 @@ def load_classification_set(spec: ClassificationSetSpec, image_size: int, info: 
     if not items:
         raise EvalDataError(f"classification set {spec.name!r} ({spec.format}, {spec.path}) holds no image")
     start, stop = shard_range(len(items), info)
+    data = ClassificationSet(np.empty((0, image_size, image_size, 3), dtype=np.uint8),
+                             np.asarray([it.label for it in items], dtype=np.int64), names, templates,
+                             image_start=start, profile=profile)
+    if not holds_crops(len(items), image_size, info, hold_mb):
+        data.stream = CropStream(items[start:stop], start, image_size, profile, info, skips)
+        return data
     crops, bad = decode_crops(items, start, stop, image_size, profile, info, skip=skips is not None)
-    dropped = {k for k, _, _ in bad}
-    for _, where, detail in bad:
-        skips.add("undecodable_image", where, detail)
+    count_undecodable(skips, bad)
     if skips is not None:
         skips.finish()
-    labels = [it.label for k, it in enumerate(items) if k not in dropped]
-    if not labels:
-        raise EvalDataError(f"classification set {spec.name!r}: no image decodes ({len(dropped)} skipped)")
-    start -= sum(1 for k in dropped if k < start)
-    images = np.stack(crops) if crops else np.empty((0, image_size, image_size, 3), dtype=np.uint8)
-    return ClassificationSet(images, np.asarray(labels, dtype=np.int64), names, templates,
-                             image_start=start, profile=profile)
+    if crops:
+        data.images = np.stack(crops)
+    return drop_images(spec.name, data, bad)
+
+
+def drop_images(name: str, data: ClassificationSet, bad: Sequence[Bad]) -> ClassificationSet:
+    """``data`` without the images ``bad`` names (set indices) and their labels."""
+    dropped = np.asarray(sorted({k for k, _, _ in bad}), dtype=np.int64)
+    if not len(dropped):
+        return data
+    if len(dropped) == len(data.labels):
+        raise EvalDataError(f"classification set {name!r}: no image decodes ({len(dropped)} skipped)")
+    return dataclasses.replace(data, labels=np.delete(data.labels, dropped),
+                               image_start=data.image_start - int(np.searchsorted(dropped, data.image_start)))
 
 
 # --------------------------------------------------------------------------- scoring
@@ -418,8 +449,13 @@ class ZeroShotEvaluator:
     def __call__(self, model: ErnieViL2, step: int) -> list[dict]:
         classes = class_embeddings(model, self.tokenizer, self.data.classnames, self.data.templates,
                                    self.text_max_length, self.batch_size)
-        images = gather_rows(embed_crops(model, self.data.images, self.batch_size, self.data.profile,
-                                             "embed images" if self.info.is_main else None), self.info)
+        if self.data.stream is not None:  # decoded batch by batch; the first pass finds the undecodable images
+            local, found = self.data.stream.embed(model, self.batch_size)
+            self.data = drop_images(self.name, self.data, found or ())
+        else:
+            local = embed_crops(model, self.data.images, self.batch_size, self.data.profile,
+                                "embed images" if self.info.is_main else None)
+        images = gather_rows(local, self.info)
         scores = images @ classes.T
         acc = topk_accuracy(scores, self.data.labels)
         n_classes = len(self.data.classnames)
@@ -444,6 +480,7 @@ def build_zeroshot_evaluator(entry: Any, context: EvalContext) -> ZeroShotEvalua
     spec = ClassificationSetSpec(name=entry.name, format=entry.format, path=entry.path, classnames=entry.classnames,
                                  templates=entry.templates, label_key=entry.label_key, language=entry.language,
                                  max_images=entry.max_images, skip_bad_samples=entry.skip_bad_samples)
-    data = load_classification_set(spec, context.image_size, context.info, context.profile)
+    data = load_classification_set(spec, context.image_size, context.info, context.profile,
+                                   hold_mb=context.hold_images_mb)
     return ZeroShotEvaluator(spec.name, data, context.tokenizer, context.text_max_length, context.batch_size,
                              context.info)

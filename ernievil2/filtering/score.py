@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from ernievil2.data import preprocess
 from ernievil2.data.sample import BadSample, RawSample
-from ernievil2.data.shard_reader import SkipCounter, list_shards, read_shard, shard_sizes
+from ernievil2.data.shard_reader import list_shards, read_shard, shard_sizes
+from ernievil2.data.skips import SkipCounter
 from ernievil2.distributed import DistInfo
 from ernievil2.encode import embed_crops, embed_texts
 
@@ -91,7 +92,7 @@ def _crop(sample: RawSample, size: int, profile: str) -> np.ndarray | BadSample:
 
 def _batches(url: str, skips: SkipCounter, expected: int | None, size: int) -> Iterator[list[RawSample]]:
     batch: list[RawSample] = []
-    for key, sample in read_shard(url, lambda u, exn: skips.add("truncated_tar", u, "-", exn), expected):
+    for key, sample in read_shard(url, skips.add_damage, expected):
         if isinstance(sample, BadSample):
             skips.add_error(url, key, sample)
             continue

@@ -31,13 +31,15 @@ class DemoSchema(DemoDataSpec):
 @dataclass
 class SourceSchema:
     """One training source of ``data.sources``: shards (dir, brace pattern, glob, ``http(s)://`` or
-    ``pipe:`` URL), its probability weight in the mix and whether its shards are resampled
-    (``None``: ``data.resampled``)."""
+    ``pipe:`` URL), its probability weight in the mix, whether its shards are resampled
+    (``None``: ``data.resampled``) and its sample count for shards without a ``sizes.json`` or
+    ``_stats.json`` (``num_samples``, see ``data.num_samples``)."""
 
     name: str = MISSING
     shards: str = MISSING
     weight: float = 1.0
     resampled: Optional[bool] = None
+    num_samples: Optional[int] = None
 
 
 @dataclass
@@ -47,6 +49,10 @@ class DataSchema:
 
     source: str = "demo"  # "demo" or "shards"
     train_shards: Optional[str] = None  # one source: dir, brace pattern, glob, http(s):// or pipe: URL
+    # Samples in train_shards (like open_clip's --train-num-samples), for the shards that neither a
+    # sizes.json nor img2dataset's NNNNN_stats.json counts: spread evenly over them instead of a
+    # counting pass (ernievil2.data.epoch_sizes). With data.sources: each source's num_samples.
+    num_samples: Optional[int] = None
     sources: list[SourceSchema] = field(default_factory=list)  # several sources, mixed by weight
     batch_size: int = 128
     num_workers: int = 1
@@ -63,8 +69,8 @@ class DataSchema:
     def stream_sources(self, demo_shards: Optional[list[str]] = None) -> list[StreamSource]:
         """The training sources this config names (``demo_shards``: the demo's, for ``source=demo``)."""
         if self.source == "demo":
-            if self.train_shards or self.sources:
-                raise ValueError("data.train_shards / data.sources need data.source=shards")
+            if self.train_shards or self.sources or self.num_samples is not None:
+                raise ValueError("data.train_shards / data.sources / data.num_samples need data.source=shards")
             if not demo_shards:
                 raise ValueError("data.source=demo needs the demo shards")
             return [StreamSource.of("demo", demo_shards, 1.0, self.resampled)]
@@ -74,8 +80,12 @@ class DataSchema:
             raise ValueError("data.source=shards needs exactly one of data.train_shards (one source) and "
                              "data.sources (a list of {name, shards, weight, resampled})")
         if self.train_shards:
-            return [StreamSource.of("train", self.train_shards, 1.0, self.resampled)]
-        return [StreamSource.of(s.name, s.shards, s.weight, self.resampled if s.resampled is None else s.resampled)
+            return [StreamSource.of("train", self.train_shards, 1.0, self.resampled, self.num_samples)]
+        if self.num_samples is not None:
+            raise ValueError("data.num_samples goes with data.train_shards; with data.sources set each source's "
+                             "num_samples")
+        return [StreamSource.of(s.name, s.shards, s.weight, self.resampled if s.resampled is None else s.resampled,
+                                s.num_samples)
                 for s in self.sources]
 
 
@@ -110,6 +120,8 @@ class EvalSetSchema:
     split: str = "test"
     caption_key: str = "captions"  # jsonl: the key of each line's caption list
     protocol: str = "multi"  # "multi" (multi-caption), "official" (1:1, first caption per image) or "both"
+    # "both" (image→text and text→image) or "t2i" (text→image only, mean_recall over it: MUGE's protocol)
+    directions: str = "both"
     max_images: Optional[int] = None  # keep only the first N images (file order)
     recall_k: list[int] = field(default_factory=lambda: [1, 5, 10])  # R@1/5/10 always, plus any other K here
     skip_bad_samples: bool = False  # count, log and skip malformed samples / undecodable images (else: an error)
@@ -145,6 +157,10 @@ class EvalSchema:
     datasets: list[EvalSetSchema] = field(default_factory=list)  # retrieval sets
     classification: list[ClassificationSetSchema] = field(default_factory=list)  # zero-shot classification sets
     profile: str = "official"  # image preprocessing of every set (ernievil2.data.preprocess): official | paddlenlp
+    # MiB of decoded images (uint8 crops) a rank may hold per set: a set whose largest rank share fits
+    # is decoded once and re-embedded at every evaluation; a larger one (and any, at 0) is streamed:
+    # decoded batch by batch at every evaluation, only its embeddings kept (same numbers either way)
+    hold_images_mb: int = 512
 
 
 @dataclass

@@ -13,6 +13,10 @@
   CPU trains in fp32 (bf16 matmul kernels are missing there): a requested AMP is turned off with a
   one-line notice;
 - ``recompute``: every transformer block of both towers recomputes its activations in backward.
+  Data parallel's gradient hooks cannot follow the blocks' re-entrant backward passes (a parameter
+  is "ready" once per pass), so with recompute the backward runs without them (``no_sync``) and
+  :meth:`ParallelModel.sync_gradients` averages the gradients over the ranks afterwards, as
+  PaddleNLP's trainer does.
 """
 from __future__ import annotations
 
@@ -101,6 +105,7 @@ class ParallelModel:
     optimizer: Any
     scaler: Optional[paddle.amp.GradScaler]
     precision: Precision
+    manual_sync: bool = False  # data parallel with recompute: gradients averaged by sync_gradients()
 
     def no_sync(self) -> ContextManager[Any]:
         """Leave gradients local for this backward (accumulation before the last micro-batch); a
@@ -108,6 +113,14 @@ class ParallelModel:
         if isinstance(self.forward_model, paddle.DataParallel):
             return self.forward_model.no_sync()
         return contextlib.nullcontext()
+
+    def sync_gradients(self) -> None:
+        """With ``manual_sync``: average every parameter gradient over the ranks (what data
+        parallel does in backward), in fused buckets; else nothing to do."""
+        if self.manual_sync:
+            from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
+
+            fused_allreduce_gradients(list(self.model.parameters()), None)
 
 
 def setup_parallel(model: ErnieViL2, optimizer: Any, info: DistInfo, *, sharding_stage: int = 0,
@@ -144,7 +157,8 @@ def setup_parallel(model: ErnieViL2, optimizer: Any, info: DistInfo, *, sharding
                 optimizer = fleet.distributed_optimizer(optimizer)
             if scaler is not None:
                 scaler = fleet.distributed_scaler(scaler)
-    return ParallelModel(model, forward_model, optimizer, scaler, precision)
+    manual_sync = recompute and isinstance(forward_model, paddle.DataParallel)
+    return ParallelModel(model, forward_model, optimizer, scaler, precision, manual_sync)
 
 
 def unwrap(model: paddle.nn.Layer) -> ErnieViL2:

@@ -166,7 +166,8 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     data = build_train_data(cfg.data.stream_sources(demo_shards=train_shards), transform,
                             batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                             shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.trainer.seed, world_size=info.world_size,
-                            finisher=finish_views if finish_in_loader else None)
+                            finisher=finish_views if finish_in_loader else None,
+                            sizes_cache=run_dir / "shard_sizes.json")
 
     evaluators = build_evaluators(cfg, model_cfg.vision.image_size, tokenizer, info)
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.trainer.max_steps, cfg.trainer.time_budget_s)

@@ -175,7 +175,7 @@ class Trainer:
             last = j == len(micro) - 1
             if rng_states:
                 paddle.set_rng_state(rng_states[j])
-            with (contextlib.nullcontext() if last else self.parallel.no_sync()):
+            with (contextlib.nullcontext() if last and not self.parallel.manual_sync else self.parallel.no_sync()):
                 with precision.autocast():
                     feats, scale = encode(self.forward_model, b, uses_scale and last)
                 if cached:
@@ -185,6 +185,7 @@ class Trainer:
                 out = self.loss(feats, full_precision(scale), mask, progress, tags)
                 loss = out["loss"]
                 (self.parallel.scaler.scale(loss) if self.parallel.scaler is not None else loss).backward()
+        self.parallel.sync_gradients()
         values = paddle.stack([v.detach().reshape([]) for v in out.values()])
         ex = self.loss.exchange
         values = (ex.sum(values) / ex.world_size).numpy()

@@ -11,7 +11,8 @@ folder, fsync, rename), so a kill at any moment leaves the previous checkpoint i
   ``<parameter>@<accumulator>`` with the parameter's structured name
   (``vision.blocks.0.fc1.weight@moment1``) rather than Paddle's generated one
   (``linear_3.w_0_moment1_0``), which depends on how many layers the process built before the
-  model; master weights (O2 mixed precision) are ``<parameter>@master_weight``;
+  model; master weights (O2 mixed precision) are ``<parameter>@master_weight``; absent when the
+  optimizer state is sharded over the ranks (``trainer.sharding_stage`` >= 1: rank 0 holds a share);
 - ``trainer_state.json``, written last: step, samples seen, data-stream state, ``extra``, the LR
   scheduler, the optimizer's other entries, the loss scaler, the RNG states (Python, NumPy, Paddle
   CPU and CUDA), the resolved config, the code version and the creation time.
@@ -174,7 +175,7 @@ def _check_same_keys(saved: dict[str, list[int]], live: dict[str, list[int]], wh
 
 
 def write_training_checkpoint(
-    folder: str | os.PathLike, *, model: ErnieViL2, optimizer: paddle.optimizer.Optimizer,
+    folder: str | os.PathLike, *, model: ErnieViL2, optimizer: paddle.optimizer.Optimizer | None,
     scheduler: paddle.optimizer.lr.LRScheduler | None, scaler: paddle.amp.GradScaler | None = None,
     state: TrainingState, config: dict | None = None, files: dict[str, Any] | None = None,
 ) -> None:
@@ -190,7 +191,7 @@ def write_training_checkpoint(
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"TrainingState.{name} must be an int >= 0, got {value!r}")
     model = unwrap(model)
-    tensors, other = _optimizer_entries(optimizer, model)
+    tensors, other = _optimizer_entries(optimizer, model) if optimizer is not None else ({}, {})
     # Everything JSON is built before the first file is written: a bad value fails with nothing on disk.
     trainer_state = {
         "format": FORMAT_VERSION,
@@ -208,12 +209,13 @@ def write_training_checkpoint(
     }
     text = json.dumps(trainer_state, indent=1)
     write_model_files(model, folder, files)
-    save_file({k: np.ascontiguousarray(t.numpy()) for k, t in tensors.items()}, str(folder / OPTIMIZER_STATE))
+    if optimizer is not None:
+        save_file({k: np.ascontiguousarray(t.numpy()) for k, t in tensors.items()}, str(folder / OPTIMIZER_STATE))
     (folder / TRAINER_STATE).write_text(text, encoding="utf-8")  # last: its presence marks a finished folder
 
 
 def save_training_checkpoint(
-    out_dir: str | os.PathLike, *, model: ErnieViL2, optimizer: paddle.optimizer.Optimizer,
+    out_dir: str | os.PathLike, *, model: ErnieViL2, optimizer: paddle.optimizer.Optimizer | None,
     scheduler: paddle.optimizer.lr.LRScheduler | None, scaler: paddle.amp.GradScaler | None = None,
     state: TrainingState, config: dict | None = None, files: dict[str, Any] | None = None,
 ) -> Path:

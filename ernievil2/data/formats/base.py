@@ -83,7 +83,10 @@ class Item:
     kept; ``language``: a language code, ``mul`` with ``meta["languages"]`` (one per caption) when
     mixed; ``objects``: object tags, most important first (``None``: the source has none);
     ``meta``: anything else kept (``image_id``, ``object_counts``, ``object_scores``, ``split``, ...);
-    ``where``: the record's place, for messages.
+    ``where``: the record's place, for messages. ``caption_ids``: where one text record can caption
+    several images (``chinese_clip``: a texts.jsonl line with several ``image_ids``), one id per
+    caption naming its record, the same in every item it captions (evaluation counts such a text
+    once, with all its images); ``None``: every caption is a text of its own.
     """
 
     key: str
@@ -93,6 +96,7 @@ class Item:
     language: str = "en"
     objects: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    caption_ids: list[str] | None = None
 
     def load_image(self) -> bytes:
         """The encoded image (:class:`ImageLoadError` when it cannot be had)."""
@@ -109,7 +113,8 @@ class Item:
         return dict(self.meta.get("object_scores") or {})
 
     def deduplicated(self) -> Item:
-        """A copy with each caption once (its first place), ``meta["languages"]`` kept aligned."""
+        """A copy with each caption once (its first place), ``meta["languages"]`` and ``caption_ids``
+        kept aligned."""
         first = {c: i for i, c in reversed(list(enumerate(self.captions)))}
         keep = sorted(first.values())
         if len(keep) == len(self.captions):
@@ -117,7 +122,8 @@ class Item:
         meta = dict(self.meta)
         if isinstance(meta.get("languages"), list) and len(meta["languages"]) == len(self.captions):
             meta["languages"] = [meta["languages"][i] for i in keep]
-        return replace(self, captions=[self.captions[i] for i in keep], meta=meta)
+        ids = [self.caption_ids[i] for i in keep] if self.caption_ids is not None else None
+        return replace(self, captions=[self.captions[i] for i in keep], meta=meta, caption_ids=ids)
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,11 @@ class SourceSpec:
     ``imgs.tsv``). ``instances``: a COCO instances json (object tags). ``language``: overrides the
     format's caption language (jsonl: selects ``captions_LANG``). ``splits``: Karpathy splits to keep
     (empty: all) / the one Chinese-CLIP split of a folder. ``caption_key``: jsonl: read the captions
-    from this field only.
+    from this field only. ``keep_uncaptioned``: an image that no text lists is an :class:`Item` with
+    no captions instead of a ``no_captions`` :class:`Problem` (``chinese_clip``, whose images are
+    listed apart from their texts: retrieval evaluation keeps them as distractors; the packer
+    leaves it off, as there is nothing to train on). The other formats give a record without
+    captions as a malformed one either way.
     """
 
     format: str
@@ -158,6 +168,7 @@ class SourceSpec:
     language: str | None = None
     splits: tuple[str, ...] = ()
     caption_key: str | None = None
+    keep_uncaptioned: bool = False
 
 
 @dataclass

@@ -99,10 +99,13 @@ def _chinese_clip_paths(spec: SourceSpec) -> tuple[Path, Path]:
 def read_chinese_clip(spec: SourceSpec) -> Source:
     """Chinese-CLIP / PaddleNLP fine-tune data: the texts are grouped by image id first (a malformed
     texts line is a :class:`FormatError`), then ``imgs.tsv`` is streamed; each image gets every
-    text that lists it (none: ``no_captions``). The base64 is decoded when the image is loaded."""
+    text that lists it, each caption's ``caption_ids`` entry naming its texts line (a text listing
+    several images is one text). An image no text lists is a ``no_captions`` problem, or, with
+    ``spec.keep_uncaptioned``, an item with no captions. The base64 is decoded when the image is loaded."""
     imgs, texts_path = _chinese_clip_paths(spec)
     language = spec.language or DEFAULT_LANGUAGE["chinese_clip"]
     captions: dict[str, list[str]] = {}
+    caption_ids: dict[str, list[str]] = {}
     for lineno, obj in jsonl_objects(texts_path):
         where = f"{texts_path}:{lineno}"
         if isinstance(obj, str):
@@ -110,8 +113,10 @@ def read_chinese_clip(spec: SourceSpec) -> Source:
         text, image_ids = obj.get("text"), obj.get("image_ids")
         if not isinstance(text, str) or not isinstance(image_ids, list):
             raise FormatError(f"{where}: needs 'text' (string) and 'image_ids' (list), got keys {sorted(obj)}")
+        kept = caption_strings([text])
         for image_id in image_ids:
-            captions.setdefault(str(image_id).strip(), []).extend(caption_strings([text]))
+            captions.setdefault(str(image_id).strip(), []).extend(kept)
+            caption_ids.setdefault(str(image_id).strip(), []).extend(f"line {lineno}" for _ in kept)
     notes: dict[str, Any] = {"text_image_ids": len(captions)}
 
     def records() -> Iterator[Record]:
@@ -131,11 +136,11 @@ def read_chinese_clip(spec: SourceSpec) -> Source:
             seen.add(image_id)
             if not image_id:
                 yield Problem(BAD_RECORD, where, "empty image id")
-            elif not captions.get(image_id):
+            elif not captions.get(image_id) and not spec.keep_uncaptioned:
                 yield Problem(NO_CAPTIONS, where, f"no text lists image id {image_id!r}")
             else:
-                yield Item(sample_key(image_id), list(captions[image_id]), ImageSource(b64=cols[1].strip()), where,
-                           language, meta={"image_id": image_id})
+                yield Item(sample_key(image_id), list(captions.get(image_id, ())), ImageSource(b64=cols[1].strip()),
+                           where, language, meta={"image_id": image_id}, caption_ids=list(caption_ids.get(image_id, ())))
         notes["text_image_ids_without_image"] = len(set(captions) - seen)
 
     return Source(records(), total=None, notes=notes)
