@@ -2,7 +2,7 @@
 
 :class:`StandIns` builds each stand-in once per session, on first use, in small sizes: a tiny
 demo run trained 1 step, "released weights" (a random tiny model with the preset's word
-embedding), shards, COCO / Karpathy / Chinese-CLIP / JSON Lines / upstream-TSV inputs with
+embedding), a PaddleNLP ErnieModel folder and a timm ViT (one tower each, tiny sizes), shards, COCO / Karpathy / Chinese-CLIP / JSON Lines / upstream-TSV inputs with
 detector files, an ImageNet-style folder, clip_benchmark WebDataset folders, a photo folder and
 its search index, an upstream embeddings file, filter scores and a kept-keys list, a multirun.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import pickle
 import re
 import shutil
 import tarfile
@@ -153,6 +154,8 @@ ENTRIES = [
     Entry("data/Flickr30k-CN", "chinese_clip"),
     Entry("data/MUGE", "chinese_clip"),
     Entry("weights/ernie_vil-2.0-base-zh", "released"),
+    Entry("weights/ernie-3.0-base-zh", "ernie_model"),
+    Entry("weights/vit_base_patch16_clip_quickgelu_224.openai", "timm_vit"),
     Entry("path/to/ernie-3.0-base-zh/vocab.txt", "shared/assets/ernie-3.0-base-zh/vocab.txt"),
     Entry("tmp/packed/flickr8k-cn", "packed/flickr8k-cn"),
     Entry("tmp/packed/coco-mini", "packed/coco-mini"),
@@ -249,6 +252,61 @@ class StandIns:
         model = build_model(model_config("tiny"))
         vocab = self.shared / "assets" / "ernie-3.0-base-zh" / "vocab.txt"
         return save_checkpoint(model, self.root / "released", files={"vocab.txt": vocab})
+
+    @cached_property
+    def ernie_model(self) -> Path:
+        """A PaddleNLP ``ErnieModel`` folder (ERNIE 3.0's layout: token and task types) at the tiny
+        preset's text sizes, random, with the stand-in vocab: ``model.text.init_from``'s source."""
+        from ernievil2.models import model_config
+
+        t = model_config("tiny").text
+        rng = np.random.default_rng(0)
+        state = {"embeddings.word_embeddings.weight": (t.vocab_size, t.width),
+                 "embeddings.position_embeddings.weight": (t.max_positions, t.width),
+                 "embeddings.token_type_embeddings.weight": (4, t.width),
+                 "embeddings.task_type_embeddings.weight": (3, t.width), "embeddings.layer_norm.weight": (t.width,),
+                 "embeddings.layer_norm.bias": (t.width,), "pooler.dense.weight": (t.width, t.width),
+                 "pooler.dense.bias": (t.width,)}
+        for i in range(t.layers):
+            for name, shape in (("q_proj", (t.width, t.width)), ("k_proj", (t.width, t.width)),
+                                ("v_proj", (t.width, t.width)), ("out_proj", (t.width, t.width))):
+                state[f"encoder.layers.{i}.self_attn.{name}.weight"] = shape
+                state[f"encoder.layers.{i}.self_attn.{name}.bias"] = shape[1:]
+            for name, shape in (("linear1", (t.width, t.ffn_dim)), ("linear2", (t.ffn_dim, t.width))):
+                state[f"encoder.layers.{i}.{name}.weight"], state[f"encoder.layers.{i}.{name}.bias"] = shape, shape[1:]
+            for name in ("norm1", "norm2"):
+                state[f"encoder.layers.{i}.{name}.weight"] = state[f"encoder.layers.{i}.{name}.bias"] = (t.width,)
+        state = {k: (0.02 * rng.standard_normal(shape)).astype(np.float32) for k, shape in state.items()}
+        out = self._folder("ernie_model")
+        write(out / "config.json", {"architectures": ["ErnieModel"], "model_type": "ernie", "hidden_act": "gelu",
+                                    "hidden_size": t.width, "num_hidden_layers": t.layers,
+                                    "num_attention_heads": t.heads, "intermediate_size": t.ffn_dim,
+                                    "max_position_embeddings": t.max_positions, "vocab_size": t.vocab_size,
+                                    "type_vocab_size": 4, "use_task_id": True, "task_type_vocab_size": 3,
+                                    "task_id": 0, "pad_token_id": 0})
+        with open(out / "model_state.pdparams", "wb") as f:
+            pickle.dump(state, f, protocol=2)
+        shutil.copy(self.shared / "assets" / "ernie-3.0-base-zh" / "vocab.txt", out / "vocab.txt")
+        return out
+
+    @cached_property
+    def timm_vit(self) -> Path:
+        """A Hugging Face hub folder of a timm CLIP ViT (``model.safetensors`` + ``config.json``) at the
+        tiny preset's image sizes: a random tiny image tower in timm's layout."""
+        import paddle
+        from safetensors.numpy import save_file
+
+        from ernievil2.models import build_model, model_config
+        from ernievil2.weights.save import state_to_numpy
+        from ernievil2.weights.tower_layouts import ours_to_timm
+
+        paddle.seed(1)
+        state = ours_to_timm(state_to_numpy(build_model(model_config("tiny"))))
+        state["head.weight"] = np.zeros((32, state["cls_token"].shape[-1]), np.float32)  # CLIP's projection
+        out = self._folder("timm_vit")
+        save_file(state, str(out / "model.safetensors"))
+        write(out / "config.json", {"architecture": "vit_base_patch16_clip_quickgelu_224", "num_classes": 32})
+        return out
 
     @cached_property
     def sweep(self) -> Path:

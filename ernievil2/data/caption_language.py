@@ -5,8 +5,14 @@ carry the text, ``ja`` when it holds any kana, else ``en`` (also for empty text,
 punctuation only, Korean, Cyrillic, ...). It picks the object-tags prompt of a sample
 (:data:`ernievil2.data.text_views.DEFAULT_OBJECTS_TEMPLATES` has ``en`` and ``zh``; ``ja`` falls
 back to ``en`` there).
+
+:func:`kept_captions` selects the captions of given languages (``data.caption_languages``, an
+evaluation set's ``caption_languages``), by each caption's language (:func:`caption_languages`).
 """
 from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 # CJK Unified Ideographs and their extensions, plus the compatibility ideographs.
 _IDEOGRAPHS: tuple[tuple[int, int], ...] = (
@@ -51,3 +57,38 @@ def guess_language(text: str) -> str:
         else:
             in_word = False
     return "zh" if ideographs and ideographs >= words else "en"
+
+
+def normalise_language(code: str) -> str:
+    """``code`` lower-cased with ``_`` as ``-`` (``zh_CN`` → ``zh-cn``)."""
+    return str(code).strip().lower().replace("_", "-")
+
+
+def language_in(code: str, wanted: Collection[str]) -> bool:
+    """True when language ``code`` is one of ``wanted`` or has one of them as its base (``zh-cn``
+    is in ``["zh"]``; ``zh`` is not in ``["zh-cn"]``)."""
+    code = normalise_language(code)
+    names = {normalise_language(w) for w in wanted}
+    return code in names or code.split("-")[0] in names
+
+
+def caption_languages(captions: Sequence[str], lang: str, meta: Mapping[str, Any] | None = None) -> list[str]:
+    """The language of each caption of a sample: ``meta["languages"]`` when it names one per caption
+    (a sample of mixed languages, ``lang = "mul"``: the demo's), else ``lang`` for every caption; a
+    ``mul`` sample without that list (or with one of another length) has each caption's language
+    guessed from its script (:func:`guess_language`)."""
+    given = (meta or {}).get("languages")
+    if isinstance(given, list) and len(given) == len(captions):
+        return [str(x) for x in given]
+    if normalise_language(lang) == "mul":
+        return [guess_language(c) for c in captions]
+    return [str(lang)] * len(captions)
+
+
+def kept_captions(captions: Sequence[str], lang: str, meta: Mapping[str, Any] | None,
+                  wanted: Collection[str]) -> list[int]:
+    """Indices of the captions whose language (:func:`caption_languages`) is in ``wanted``
+    (:func:`language_in`); every index when ``wanted`` is empty."""
+    if not wanted:
+        return list(range(len(captions)))
+    return [i for i, code in enumerate(caption_languages(captions, lang, meta)) if language_in(code, wanted)]

@@ -33,6 +33,7 @@ SKIP_KINDS: tuple[str, ...] = (
     "corrupt_image",
     "image_too_large",
     "image_too_small",
+    "other_language",
     "other",
 )
 """Kinds of bad training data, in the order of the ``skipped`` count vector of a loader batch.
@@ -42,7 +43,8 @@ before the damage are kept); ``bad_json``: a ``KEY.json`` that does not parse or
 ``no_image``; ``no_caption``: neither ``KEY.txt`` nor json captions; ``bad_caption``: captions
 present but empty or not UTF-8; ``corrupt_image``: bytes no decoder reads; ``image_too_large``:
 more pixels than the configured limit (decompression bombs); ``image_too_small``: a side under the
-configured minimum (1x1 placeholders); ``other``: a transform's plain ``ValueError``.
+configured minimum (1x1 placeholders); ``other_language``: no caption in the languages of
+``data.caption_languages``; ``other``: a transform's plain ``ValueError``.
 """
 
 

@@ -40,11 +40,12 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
 
+from ernievil2.data.caption_language import kept_captions
 from ernievil2.data.image_views import (
     PHOTOMETRIC_PARAMS,
     decode_for_views,
@@ -180,7 +181,10 @@ class MultiViewTransform:
 
     ``views`` picks the outputs (names from :data:`ALL_VIEWS`, or the loss-side aliases of
     :data:`VIEW_ALIASES`; the :data:`OBJECTS_OUTPUTS` always come together); the others are
-    neither computed nor returned.
+    neither computed nor returned. ``caption_languages`` (``data.caption_languages``; empty: all)
+    keeps a sample's captions in those languages only
+    (:func:`~ernievil2.data.caption_language.kept_captions`); a sample left with none is a
+    :class:`BadSample` of kind ``other_language``.
     """
 
     def __init__(
@@ -192,6 +196,7 @@ class MultiViewTransform:
         views: Sequence[str] | None = None,
         aux_views: Sequence[str] = (),
         aux_rows: int | None = None,
+        caption_languages: Sequence[str] = (),
     ):
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
@@ -208,6 +213,7 @@ class MultiViewTransform:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.seed = int(seed)
+        self.caption_languages: tuple[str, ...] = tuple(caption_languages)
         wanted = {VIEW_ALIASES.get(v, v) for v in (ALL_VIEWS if views is None else views)}
         unknown = wanted - set(ALL_VIEWS)
         if unknown:
@@ -340,8 +346,24 @@ class MultiViewTransform:
         return decode_for_views(sample.image, sample.key, cfg.max_image_pixels, cfg.min_image_side,
                                 math.ceil(cfg.reduce_on_decode * cfg.image_size))
 
+    def in_languages(self, sample: RawSample) -> RawSample:
+        """``sample`` with only its captions in :attr:`caption_languages` (``meta["languages"]``
+        kept aligned); :class:`BadSample` ``other_language`` when none is."""
+        if not self.caption_languages:
+            return sample
+        keep = kept_captions(sample.captions, sample.lang, sample.meta, self.caption_languages)
+        if not keep:
+            raise BadSample("other_language", f"sample {sample.key!r}: no caption in {list(self.caption_languages)}")
+        if len(keep) == len(sample.captions):
+            return sample
+        meta = dict(sample.meta)
+        if isinstance(meta.get("languages"), list) and len(meta["languages"]) == len(sample.captions):
+            meta["languages"] = [meta["languages"][i] for i in keep]
+        return replace(sample, captions=[sample.captions[i] for i in keep], meta=meta)
+
     def validate(self, sample: RawSample) -> None:
         """Raise the :class:`BadSample` that ``self(sample, epoch)`` would raise, without making views."""
+        sample = self.in_languages(sample)
         self._decode(sample)
         if not sample.captions and ({"caption_ids", "text_view_ids"} & set(self.views)):
             raise BadSample("no_caption", f"sample {sample.key!r} has no captions")
@@ -365,6 +387,7 @@ class MultiViewTransform:
         ``[max_length]``, ``has_objects`` a float32 scalar, the tag keys int64 ``[MAX_TAGS]``. ``row``: the sample's row in its batch
         (the loader's); a row ``>= aux_rows`` gets fixed placeholders for the auxiliary views,
         which are not made. The other views do not depend on ``row``."""
+        sample = self.in_languages(sample)
         rngs = self.rngs(sample.key, epoch)
         out: dict[str, np.ndarray] = {}
         views = self.views

@@ -33,14 +33,16 @@ Images are held as crops between evaluations or streamed at every one, by ``eval
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from ernievil2.data import formats as data_formats
+from ernievil2.data.caption_language import kept_captions
 from ernievil2.data.formats import FormatError, Item, Problem, Record, SourceSpec, open_source
 from ernievil2.data.skips import SkipCounter
 from ernievil2.distributed import DistInfo, gather_rows, shard_range
@@ -59,6 +61,8 @@ from ernievil2.evaluators.base import (
 from ernievil2.models import ErnieViL2
 from ernievil2.retrieval import KS, multi_caption_recall, official_recall
 from ernievil2.tokenizer import WordPieceTokenizer
+
+log = logging.getLogger("ernievil2")
 
 PROTOCOLS = ("multi", "official")
 PROTOCOL_CHOICES = ("multi", "official", "both")
@@ -111,6 +115,7 @@ class EvalSetSpec:
     caption_key: str = "captions"
     max_images: int | None = None
     skip_bad_samples: bool = False
+    caption_languages: tuple[str, ...] = ()  # keep these languages' captions only (empty: all)
 
 
 # --------------------------------------------------------------------------- reading
@@ -172,7 +177,31 @@ def read_items(spec: EvalSetSpec, skips: SkipCounter | None = None) -> list[Item
         source = open_source(source_spec(spec))
     except FormatError as exc:
         raise EvalDataError(f"evaluation set {spec.name!r}: {exc}") from None
-    return _take(spec, eval_items(source.records, skips if spec.skip_bad_samples else None))
+    items = eval_items(source.records, skips if spec.skip_bad_samples else None)
+    return _take(spec, in_languages(items, spec.caption_languages, spec.name) if spec.caption_languages else items)
+
+
+def in_languages(items: Iterable[Item], languages: Sequence[str], name: str = "") -> Iterator[Item]:
+    """``items`` with only their captions in ``languages`` (each caption's language as
+    :func:`~ernievil2.data.caption_language.caption_languages` gives it; ``meta["languages"]`` and
+    ``caption_ids`` kept aligned). An item left with no caption is left out (one log line counts
+    them once the items are read); an item that had none (a distractor) stays."""
+    dropped = 0
+    for item in items:
+        keep = kept_captions(item.captions, item.language, item.meta, languages)
+        if len(keep) == len(item.captions):
+            yield item
+            continue
+        if not keep:
+            dropped += 1
+            continue
+        meta = dict(item.meta)
+        if isinstance(meta.get("languages"), list) and len(meta["languages"]) == len(item.captions):
+            meta["languages"] = [meta["languages"][i] for i in keep]
+        ids = [item.caption_ids[i] for i in keep] if item.caption_ids is not None else None
+        yield replace(item, captions=[item.captions[i] for i in keep], meta=meta, caption_ids=ids)
+    if dropped:
+        log.info("evaluation set %s: %d image(s) without a caption in %s left out", name, dropped, list(languages))
 
 
 def _take(spec: EvalSetSpec, items: Iterator[Item]) -> list[Item]:
@@ -418,7 +447,8 @@ def eval_set_spec(cfg: Any) -> EvalSetSpec:
         raise ValueError(f"evaluation set {cfg.name!r}: unknown directions {directions!r}; choose from {DIRECTIONS}")
     return EvalSetSpec(name=cfg.name, format=fmt, path=path, image_root=cfg.image_root, split=cfg.split,
                        caption_key=cfg.caption_key, max_images=cfg.max_images,
-                       skip_bad_samples=cfg.skip_bad_samples)
+                       skip_bad_samples=cfg.skip_bad_samples,
+                       caption_languages=tuple(getattr(cfg, "caption_languages", None) or ()))
 
 
 @register("datasets")

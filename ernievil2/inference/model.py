@@ -23,6 +23,10 @@ __all__ = ["build_inference_model"]
 
 
 def _init_from(model_cfg: Any) -> Optional[str]:
+    for tower in ("vision", "text"):
+        if getattr(getattr(model_cfg, tower, None), "init_from", None):
+            raise InferError(f"model.{tower}.init_from starts one tower of a model being trained; inference and "
+                             "export load a whole model: model.init_from=PATH")
     value = getattr(model_cfg, "init_from", None) if not isinstance(model_cfg, DictConfig) else model_cfg.get("init_from")
     return os.path.expanduser(str(value)) if value else None
 

@@ -18,11 +18,20 @@ from ernievil2.models.config import (
     model_config,
 )
 
+#: Training settings of either tower, beside its architecture overrides (never part of the tower
+#: config the model is built from). ``locked``: the tower trains not at all, or from
+#: ``optim.unlock_at`` on (ernievil2.train.towers). ``init_from``: start this tower from a checkpoint
+#: that holds it (ernievil2.weights.towers; wins over ``model.init_from`` for this tower).
+TOWER_TRAINING_FIELDS: tuple[tuple[str, type, Any], ...] = (("locked", bool, False),
+                                                            ("init_from", Optional[str], None))
+
 
 def _overrides_of(cls: type, name: str) -> type:
-    """A dataclass with the fields of ``cls``, each optional and ``None`` (= keep the preset)."""
+    """A dataclass with the fields of ``cls``, each optional and ``None`` (= keep the preset), and
+    the :data:`TOWER_TRAINING_FIELDS`."""
     return make_dataclass(
         name, [(f.name, Optional[f.type if not isinstance(f.type, str) else eval(f.type)], None) for f in fields(cls)]
+        + [(n, t, field(default=d)) for n, t, d in TOWER_TRAINING_FIELDS]
     )
 
 
@@ -38,6 +47,8 @@ class ModelSchema:
     folders (or a run folder: its latest checkpoint), a PaddleNLP ``save_pretrained`` folder or an
     official ERNIE-ViL 2.0 ``.pdparams`` (layout detected; see :mod:`ernievil2.weights.find`). The
     preset and overrides must describe the same architecture: loading is strict.
+    ``vision.init_from`` / ``text.init_from`` load one tower alone (also from a timm ViT or a
+    PaddleNLP ErnieModel: :mod:`ernievil2.weights.towers`), after ``init_from``: they win for their tower.
     """
 
     preset: str = "tiny"
@@ -80,8 +91,9 @@ def resolve_model(
     exactly; a loaded vocab file only enlarges it when it holds more ids than the preset (the
     released vocab's 39,980 ids fit the released 40,000-row embedding).
     """
-    vision = OmegaConf.to_container(cfg.vision) if isinstance(cfg.vision, DictConfig) else vars(cfg.vision)
-    text = dict(OmegaConf.to_container(cfg.text) if isinstance(cfg.text, DictConfig) else vars(cfg.text))
+    training = {n for n, _, _ in TOWER_TRAINING_FIELDS}
+    vision, text = ({k: v for k, v in (OmegaConf.to_container(t) if isinstance(t, DictConfig) else vars(t)).items()
+                     if k not in training} for t in (cfg.vision, cfg.text))
     if tokenizer_vocab is not None and text.get("vocab_size") is None:
         preset_vocab = model_config(cfg.preset).text.vocab_size
         text["vocab_size"] = tokenizer_vocab if built_vocab else max(tokenizer_vocab, preset_vocab)

@@ -65,6 +65,10 @@ class DataSchema:
     demo: DemoSchema = field(default_factory=DemoSchema)
     # image_size of the views always follows the model's vision.image_size.
     views: ViewConfig = field(default_factory=ViewConfig)
+    # Train on the captions of these languages only (codes; "zh" also keeps "zh-cn"), by each
+    # caption's language (a demo sample's meta["languages"], else the sample's one language); a
+    # sample left without a caption is skipped and counted (bad/other_language). Empty: all.
+    caption_languages: list[str] = field(default_factory=list)
 
     def stream_sources(self, demo_shards: Optional[list[str]] = None) -> list[StreamSource]:
         """The training sources this config names (``demo_shards``: the demo's, for ``source=demo``)."""
@@ -103,6 +107,17 @@ class OptimSchema:
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     # learning-rate factor of the temperature (logit scale) alone; < 1 slows it, as a stabiliser
     temperature_lr_scale: float = 1.0
+    # Layer-wise LR decay: a tower's parameter at depth d (embeddings 0, block i i+1, final norm /
+    # pooler L+1) trains at lr * decay^(L+1-d); 1.0: off. vision_/text_layer_decay: that tower's own
+    # (None: layer_decay). See ernievil2.train.optim.layer_depth.
+    layer_decay: float = 1.0
+    vision_layer_decay: Optional[float] = None
+    text_layer_decay: Optional[float] = None
+    # Fraction of the run (of trainer.time_budget_s when set, else of trainer.max_steps) at which
+    # the towers locked by model.<tower>.locked start training (Chinese-CLIP's stage 2), their LR
+    # ramped from 0 over unlock_warmup_steps steps. None: they stay locked (LiT).
+    unlock_at: Optional[float] = None
+    unlock_warmup_steps: int = 0
 
 
 @dataclass
@@ -126,6 +141,9 @@ class EvalSetSchema:
     recall_k: list[int] = field(default_factory=lambda: [1, 5, 10])  # R@1/5/10 always, plus any other K here
     skip_bad_samples: bool = False  # count, log and skip malformed samples / undecodable images (else: an error)
     language: str = "en"  # the captions' language (recorded in mode=eval's clip_benchmark result JSON)
+    # Keep only the captions in these languages (e.g. [zh]: the demo val set's Chinese captions), by
+    # each caption's language as the reader gives it; an image left with none is left out. Empty: all.
+    caption_languages: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """AdamW with the CLIP decay rule and a cosine schedule with linear warm-up, run on steps or on
-the elapsed fraction of a training-time budget."""
+the elapsed fraction of a training-time budget; each parameter's learning-rate factor (layer-wise
+decay, the temperature's own scale) rides on the parameter (:func:`lr_groups`)."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,10 @@ import paddle
 from ernievil2.train.config import OptimSchema
 
 EMBEDDINGS = {"word_emb", "pos_emb", "class_embedding", "positional_embedding"}
+TOWERS = ("vision", "text")
+#: The layers of each tower at depth 0 for layer-wise LR decay: its embeddings and their norm.
+EMBEDDING_LAYERS = {"vision": {"patch_embed", "class_embedding", "positional_embedding", "ln_pre"},
+                    "text": {"word_emb", "pos_emb", "ln"}}
 
 
 def decays(name: str, param: paddle.Tensor) -> bool:
@@ -17,6 +22,47 @@ def decays(name: str, param: paddle.Tensor) -> bool:
     if param.ndim < 2:
         return False  # biases, LayerNorm scales/shifts, temperature, class embedding
     return not set(name.split(".")) & EMBEDDINGS
+
+
+def layer_depth(tower: str, name: str, layers: int) -> int:
+    """Depth of parameter ``name`` of ``tower`` (its name inside the tower, ``blocks.3.fc1.weight``)
+    for layer-wise LR decay: 0 for the embeddings (:data:`EMBEDDING_LAYERS`), ``i + 1`` for block
+    ``i``, ``layers + 1`` for what follows the blocks (vision ``ln_post``, text ``pooler``)."""
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        return int(parts[1]) + 1
+    return 0 if parts[0] in EMBEDDING_LAYERS[tower] else layers + 1
+
+
+def tower_decay(cfg: OptimSchema, tower: str) -> float:
+    """The layer-wise LR decay of ``tower``: ``optim.<tower>_layer_decay``, else ``optim.layer_decay``."""
+    own = getattr(cfg, f"{tower}_layer_decay", None)
+    decay = cfg.layer_decay if own is None else own
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"optim layer decay of the {tower} tower must be in (0, 1], got {decay}")
+    return float(decay)
+
+
+def lr_groups(model: paddle.nn.Layer, cfg: OptimSchema) -> dict[str, tuple[str, float]]:
+    """``{parameter name: (group, LR factor)}``: a tower parameter at depth ``d`` of ``L + 1``
+    (:func:`layer_depth`) trains at ``lr · decay^(L + 1 − d)`` (:func:`tower_decay`; groups
+    ``vision_emb``, ``vision_block0`` … ``vision_head``, the same for ``text``; one group named
+    after the tower when it has no decay); the temperature (group ``temperature``) at
+    ``lr · optim.temperature_lr_scale``."""
+    out: dict[str, tuple[str, float]] = {}
+    for name, _ in model.named_parameters():
+        tower, _, inner = name.partition(".")
+        if tower not in TOWERS:
+            out[name] = ("temperature", float(cfg.temperature_lr_scale)) if name == "temperature" else (name, 1.0)
+            continue
+        decay, layers = tower_decay(cfg, tower), len(getattr(model, tower).blocks)
+        if decay == 1.0:
+            out[name] = (tower, 1.0)
+            continue
+        depth = layer_depth(tower, inner, layers)
+        label = "emb" if depth == 0 else "head" if depth == layers + 1 else f"block{depth - 1}"
+        out[name] = (f"{tower}_{label}", decay ** (layers + 1 - depth))
+    return out
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -69,15 +115,18 @@ class WarmupCosine(paddle.optimizer.lr.LRScheduler):
 
 def build_optimizer(model: paddle.nn.Layer, cfg: OptimSchema, total_steps: int, time_budget_s: Optional[float] = None):
     """Returns ``(optimizer, scheduler)``; call ``scheduler.step()`` after each optimizer step (with a
-    time budget, after setting ``scheduler.elapsed_s``). ``optim.temperature_lr_scale`` scales the
-    learning rate of the logit scale's parameter."""
+    time budget, after setting ``scheduler.elapsed_s``). Each parameter's LR factor of
+    :func:`lr_groups` (layer-wise decay, ``optim.temperature_lr_scale``) is set as its
+    ``optimize_attr["learning_rate"]``, which Paddle multiplies into the scheduler's LR at every
+    step (one flat parameter list: fleet's sharded optimizer takes no parameter groups). Every
+    parameter is given, a locked tower's too: Paddle skips ``stop_gradient`` parameters and makes
+    no state for them until they train (ernievil2.train.towers)."""
     scheduler = WarmupCosine(cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, time_budget_s)
     decay_names = {p.name for n, p in model.named_parameters() if decays(n, p)}
     params: list = list(model.parameters())
-    if cfg.temperature_lr_scale != 1.0:
-        temperature = [p for n, p in model.named_parameters() if n.split(".")[-1] == "temperature"]
-        rest = [p for p in params if all(p is not t for t in temperature)]
-        params = [{"params": rest}, {"params": temperature, "learning_rate": cfg.temperature_lr_scale}]
+    groups = lr_groups(model, cfg)
+    for name, param in model.named_parameters():
+        param.optimize_attr["learning_rate"] = groups[name][1]
     optimizer = paddle.optimizer.AdamW(
         learning_rate=scheduler,
         beta1=cfg.beta1,

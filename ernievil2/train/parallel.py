@@ -116,11 +116,21 @@ class ParallelModel:
 
     def sync_gradients(self) -> None:
         """With ``manual_sync``: average every parameter gradient over the ranks (what data
-        parallel does in backward), in fused buckets; else nothing to do."""
+        parallel does in backward), in fused buckets; else nothing to do. Parameters without
+        gradient (a locked tower's: ``stop_gradient`` on every rank alike) are left out, so every
+        rank fuses the same buckets."""
         if self.manual_sync:
             from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
 
-            fused_allreduce_gradients(list(self.model.parameters()), None)
+            fused_allreduce_gradients([p for p in self.model.parameters() if not p.stop_gradient], None)
+
+    def trainable_changed(self) -> None:
+        """Parameters without gradient so far now train (a locked tower was unlocked). Data
+        parallel's gradient hooks cover the parameters that were trainable when it was made, so
+        from now on its gradients are averaged after backward instead (:meth:`sync_gradients`), as
+        with recompute; sharded optimizers check each parameter at every step."""
+        if isinstance(self.forward_model, paddle.DataParallel):
+            self.manual_sync = True
 
 
 def setup_parallel(model: ErnieViL2, optimizer: Any, info: DistInfo, *, sharding_stage: int = 0,

@@ -16,7 +16,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import paddle
@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ernievil2.atomic import atomic_write
 from ernievil2.benchmark import DEFAULT_RECALL_K, model_label, result_document
+from ernievil2.data.caption_language import kept_captions
 from ernievil2.data.demo import DemoDataSpec, demo_folder, ensure_demo_data
 from ernievil2.data.device_views import ViewFinisher
 from ernievil2.data.loader import build_train_data
@@ -46,9 +47,11 @@ from ernievil2.train.checkpoint_manager import CheckpointManager
 from ernievil2.train.config import Config, validate
 from ernievil2.train.loggers import RunLogger
 from ernievil2.train.optim import build_optimizer
+from ernievil2.train.towers import TowerSchedule
 from ernievil2.train.trainer import Trainer
 from ernievil2.train.training_checkpoint import TRAINER_STATE, read_trainer_state
-from ernievil2.weights.load import load_model, load_weights
+from ernievil2.weights.load import load_model
+from ernievil2.weights.towers import init_model
 
 log = logging.getLogger("ernievil2")
 
@@ -59,11 +62,12 @@ def set_seed(seed: int) -> None:
     paddle.seed(seed)
 
 
-def _training_captions(shards: list[str], limit: int = 200_000) -> Iterable[str]:
+def _training_captions(shards: list[str], limit: int = 200_000, languages: Sequence[str] = ()) -> Iterable[str]:
+    """The captions a vocab is built from: of the first ``limit`` samples, those in ``languages`` (all when empty)."""
     n = 0
     for sample in iter_samples(shards):
-        for c in sample.captions:
-            yield c
+        for i in kept_captions(sample.captions, sample.lang, sample.meta, languages):
+            yield sample.captions[i]
         n += 1
         if n >= limit:
             return
@@ -83,7 +87,8 @@ def prepare_tokenizer(cfg: Config, train_shards: list[str], run_dir: Path,
         return WordPieceTokenizer(os.path.expanduser(m.vocab_file), max_length=m.text_max_length)
     text = None
     if info.is_main:
-        vocab = WordPieceTokenizer.build_vocab(_training_captions(train_shards), run_dir / "vocab.txt", m.vocab_size)
+        captions = _training_captions(train_shards, languages=cfg.data.caption_languages)
+        vocab = WordPieceTokenizer.build_vocab(captions, run_dir / "vocab.txt", m.vocab_size)
         text = Path(vocab).read_text(encoding="utf-8")
     text = broadcast_object(text)
     if info.is_main:
@@ -141,8 +146,8 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
         raise ValueError(f"vocab has {tokenizer.vocab_size} tokens but model.text.vocab_size is {model_cfg.text.vocab_size}")
     model = build_model(model_cfg)
-    if cfg.model.init_from:
-        load_weights(model, cfg.model.init_from)
+    # model.init_from, then each tower's own init_from (which wins for its tower)
+    init_model(model, cfg.model.init_from, {t: getattr(cfg.model, t).init_from for t in ("vision", "text")})
     n_params = sum(int(np.prod(p.shape)) for p in model.parameters())
     log.info("model %s: %.2fM parameters, image %d px, attention %s", cfg.model.preset, n_params / 1e6,
              model_cfg.vision.image_size, model_cfg.attention)
@@ -158,7 +163,8 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
     aux_views = loss.aux_views
     transform = MultiViewTransform(views_cfg, tokenizer, cfg.model.text_max_length, cfg.trainer.seed,
                                    views=loss.required_views, aux_views=aux_views,
-                                   aux_rows=loss.rows(aux_views[0], cfg.data.batch_size) if aux_views else None)
+                                   aux_rows=loss.rows(aux_views[0], cfg.data.batch_size) if aux_views else None,
+                                   caption_languages=cfg.data.caption_languages)
     finish_views = ViewFinisher(views_cfg.mean, views_cfg.std)
     # A model on the CPU leaves no time to finish the views in this process, and the loader workers
     # have plenty: they finish them there (the same computation).
@@ -171,6 +177,7 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
 
     evaluators = build_evaluators(cfg, model_cfg.vision.image_size, tokenizer, info)
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.trainer.max_steps, cfg.trainer.time_budget_s)
+    towers = TowerSchedule.from_config(model, cfg.model, cfg.optim)  # locks before the trainer wraps the model
     resume_from = resolve_resume(cfg.resume, run_dir)
     logger = RunLogger(run_dir, cfg.logger, resolved, write_files=info.is_main,
                        resume_id=saved_wandb_run_id(resume_from))
@@ -180,7 +187,7 @@ def run_training(cfg: DictConfig | Config, run_dir: str | Path) -> list[dict]:
         log_every=cfg.logger.log_every, eval_every=cfg.eval.every_n_steps,
         eval_every_s=cfg.eval.every_n_seconds, eval_at_end=cfg.eval.at_end,
         checkpoint_files={"vocab.txt": vocab_path}, config=resolved, dist=info,
-        finish_views=finish_views,
+        finish_views=finish_views, towers=towers,
     )
     try:
         if resume_from is not None:

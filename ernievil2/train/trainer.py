@@ -49,6 +49,7 @@ from ernievil2.train.step import (
     global_grad_norm,
     merge_micro_batches,
 )
+from ernievil2.train.towers import TowerSchedule
 from ernievil2.train.training_checkpoint import TrainingState, load_training_checkpoint, write_training_checkpoint
 
 log = logging.getLogger("ernievil2")
@@ -73,7 +74,9 @@ class Trainer:
     of the data and ``logger`` must write no file except on rank 0. Parameters are checked to be
     identical on all ranks at the end (:func:`ernievil2.distributed.check_parameters_in_sync`).
     Image views arrive as uint8 pixels; ``finish_views`` (default: ImageNet mean/std) turns them
-    into the model's input on the device.
+    into the model's input on the device. ``towers`` (made before the trainer: it locks towers
+    before data parallel wraps the model) locks, unlocks and ramps the towers
+    (:mod:`ernievil2.train.towers`); default: nothing locked.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class Trainer:
         config: Optional[dict] = None,
         dist: Optional[DistInfo] = None,
         finish_views: Optional[ViewFinisher] = None,
+        towers: Optional[TowerSchedule] = None,
     ):
         self.settings = settings or TrainerSchema()
         s = self.settings
@@ -106,6 +110,10 @@ class Trainer:
         if self.dist.world_size != loss.exchange.world_size:
             raise ValueError(f"{self.dist.world_size} rank(s) but the loss exchanges features over "
                              f"{loss.exchange.world_size}: build the loss with DistributedExchange")
+        self.towers = towers or TowerSchedule(model)
+        if self.towers.unlock_at is not None and s.sharding_stage == 2:
+            raise ValueError("optim.unlock_at needs trainer.sharding_stage 0 or 1 (stage 2 fixes the trainable "
+                             "parameters when it is set up)")
         views = loss.required_views
         both_towers = any(v in IMAGE_VIEWS for v in views) and any(v in TEXT_VIEWS for v in views)
         # A tower (or the temperature) the loss does not use gets no gradient: data parallel must
@@ -232,7 +240,8 @@ class Trainer:
             extra={"nan_total": self.nan_total, "bad_samples": dict(self.bad_samples),
                    "wandb_run_id": getattr(self.logger, "run_id", None),
                    "world_size": self.dist.world_size, "accum_steps": self.settings.accum_steps,
-                   "train_seconds": self.clock.seconds()},  # rank 0's (save runs there alone)
+                   "train_seconds": self.clock.seconds(),  # rank 0's (save runs there alone)
+                   "towers": self.towers.state()},
         )
 
     def save(self, records: Sequence[dict] = ()) -> Optional[Path]:
@@ -276,6 +285,8 @@ class Trainer:
         self.nan_total = int(state.extra.get("nan_total", 0))
         self.clock = TrainClock(float(state.extra.get("train_seconds", 0.0)))
         self.bad_samples = {k: int(v) for k, v in state.extra.get("bad_samples", {}).items()}
+        if self.towers.restore(state.extra.get("towers")):
+            self.parallel.trainable_changed()
         self.last_checkpoint = path
         log.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, self.step, self.epoch,
                  self.batches_in_epoch)
@@ -378,7 +389,9 @@ class Trainer:
         """One optimizer step over the ``pending`` micro-batches: forward/backward, the update (or a
         skip on a non-finite loss), the schedule, counters and the log line. Returns the training
         seconds after it (None when nothing needs them)."""
-        terms = self.train_step(pending, self._progress(seconds))
+        progress = self._progress(seconds)
+        self.prepare_step(progress)
+        terms = self.train_step(pending, progress)
         rows = sum(int(b["caption_ids"].shape[0]) for b in pending if "caption_ids" in b)
         tagged = sum(float(np.asarray(b["has_objects"]).sum()) for b in pending if "has_objects" in b)
         grad_norm = None
@@ -398,7 +411,8 @@ class Trainer:
         meter.stepped(rows, tagged)
         if self.step % self.log_every == 0:
             window = meter.scalars()
-            scalars = {**terms, "lr": lr, "logit_scale": self.model.logit_scale.item(),
+            scalars = {**terms, "lr": lr, **self.towers.learning_rates(lr),  # lr/<group>: layer decay, locks
+                       "logit_scale": self.model.logit_scale.item(),
                        "train_seconds": self.clock.seconds(),
                        **({"aux_weight": self.loss.aux_weight(self._progress(seconds))}
                           if self.loss.cfg.aux_until is not None or self.loss.cfg.aux_from is not None else {}),
@@ -413,6 +427,15 @@ class Trainer:
             if self.logger is not None:
                 self.logger.log_train(self.step, scalars)
         return seconds
+
+    def prepare_step(self, progress: float) -> None:
+        """Before the next step (at ``progress``, the fraction of the run done): unlock the locked
+        towers when ``optim.unlock_at`` is reached (the same step on every rank: progress follows
+        rank 0's clock) and set the unlocked towers' LR factors for the step."""
+        if self.towers.due(progress):
+            self.towers.unlock(self.step)
+            self.parallel.trainable_changed()
+        self.towers.prepare(self.step)
 
     def _needs_seconds(self) -> bool:
         return bool(self.settings.time_budget_s or self.eval_every_s)

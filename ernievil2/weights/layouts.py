@@ -124,7 +124,7 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile(pattern)
 
 
-class _KeyMap:
+class KeyMap:
     """Rename keys between two layouts given (ours, theirs) templates."""
 
     def __init__(self, pairs: list[tuple[str, str]]):
@@ -146,8 +146,8 @@ class _KeyMap:
         return self._rename(key, self._to_theirs)
 
 
-_PADDLENLP_KEYS = _KeyMap(_PADDLENLP_PAIRS)
-_OFFICIAL_KEYS = _KeyMap(_OFFICIAL_PAIRS)
+PADDLENLP_KEYS = KeyMap(_PADDLENLP_PAIRS)
+_OFFICIAL_KEYS = KeyMap(_OFFICIAL_PAIRS)
 _PNLP_QKV = re.compile(r"vision_model\.transformer\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)")
 
 
@@ -188,7 +188,7 @@ def paddlenlp_to_ours(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             layer, which, kind = m.groups()
             parts.setdefault((layer, kind), {})[which] = (key, value)
             continue
-        new = _PADDLENLP_KEYS.to_ours(key)
+        new = PADDLENLP_KEYS.to_ours(key)
         if new == "temperature":
             value = value.reshape(-1) if value.size == 1 else value
         out[new or key] = value
@@ -219,7 +219,7 @@ def ours_to_paddlenlp(state: Mapping[str, np.ndarray], cfg: DualEncoderConfig) -
             for which, piece in zip(("q", "k", "v"), np.split(value, 3, axis=-1)):
                 out[f"vision_model.transformer.layers.{layer}.self_attn.{which}_proj.{kind}"] = np.ascontiguousarray(piece)
             continue
-        new = _PADDLENLP_KEYS.to_theirs(key)
+        new = PADDLENLP_KEYS.to_theirs(key)
         if new is None:
             raise KeyError(f"no PaddleNLP ErnieViLModel name for parameter {key!r}")
         out[new] = value

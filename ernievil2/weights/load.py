@@ -67,6 +67,9 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    # Tensors of the model that a one-tower checkpoint lacks and that keep the model's own init
+    # (a text tower's pooler; see ernievil2.weights.towers).
+    fresh: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -137,11 +140,13 @@ def first_difference(saved: Mapping[str, Sequence[int]], live: Mapping[str, Sequ
             f"({len(differing)} of {len(keys)} keys differ)")
 
 
-def check_state(model: paddle.nn.Layer, state: Mapping[str, np.ndarray], where: str, strict: bool = True) -> LoadReport:
+def check_state(model: paddle.nn.Layer, state: Mapping[str, np.ndarray], where: str, strict: bool = True,
+                prefix: str = "") -> LoadReport:
     """Compare an our-named ``state`` with ``model``. Strict: one :class:`CheckpointMismatchError`
     naming ``where`` and the first differing key lists every missing key, unexpected key and shape
-    mismatch. Non-strict: the differences are logged and returned."""
-    own = model.state_dict()
+    mismatch. Non-strict: the differences are logged and returned. ``prefix``: the name of
+    ``model`` inside ``state``'s keys (``"vision."`` for a model's image tower)."""
+    own = {prefix + k: v for k, v in model.state_dict().items()}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = [
@@ -167,14 +172,17 @@ def check_state(model: paddle.nn.Layer, state: Mapping[str, np.ndarray], where: 
     return report
 
 
-def load_state_into(model: paddle.nn.Layer, state: Mapping[str, np.ndarray], where: str, strict: bool = True) -> LoadReport:
+def load_state_into(model: paddle.nn.Layer, state: Mapping[str, np.ndarray], where: str, strict: bool = True,
+                    prefix: str = "") -> LoadReport:
     """Copy an our-named ``state`` into ``model`` (each tensor cast to its parameter's dtype) after
-    :func:`check_state`: strict, nothing is set unless everything fits; non-strict, what fits is loaded."""
-    report = check_state(model, state, where, strict)
+    :func:`check_state` (``prefix`` as there): strict, nothing is set unless everything fits;
+    non-strict, what fits is loaded."""
+    report = check_state(model, state, where, strict, prefix)
     bad = {k for k, _, _ in report.mismatched}
     loaded = 0
     with paddle.no_grad():
         for k, param in model.state_dict().items():  # state_dict() holds the live tensors
+            k = prefix + k
             if k in state and k not in bad:
                 param.set_value(as_param_tensor(np.asarray(state[k]), param))
                 loaded += 1
