@@ -1,9 +1,10 @@
 """Does filtering by the model pay at equal compute? The demo with noisy web-like pairs, end to end.
 
-    python bench/filter_demo.py --scorer outputs/scorer/checkpoints/step_0000480
+    python bench/filter_demo.py
 
-The scorer is any checkpoint trained on demo data of *another* seed (so it never saw these pairs),
-e.g. ``python launch/train.py data.demo.seed=1 hydra.run.dir=outputs/scorer``. The script
+The scorer is a checkpoint trained on demo data of *another* seed (so it never saw these pairs):
+by default the script trains one first (the default demo recipe and length, ``data.demo.seed=1``,
+into ``OUT/runs/scorer``); ``--scorer CKPT`` scores with a given one. The script
 
 1. makes the training data: the demo's training split with ``--mismatch`` of the pairs captioned
    with another scene's captions (``data.demo.mismatch``), seed 0;
@@ -72,13 +73,17 @@ def final_mean_recall(run_dir: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scorer", required=True, help="checkpoint trained on demo data of another seed")
+    ap.add_argument("--scorer", help="checkpoint trained on demo data of another seed (default: train one)")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "filter_demo")
     ap.add_argument("--mismatch", type=float, default=0.4)
     ap.add_argument("--fraction", type=float, default=0.6)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=516, help="training steps of every run (default: what the "
                     "default recipe reaches in 160 s on 2 cores, docs/BENCHMARKS.md)")
+    ap.add_argument("--loss", help="train this loss config instead of the default recipe (e.g. clip_only); "
+                    "its runs and results.json get the name as a suffix")
+    ap.add_argument("--conditions", nargs="+", default=["all", "filtered", "perfect"],
+                    choices=["all", "filtered", "perfect"], help="which training sets to train on")
     ap.add_argument("--quick", action="store_true", help="smoke run: 200 pairs, 2 steps, one seed")
     args = ap.parse_args()
     sizes = {"n_train": 200, "n_val": 20, "samples_per_shard": 50} if args.quick else {}
@@ -91,9 +96,17 @@ def main() -> None:
     schema = DemoSchema(**knobs)
     demo = [f"data.demo.{k}={v}" for k, v in knobs.items()]
     data = ensure_demo_data(schema.cache_dir, schema)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out.resolve()  # the commands run from the repository root
+    (out / "runs").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if args.scorer is None:
+        scorer = out / "runs" / "scorer"
+        if not (scorer / "done").exists():
+            run(["launch/train.py", "data.demo.seed=1", *[d for d in demo if "mismatch" not in d],
+                 *(["trainer.max_steps=2"] if args.quick else []), f"hydra.run.dir={scorer}"],
+                log=out / "runs" / "scorer.log")
+            (scorer / "done").touch()
+        args.scorer = str(scorer)
 
     scores = out / "scores"
     run(["launch/filter.py", "score", "--ckpt", args.scorer, "--shards", str(data.train_dir), "--out", str(scores),
@@ -116,28 +129,30 @@ def main() -> None:
                  "--output", str(out / name), "--overwrite", "--no-progress"])
         sets[name] = str(out / name)
 
+    suffix = f"_{args.loss}" if args.loss else ""
+    sets = {name: path for name, path in sets.items() if name in args.conditions}
     results: dict[str, dict[str, float]] = {name: {} for name in sets}
     for seed in args.seeds:
         for name, shards_dir in sets.items():
-            run_dir = out / "runs" / f"{name}_s{seed}"
+            run_dir = out / "runs" / f"{name}{suffix}_s{seed}"
             if not (run_dir / "done").exists():
-                run(["launch/train.py", "data=shards", f"data.train_shards={shards_dir}", "data.num_workers=1",
+                run(["launch/train.py", *([f"loss={args.loss}"] if args.loss else []), "data=shards", f"data.train_shards={shards_dir}", "data.num_workers=1",
                      "data.shuffle_buffer=1000", *demo, f"trainer.seed={seed}", f"trainer.max_steps={args.steps}",
                      f"eval.every_n_steps={max(args.steps // 2, 1)}", "trainer.save_checkpoint=false",
-                     f"hydra.run.dir={run_dir}"], log=out / "runs" / f"{name}_s{seed}.log")
+                     f"hydra.run.dir={run_dir}"], log=run_dir.with_suffix(".log"))
                 (run_dir / "done").touch()
             results[name][str(seed)] = final_mean_recall(run_dir)
             print(f"{name} seed {seed}: mean recall {results[name][str(seed)]:.2f}", flush=True)
 
     table = {name: {"median": statistics.median(v.values()), "min": min(v.values()), "max": max(v.values()),
                     "by_seed": v} for name, v in results.items()}
-    report = {"scorer": args.scorer, "mismatch": args.mismatch, "fraction": args.fraction, "steps": args.steps,
+    report = {"scorer": args.scorer, "loss": args.loss or "default (multiview)", "mismatch": args.mismatch, "fraction": args.fraction, "steps": args.steps,
               "roc_auc": auc, "kept": len(kept), "kept_mismatched": len(kept & wrong), "pairs": len(keys),
               "mismatched": len(wrong), "results": table, "seconds": round(time.perf_counter() - start, 1)}
-    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-    base = table["all"]["median"]
+    (out / f"results{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
+    base = table[next(iter(table))]["median"]
     print(f"\nkept {len(kept)} of {len(keys)} pairs ({len(kept & wrong)} of {len(wrong)} mismatched); AUC {auc:.4f}")
-    print("| data | median | min | max | vs all |\n|---|---:|---:|---:|---:|")
+    print(f"| data | median | min | max | vs {next(iter(table))} |\n|---|---:|---:|---:|---:|")
     for name, row in table.items():
         print(f"| {name} | {row['median']:.2f} | {row['min']:.2f} | {row['max']:.2f} | {row['median'] / base:.2f}× |")
 

@@ -68,7 +68,7 @@ def main() -> None:
     stage0_steps = 2 if args.quick else 480
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 2
-    out = args.out
+    out = args.out.resolve()  # the commands run from the repository root
     (out / "runs").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     stage0 = out / "runs" / "stage0_en"

@@ -187,6 +187,10 @@ def json_written(o: Outcome) -> None:
     assert json.loads(o.path(o.flag("--out")).read_text(encoding="utf-8"))
 
 
+def bench_results(o: Outcome) -> None:
+    assert json.loads((o.path(o.flag("--out")) / "results.json").read_text(encoding="utf-8"))["results"]
+
+
 def printed(text: str) -> Callable[[Outcome], None]:
     def check(o: Outcome) -> None:
         assert text in o.output, o.output[-2000:]
@@ -240,6 +244,12 @@ RUNNERS = {
                                 slow=True),
     "bench step_cost": Runner(r"^python bench/step_cost\.py\b", json_written,
                               smoke=("--repeats", "1", "--batch", "8", "--out", "bench.json"), slow=True),
+    "bench filter_demo": Runner(r"^python bench/filter_demo\.py\b", bench_results,
+                                smoke=("--quick", "--out", "bench_out"), slow=True),
+    "bench transfer_demo": Runner(r"^python bench/transfer_demo\.py\b", bench_results,
+                                  smoke=("--quick", "--out", "bench_out"), slow=True),
+    "bench score_speed": Runner(r"^python bench/score_speed\.py\b", json_written,
+                                smoke=("--quick", "--out", "bench.json"), slow=True),
     "bench eval_retri": Runner(r"^python bench/eval_retri\.py\b", printed("| plain"),
                                smoke=("--rounds", "1", "--lines", "200", "--dim", "32"), slow=True),
     "bench data_pipeline": Runner(r"^python bench/data_pipeline\.py\b", printed("| full sample"),
