@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=516, help="steps of each Chinese run (default: the default "
                     "recipe's steps in 160 s on 2 cores, docs/BENCHMARKS.md)")
+    ap.add_argument("--unlock-at", default="0.5", help="optim.unlock_at of the transferred run; 'never': locked "
+                    "throughout (LiT); other than 0.5 the run is named transfer_unlock<VALUE>")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps, one seed, a small demo")
     args = ap.parse_args()
     small = ["data.demo.n_train=64", "data.demo.n_val=16", "data.demo.samples_per_shard=32"] if args.quick else []
@@ -81,8 +83,9 @@ def main() -> None:
 
     common = ["loss=clip_only", "data.caption_languages=[zh]", *ZH_EVAL, *small, f"trainer.max_steps={args.steps}",
               f"eval.every_n_steps={max(args.steps // 2, 1)}", "trainer.save_checkpoint=false"]
-    recipes = {"scratch": [], "transfer": [f"model.vision.init_from={ckpt}", "model.vision.locked=true",
-                                           "optim.unlock_at=0.5", "optim.unlock_warmup_steps=30"]}
+    unlock = [] if args.unlock_at == "never" else [f"optim.unlock_at={args.unlock_at}", "optim.unlock_warmup_steps=30"]
+    name = "transfer" if args.unlock_at == "0.5" else f"transfer_unlock{args.unlock_at}"
+    recipes = {"scratch": [], name: [f"model.vision.init_from={ckpt}", "model.vision.locked=true", *unlock]}
     results: dict[str, dict[str, float]] = {name: {} for name in recipes}
     speeds: dict[str, list[tuple[float, float]]] = {name: [] for name in recipes}
     for seed in args.seeds:
@@ -103,7 +106,7 @@ def main() -> None:
              for name, v in results.items()}
     report = {"steps": args.steps, "stage0": str(ckpt), "stage0_demo_val_mean_recall_all_languages":
               stage0_zh["mean_recall"], "results": table, "seconds": round(time.perf_counter() - start, 1)}
-    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / ("results.json" if name == "transfer" else f"results_{name}.json")).write_text(json.dumps(report, indent=1) + "\n")
     base = table["scratch"]["median"]
     print("| Chinese model | median | min | max | vs scratch | samples/s 1st half | 2nd half |")
     print("|---|---:|---:|---:|---:|---:|---:|")
