@@ -3,6 +3,9 @@
     python bench/score_speed.py                  # tiny on a demo shard (2,000 pairs), base on 256 web-like pairs
     python bench/score_speed.py --quick          # smoke run: 64 tiny pairs, 8 base pairs
 
+Each preset is measured scoring every caption (``--captions all``) and the first caption only
+(``--captions first``), side by side.
+
 *tiny*: the demo preset (64 px) on the first training shard of the demo data (2,000 pairs, four
 captions each, as the demo's filtering experiment scores them). *base*: the released model's size
 (224 px) on generated shards of 512×384 JPEGs with two 20-character Chinese captions each, the
@@ -66,7 +69,7 @@ def demo_shard(n: int, folder: Path) -> Path:
     return folder
 
 
-def measure(preset: str, shards: Path, work: Path, vocab: Path, batch_size: int) -> dict:
+def measure(preset: str, shards: Path, work: Path, vocab: Path, batch_size: int, captions: str) -> dict:
     import paddle
 
     from ernievil2.filtering.score import ScoreOptions, score_shards
@@ -79,13 +82,13 @@ def measure(preset: str, shards: Path, work: Path, vocab: Path, batch_size: int)
     tokenizer = WordPieceTokenizer(vocab)
     model = build_model(model_config(preset, text={"vocab_size": tokenizer.vocab_size}))
     encoder = Encoder.from_model(model, tokenizer, text_max_length=64 if preset != "tiny" else 32)
-    options = ScoreOptions(batch_size=batch_size, workers=2, progress=False)
-    score_shards(shards, work / "warmup", encoder, ScoreOptions(batch_size=batch_size, progress=False))  # warm-up
+    options = ScoreOptions(batch_size=batch_size, workers=2, progress=False, captions=captions)
+    score_shards(shards, work / "warmup", encoder, options)  # warm-up
     start = time.perf_counter()
     report = score_shards(shards, work / "scores", encoder, options)
     seconds = time.perf_counter() - start
     return {"preset": preset, "pairs": report.samples, "seconds": round(seconds, 2),
-            "pairs_per_s": round(report.samples / seconds, 1), "batch_size": batch_size,
+            "pairs_per_s": round(report.samples / seconds, 1), "batch_size": batch_size, "captions": captions,
             "image_size": int(model.cfg.vision.image_size)}
 
 
@@ -93,6 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 64 tiny pairs, 8 base pairs")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "score_speed.json")
+    ap.add_argument("--presets", default="tiny,base", help="comma-separated: tiny, base (default %(default)s)")
     ap.add_argument("--vocab", type=Path, default=REPO.parent / "shared" / "assets" / "ernie-3.0-base-zh" / "vocab.txt")
     args = ap.parse_args()
     rows = []
@@ -105,15 +109,20 @@ def main() -> None:
             vocab = Path(WordPieceTokenizer.build_vocab([ZH, "large red circle left of a small blue square"] * 3,
                                                         tmp / "vocab.txt", vocab_size=300))
         n_tiny, n_base = (64, 8) if args.quick else (2000, 256)
-        rows.append(measure("tiny", demo_shard(n_tiny, tmp / "tiny"), tmp / "t", vocab, 64))
-        rows.append(measure("base", web_shards(tmp / "base", n_base), tmp / "b", vocab, 32))
+        shards = {"tiny": lambda: demo_shard(n_tiny, tmp / "tiny"), "base": lambda: web_shards(tmp / "base", n_base)}
+        for preset in args.presets.split(","):
+            made = shards[preset]()
+            for captions in ("all", "first"):
+                rows.append(measure(preset, made, tmp / f"{preset}-{captions}", vocab, 64 if preset == "tiny" else 32,
+                                    captions))
     result = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs", "rows": rows,
               "date": time.strftime("%Y-%m-%d")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print("| model | pairs | seconds | pairs/s |\n|---|---:|---:|---:|")
+    print("| model | captions | pairs | seconds | pairs/s |\n|---|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['preset']} ({r['image_size']} px, batch {r['batch_size']}) | {r['pairs']} | {r['seconds']} | {r['pairs_per_s']} |")
+        print(f"| {r['preset']} ({r['image_size']} px, batch {r['batch_size']}) | {r['captions']} | {r['pairs']} | "
+              f"{r['seconds']} | {r['pairs_per_s']} |")
 
 
 if __name__ == "__main__":

@@ -310,3 +310,18 @@ def test_two_launched_ranks_score_disjoint_shards_covering_all(tmp_path, ckpt):
     assert "rank 0: scored 15 pair(s) in 3 shard(s)" in logs and "rank 1: scored 10 pair(s) in 2 shard(s)" in logs
     keys = [k for s in read_scores(tmp_path / "scores") for k in s.keys]
     assert sorted(keys) == [f"k{i:04d}" for i in range(25)]
+
+
+def test_first_caption_only_scores_the_same_first_caption(tmp_path, encoder):
+    write_shards(tmp_path / "shards", n=9, per_shard=5)
+    score_shards(tmp_path / "shards", tmp_path / "all", encoder, QUIET)
+    first = ScoreOptions(batch_size=4, progress=False, captions="first")
+    score_shards(tmp_path / "shards", tmp_path / "first", encoder, first)
+    every, one = read_scores(tmp_path / "all"), read_scores(tmp_path / "first")
+    for a, b in zip(every, one):
+        assert b.keys == a.keys and list(np.diff(b.caption_offsets)) == [1] * len(b)
+        np.testing.assert_allclose(b.score("first"), a.score("first"), atol=2e-6)
+    with pytest.raises(FilterError, match="another model or settings"):  # a folder holds one setting
+        score_shards(tmp_path / "shards", tmp_path / "all", encoder, first)
+    with pytest.raises(FilterError, match="captions must be 'all' or 'first'"):
+        ScoreOptions(captions="some")

@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--text-max-length", type=int, default=64, help="tokens per caption (default %(default)s)")
     sc.add_argument("--profile", default="official", choices=("official", "paddlenlp"),
                     help="image preprocessing (ernievil2.data.preprocess; default %(default)s)")
+    sc.add_argument("--captions", default="all", choices=("all", "first"),
+                    help="score every caption of a sample, or its first only (faster; default %(default)s)")
     sc.add_argument("--embeddings", action="store_true", help="also keep float16 image and caption embeddings")
     sc.add_argument("--device", default="auto", help="auto | cpu | gpu | gpu:N (default %(default)s)")
     sc.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -49,6 +51,7 @@ def run_score(args: argparse.Namespace) -> int:
     encoder = load_encoder(args.ckpt, args.vocab, profile=args.profile, text_max_length=args.text_max_length,
                            device=args.device)
     options = ScoreOptions(batch_size=args.batch_size, workers=args.workers, keep_embeddings=args.embeddings,
+                           captions=args.captions,
                            progress=False if args.no_progress else None)
     report = score_shards(args.shards, args.out, encoder, options, info)
     prefix = f"rank {info.rank}: " if info.distributed else ""

@@ -35,12 +35,19 @@ log = logging.getLogger("ernievil2.filtering")
 @dataclass(frozen=True)
 class ScoreOptions:
     """How to score: samples per batch, image-decoding threads, whether to keep the float16
-    embeddings in the sidecars, and the progress bar (None: on an interactive terminal)."""
+    embeddings in the sidecars, the progress bar (None: on an interactive terminal), and which
+    captions (``all``, or the ``first`` of each sample only, as DataComp scores: a text pass per
+    sample instead of one per caption)."""
 
     batch_size: int = 64
     workers: int = 2
     keep_embeddings: bool = False
     progress: bool | None = None
+    captions: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.captions not in ("all", "first"):
+            raise FilterError(f"captions must be 'all' or 'first', got {self.captions!r}")
 
 
 @dataclass
@@ -61,8 +68,9 @@ class ScoreReport:
                 f"{self.already_scored} of {self.shards} shard(s) already scored; skipped: {skipped}")
 
 
-def _identity(encoder: Any) -> dict[str, Any]:
-    return {**asdict(encoder.identity), "text_max_length": int(encoder.text_max_length)}
+def _identity(encoder: Any, options: ScoreOptions) -> dict[str, Any]:
+    """What must match for two sidecars' scores to share one scale."""
+    return {**asdict(encoder.identity), "text_max_length": int(encoder.text_max_length), "captions": options.captions}
 
 
 def check_done(path: Path, url: str, identity: dict[str, Any]) -> bool:
@@ -126,11 +134,12 @@ def score_shard(url: str, encoder: Any, options: ScoreOptions, pool: ThreadPoolE
         if not good:
             continue
         images = embed_crops(model, np.stack([c for _, c in good]), options.batch_size, profile)
-        texts = [t for s, _ in good for t in s.captions]
+        captions = [s.captions if options.captions == "all" else s.captions[:1] for s, _ in good]
+        texts = [t for caps in captions for t in caps]
         text_emb = embed_texts(model, encoder.tokenizer, texts, encoder.text_max_length, options.batch_size)
         row = 0
-        for i, (sample, _) in enumerate(good):
-            n = len(sample.captions)
+        for i, ((sample, _), caps) in enumerate(zip(good, captions)):
+            n = len(caps)
             scores.append(text_emb[row: row + n] @ images[i])
             keys.append(sample.key)
             if options.keep_embeddings:
@@ -139,7 +148,7 @@ def score_shard(url: str, encoder: Any, options: ScoreOptions, pool: ThreadPoolE
         if options.keep_embeddings:
             image_rows.append(images)
     width = int(model.cfg.text.width)
-    meta = {"stat": stat, "model": _identity(encoder), "skipped": skips.by_kind()}
+    meta = {"stat": stat, "model": _identity(encoder, options), "skipped": skips.by_kind()}
     emb = (np.concatenate(image_rows) if image_rows else np.empty((0, width), np.float32),
            np.stack(text_rows) if text_rows else np.empty((0, width), np.float32))
     result = ShardScores.from_lists(url, keys, scores, meta, *(emb if options.keep_embeddings else (None, None)))
@@ -172,7 +181,7 @@ def score_shards(shards: str | os.PathLike | Sequence[str], out_dir: str | os.Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mine = urls[info.rank::info.world_size]
-    identity = _identity(encoder)
+    identity = _identity(encoder, options)
     for url in mine:  # what a killed writer of this rank's sidecars left (atomic_write's temporary files)
         for stale in out.glob(f".{sidecar_path(out, url).name}.*.tmp"):
             stale.unlink(missing_ok=True)
