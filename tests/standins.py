@@ -1,6 +1,6 @@
 """Stand-ins for what the documented command lines read, and the machine the docs assume.
 
-:class:`StandIns` builds each stand-in once per session, on first use, in small sizes: a tiny
+:class:`StandIns` builds each stand-in once per test run, on first use, in small sizes: a tiny
 demo run trained 1 step, "released weights" (a random tiny model with the preset's word
 embedding), a PaddleNLP ErnieModel folder and a timm ViT (one tower each, tiny sizes), shards, COCO / Karpathy / Chinese-CLIP / JSON Lines / upstream-TSV inputs with
 detector files, an ImageNet-style folder, clip_benchmark WebDataset folders, a photo folder and
@@ -172,7 +172,7 @@ WANDB_UNSET = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "
 
 
 class StandIns:
-    """The session's stand-ins under ``root``, each built on first use."""
+    """The test run's stand-ins under ``root``, each built on first use."""
 
     def __init__(self, root: Path):
         self.root = root

@@ -17,10 +17,8 @@ caption-language selection (training and evaluation).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,8 +26,8 @@ import dist_worker
 import numpy as np
 import paddle
 import pytest
-from hydra import compose, initialize_config_dir
 from safetensors.numpy import load_file
+from train_runs import REPO_ROOT, compose_config, read_jsonl, train_cmd, train_env
 
 from ernievil2.data.caption_language import caption_languages, kept_captions, language_in
 from ernievil2.data.demo import DemoDataSpec, ensure_demo_data, make_sample
@@ -52,8 +50,6 @@ from ernievil2.train.towers import TowerSchedule, locked_towers
 from ernievil2.train.trainer import Trainer
 from ernievil2.train.training_checkpoint import OPTIMIZER_STATE, _optimizer_entries
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
 SMALL = [
     "data.demo.n_train=600", "data.demo.n_val=60", "data.demo.samples_per_shard=200", "data.batch_size=16",
     "data.shuffle_buffer=200", "trainer.device=cpu", "logger.backend=none", "optim.warmup_steps=3",
@@ -67,12 +63,11 @@ def demo_cache(tmp_path_factory) -> Path:
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=SMALL + list(overrides))
+    return compose_config(SMALL, *overrides)
 
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def _moment_owners(optimizer, model) -> set[str]:
@@ -361,14 +356,11 @@ RESUME_ARGS = ("trainer.max_steps=8", "trainer.checkpoint_every=2", "logger.log_
 
 
 def _train_cmd(run_dir: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO_ROOT / "launch" / "train.py"), *SMALL, f"data.demo.cache_dir={cache}",
-            f"hydra.run.dir={run_dir}", *RESUME_ARGS, *extra]
+    return train_cmd(SMALL, run_dir, cache, *RESUME_ARGS, *extra)
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
+    return train_env()
 
 
 def _assert_same_log(got: Path, want: Path, steps: range) -> None:

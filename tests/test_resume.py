@@ -7,26 +7,22 @@ killed with SIGKILL at a random step after its second checkpoint and restarted w
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from safetensors.numpy import load_file
+from train_runs import compose_config, read_jsonl, train_cmd, train_env
 
 from ernievil2.train.config import register_schemas
 from ernievil2.train.run import run_evaluation, run_training
 from ernievil2.train.trainer import NonFiniteLossError
 from ernievil2.weights.layouts import WEIGHTS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
 SMALL = [
     "data.demo.n_train=600", "data.demo.n_val=60", "data.demo.samples_per_shard=200", "data.batch_size=16",
     "data.shuffle_buffer=200", "trainer.device=cpu", "logger.backend=none", "optim.warmup_steps=3",
@@ -43,23 +39,19 @@ def demo_cache(tmp_path_factory) -> Path:
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=SMALL + list(overrides))
+    return compose_config(SMALL, *overrides)
 
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def _train_cmd(run_dir: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO_ROOT / "launch" / "train.py"), *SMALL, f"data.demo.cache_dir={cache}",
-            f"hydra.run.dir={run_dir}", *extra]
+    return train_cmd(SMALL, run_dir, cache, *extra)
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
+    return train_env()
 
 
 def _final_weights(run_dir: Path) -> dict[str, np.ndarray]:
