@@ -74,6 +74,8 @@ def final_mean_recall(run_dir: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scorer", help="checkpoint trained on demo data of another seed (default: train one)")
+    ap.add_argument("--scorer-steps", type=int, help="training steps of the scorer the script trains (default: "
+                    "the demo recipe's)")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "filter_demo")
     ap.add_argument("--mismatch", type=float, default=0.4)
     ap.add_argument("--fraction", type=float, default=0.6)
@@ -103,7 +105,9 @@ def main() -> None:
         scorer = out / "runs" / "scorer"
         if not (scorer / "done").exists():
             run(["launch/train.py", "data.demo.seed=1", *[d for d in demo if "mismatch" not in d],
-                 *(["trainer.max_steps=2"] if args.quick else []), f"hydra.run.dir={scorer}"],
+                 *(["trainer.max_steps=2"] if args.quick else
+                   [f"trainer.max_steps={args.scorer_steps}"] if args.scorer_steps else []),
+                 f"hydra.run.dir={scorer}"],
                 log=out / "runs" / "scorer.log")
             (scorer / "done").touch()
         args.scorer = str(scorer)
@@ -124,7 +128,7 @@ def main() -> None:
     (out / "true_pairs.txt").write_text("".join(f"{k}\n" for k in keys if k not in wrong))
     sets = {"all": str(data.train_dir)}
     for name, keep in (("filtered", out / "keep.txt"), ("perfect", out / "true_pairs.txt")):
-        if not (out / name / "sizes.json").exists():
+        if name == "filtered" or not (out / name / "sizes.json").exists():  # the kept keys follow the scorer
             run(["launch/pack.py", "--format", "shards", "--input", str(data.train_dir), "--keep-keys", str(keep),
                  "--output", str(out / name), "--overwrite", "--no-progress"])
         sets[name] = str(out / name)

@@ -64,16 +64,18 @@ def main() -> None:
                     "recipe's steps in 160 s on 2 cores, docs/BENCHMARKS.md)")
     ap.add_argument("--unlock-at", default="0.5", help="optim.unlock_at of the transferred run; 'never': locked "
                     "throughout (LiT); other than 0.5 the run is named transfer_unlock<VALUE>")
+    ap.add_argument("--stage0-steps", type=int, default=480, help="training steps of the stage-0 model (the "
+                    "\"existing\" tower; an existing tower usually had far more compute than the run that reuses it)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps, one seed, a small demo")
     args = ap.parse_args()
     small = ["data.demo.n_train=64", "data.demo.n_val=16", "data.demo.samples_per_shard=32"] if args.quick else []
-    stage0_steps = 2 if args.quick else 480
+    stage0_steps = 2 if args.quick else args.stage0_steps
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 2
     out = args.out.resolve()  # the commands run from the repository root
     (out / "runs").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    stage0 = out / "runs" / "stage0_en"
+    stage0 = out / "runs" / ("stage0_en" if stage0_steps in (2, 480) else f"stage0_en_{stage0_steps}")
     if not (stage0 / "done").exists():
         run(["launch/train.py", "data.caption_languages=[en]", "data.demo.seed=1", *small,
              f"trainer.max_steps={stage0_steps}", f"hydra.run.dir={stage0}"], out / "runs" / "stage0_en.log")

@@ -6,8 +6,12 @@ everywhere. Images enter as preprocessed pixels (float32 ``[B, 3, S, S]``, what
 :func:`ernievil2.data.preprocess.preprocess` makes of one image), as resized crops (uint8
 ``[n, S, S, 3]``, normalised batch by batch: a quarter of float32's memory for held evaluation
 sets; or an iterable of such batches, decoded as they are embedded, for streamed ones) or as
-encoded files; texts as strings (tokenized here) or token ids. The model runs in eval
-mode and without gradient; its mode is restored after.
+encoded files; texts as strings (tokenized here) or token ids.
+
+``model`` is a dual encoder (Paddle dygraph: run in eval mode without gradient, its mode restored
+after) or its :class:`~ernievil2.inference.predictor.CompiledTowers` (Paddle Inference with oneDNN,
+what :func:`ernievil2.inference.predictor.encoder_for` gives on CPU): anything with ``cfg``,
+``encode_image`` and ``encode_text``.
 """
 from __future__ import annotations
 
@@ -46,12 +50,23 @@ def _empty(model: Any) -> np.ndarray:
     return np.empty((0, model.cfg.text.width), dtype=np.float32)
 
 
+@contextlib.contextmanager
+def _runner(model: Any, tower: str) -> Iterator[Any]:
+    """``tower``'s function from NumPy input to NumPy embeddings, for a dygraph model (in eval mode,
+    without gradient, inside the block) or compiled towers."""
+    if not isinstance(model, paddle.nn.Layer):
+        yield getattr(model, f"encode_{tower}")
+        return
+    encode = getattr(model, f"encode_{tower}")
+    with eval_mode(model):
+        yield lambda array: encode(paddle.to_tensor(array)).numpy()
+
+
 def embed_pixels(model: Any, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Embeddings ``[B, D]`` of preprocessed pixels (float32 ``[B, 3, S, S]``)."""
     pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-    with eval_mode(model):
-        out = [model.encode_image(paddle.to_tensor(pixels[i: i + batch_size])).numpy()
-               for i in range(0, len(pixels), batch_size)]
+    with _runner(model, "image") as run:
+        out = [run(pixels[i: i + batch_size]) for i in range(0, len(pixels), batch_size)]
     return np.concatenate(out).astype(np.float32, copy=False) if out else _empty(model)
 
 
@@ -92,9 +107,8 @@ def embed_token_ids(model: Any, text_ids: np.ndarray, batch_size: int = 256, pro
     """Embeddings of token ids ``[n, L]``; the columns that are padding in a whole batch are trimmed.
     ``progress``: the name of a progress bar over the batches, shown on an interactive terminal."""
     pad = model.cfg.text.pad_id
-    with eval_mode(model):
-        out = [model.encode_text(paddle.to_tensor(trim_padding(text_ids[i: i + batch_size], pad))).numpy()
-               for i in _batches(len(text_ids), batch_size, progress)]
+    with _runner(model, "text") as run:
+        out = [run(trim_padding(text_ids[i: i + batch_size], pad)) for i in _batches(len(text_ids), batch_size, progress)]
     return np.concatenate(out).astype(np.float32, copy=False) if out else _empty(model)
 
 

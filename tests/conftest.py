@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("ERNIEVIL2_SHARED", REPO_ROOT.parent / "shared"))
+# Exports for the CPU predictors (ernievil2.inference.predictor) go to a folder of this test run,
+# which subprocesses inherit, not to the user's cache.
+os.environ.setdefault("ERNIEVIL2_PREDICTOR_CACHE", tempfile.mkdtemp(prefix="ernievil2-predictors-"))
 WHERE = "set ERNIEVIL2_SHARED to move it"
 
 

@@ -137,8 +137,12 @@ def recall_table(o: Outcome) -> None:
 
 
 def exported(o: Outcome) -> None:
+    """The Paddle Inference models; with ``--format onnx`` their ONNX conversions, recorded."""
     out = o.path(o.words[2])
     assert (out / "image" / "inference.json").is_file() and (out / "text" / "inference.json").is_file()
+    if "--format" in o.words and o.flag("--format") == "onnx":
+        assert (out / "image" / "model.onnx").is_file() and (out / "text" / "model.onnx").is_file()
+        assert json.loads((out / "export.json").read_text(encoding="utf-8"))["format"] == "onnx"
 
 
 def benchmark_results(o: Outcome) -> None:

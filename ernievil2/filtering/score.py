@@ -70,7 +70,9 @@ class ScoreReport:
 
 def _identity(encoder: Any, options: ScoreOptions) -> dict[str, Any]:
     """What must match for two sidecars' scores to share one scale."""
-    return {**asdict(encoder.identity), "text_max_length": int(encoder.text_max_length), "captions": options.captions}
+    precision = {"precision": encoder.precision} if encoder.precision != "fp32" else {}
+    return {**asdict(encoder.identity), "text_max_length": int(encoder.text_max_length), "captions": options.captions,
+            **precision}
 
 
 def check_done(path: Path, url: str, identity: dict[str, Any]) -> bool:
@@ -121,7 +123,7 @@ def score_shard(url: str, encoder: Any, options: ScoreOptions, pool: ThreadPoolE
     scores: list[np.ndarray] = []
     image_rows: list[np.ndarray] = []
     text_rows: list[np.ndarray] = []
-    model, size, profile = encoder.model, encoder.image_size, encoder.profile
+    model, size, profile = encoder.runner, encoder.image_size, encoder.profile
     for batch in _batches(url, skips, expected, options.batch_size):
         crops = list(pool.map(lambda s: _crop(s, size, profile), batch))
         good = []

@@ -7,6 +7,8 @@ and ``launch/export.py``), one role per module:
 * :mod:`~ernievil2.inference.writer`: the upstream embeddings file (``text_emb \\t image_emb \\t 1``)
   and its sidecars, written atomically (:func:`run_inference`, :func:`infer_main`);
 * :mod:`~ernievil2.inference.export`: both towers as Paddle Inference models;
+* :mod:`~ernievil2.inference.predictor`: those models run by Paddle Inference with oneDNN, what the
+  one encode path embeds with on CPU (:func:`encoder_for`);
 * :mod:`~ernievil2.inference.errors`: :class:`InferError`, :class:`BadLineError`, :data:`REASONS`.
 
 The Hydra schema of ``conf/infer.yaml`` lives with the application, in
@@ -20,6 +22,7 @@ from ernievil2.embeddings_file import format_embedding_lines, sidecar_paths
 from ernievil2.inference.errors import REASONS, BadLineError, InferError
 from ernievil2.inference.export import export_inference
 from ernievil2.inference.model import build_inference_model
+from ernievil2.inference.predictor import CompiledTowers, compile_towers, encoder_for
 from ernievil2.inference.reader import (
     PreparedBatch,
     SeedLine,
@@ -35,5 +38,5 @@ __all__ = [
     "InferError", "BadLineError", "REASONS", "SeedLine", "SkipReport", "PreparedBatch", "InferResult",
     "parse_seed_line", "decode_base64", "load_record_image", "iter_seed_batches", "format_embedding_lines",
     "atomic_write", "build_inference_model", "run_inference", "infer_main", "export_inference",
-    "sidecar_paths", "resolve_device",
+    "sidecar_paths", "resolve_device", "CompiledTowers", "compile_towers", "encoder_for",
 ]

@@ -95,6 +95,7 @@ def export_inference(
                 input_spec=[InputSpec([None, None], "int64", "input_ids")],
             )
             meta = {
+                "format": "paddle",
                 "image": {"input": "pixels", "shape": [None, 3, image_size, image_size], "dtype": "float32"},
                 "text": {"input": "input_ids", "shape": [None, None], "dtype": "int64",
                          "max_length": text_max_length, "max_positions": cfg.text.max_positions,

@@ -37,6 +37,7 @@ from ernievil2.device import resolve_device
 from ernievil2.embeddings_file import format_embedding_lines, sidecar_paths
 from ernievil2.inference.errors import InferError
 from ernievil2.inference.model import build_inference_model
+from ernievil2.inference.predictor import encoder_for
 from ernievil2.inference.reader import PreparedBatch, SkipReport, iter_seed_batches
 from ernievil2.models.schema import check_keys
 
@@ -51,6 +52,11 @@ def _embed(model, tokenizer, batch: PreparedBatch, text_max_length: int) -> tupl
     n = len(batch.texts)
     return (embed_texts(model, tokenizer, batch.texts, text_max_length, batch_size=n),
             embed_pixels(model, batch.pixels, batch_size=n))
+
+
+def _describe(runner: Any) -> str:
+    precision = getattr(runner, "precision", None)
+    return f"Paddle Inference (oneDNN, {precision})" if precision else "Paddle dygraph"
 
 
 @dataclass
@@ -76,7 +82,8 @@ def run_inference(
     progress: bool = True,
 ) -> InferResult:
     """Embed ``test_file`` (upstream evaluation file) into ``output_file`` (upstream embeddings file)
-    and its sidecars (module docstring); every file appears only when the whole input is done."""
+    and its sidecars (module docstring); every file appears only when the whole input is done.
+    ``model``: a dual encoder or what :func:`~ernievil2.inference.predictor.encoder_for` makes of one."""
     if text_max_length < 2:
         raise InferError(f"text_max_length must be >= 2, got {text_max_length}")
     image_size = model.cfg.vision.image_size
@@ -127,10 +134,11 @@ def infer_main(cfg: Any) -> InferResult:
         raise InferError(f"unknown profile {cfg.profile!r}; choose one of {list(PROFILES)}")
     device = resolve_device(cfg.device)
     model, tokenizer = build_inference_model(cfg)
-    log.info("device %s, preset %s, image size %d, profile %s", device, cfg.model.preset,
-             model.cfg.vision.image_size, cfg.profile)
+    runner = encoder_for(model, cfg.backend, cfg.precision)
+    log.info("device %s, preset %s, image size %d, profile %s, %s", device, cfg.model.preset,
+             model.cfg.vision.image_size, cfg.profile, _describe(runner))
     result = run_inference(
-        model, tokenizer, os.path.expanduser(cfg.test_file), os.path.expanduser(cfg.output_file),
+        runner, tokenizer, os.path.expanduser(cfg.test_file), os.path.expanduser(cfg.output_file),
         batch_size=cfg.batch_size, profile=cfg.profile, text_max_length=cfg.text_max_length,
         skip_bad_lines=cfg.skip_bad_lines, write_npy=cfg.write_npy, num_workers=cfg.num_workers,
     )

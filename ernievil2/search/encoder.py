@@ -2,13 +2,15 @@
 
 Each image file goes through :func:`ernievil2.data.preprocess.preprocess` with the index's profile
 (``official`` by default: the inference preprocessing, the same as the in-loop evaluator) at the
-model's image size, then :func:`ernievil2.encode.embed_pixels` (``model.encode_image`` under
-``paddle.no_grad()``, model in eval mode); texts go through :func:`ernievil2.encode.embed_texts`.
+model's image size, then :func:`ernievil2.encode.embed_pixels`; texts go through
+:func:`ernievil2.encode.embed_texts`. Both run on what
+:func:`ernievil2.inference.predictor.encoder_for` makes of the model for ``backend`` (on CPU by
+default the towers on Paddle Inference with oneDNN, compiled on first use).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -31,10 +33,13 @@ class Encoder:
     checkpoint: str = ""
     vocab_file: str = ""
     text_max_length: int = 48
+    backend: str = "auto"
+    precision: str = "fp32"
+    _compiled: Any = field(default=None, repr=False)
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, profile: str = "official", checkpoint: str = "",
-                   text_max_length: int = 48) -> "Encoder":
+                   text_max_length: int = 48, backend: str = "auto", precision: str = "fp32") -> "Encoder":
         """Wrap an in-memory ``model`` (put in eval mode) and ``tokenizer``; hashes the weights."""
         from ernievil2.data.preprocess import PROFILES
 
@@ -45,7 +50,19 @@ class Encoder:
         model.eval()
         identity = ModelIdentity(model_sha256(model), sha256_file(tokenizer.vocab_file), int(model.cfg.vision.image_size),
                                  profile, int(model.cfg.vision.width))
-        return cls(model, tokenizer, identity, checkpoint, str(Path(tokenizer.vocab_file).resolve()), text_max_length)
+        return cls(model, tokenizer, identity, checkpoint, str(Path(tokenizer.vocab_file).resolve()), text_max_length,
+                   backend, precision)
+
+    @property
+    def runner(self) -> Any:
+        """What the encode path embeds with (:func:`~ernievil2.inference.predictor.encoder_for` of the
+        model for ``backend``), made on first use."""
+        if self._compiled is None:
+            from ernievil2.inference.predictor import encoder_for
+
+            self._compiled = encoder_for(self.model, self.backend, self.precision,
+                                         fingerprint=self.identity.model_sha256)
+        return self._compiled
 
     @property
     def image_size(self) -> int:
@@ -65,7 +82,7 @@ class Encoder:
         """L2-normalised float32 ``[B, D]`` image embeddings of preprocessed ``[B, 3, S, S]`` pixels."""
         from ernievil2.encode import embed_pixels
 
-        return embed_pixels(self.model, pixels, batch_size=max(len(pixels), 1))
+        return embed_pixels(self.runner, pixels, batch_size=max(len(pixels), 1))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """L2-normalised float32 ``[N, D]`` text embeddings (WordPiece, ``text_max_length``), as the
@@ -78,7 +95,7 @@ class Encoder:
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise SearchError("empty query text")
-        return embed_texts(self.model, self.tokenizer, texts, self.text_max_length, batch_size)
+        return embed_texts(self.runner, self.tokenizer, texts, self.text_max_length, batch_size)
 
     def encode_image_files(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
         """L2-normalised float32 ``[N, D]`` embeddings of image files (:class:`SearchError` naming an
@@ -98,14 +115,16 @@ class Encoder:
 
 def load_encoder(checkpoint: str | os.PathLike, vocab: Optional[str | os.PathLike] = None, *,
                  profile: str = "official", text_max_length: int = 48, device: str = "auto",
-                 fallback_vocab: Optional[str | os.PathLike] = None) -> Encoder:
+                 fallback_vocab: Optional[str | os.PathLike] = None, backend: str = "auto",
+                 precision: str = "fp32") -> Encoder:
     """The model of ``checkpoint`` (any layout) and its tokenizer, loaded by
     :func:`ernievil2.weights.load.load_model`.
 
     The vocab is ``vocab``, else the checkpoint's (:func:`ernievil2.weights.find.find_vocab`:
     ``vocab.txt`` beside its weights, then in its run folder), else ``fallback_vocab`` when it exists
-    (an index's recorded vocab). Errors (missing checkpoint, no vocab, a checkpoint that does not
-    load) are :class:`SearchError`."""
+    (an index's recorded vocab). ``backend`` / ``precision``: what embeds
+    (:func:`~ernievil2.inference.predictor.encoder_for`).
+    Errors (missing checkpoint, no vocab, a checkpoint that does not load) are :class:`SearchError`."""
     from ernievil2.device import resolve_device
     from ernievil2.weights.load import load_model
 
@@ -121,4 +140,5 @@ def load_encoder(checkpoint: str | os.PathLike, vocab: Optional[str | os.PathLik
     if loaded.vocab_file is None:
         raise SearchError(f"no WordPiece vocab for checkpoint {ckpt}: no vocab.txt in or beside it; pass --vocab PATH")
     # from_model checks text_max_length (the tokenizer is always called with it)
-    return Encoder.from_model(loaded.model, loaded.tokenizer(), profile, str(ckpt), text_max_length)
+    return Encoder.from_model(loaded.model, loaded.tokenizer(), profile, str(ckpt), text_max_length, backend,
+                              precision)

@@ -37,6 +37,8 @@ class InferSchema:
     device: str = "auto"  # auto | cpu | gpu | gpu:N
     seed: int = 0  # initialisation of a model without model.init_from
     num_workers: int = 2  # threads decoding images (0: in the main thread)
+    backend: str = "auto"  # auto (CPU: Paddle Inference with oneDNN; GPU: dygraph) | predictor | dygraph
+    precision: str = "fp32"  # fp32 | bf16 (oneDNN bfloat16 on CPUs that have it; embeddings change by ~1e-3)
 
 
 def register_infer_schema() -> None:

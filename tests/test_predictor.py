@@ -1,0 +1,117 @@
+"""The CPU predictors of the encode path (ernievil2.inference.predictor): the same embeddings as
+dygraph, one export per set of weights (cached, atomic, pruned), clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+
+from ernievil2.encode import embed_pixels, embed_token_ids
+from ernievil2.inference import InferError
+from ernievil2.inference import predictor as pred
+from ernievil2.models import build_model
+from ernievil2.models.config import model_config
+
+
+def tiny_model(seed: int = 0):
+    paddle.set_device("cpu")
+    paddle.seed(seed)
+    model = build_model(model_config("tiny"))
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def inputs(model):
+    rng = np.random.default_rng(0)
+    size = model.cfg.vision.image_size
+    pixels = rng.standard_normal((5, 3, size, size)).astype(np.float32)
+    ids = rng.integers(5, 100, (6, 21)).astype(np.int64)
+    ids[:, 0] = 1
+    for row, length in enumerate([21, 3, 11, 7, 17, 2]):  # padding of every length, none in row 0
+        ids[row, length:] = model.cfg.text.pad_id
+    return pixels, ids
+
+
+def test_predictor_gives_dygraph_embeddings(model, tmp_path):
+    towers = pred.compile_towers(model, threads=2, cache_dir=tmp_path)
+    pixels, ids = inputs(model)
+    for batch_size in (1, 2, 6):
+        np.testing.assert_allclose(embed_pixels(towers, pixels, batch_size), embed_pixels(model, pixels, batch_size),
+                                   atol=1e-4)
+        np.testing.assert_allclose(embed_token_ids(towers, ids, batch_size), embed_token_ids(model, ids, batch_size),
+                                   atol=1e-4)
+    got = embed_token_ids(towers, ids)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert embed_pixels(towers, pixels[:0]).shape == (0, model.cfg.text.width)
+
+
+def test_one_export_per_set_of_weights(model, tmp_path, monkeypatch):
+    first = pred.compile_towers(model, cache_dir=tmp_path)
+    stamp = (first.folder / "export.json").stat().st_mtime_ns
+    from ernievil2.inference import export
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(export, "export_inference", no_export)
+    again = pred.compile_towers(model, cache_dir=tmp_path)  # same weights: the cached export
+    assert again.folder == first.folder and (again.folder / "export.json").stat().st_mtime_ns == stamp
+    monkeypatch.undo()
+    other = pred.compile_towers(tiny_model(seed=1), cache_dir=tmp_path)
+    assert other.folder != first.folder and other.fingerprint != first.fingerprint
+    pixels, _ = inputs(model)
+    assert not np.allclose(embed_pixels(other, pixels), embed_pixels(first, pixels), atol=1e-3)
+
+
+def test_old_exports_are_pruned(tmp_path, monkeypatch):
+    monkeypatch.setattr(pred, "KEEP_EXPORTS", 2)
+    folders = [pred.compile_towers(tiny_model(seed), cache_dir=tmp_path).folder for seed in range(3)]
+    assert sorted(p for p in tmp_path.iterdir()) == sorted(folders[1:])
+
+
+def test_a_failed_export_leaves_nothing(model, tmp_path, monkeypatch):
+    real_save = paddle.jit.save
+
+    def save_image_only(layer, path, **kwargs):
+        if path.endswith("text/inference"):
+            raise RuntimeError("killed while saving the text tower")
+        real_save(layer, path, **kwargs)
+
+    monkeypatch.setattr(paddle.jit, "save", save_image_only)
+    with pytest.raises(RuntimeError, match="killed"):
+        pred.compile_towers(model, cache_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # nor a half-written temporary folder
+    monkeypatch.undo()
+    towers = pred.compile_towers(model, cache_dir=tmp_path)  # the next run exports whole
+    assert (towers.folder / "text" / "inference.pdiparams").is_file()
+
+
+def test_backend_choice_and_errors(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("ERNIEVIL2_PREDICTOR_CACHE", str(tmp_path))
+    assert pred.encoder_for(model, "dygraph") is model
+    assert isinstance(pred.encoder_for(model, "auto"), pred.CompiledTowers)  # Paddle runs on CPU here
+    assert pred.predictor_cache_dir() == tmp_path
+    with pytest.raises(InferError, match="unknown encode backend 'onnx'.*auto"):
+        pred.encoder_for(model, "onnx")
+    with pytest.raises(InferError, match="unknown precision 'int4'"):
+        pred.encoder_for(model, "predictor", "int4")
+    with pytest.raises(InferError, match="bf16 needs the predictor"):
+        pred.encoder_for(model, "dygraph", "bf16")
+    monkeypatch.setattr(pred, "bf16_supported", lambda: False)
+    with pytest.raises(InferError, match="AVX512-BF16"):
+        pred.encoder_for(model, "predictor", "bf16")
+
+
+@pytest.mark.skipif(not pred.bf16_supported(), reason="this CPU has no fast bfloat16 (AVX512-BF16 / AMX)")
+def test_bf16_stays_close(model, tmp_path):
+    towers = pred.compile_towers(model, "bf16", cache_dir=tmp_path)
+    pixels, ids = inputs(model)
+    for got, want in ((embed_pixels(towers, pixels), embed_pixels(model, pixels)),
+                      (embed_token_ids(towers, ids), embed_token_ids(model, ids))):
+        assert np.abs(got - want).max() < 2e-2
+        assert np.all(np.sum(got * want, axis=1) > 0.999)  # cosine with the float32 embedding
