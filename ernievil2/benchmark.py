@@ -109,6 +109,8 @@ class BenchmarkOptions:
     profile: str = "official"
     device: str = "auto"
     skip_existing: bool = False
+    backend: str = "auto"  # what embeds: ernievil2.inference.predictor.encoder_for
+    precision: str = "fp32"
 
 
 # --------------------------------------------------------------------------- datasets
@@ -290,6 +292,7 @@ def run_benchmark(opts: BenchmarkOptions, sets: Sequence[BenchmarkSet] | None = 
     model is loaded); write one clip_benchmark result JSON each (``{dataset, model, pretrained,
     task, metrics, language}``); return their paths."""
     from ernievil2.device import resolve_device
+    from ernievil2.inference.predictor import encoder_for
     from ernievil2.weights.load import load_model
 
     sets = resolve_sets(opts) if sets is None else sets
@@ -298,6 +301,7 @@ def run_benchmark(opts: BenchmarkOptions, sets: Sequence[BenchmarkSet] | None = 
     loaded = load_model(opts.ckpt, opts.vocab)
     tokenizer = loaded.tokenizer(opts.text_max_length)
     model_name = opts.model or model_label(loaded.model.cfg)
+    runner = None  # made when a set is evaluated (nothing to embed when every result exists)
     written = []
     for bset in sets:
         out = output_path(opts.output, bset, model_name, opts.ckpt)
@@ -305,7 +309,8 @@ def run_benchmark(opts: BenchmarkOptions, sets: Sequence[BenchmarkSet] | None = 
             log.info("skip %s: %s exists", bset.dataset, out)
             continue
         log.info("running %s on %s (%s) with %s", bset.task, bset.dataset, bset.language, opts.ckpt)
-        dump = result_document(evaluate_set(bset, loaded.model, tokenizer, opts), model_name, opts.ckpt,
+        runner = runner or encoder_for(loaded.model, opts.backend, opts.precision)
+        dump = result_document(evaluate_set(bset, runner, tokenizer, opts), model_name, opts.ckpt,
                                bset.language, bset.dataset, opts.recall_k)
         metrics = dump["metrics"]
         with atomic_write(out) as f:

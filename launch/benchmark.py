@@ -17,6 +17,7 @@ import logging
 import sys
 import warnings
 
+from ernievil2.device import BACKENDS, PRECISIONS
 from ernievil2.threads import use_all_cpu_threads
 
 use_all_cpu_threads()  # before Paddle is imported, as launch/infer.py
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--profile", default="official", choices=("official", "paddlenlp"),
                    help="image preprocessing (ernievil2.data.preprocess; default %(default)s)")
     e.add_argument("--device", default="auto", help="auto | cpu | gpu | gpu:N (default %(default)s)")
+    e.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto: Paddle Inference with oneDNN on CPU, dygraph on a GPU (default %(default)s)")
+    e.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="bf16: oneDNN bfloat16 on CPUs that have it, about 2x faster (default %(default)s)")
     e.add_argument("--quiet", action="store_true", help="warnings and errors only")
     return p
 
@@ -70,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         split=args.split, vocab=args.vocab, model=args.model, batch_size=args.batch_size, recall_k=args.recall_k,
         output=args.output or DEFAULT_OUTPUT, custom_template_file=args.custom_template_file,
         custom_classname_file=args.custom_classname_file, text_max_length=args.text_max_length,
-        profile=args.profile, device=args.device, skip_existing=args.skip_existing)
+        profile=args.profile, device=args.device, skip_existing=args.skip_existing, backend=args.backend,
+        precision=args.precision)
     try:
         sets = resolve_sets(opts)  # before Paddle is imported: a missing folder is one line at once
         check_outputs(opts, sets)

@@ -252,6 +252,8 @@ RUNNERS = {
                                 smoke=("--quick", "--out", "bench_out"), slow=True),
     "bench transfer_demo": Runner(r"^python bench/transfer_demo\.py\b", bench_results,
                                   smoke=("--quick", "--out", "bench_out"), slow=True),
+    "bench encode_speed": Runner(r"^python bench/encode_speed\.py\b", json_written,
+                                 smoke=("--quick", "--out", "bench.json"), slow=True),
     "bench score_speed": Runner(r"^python bench/score_speed\.py\b", json_written,
                                 smoke=("--quick", "--out", "bench.json"), slow=True),
     "bench eval_retri": Runner(r"^python bench/eval_retri\.py\b", printed("| plain"),
@@ -267,6 +269,8 @@ NOT_RUN = {
     r"^python -m pytest\b": "the suite this test is part of (it would run itself); .ci/run runs it "
                             "(test_ci_runs_the_readme_install_and_test_line)",
     r"^python bench/train_step\.py .*--amp bf16": "bf16 on a GPU: no GPU on this machine",
+    r"^pip install .*open_clip_torch": "torch and open_clip in a separate environment, for the comparison row of "
+                                       "bench/encode_speed.py (which skips that row without them)",
     r"--master (10\.0\.0\.1|HOST):": "several nodes, this machine is one: tests/test_multinode.py runs "
                                      "launch/train_multinode.sh (which runs this launcher line) as two nodes "
                                      "over 127.0.0.1",

@@ -115,3 +115,17 @@ def test_bf16_stays_close(model, tmp_path):
                       (embed_token_ids(towers, ids), embed_token_ids(model, ids))):
         assert np.abs(got - want).max() < 2e-2
         assert np.all(np.sum(got * want, axis=1) > 0.999)  # cosine with the float32 embedding
+
+
+def test_export_folds_quick_gelu_and_drops_dropout(model, tmp_path):
+    """The exported image tower has SiLU between rescaled layers (no sigmoid), the text tower no
+    dropout op; the model itself is left as it was."""
+    from ernievil2.models.vision import QuickGELU
+
+    towers = pred.compile_towers(model, cache_dir=tmp_path)
+    image_program = (towers.folder / "image" / "inference.json").read_text()
+    text_program = (towers.folder / "text" / "inference.json").read_text()
+    assert "swish" in image_program and "sigmoid" not in image_program
+    assert "dropout" not in text_program
+    assert all(isinstance(block.act, QuickGELU) for block in model.vision.blocks)
+    assert all(isinstance(block.dropout, paddle.nn.Dropout) for block in model.text.blocks)

@@ -9,7 +9,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    from ernievil2.inference.predictor import BACKENDS, PRECISIONS
+    from ernievil2.device import BACKENDS, PRECISIONS
 
     p = argparse.ArgumentParser(prog="filter.py", description="Score image-text pairs with a checkpoint and keep "
                                                               "the best (docs/DATA.md, 'Filter by the model').")

@@ -2,11 +2,12 @@
 side of ``launch/export.py``."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from ernievil2.atomic import atomic_dir
 from ernievil2.inference.errors import InferError
@@ -40,6 +41,52 @@ def _static_text_layer(model):
     return _TextEncoder(model.text)
 
 
+QUICK_GELU_BETA = 1.702
+
+
+def _fold_quick_gelu(vision):
+    """A copy of the image tower whose QuickGELU, x·σ(1.702x), is SiLU between rescaled layers:
+    fc2(x·σ(βx)) = fc2'(silu(fc1'(·))) with fc1' = β·fc1 and fc2' = fc2 with its weight divided
+    by β. The same function, but oneDNN fuses SiLU into the first layer, where QuickGELU costs
+    three passes over the widest activation (about a sixth of the base tower's time on CPU)."""
+    import copy
+
+    import paddle
+
+    from ernievil2.models.vision import QuickGELU
+
+    if not any(isinstance(block.act, QuickGELU) for block in vision.blocks):
+        return vision
+    folded = copy.deepcopy(vision)
+    with paddle.no_grad():
+        for block in folded.blocks:
+            if isinstance(block.act, QuickGELU):
+                block.fc1.weight.set_value(block.fc1.weight * QUICK_GELU_BETA)
+                block.fc1.bias.set_value(block.fc1.bias * QUICK_GELU_BETA)
+                block.fc2.weight.set_value(block.fc2.weight / QUICK_GELU_BETA)
+                block.act = paddle.nn.Swish()
+    folded.eval()
+    return folded
+
+
+@contextlib.contextmanager
+def _without_dropout(tower) -> Iterator[None]:
+    """``tower``'s dropout layers replaced by identities inside the block: in eval mode they pass
+    their input through, but a traced dropout still runs as an op (a twelfth of the base text
+    tower's time under Paddle Inference on CPU)."""
+    import paddle
+
+    found = [(layer, name, child) for layer in tower.sublayers(include_self=True)
+             for name, child in layer.named_children() if isinstance(child, paddle.nn.Dropout)]
+    for layer, name, _ in found:
+        setattr(layer, name, paddle.nn.Identity())
+    try:
+        yield
+    finally:
+        for layer, name, child in found:
+            setattr(layer, name, child)
+
+
 def _static_image_layer(model):
     import paddle
     import paddle.nn.functional as F
@@ -52,7 +99,7 @@ def _static_image_layer(model):
         def forward(self, pixels):
             return F.normalize(self.vision(pixels), axis=-1)
 
-    return _ImageEncoder(model.vision)
+    return _ImageEncoder(_fold_quick_gelu(model.vision))
 
 
 def export_inference(
@@ -90,10 +137,11 @@ def export_inference(
                 _static_image_layer(model), str(tmp / "image" / "inference"),
                 input_spec=[InputSpec([None, 3, image_size, image_size], "float32", "pixels")],
             )
-            paddle.jit.save(
-                _static_text_layer(model), str(tmp / "text" / "inference"),
-                input_spec=[InputSpec([None, None], "int64", "input_ids")],
-            )
+            with _without_dropout(model.text):
+                paddle.jit.save(
+                    _static_text_layer(model), str(tmp / "text" / "inference"),
+                    input_spec=[InputSpec([None, None], "int64", "input_ids")],
+                )
             meta = {
                 "format": "paddle",
                 "image": {"input": "pixels", "shape": [None, 3, image_size, image_size], "dtype": "float32"},

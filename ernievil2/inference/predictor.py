@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ernievil2.device import BACKENDS, PRECISIONS
 from ernievil2.inference.errors import InferError
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ log = logging.getLogger(__name__)
 __all__ = ["BACKENDS", "PRECISIONS", "KEEP_EXPORTS", "CompiledTowers", "compile_towers", "encoder_for",
            "predictor_cache_dir", "bf16_supported"]
 
-BACKENDS = ("auto", "dygraph", "predictor")
-PRECISIONS = ("fp32", "bf16")
 KEEP_EXPORTS = 4
 TEXT_LENGTH_STEP = 8  # token ids are padded to a multiple of this: fewer shapes for oneDNN to prepare
 
