@@ -402,14 +402,18 @@ def test_readme_commands_run(tmp_path, ckpt):
              "outputs/demo/RUN/checkpoints/step_0000480": str(ckpt), "photos.index": str(index),
              "results.html": str(page)}
     commands = _readme_search_commands()
-    assert [c[2] for c in commands] == ["index", "query", "query"]
+    assert [c[2] for c in commands] == ["index", "query", "query", "index", "query"]
+    assert "--ann" in commands[3] and "--exact" in commands[4]
+    has_faiss = importlib.util.find_spec("faiss") is not None
     assert any("--html" in c for c in commands) and any("--image" in c for c in commands)
     outputs = []
     for words in commands:
         assert words[:2] == ["python", "launch/search.py"]
         args = [subst.get(w, w) for w in words[2:]]
-        if "--faiss" in args and importlib.util.find_spec("faiss") is None:
+        if "--faiss" in args and not has_faiss:
             args.remove("--faiss")  # the optional extra is not installed: the rest of the line still runs
+        if "--ann" in args and not has_faiss:
+            args[args.index("--ann") + 1] = "auto"  # likewise: exact search, with a note
         proc = _cli(*args)
         assert proc.returncode == 0, (words, proc.stderr[-3000:])
         outputs.append(proc.stdout)
@@ -420,6 +424,10 @@ def test_readme_commands_run(tmp_path, ckpt):
     assert page.is_file() and all(r[2] in page.read_text(encoding="utf-8") for r in rows)
     first = [ln.split("\t") for ln in outputs[2].splitlines()][0]
     assert first[0] == "1" and first[2] == str(photos.resolve() / "top.jpg") and float(first[1]) == pytest.approx(1.0, abs=1e-3)
+    if has_faiss:  # the approximate index over the same photos (nothing embedded again), recall printed
+        assert "0 added" in outputs[3] and "approximate search: IVF-Flat" in outputs[3] and "recall@10" in outputs[3]
+        assert (index / "ann.faiss").is_file()
+    assert [ln.split("\t")[2] for ln in outputs[4].splitlines() if ln[:1].isdigit()] == [r[2] for r in rows]
     # running the index command again adds nothing
     again = _cli(*[subst.get(w, w) for w in commands[0][2:]])
     assert again.returncode == 0 and "0 added" in again.stdout
@@ -459,12 +467,19 @@ def test_bench_quick(tmp_path):
     # the printed table reports the numbers of the JSON file, one row per measurement
     assert (f"| tiny | 8 | 64 | 64 | {build['seconds']:.2f} | {build['images_per_s']:.1f} |"
             in proc.stdout.splitlines()), proc.stdout
-    backends = ["numpy", "faiss"] if importlib.util.find_spec("faiss") else ["numpy"]
+    backends = ["numpy", "faiss", "ivf"] if importlib.util.find_spec("faiss") else ["numpy"]
     assert [(r["n"], r["backend"]) for r in result["query"]] == [(n, b) for n in (2000, 5000) for b in backends]
     for r in result["query"]:
         assert (r["dim"], r["k"]) == (768, 10), r
-        assert (f"| {r['n']:,} | 768 | {r['backend']} | {r['build_s']:.2f} | {r['median_ms']:.2f} |"
-                in proc.stdout.splitlines()), (r, proc.stdout)
+        assert 0 < r["random_pair_cos"] < r["top10_cos"] <= r["top1_cos"] < 1, r  # clustered, not isotropic
+        if r["backend"] == "ivf":
+            assert r["build_recall_at_10"] >= 0.95 and r["recall_at_10"] >= 0.9 and 1 <= r["nprobe"] <= r["nlist"], r
+            probe, recall = f"{r['nprobe']} / {r['nlist']}", f"{r['build_recall_at_10']:.3f}"
+        else:
+            assert r["recall_at_10"] == 1.0
+            probe, recall = "exact", "1"
+        assert (f"| {r['n']:,} | 768 | {r['backend']} | {r['build_s']:.2f} | {probe} | {recall} | "
+                f"{r['recall_at_10']:.3f} | {r['median_ms']:.2f} |" in proc.stdout.splitlines()), (r, proc.stdout)
 
 
 # --------------------------------------------------------------------------- acceptance

@@ -17,16 +17,30 @@ The modules, one role each (their docstrings give the details):
   query or a resumed build by another model with :class:`IdentityMismatchError`;
 * :mod:`~ernievil2.search.encoder`: :class:`Encoder` / :func:`load_encoder`, which embed photos
   and queries through :mod:`ernievil2.encode`;
-* :mod:`~ernievil2.search.topk`: exact NumPy top-k, or faiss (the optional ``search`` extra);
+* :mod:`~ernievil2.search.topk`: exact NumPy top-k, or faiss's flat index (the optional ``search``
+  extra);
+* :mod:`~ernievil2.search.ann`: the approximate IVF index of large collections (faiss), its
+  recall@10 against exact search measured when it is built, and ``nprobe`` chosen from it;
 * :mod:`~ernievil2.search.index`: the index folder (``vectors.npy``, ``paths.json``,
-  ``index.json``, saved atomically), :func:`load_index`, :func:`check_identity`;
-* :mod:`~ernievil2.search.build`: :func:`build_index` (which files, skipped files, resuming);
+  ``index.json``, ``ann.faiss``, saved atomically), :func:`load_index`, :func:`check_identity`;
+* :mod:`~ernievil2.search.build`: :func:`build_index` (which files, skipped files, resuming, the
+  approximate index);
 * :mod:`~ernievil2.search.query`: :func:`encoder_for_index`, :func:`query_text`,
   :func:`query_image`;
 * :mod:`~ernievil2.search.gallery`: :func:`write_html`, the results page.
 """
 from __future__ import annotations
 
+from ernievil2.search.ann import (
+    ANN_FILE,
+    ANN_MODES,
+    DEFAULT_MIN_ANN_SIZE,
+    TARGET_RECALL,
+    AnnInfo,
+    build_ivf,
+    choose_nlist,
+    ivf_top_k,
+)
 from ernievil2.search.build import IMAGE_EXTENSIONS, IndexReport, build_index, scan_images
 from ernievil2.search.encoder import Encoder, load_encoder
 from ernievil2.search.gallery import write_html
@@ -51,5 +65,6 @@ __all__ = [
     "SearchError", "IdentityMismatchError", "ModelIdentity", "Encoder", "load_encoder", "scan_images",
     "SkippedFile", "SearchHit", "SearchIndex", "IndexReport", "load_index", "build_index", "top_k",
     "faiss_top_k", "check_identity", "encoder_for_index", "query_text", "query_image", "write_html", "sha256_file",
-    "model_sha256",
+    "model_sha256", "ANN_FILE", "ANN_MODES", "DEFAULT_MIN_ANN_SIZE", "TARGET_RECALL", "AnnInfo", "build_ivf",
+    "choose_nlist", "ivf_top_k",
 ]

@@ -14,6 +14,13 @@ it yet (a modified file keeps its old vector; files that disappeared keep theirs
 files are retried on every run. A long run saves every ``save_every_s`` seconds and when it is
 interrupted (Ctrl-C or an error), so at most the batch in flight is lost; re-running continues.
 An index covers one root: building it from another folder is refused.
+
+**The approximate index.** At the end of a run that leaves the rows changed (or an index without
+the approximate index it should have), :func:`build_index` builds the IVF index over all the rows
+when ``ann`` asks for it (``"auto"``: from ``min_ann_size`` vectors, when faiss is installed;
+``"ivf"``: always; ``"off"``: never), measures its recall@10 against exact search and saves it with
+the rest (:mod:`ernievil2.search.ann`). The periodic saves in between leave it out (it covers other
+rows), so an interrupted run leaves an index searched exactly until the next run completes.
 """
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ernievil2.search import topk
+from ernievil2.search.ann import ANN_MODES, DEFAULT_MIN_ANN_SIZE, ann_decision
 from ernievil2.search.encoder import Encoder
 from ernievil2.search.identity import SearchError
 from ernievil2.search.index import META_FILE, SearchIndex, SkippedFile, _recover, check_identity, load_index
@@ -62,6 +71,7 @@ class IndexReport:
     skipped: list[SkippedFile]  # unusable image files (this run)
     ignored: int  # other files under the root
     seconds: float
+    ann: str = ""  # how queries search it: the approximate index and its recall, or why exact
 
     def summary(self, max_items: int = 10) -> str:
         rate = f" ({self.added / self.seconds:.1f} images/s)" if self.added and self.seconds > 0 else ""
@@ -74,6 +84,8 @@ class IndexReport:
             lines.append(f"  skipped {s.path}: {s.reason}")
         if len(self.skipped) > max_items:
             lines.append(f"  ... and {len(self.skipped) - max_items} more (index.json: skipped)")
+        if self.ann:
+            lines.append(f"  {self.ann}")
         return "\n".join(lines)
 
 
@@ -150,13 +162,20 @@ class _Rows:
             self.vectors.append(vectors)
             self.paths.extend(r for r, _ in good)
 
+    def take(self) -> bool:
+        """Append the pending rows to the index (unsaved); whether there were any."""
+        index = self.index
+        if not self.paths:
+            return False
+        index.vectors = np.concatenate([index.vectors, *self.vectors]).astype(np.float32, copy=False)
+        index.paths = index.paths + self.paths
+        self.paths, self.vectors = [], []
+        return True
+
     def commit(self) -> None:
         """Append the pending rows to the index, record the skipped files, and save it."""
         index = self.index
-        if self.paths:
-            index.vectors = np.concatenate([index.vectors, *self.vectors]).astype(np.float32, copy=False)
-            index.paths = index.paths + self.paths
-            self.paths, self.vectors = [], []
+        self.take()
         index.skipped = sorted(self.skipped, key=lambda s: s.path)
         index.ignored = self.ignored
         index.save()
@@ -200,14 +219,42 @@ def _embed(todo: list[str], load: Callable[[str], np.ndarray | SkippedFile], row
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _refresh_ann(index: SearchIndex, mode: str, min_size: int, options: dict[str, Any]) -> tuple[bool, str]:
+    """Build or drop the approximate index as ``mode`` and ``min_size`` ask for the current rows;
+    ``(changed, a line for the report)``. ``"auto"`` drops one that misses the target recall."""
+    wanted, note = ann_decision(mode, len(index), min_size)
+    current = index.ann is not None and index.ann.count == len(index)
+    if not wanted and mode == "auto" and len(index) >= min_size and current:
+        return False, note  # no faiss here: the index keeps it for where there is
+    if not wanted:
+        changed = index.ann is not None
+        index.drop_ann()
+        return changed, note
+    if current:
+        return False, index.ann.summary()
+    info = index.build_ann(**options)
+    if mode == "auto" and info.recall_at_10 < info.target_recall:
+        index.drop_ann()
+        return True, (f"exact search: the approximate index reached recall@10 {info.recall_at_10:.3f} only "
+                      f"(< {info.target_recall:.2f} at nprobe {info.nprobe}); --ann ivf keeps it anyway")
+    return True, info.summary()
+
+
 def build_index(images: str | os.PathLike, folder: str | os.PathLike, encoder: Encoder, *, batch_size: int = 32,
-                num_workers: int = 2, progress: bool = True, save_every_s: float = 60.0) -> IndexReport:
+                num_workers: int = 2, progress: bool = True, save_every_s: float = 60.0, ann: str = "auto",
+                min_ann_size: int = DEFAULT_MIN_ANN_SIZE, ann_options: Optional[dict[str, Any]] = None) -> IndexReport:
     """Embed the image files under ``images`` not yet in the index ``folder`` (created when absent)
     and save it; see the module docstring. ``num_workers`` threads read and preprocess the next
     batch while the model embeds the current one. The index is saved every ``save_every_s``
-    seconds (0: after every batch), at the end, and before an exception propagates."""
+    seconds (0: after every batch), at the end, and before an exception propagates. ``ann``,
+    ``min_ann_size``: the approximate index (module docstring; ``ann_options`` go to
+    :func:`ernievil2.search.ann.build_ivf`)."""
     if batch_size < 1:
         raise SearchError(f"batch_size must be >= 1, got {batch_size}")
+    if ann not in ANN_MODES:
+        raise SearchError(f"unknown --ann mode {ann!r}; choose one of {list(ANN_MODES)}")
+    if ann == "ivf":
+        topk._import_faiss()  # before any work
     start = time.perf_counter()
     root, index, dirty, found, ignored = _start(images, folder, encoder)
     before = len(index)
@@ -217,7 +264,15 @@ def build_index(images: str | os.PathLike, folder: str | os.PathLike, encoder: E
     _embed(todo, _loader(root, encoder), rows, encoder, batch_size=batch_size, num_workers=num_workers,
            progress=progress, save_every_s=save_every_s)
     before_skipped = {(s.path, s.reason) for s in index.skipped}
-    if dirty or rows.paths or before_skipped != {(s.path, s.reason) for s in rows.skipped} or index.ignored != ignored:
+    unsaved = rows.take()
+    try:
+        ann_changed, ann_note = _refresh_ann(index, ann, min_ann_size, ann_options or {})
+    except BaseException:
+        if unsaved:  # keep the embedded rows; the approximate index is built by the next run
+            rows.commit()
+        raise
+    if (dirty or unsaved or ann_changed or before_skipped != {(s.path, s.reason) for s in rows.skipped}
+            or index.ignored != ignored):
         rows.commit()
     return IndexReport(index, len(found), before, len(index) - before, index.skipped, ignored,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, ann_note)

@@ -8,25 +8,34 @@ The index is one folder:
 * ``index.json``: format/version, the absolute ``root``, ``count``, ``dim``, the checkpoint and
   vocab it was built with and their :class:`~ernievil2.search.identity.ModelIdentity` (sha256 of
   the model's configuration and weights, sha256 of the vocab file, image size, profile, embedding
-  width), ``skipped``, ``ignored`` and timestamps.
+  width), ``skipped``, ``ignored``, timestamps and ``ann`` (:class:`~ernievil2.search.ann.AnnInfo`,
+  or null);
+* ``ann.faiss`` (when ``ann`` is not null, version 2): the approximate IVF index over all the rows
+  (:mod:`ernievil2.search.ann`), which queries use by default (``backend="auto"``).
 
 Every save rewrites the folder through :func:`ernievil2.atomic.atomic_dir` (temporary sibling
 folder, fsync, rename), so a killed run leaves either the previous complete index or the new one.
+A save after the rows changed drops the approximate index unless a new one was built
+(:meth:`SearchIndex.build_ann`). Version-1 folders (no ``ann``) load and are searched exactly.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import numpy as np
 
 from ernievil2.atomic import atomic_dir
+from ernievil2.search import ann as _ann
+from ernievil2.search import topk
+from ernievil2.search.ann import ANN_FILE, AnnInfo
 from ernievil2.search.identity import IdentityMismatchError, ModelIdentity, SearchError
-from ernievil2.search.topk import BACKENDS, _import_faiss, faiss_top_k, top_k
+from ernievil2.search.topk import BACKENDS, faiss_top_k, top_k
 
 if TYPE_CHECKING:
     from ernievil2.search.encoder import Encoder
@@ -40,7 +49,7 @@ VECTORS_FILE = "vectors.npy"
 PATHS_FILE = "paths.json"
 META_FILE = "index.json"
 FORMAT = "ernievil2-search-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the approximate index (``ann`` in index.json, ann.faiss)
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,10 @@ class SearchIndex:
     ignored: int = 0
     created: str = field(default_factory=_now)
     updated: str = ""
+    ann: Optional[AnnInfo] = None
     _faiss: Any = field(default=None, init=False, repr=False, compare=False)
+    _ann_index: Any = field(default=None, init=False, repr=False, compare=False)  # loaded or built
+    _ann_saved: bool = field(default=True, init=False, repr=False, compare=False)  # ann.faiss in folder is it
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -91,37 +103,92 @@ class SearchIndex:
             "dim": int(self.vectors.shape[1]), "identity": self.identity.to_json(), "checkpoint": self.checkpoint,
             "vocab_file": self.vocab_file, "paths": "relative to root", "skipped": [asdict(s) for s in self.skipped],
             "ignored": self.ignored, "created": self.created, "updated": self.updated,
+            "ann": self.ann.to_json() if self.ann is not None else None,
         }
 
     def save(self) -> None:
-        """Write the three files into a temporary sibling folder and rename it onto ``folder``."""
+        """Write the files into a temporary sibling folder and rename it onto ``folder`` (an
+        approximate index built for other rows than these is dropped)."""
         if self.vectors.shape != (len(self.paths), self.identity.dim):
             raise SearchError(f"index vectors {self.vectors.shape} do not match {len(self.paths)} paths × dim {self.identity.dim}")
+        if self.ann is not None and self.ann.count != len(self.paths):
+            self.drop_ann()
         self.updated = _now()
         with atomic_dir(self.folder) as tmp:
             with open(tmp / VECTORS_FILE, "wb") as f:
                 np.save(f, np.ascontiguousarray(self.vectors, dtype=np.float32))
             (tmp / PATHS_FILE).write_text(json.dumps(self.paths, ensure_ascii=False), encoding="utf-8")
+            if self.ann is not None:
+                self._write_ann(tmp / ANN_FILE)
             (tmp / META_FILE).write_text(json.dumps(self.meta(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         self._faiss = None
+        self._ann_saved = True
+
+    def _write_ann(self, dest: Path) -> None:
+        """Put the approximate index at ``dest``: written when built in memory, else a hard link to
+        (or a copy of) the folder's current ``ann.faiss``."""
+        if not self._ann_saved:
+            _ann.write_ivf(self._ann_index, str(dest))
+            return
+        src = self.folder / ANN_FILE
+        try:
+            os.link(src, dest)
+        except OSError:
+            shutil.copyfile(src, dest)
+
+    def build_ann(self, **options: Any) -> AnnInfo:
+        """Build the approximate index over the current rows (:func:`ernievil2.search.ann.build_ivf`
+        with ``options``); the next :meth:`save` writes it."""
+        self._ann_index, self.ann = _ann.build_ivf(self.vectors, **options)
+        self._ann_saved = False
+        return self.ann
+
+    def drop_ann(self) -> None:
+        """Forget the approximate index (the next :meth:`save` leaves it out)."""
+        self.ann, self._ann_index, self._ann_saved = None, None, True
 
     def absolute(self, row: int) -> str:
         """The path of row ``row``: the root joined with its stored relative path."""
         return str(self.root / self.paths[row])
 
-    def search(self, queries: np.ndarray, k: int = 10, backend: str = "numpy") -> list[list[SearchHit]]:
-        """Top ``k`` hits for each query vector (``[D]`` or ``[m, D]``, L2-normalised)."""
+    def backend_for(self, backend: str = "auto") -> tuple[str, str]:
+        """``(the backend`` :meth:`search` ``uses for backend, a note)``: ``"auto"`` is ``"ivf"`` when
+        the index has an approximate index and faiss imports, else ``"numpy"`` (with a note when the
+        approximate index is there but faiss is not); ``"ivf"`` without either is a :class:`SearchError`."""
         if backend not in BACKENDS:
             raise SearchError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-        if backend == "faiss":
+        if backend not in ("auto", "ivf"):
+            return backend, ""
+        if self.ann is None:
+            if backend == "ivf":
+                raise SearchError(f"index {self.folder} has no approximate index "
+                                  "(build one: launch/search.py index ... --ann ivf)")
+            return "numpy", ""
+        try:
+            topk._import_faiss()
+        except SearchError:
+            if backend == "ivf":
+                raise
+            return "numpy", f"exact search: the approximate index needs faiss; {topk.FAISS_HINT}"
+        return "ivf", ""
+
+    def search(self, queries: np.ndarray, k: int = 10, backend: str = "auto") -> list[list[SearchHit]]:
+        """Top ``k`` hits for each query vector (``[D]`` or ``[m, D]``, L2-normalised); ``backend``:
+        :meth:`backend_for` (``"numpy"``: exact; ``"faiss"``: exact, faiss's flat index)."""
+        backend, _ = self.backend_for(backend)
+        if backend == "ivf":
+            if self._ann_index is None:
+                self._ann_index = _ann.read_ivf(str(self.folder / ANN_FILE), self.ann, self.identity.dim)
+            values, rows = _ann.ivf_top_k(self._ann_index, queries, k, self.ann.nprobe)
+        elif backend == "faiss":
             if self._faiss is None and len(self.paths):
-                faiss = _import_faiss()
+                faiss = topk._import_faiss()
                 self._faiss = faiss.IndexFlatIP(self.identity.dim)
                 self._faiss.add(np.ascontiguousarray(self.vectors, dtype=np.float32))
             values, rows = faiss_top_k(self.vectors, queries, k, self._faiss)
         else:
             values, rows = top_k(self.vectors, queries, k)
-        return [[SearchHit(self.absolute(int(r)), float(v), int(r)) for v, r in zip(vr, rr)]
+        return [[SearchHit(self.absolute(int(r)), float(v), int(r)) for v, r in zip(vr, rr) if r >= 0]
                 for vr, rr in zip(values, rows)]
 
 
@@ -160,8 +227,21 @@ def load_index(folder: str | os.PathLike) -> SearchIndex:
         folder=folder, root=Path(meta["root"]), paths=list(paths), vectors=vectors, identity=identity,
         checkpoint=meta.get("checkpoint", ""), vocab_file=meta.get("vocab_file", ""),
         skipped=[SkippedFile(**s) for s in meta.get("skipped", [])], ignored=int(meta.get("ignored", 0)),
-        created=meta.get("created", ""), updated=meta.get("updated", ""),
+        created=meta.get("created", ""), updated=meta.get("updated", ""), ann=_read_ann_info(folder, meta, len(paths)),
     )
+
+
+def _read_ann_info(folder: Path, meta: dict[str, Any], count: int) -> Optional[AnnInfo]:
+    """The approximate index ``index.json`` records, when its file is there and it covers the
+    ``count`` rows (else ``None``: exact search; the next ``index`` run rebuilds it)."""
+    data = meta.get("ann")
+    if not data:
+        return None
+    try:
+        info = AnnInfo.from_json(data)
+    except TypeError as exc:
+        raise SearchError(f"{folder}: unreadable 'ann' in {META_FILE}: {exc}") from None
+    return info if info.count == count and (folder / ANN_FILE).is_file() else None
 
 
 def check_identity(index: SearchIndex, encoder: Encoder) -> None:

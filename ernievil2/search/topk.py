@@ -1,10 +1,13 @@
-"""Top-k inner-product search over L2-normalised vectors: exact NumPy, or faiss.
+"""Exact top-k inner-product search over L2-normalised vectors: NumPy, or faiss's flat index.
 
-Exact inner product by default (NumPy: chunked matrix product + ``argpartition``), or
-``backend="faiss"`` (``faiss.IndexFlatIP``; the optional ``search`` extra,
-``pip install -e ".[search]"``). Both return the top ``k`` by score, descending, ties broken by
-index order (lower row first); faiss computes the scores with its own kernels, so where two scores
-differ by float rounding only, or tie at the ``k``-th place, its order or cut may differ.
+:func:`top_k` (NumPy: chunked matrix product + ``argpartition``), or :func:`faiss_top_k`
+(``faiss.IndexFlatIP``; the optional ``search`` extra, ``pip install -e ".[search]"``). Both
+return the top ``k`` by score, descending, ties broken by index order (lower row first); faiss
+computes the scores with its own kernels, so where two scores differ by float rounding only, or tie
+at the ``k``-th place, its order or cut may differ. :data:`BACKENDS` names the ways
+:meth:`SearchIndex.search <ernievil2.search.index.SearchIndex.search>` searches: these two
+(``"numpy"``, ``"faiss"``), the approximate IVF index (``"ivf"``, :mod:`ernievil2.search.ann`) and
+``"auto"`` (IVF when the index has one, else NumPy).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from ernievil2.search.identity import SearchError
 
 __all__ = ["BACKENDS", "FAISS_HINT", "top_k", "faiss_top_k"]
 
-BACKENDS: tuple[str, ...] = ("numpy", "faiss")
+BACKENDS: tuple[str, ...] = ("auto", "numpy", "faiss", "ivf")
 FAISS_HINT = 'pip install -e ".[search]" (faiss-cpu==1.15.1)'
 
 
