@@ -10,19 +10,16 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+from models import tiny_model
 
 from ernievil2.inference import InferError, export_inference
-from ernievil2.models import build_model, model_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    paddle.set_device("cpu")
-    paddle.seed(0)
-    model = build_model(model_config("tiny"))
-    model.eval()
+    model = tiny_model()
     vocab = tmp_path_factory.mktemp("v") / "vocab.txt"
     vocab.write_text("[PAD]\n[CLS]\n[SEP]\n[MASK]\n[UNK]\n")
     out = tmp_path_factory.mktemp("export") / "tiny"

@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import paddle
 import pytest
+from models import tiny_model
 
 from ernievil2.encode import embed_pixels, embed_token_ids
 from ernievil2.inference import InferError
-from ernievil2.models import build_model, model_config
 from ernievil2.weights.save import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,10 +41,7 @@ def token_ids(rng: np.random.Generator, lengths: tuple[int, ...], width: int) ->
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny model saved as a checkpoint with a vocab beside its weights."""
-    paddle.set_device("cpu")
-    paddle.seed(3)
-    model = build_model(model_config("tiny"))
-    model.eval()
+    model = tiny_model(seed=3)
     vocab = tmp_path_factory.mktemp("v") / "vocab.txt"
     vocab.write_text("".join(f"{w}\n" for w in ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", *map(str, range(400))]))
     return model, save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "step_0000002", {"vocab.txt": vocab})

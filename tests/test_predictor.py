@@ -5,20 +5,11 @@ from __future__ import annotations
 import numpy as np
 import paddle
 import pytest
+from models import tiny_model
 
 from ernievil2.encode import embed_pixels, embed_token_ids
 from ernievil2.inference import InferError
 from ernievil2.inference import predictor as pred
-from ernievil2.models import build_model
-from ernievil2.models.config import model_config
-
-
-def tiny_model(seed: int = 0):
-    paddle.set_device("cpu")
-    paddle.seed(seed)
-    model = build_model(model_config("tiny"))
-    model.eval()
-    return model
 
 
 @pytest.fixture(scope="module")
