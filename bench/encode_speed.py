@@ -41,17 +41,19 @@ import sys, time, types
 sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
 import torch
 import open_clip
-threads, batch = int(sys.argv[1]), int(sys.argv[2])
-torch.set_num_threads(threads)
+torch.set_num_threads(int(sys.argv[1]))
 model, _, _ = open_clip.create_model_and_transforms("ViT-B-16", pretrained=None)  # random weights
 model.eval()
-pixels = torch.randn(batch, 3, 224, 224)
-tokens = torch.randint(1, 49000, (batch, 77))
 print(f"ready {open_clip.__version__} {torch.__version__}", flush=True)
 for line in sys.stdin:
+    tower, batch = line.split()
+    if tower == "image":
+        encode, data = model.encode_image, torch.randn(int(batch), 3, 224, 224)
+    else:
+        encode, data = model.encode_text, torch.randint(1, 49000, (int(batch), 77))
     t = time.perf_counter()
     with torch.inference_mode():
-        (model.encode_image if line.strip() == "image" else model.encode_text)(pixels if line.strip() == "image" else tokens)
+        encode(data)
     print(time.perf_counter() - t, flush=True)
 """
 
@@ -59,16 +61,16 @@ for line in sys.stdin:
 class OpenClipWorker:
     """open_clip ViT-B-16 in another Python, timed one batch per request."""
 
-    def __init__(self, python: str, threads: int, batch: int):
-        self.proc = subprocess.Popen([python, "-c", OPEN_CLIP_WORKER, str(threads), str(batch)], stdin=subprocess.PIPE,
+    def __init__(self, python: str, threads: int):
+        self.proc = subprocess.Popen([python, "-c", OPEN_CLIP_WORKER, str(threads)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         ready = self.proc.stdout.readline().split()
         if not ready or ready[0] != "ready":
             raise RuntimeError(f"open_clip worker did not start ({python})")
         self.versions = {"open_clip": ready[1], "torch": ready[2]}
 
-    def __call__(self, tower: str) -> float:
-        self.proc.stdin.write(tower + "\n")
+    def __call__(self, tower: str, batch: int) -> float:
+        self.proc.stdin.write(f"{tower} {batch}\n")
         self.proc.stdin.flush()
         return float(self.proc.stdout.readline())
 
@@ -128,21 +130,23 @@ def measure_preset(preset: str, args: argparse.Namespace, worker: OpenClipWorker
     paddle.seed(0)
     model = build_model(model_config(preset))
     model.eval()
-    size, n = model.cfg.vision.image_size, args.batch_size
+    size = model.cfg.vision.image_size
     rng = np.random.default_rng(0)
-    pixels = rng.standard_normal((n, 3, size, size)).astype(np.float32)
-    ids = rng.integers(5, model.cfg.text.vocab_size, (n, args.text_length)).astype(np.int64)
-    ids[:, 0], ids[:, -1] = 1, 2
     precisions = ["fp32"] + (["bf16"] if bf16_supported() else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         found = contenders(model, precisions, args.threads, Path(tmp))
         prepare_s = time.perf_counter() - t
-        for tower, data, embed in (("image", pixels, embed_pixels), ("text", ids, embed_token_ids)):
-            runs = {name: timed(lambda r=runner: embed(r, data, n)) for name, runner in found.items()}
+        for n, tower in ((n, tower) for n in args.batch_size for tower in ("image", "text")):
+            if tower == "image":
+                data, embed = rng.standard_normal((n, 3, size, size)).astype(np.float32), embed_pixels
+            else:
+                data = rng.integers(5, model.cfg.text.vocab_size, (n, args.text_length)).astype(np.int64)
+                data[:, 0], data[:, -1], embed = 1, 2, embed_token_ids
+            runs = {name: timed(lambda r=runner, d=data, e=embed, n=n: e(r, d, n)) for name, runner in found.items()}
             if worker is not None and preset == "base":
-                runs["open_clip ViT-B-16 (torch), fp32"] = lambda tower=tower: worker(tower)
+                runs["open_clip ViT-B-16 (torch), fp32"] = lambda tower=tower, n=n: worker(tower, n)
             seconds = race(runs, args.rounds, args.pause)
             for name, values in seconds.items():
                 rows.append({"preset": preset, "tower": tower, "backend": name, "batch": n,
@@ -175,7 +179,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["tiny", "base"])
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[8], help="one or more batch sizes")
     ap.add_argument("--text-length", type=int, default=32, help="tokens per caption of our text tower")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=available_cpus())
@@ -191,7 +195,7 @@ def main() -> None:
     worker = None
     if args.torch_python and "base" in args.presets:
         try:
-            worker = OpenClipWorker(args.torch_python, args.threads, args.batch_size)
+            worker = OpenClipWorker(args.torch_python, args.threads)
         except (OSError, RuntimeError) as exc:
             print(f"open_clip row skipped: {exc}", file=sys.stderr)
     rows = [row for preset in args.presets for row in measure_preset(preset, args, worker)]
@@ -203,9 +207,10 @@ def main() -> None:
         report["mean_recall"] = metric_change(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{report['cpu']}, {args.threads} threads\n| preset | tower | backend | input | per second |\n|---|---|---|---|---:|")
+    print(f"{report['cpu']}, {args.threads} threads\n| preset | tower | backend | batch | input | per second |\n"
+          "|---|---|---|---:|---|---:|")
     for r in rows:
-        print(f"| {r['preset']} | {r['tower']} | {r['backend']} | {r['input']} | {r['per_s']:.2f} |")
+        print(f"| {r['preset']} | {r['tower']} | {r['backend']} | {r['batch']} | {r['input']} | {r['per_s']:.2f} |")
     for name, value in report.get("mean_recall", {}).items():
         print(f"mean recall, {name}: {value:.4f}")
 

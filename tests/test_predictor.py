@@ -62,7 +62,7 @@ def test_one_export_per_set_of_weights(model, tmp_path, monkeypatch):
 def test_old_exports_are_pruned(tmp_path, monkeypatch):
     monkeypatch.setattr(pred, "KEEP_EXPORTS", 2)
     folders = [pred.compile_towers(tiny_model(seed), cache_dir=tmp_path).folder for seed in range(3)]
-    assert sorted(p for p in tmp_path.iterdir()) == sorted(folders[1:])
+    assert sorted(p for p in tmp_path.iterdir() if p.is_dir()) == sorted(folders[1:])
 
 
 def test_a_failed_export_leaves_nothing(model, tmp_path, monkeypatch):
@@ -76,7 +76,7 @@ def test_a_failed_export_leaves_nothing(model, tmp_path, monkeypatch):
     monkeypatch.setattr(paddle.jit, "save", save_image_only)
     with pytest.raises(RuntimeError, match="killed"):
         pred.compile_towers(model, cache_dir=tmp_path)
-    assert not list(tmp_path.iterdir())  # nor a half-written temporary folder
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # nor a half-written temporary folder
     monkeypatch.undo()
     towers = pred.compile_towers(model, cache_dir=tmp_path)  # the next run exports whole
     assert (towers.folder / "text" / "inference.pdiparams").is_file()
@@ -120,3 +120,30 @@ def test_export_folds_quick_gelu_and_drops_dropout(model, tmp_path):
     assert "dropout" not in text_program
     assert all(isinstance(block.act, QuickGELU) for block in model.vision.blocks)
     assert all(isinstance(block.dropout, paddle.nn.Dropout) for block in model.text.blocks)
+
+
+WORKER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from models import tiny_model
+from ernievil2.inference.predictor import compile_towers
+towers = compile_towers(tiny_model(), cache_dir=sys.argv[1])
+print(towers.folder, towers.encode_image(__import__("numpy").zeros((1, 3, 64, 64), "float32"))[0, :3])
+"""
+
+
+def test_processes_share_one_export(tmp_path):
+    """Two processes (as the ranks of one launch) compiling the same weights at once: one export,
+    both get working predictors from it, nothing half-written is left."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), tests], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    lines = [out.strip().splitlines()[-1] for out, _ in outs]
+    assert lines[0] == lines[1]  # the same folder and the same embedding
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [Path(lines[0].split()[0]).name]

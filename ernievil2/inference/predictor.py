@@ -24,6 +24,11 @@ from typing import Any
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: exports are not serialised between processes
+    fcntl = None
+
 from ernievil2.device import BACKENDS, PRECISIONS
 from ernievil2.inference.errors import InferError
 
@@ -104,14 +109,19 @@ def _export_folder(model: Any, fingerprint: str, cache: Path) -> Path:
     from ernievil2.inference.export import export_inference
 
     folder = cache / fingerprint[:24]
-    if not (folder / "export.json").is_file():
-        log.info("exporting the towers for Paddle Inference into %s (once per set of weights)", folder)
-        export_inference(model, folder, int(model.cfg.vision.image_size), int(model.cfg.text.max_positions))
-    os.utime(folder)  # most recently used
+    # one process exports, the others (ranks of one launch) wait for it and reuse its files
+    with open(cache / f".{folder.name}.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "export.json").is_file():
+            log.info("exporting the towers for Paddle Inference into %s (once per set of weights)", folder)
+            export_inference(model, folder, int(model.cfg.vision.image_size), int(model.cfg.text.max_positions))
+        os.utime(folder)  # most recently used
     exports = sorted((p for p in cache.iterdir() if (p / "export.json").is_file()),
                      key=lambda p: p.stat().st_mtime, reverse=True)
     for old in exports[KEEP_EXPORTS:]:
         shutil.rmtree(old, ignore_errors=True)
+        (cache / f".{old.name}.lock").unlink(missing_ok=True)
     return folder
 
 
