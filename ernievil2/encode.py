@@ -10,8 +10,9 @@ encoded files; texts as strings (tokenized here) or token ids.
 
 ``model`` is a dual encoder (Paddle dygraph: run in eval mode without gradient, its mode restored
 after) or its :class:`~ernievil2.inference.predictor.CompiledTowers` (Paddle Inference with oneDNN,
-what :func:`ernievil2.inference.predictor.encoder_for` gives on CPU): anything with ``cfg``,
-``encode_image`` and ``encode_text``.
+what :func:`ernievil2.inference.predictor.encoder_for` gives on CPU) or
+:class:`~ernievil2.inference.onnx_export.OnnxTowers`: anything with ``cfg``, ``encode_image`` and
+``encode_text`` (on Paddle tensors, or on NumPy arrays where ``numpy_io`` is true).
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ def _empty(model: Any) -> np.ndarray:
 @contextlib.contextmanager
 def _runner(model: Any, tower: str) -> Iterator[Any]:
     """``tower``'s function from NumPy input to NumPy embeddings, for a dygraph model (in eval mode,
-    without gradient, inside the block) or compiled towers."""
-    if not isinstance(model, paddle.nn.Layer):
+    without gradient, inside the block) or compiled towers (``numpy_io``: they take and give arrays)."""
+    if getattr(model, "numpy_io", False):
         yield getattr(model, f"encode_{tower}")
         return
     encode = getattr(model, f"encode_{tower}")

@@ -203,6 +203,8 @@ class OnnxTowers:
     ``text.width``, ``text.max_positions``), named as in the model's config.
     """
 
+    numpy_io = True  # ernievil2.encode passes arrays, not tensors
+
     def __init__(self, export_dir: str | os.PathLike, intra_op_num_threads: Optional[int] = None) -> None:
         ort = _import_onnxruntime()
         self.dir = Path(export_dir)

@@ -20,7 +20,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -88,6 +88,7 @@ class CompiledTowers:
 
     cfg: Any
     fingerprint: str
+    numpy_io: ClassVar[bool] = True  # ernievil2.encode passes arrays, not tensors
     precision: str
     folder: Path
     image: _Tower
