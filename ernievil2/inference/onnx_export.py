@@ -4,7 +4,7 @@
   ``image/inference.*``, ``text/inference.*``, ``export.json``) plus ``image/model.onnx`` and
   ``text/model.onnx``, written atomically (to the same folder or another);
 * :func:`export_onnx`: a model straight to such a folder (``launch/export.py --format onnx``);
-* :class:`OnnxTowers`: both ``model.onnx`` files in ``onnxruntime`` sessions on the CPU,
+* :class:`OnnxTowers`: both ``model.onnx`` files run by ``onnxruntime`` on the CPU,
   embedding pixels and token ids into L2-normalised float32 rows.
 
 The ONNX graphs take the Paddle models' inputs (``pixels`` float32 ``[batch, 3, S, S]``,
@@ -193,7 +193,7 @@ def export_onnx(model: Any, out_dir: str | os.PathLike, image_size: int, text_ma
 
 
 class OnnxTowers:
-    """Both towers of an ONNX export folder in ``onnxruntime`` sessions (CPUExecutionProvider).
+    """Both towers of an ONNX export folder, run by ``onnxruntime`` (CPUExecutionProvider).
 
     ``intra_op_num_threads``: threads per operator (``None``: onnxruntime's default, one per
     physical core). :meth:`encode_image` / :meth:`encode_text` run one batch as given and return
@@ -219,12 +219,12 @@ class OnnxTowers:
                 raise InferError(f"intra_op_num_threads must be >= 1, got {intra_op_num_threads}")
             options.intra_op_num_threads = int(intra_op_num_threads)
         self.intra_op_num_threads = intra_op_num_threads
-        self.sessions: dict[str, Any] = {}
+        self.runtimes: dict[str, Any] = {}
         for tower in TOWERS:
             path = self.dir / entry[tower]
             if not path.is_file():
                 raise InferError(f"{path} is missing (export.json names it)")
-            self.sessions[tower] = ort.InferenceSession(str(path), sess_options=options,
+            self.runtimes[tower] = ort.InferenceSession(str(path), sess_options=options,
                                                         providers=["CPUExecutionProvider"])
         dim, text = int(self.meta["embedding_dim"]), self.meta["text"]
         self.cfg = SimpleNamespace(
@@ -251,7 +251,7 @@ class OnnxTowers:
     def _run(self, tower: str, batch: np.ndarray) -> np.ndarray:
         if len(batch) == 0:
             return np.empty((0, self.embedding_dim), dtype=np.float32)
-        (out,) = self.sessions[tower].run([OUTPUT_NAME], {TOWERS[tower][0]: np.ascontiguousarray(batch)})
+        (out,) = self.runtimes[tower].run([OUTPUT_NAME], {TOWERS[tower][0]: np.ascontiguousarray(batch)})
         return out.astype(np.float32, copy=False)
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
